@@ -1,0 +1,454 @@
+// Package config loads, validates and prints sniproxy's configuration.
+//
+// The file is YAML read through spf13/viper. Every key may be overridden from
+// the environment as SNIPROXY_<KEY>, with dots written as underscores
+// (SNIPROXY_TIMEOUTS_CONNECT=3s). Durations accept an integer number of
+// seconds or a Go duration string. Unknown keys are errors.
+//
+// A Config returned by Load or Parse has been validated and normalised: its
+// Listeners hold every listen address (the short listen_addrs form merged in)
+// with defaults applied, and it is never modified afterwards, so it may be
+// shared between goroutines.
+package config
+
+import (
+	"bytes"
+	_ "embed"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/netip"
+	"os"
+	"reflect"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/go-viper/mapstructure/v2"
+	"github.com/spf13/viper"
+	"go.yaml.in/yaml/v3"
+
+	"github.com/sniproxy/sniproxy/worker/route"
+)
+
+// DefaultYAML is the embedded default configuration, used when no file is
+// found.
+//
+//go:embed default.yaml
+var DefaultYAML []byte
+
+// DefaultPath is the config file looked up when neither -c nor
+// $SNIPROXY_CONFIG names one.
+const DefaultPath = "/etc/sniproxy/config.yaml"
+
+// EnvConfig names the environment variable that may point at the config file.
+const EnvConfig = "SNIPROXY_CONFIG"
+
+// EmbeddedSource is the Source of a Config loaded from DefaultYAML.
+const EmbeddedSource = "embedded default"
+
+// Config is the whole sniproxy configuration.
+type Config struct {
+	// ListenAddrs is the short form of Listeners: addresses with default
+	// options. After validation they are also present in Listeners.
+	ListenAddrs []string `mapstructure:"listen_addrs" yaml:"listen_addrs"`
+	// Listeners is every listening address with its options.
+	Listeners []Listener `mapstructure:"listeners" yaml:"listeners"`
+	// Workers is the number of worker processes; 0 means one per CPU.
+	Workers         int           `mapstructure:"workers" yaml:"workers"`
+	Timeouts        Timeouts      `mapstructure:"timeouts" yaml:"timeouts"`
+	Metrics         Metrics       `mapstructure:"metrics" yaml:"metrics"`
+	MaxConnections  int           `mapstructure:"max_connections" yaml:"max_connections"`
+	ShutdownTimeout time.Duration `mapstructure:"shutdown_timeout" yaml:"shutdown_timeout"`
+	Allowlist       []string      `mapstructure:"allowlist" yaml:"allowlist"`
+	Denylist        []string      `mapstructure:"denylist" yaml:"denylist"`
+	Routes          []Route       `mapstructure:"routes" yaml:"routes"`
+	Backend         Backend       `mapstructure:"backend" yaml:"backend"`
+	Log             Log           `mapstructure:"log" yaml:"log"`
+	PIDFile         string        `mapstructure:"pid_file" yaml:"pid_file"`
+	ControlSocket   string        `mapstructure:"control_socket" yaml:"control_socket"`
+
+	// Source says where the config came from: a file path or
+	// EmbeddedSource.
+	Source string `mapstructure:"-" yaml:"-"`
+}
+
+// Listener is one listening address and its options.
+type Listener struct {
+	Address string `mapstructure:"address" yaml:"address"`
+	// AcceptProxyProtocol expects a PROXY protocol v1 or v2 header first.
+	AcceptProxyProtocol bool `mapstructure:"accept_proxy_protocol" yaml:"accept_proxy_protocol"`
+	// BackendPort is dialled for DNS-routed names; 0 means the listener's
+	// own port. After validation it is never 0.
+	BackendPort int `mapstructure:"backend_port" yaml:"backend_port"`
+	// Reuseport gives each worker its own SO_REUSEPORT socket; false means
+	// one socket shared by all workers. Absent means true.
+	Reuseport *bool `mapstructure:"reuseport" yaml:"reuseport"`
+}
+
+// ReusePort reports whether the listener uses per-worker SO_REUSEPORT
+// sockets.
+func (l Listener) ReusePort() bool { return l.Reuseport == nil || *l.Reuseport }
+
+// Timeouts are the connection phase limits.
+type Timeouts struct {
+	// Connect bounds dialling the backend, all addresses together.
+	Connect time.Duration `mapstructure:"connect" yaml:"connect"`
+	// ClientHello bounds the whole sniff phase, from accept to the routing
+	// decision.
+	ClientHello time.Duration `mapstructure:"client_hello" yaml:"client_hello"`
+	// Idle closes a proxied pair after this long with no byte either way.
+	Idle time.Duration `mapstructure:"idle" yaml:"idle"`
+}
+
+// Metrics configures the Prometheus endpoint.
+type Metrics struct {
+	Enabled bool   `mapstructure:"enabled" yaml:"enabled"`
+	Address string `mapstructure:"address" yaml:"address"`
+}
+
+// Route is one explicit backend for a name pattern.
+type Route struct {
+	Match   string `mapstructure:"match" yaml:"match"`
+	Backend string `mapstructure:"backend" yaml:"backend"`
+}
+
+// Backend holds options for connections to backends.
+type Backend struct {
+	// ProxyProtocol is "", "v1" or "v2".
+	ProxyProtocol string `mapstructure:"proxy_protocol" yaml:"proxy_protocol"`
+	// AllowPrivate lets DNS-routed names reach private addresses.
+	AllowPrivate bool `mapstructure:"allow_private" yaml:"allow_private"`
+}
+
+// Log configures logging.
+type Log struct {
+	Level  string `mapstructure:"level" yaml:"level"`
+	Format string `mapstructure:"format" yaml:"format"`
+}
+
+// Error is a validation error naming the offending key.
+type Error struct {
+	Key    string
+	Reason string
+}
+
+func (e *Error) Error() string { return e.Key + ": " + e.Reason }
+
+// Resolve returns the config file to read: path if not empty, else
+// $SNIPROXY_CONFIG, else DefaultPath if it exists, else "" (the embedded
+// default). getenv and stat are seams for tests; nil means the os ones.
+func Resolve(path string, getenv func(string) string, stat func(string) (fs.FileInfo, error)) string {
+	if path != "" {
+		return path
+	}
+	if getenv == nil {
+		getenv = os.Getenv
+	}
+	if stat == nil {
+		stat = os.Stat
+	}
+	if p := getenv(EnvConfig); p != "" {
+		return p
+	}
+	if _, err := stat(DefaultPath); err == nil {
+		return DefaultPath
+	}
+	return ""
+}
+
+// Load reads the config file at path (the embedded default when path is
+// empty), applies SNIPROXY_* environment overrides from environ (nil means
+// os.Environ()), and validates it.
+func Load(path string, environ []string) (*Config, error) {
+	var data []byte
+	source := EmbeddedSource
+	if path == "" {
+		data = DefaultYAML
+	} else {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("config: %w", err)
+		}
+		data, source = b, path
+	}
+	if environ == nil {
+		environ = os.Environ()
+	}
+	c, err := Parse(data, environ)
+	if err != nil {
+		return nil, fmt.Errorf("config %s:\n%w", source, err)
+	}
+	c.Source = source
+	return c, nil
+}
+
+// Parse decodes YAML data with the SNIPROXY_* variables of environ applied
+// and validates the result.
+func Parse(data []byte, environ []string) (*Config, error) {
+	v := viper.NewWithOptions(viper.ExperimentalBindStruct())
+	v.SetConfigType("yaml")
+	v.SetEnvPrefix("SNIPROXY")
+	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
+	// Viper reads the process environment; a test passes its own, so the
+	// overrides are bound explicitly from environ rather than AutomaticEnv.
+	env := map[string]string{}
+	for _, kv := range environ {
+		k, val, ok := strings.Cut(kv, "=")
+		if ok && strings.HasPrefix(k, "SNIPROXY_") && k != EnvConfig {
+			env[k] = val
+		}
+	}
+	if err := v.ReadConfig(bytes.NewReader(data)); err != nil {
+		return nil, fmt.Errorf("parse yaml: %w", err)
+	}
+	known := structKeys(reflect.TypeOf(Config{}), "")
+	for k, val := range env {
+		key, ok := known[k]
+		if !ok {
+			return nil, &Error{Key: k, Reason: "unknown environment override"}
+		}
+		v.Set(key, val)
+	}
+	var c Config
+	err := v.UnmarshalExact(&c, func(dc *mapstructure.DecoderConfig) {
+		dc.DecodeHook = mapstructure.ComposeDecodeHookFunc(durationHook, sliceHook)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("decode: %w", err)
+	}
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// structKeys maps each SNIPROXY_* variable name to the viper key it sets, for
+// every scalar or list key of t (lists of structs cannot be set this way).
+func structKeys(t reflect.Type, prefix string) map[string]string {
+	out := map[string]string{}
+	for i := range t.NumField() {
+		f := t.Field(i)
+		tag := f.Tag.Get("mapstructure")
+		if tag == "" || tag == "-" {
+			continue
+		}
+		key := prefix + tag
+		ft := f.Type
+		if ft.Kind() == reflect.Struct && ft != reflect.TypeOf(time.Duration(0)) {
+			for k, v := range structKeys(ft, key+".") {
+				out[k] = v
+			}
+			continue
+		}
+		if ft.Kind() == reflect.Slice && ft.Elem().Kind() == reflect.Struct {
+			continue
+		}
+		out["SNIPROXY_"+strings.ToUpper(strings.ReplaceAll(key, ".", "_"))] = key
+	}
+	return out
+}
+
+var durationType = reflect.TypeOf(time.Duration(0))
+
+// durationHook decodes an integer as seconds and a string as either an
+// integer number of seconds or a Go duration. Without it viper/cast turn
+// the integer 10 into 10ns.
+func durationHook(from, to reflect.Type, data any) (any, error) {
+	if to != durationType {
+		return data, nil
+	}
+	switch d := data.(type) {
+	case int:
+		return time.Duration(d) * time.Second, nil
+	case int64:
+		return time.Duration(d) * time.Second, nil
+	case uint64:
+		return time.Duration(d) * time.Second, nil
+	case float64:
+		return time.Duration(d * float64(time.Second)), nil
+	case string:
+		s := strings.TrimSpace(d)
+		if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+			return time.Duration(n) * time.Second, nil
+		}
+		dur, err := time.ParseDuration(s)
+		if err != nil {
+			return nil, fmt.Errorf("%q is neither whole seconds nor a duration like 10s", d)
+		}
+		return dur, nil
+	case time.Duration:
+		return d, nil
+	}
+	return nil, fmt.Errorf("%v (%T) is not a duration", data, data)
+}
+
+// sliceHook splits a string (from the environment) on commas and spaces
+// into a list.
+func sliceHook(from, to reflect.Type, data any) (any, error) {
+	if from.Kind() != reflect.String || to.Kind() != reflect.Slice {
+		return data, nil
+	}
+	return strings.FieldsFunc(data.(string), func(r rune) bool { return r == ',' || r == ' ' }), nil
+}
+
+// validate checks every key, normalises Listeners and returns every problem
+// found, each naming its key.
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, &Error{Key: key, Reason: fmt.Sprintf(format, args...)})
+	}
+
+	var all []Listener
+	for i, a := range c.ListenAddrs {
+		all = append(all, Listener{Address: a})
+		if err := checkListenAddr(a); err != nil {
+			bad(fmt.Sprintf("listen_addrs[%d]", i), "%v", err)
+		}
+	}
+	for i, l := range c.Listeners {
+		key := fmt.Sprintf("listeners[%d]", i)
+		if err := checkListenAddr(l.Address); err != nil {
+			bad(key+".address", "%v", err)
+		}
+		if l.BackendPort < 0 || l.BackendPort > 65535 {
+			bad(key+".backend_port", "%d is not a port (0-65535)", l.BackendPort)
+		}
+		all = append(all, l)
+	}
+	if len(all) == 0 {
+		bad("listen_addrs", "no listener configured (listen_addrs or listeners)")
+	}
+	seen := map[string]bool{}
+	for i := range all {
+		l := &all[i]
+		if ap, err := netip.ParseAddrPort(l.Address); err == nil {
+			l.Address = ap.String()
+			if l.BackendPort == 0 {
+				l.BackendPort = int(ap.Port())
+			}
+		}
+		if l.Reuseport == nil {
+			t := true
+			l.Reuseport = &t
+		}
+		if seen[l.Address] {
+			bad("listeners", "address %s is listed more than once", l.Address)
+		}
+		seen[l.Address] = true
+	}
+	c.Listeners, c.ListenAddrs = all, nil
+
+	if c.Workers < 0 {
+		bad("workers", "%d is negative (0 means one per CPU)", c.Workers)
+	}
+	for key, d := range map[string]time.Duration{
+		"timeouts.connect":      c.Timeouts.Connect,
+		"timeouts.client_hello": c.Timeouts.ClientHello,
+		"timeouts.idle":         c.Timeouts.Idle,
+		"shutdown_timeout":      c.ShutdownTimeout,
+	} {
+		if d <= 0 {
+			bad(key, "must be positive (got %v)", d)
+		}
+	}
+	if c.Metrics.Enabled {
+		if _, err := netip.ParseAddrPort(c.Metrics.Address); err != nil {
+			bad("metrics.address", "%q: want ip:port", c.Metrics.Address)
+		}
+	}
+	if c.MaxConnections <= 0 {
+		bad("max_connections", "must be positive (got %d)", c.MaxConnections)
+	}
+	for i, p := range c.Allowlist {
+		if _, err := route.ParsePattern(p); err != nil {
+			bad(fmt.Sprintf("allowlist[%d]", i), "%v", err)
+		}
+	}
+	for i, p := range c.Denylist {
+		if _, err := route.ParsePattern(p); err != nil {
+			bad(fmt.Sprintf("denylist[%d]", i), "%v", err)
+		}
+	}
+	for i, r := range c.Routes {
+		key := fmt.Sprintf("routes[%d]", i)
+		if _, err := route.ParsePattern(r.Match); err != nil {
+			bad(key+".match", "%v", err)
+		}
+		if _, _, err := route.ParseBackend(r.Backend); err != nil {
+			bad(key+".backend", "%v", err)
+		}
+	}
+	switch c.Backend.ProxyProtocol {
+	case "", "v1", "v2":
+	default:
+		bad("backend.proxy_protocol", "%q: want \"\", \"v1\" or \"v2\"", c.Backend.ProxyProtocol)
+	}
+	switch strings.ToLower(c.Log.Level) {
+	case "", "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "%q: want debug, info, warn or error", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "", "auto", "text", "json":
+	default:
+		bad("log.format", "%q: want auto, text or json", c.Log.Format)
+	}
+	return errors.Join(errs...)
+}
+
+// checkListenAddr accepts "ip:port" and ":port".
+func checkListenAddr(a string) error {
+	host, port, err := net.SplitHostPort(a)
+	if err != nil {
+		return fmt.Errorf("%q: %w", a, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("%q: port %q is not 1-65535", a, port)
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return fmt.Errorf("%q: host must be an IP address or empty", a)
+		}
+	}
+	return nil
+}
+
+// YAML returns the effective configuration as YAML, durations written as Go
+// duration strings.
+func (c *Config) YAML() ([]byte, error) {
+	var doc yaml.Node
+	if err := doc.Encode(c); err != nil {
+		return nil, fmt.Errorf("config: print: %w", err)
+	}
+	durations := map[string]time.Duration{
+		"shutdown_timeout": c.ShutdownTimeout,
+		"connect":          c.Timeouts.Connect,
+		"client_hello":     c.Timeouts.ClientHello,
+		"idle":             c.Timeouts.Idle,
+	}
+	var fix func(n *yaml.Node, top bool)
+	fix = func(n *yaml.Node, top bool) {
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i].Value, n.Content[i+1]
+			switch {
+			case k == "timeouts" && top:
+				fix(v, false)
+			case (k == "shutdown_timeout") == top:
+				if d, ok := durations[k]; ok {
+					v.SetString(d.String())
+				}
+			}
+		}
+	}
+	fix(&doc, true)
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(&doc); err != nil {
+		return nil, fmt.Errorf("config: print: %w", err)
+	}
+	return buf.Bytes(), nil
+}

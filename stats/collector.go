@@ -1,0 +1,90 @@
+package stats
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sniproxy/sniproxy/worker/sniff"
+)
+
+// Process holds the master-level values exported beside the connection
+// counters.
+type Process struct {
+	Workers        int
+	WorkerRestarts uint64
+	ReloadsOK      uint64
+	ReloadsFailed  uint64
+}
+
+// Collector exports totals as SPEC's sniproxy_* metrics. It reads them at
+// scrape time through its functions, which must be safe for concurrent use.
+type Collector struct {
+	totals  func() Snapshot
+	process func() Process
+
+	active, conns, rejected, bytes, connect *prometheus.Desc
+	workers, restarts, reloads, buildInfo   *prometheus.Desc
+	version, goVersion                      string
+}
+
+// NewCollector returns a Collector over totals and process, labelling
+// sniproxy_build_info with version and goVersion.
+func NewCollector(totals func() Snapshot, process func() Process, version, goVersion string) *Collector {
+	return &Collector{
+		totals:  totals,
+		process: process,
+		active: prometheus.NewDesc("sniproxy_connections_active",
+			"Client connections currently open, in every worker.", nil, nil),
+		conns: prometheus.NewDesc("sniproxy_connections_total",
+			"Client connections accepted, by recognised protocol.", []string{"protocol"}, nil),
+		rejected: prometheus.NewDesc("sniproxy_connections_rejected_total",
+			"Client connections closed without being proxied, by reason.", []string{"reason"}, nil),
+		bytes: prometheus.NewDesc("sniproxy_bytes_total",
+			"Bytes proxied: in is client to backend (peeked bytes included), out is backend to client.", []string{"direction"}, nil),
+		connect: prometheus.NewDesc("sniproxy_backend_connect_seconds",
+			"Time to connect to a backend, successful dials only.", nil, nil),
+		workers: prometheus.NewDesc("sniproxy_workers",
+			"Worker processes alive.", nil, nil),
+		restarts: prometheus.NewDesc("sniproxy_worker_restarts_total",
+			"Workers restarted after dying.", nil, nil),
+		reloads: prometheus.NewDesc("sniproxy_reloads_total",
+			"Reloads (upgrades) attempted, by result.", []string{"result"}, nil),
+		buildInfo: prometheus.NewDesc("sniproxy_build_info",
+			"Always 1; labels say which build runs.", []string{"version", "goversion"}, nil),
+		version:   version,
+		goVersion: goVersion,
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.active, c.conns, c.rejected, c.bytes, c.connect, c.workers, c.restarts, c.reloads, c.buildInfo} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	s := c.totals()
+	p := c.process()
+	ch <- prometheus.MustNewConstMetric(c.active, prometheus.GaugeValue, float64(max(s.Active, 0)))
+	for i := range s.Conns {
+		ch <- prometheus.MustNewConstMetric(c.conns, prometheus.CounterValue, float64(s.Conns[i]), sniff.Protocol(i).String())
+	}
+	for i := range s.Rejected {
+		ch <- prometheus.MustNewConstMetric(c.rejected, prometheus.CounterValue, float64(s.Rejected[i]), Reason(i).String())
+	}
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(s.BytesIn), "in")
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(s.BytesOut), "out")
+	buckets := make(map[float64]uint64, len(ConnectBuckets))
+	var cum uint64
+	for i, ub := range ConnectBuckets {
+		cum += s.ConnectBuckets[i]
+		buckets[ub] = cum
+	}
+	ch <- prometheus.MustNewConstHistogram(c.connect, s.ConnectCount, float64(s.ConnectNanos)/1e9, buckets)
+	ch <- prometheus.MustNewConstMetric(c.workers, prometheus.GaugeValue, float64(p.Workers))
+	ch <- prometheus.MustNewConstMetric(c.restarts, prometheus.CounterValue, float64(p.WorkerRestarts))
+	ch <- prometheus.MustNewConstMetric(c.reloads, prometheus.CounterValue, float64(p.ReloadsOK), "ok")
+	ch <- prometheus.MustNewConstMetric(c.reloads, prometheus.CounterValue, float64(p.ReloadsFailed), "failed")
+	ch <- prometheus.MustNewConstMetric(c.buildInfo, prometheus.GaugeValue, 1, c.version, c.goVersion)
+}

@@ -1,0 +1,143 @@
+package route
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestParsePatternMatch(t *testing.T) {
+	tests := []struct {
+		pattern string
+		canon   string
+		match   []string
+		nomatch []string
+	}{
+		{"example.com", "example.com",
+			[]string{"example.com"},
+			[]string{"www.example.com", "example.org", "xexample.com", "example.co", "com", ""}},
+		{"*.example.com", "*.example.com",
+			[]string{"www.example.com", "a.b.example.com", "x-y.example.com"},
+			[]string{"example.com", "xexample.com", ".example.com", "www.example.org", "example.com.evil"}},
+		{"EXAMPLE.Com", "example.com", []string{"example.com"}, []string{"EXAMPLE.Com"}},
+		{"*.Example.COM.", "*.example.com", []string{"a.example.com"}, []string{"example.com"}},
+		{"example.com.", "example.com", []string{"example.com"}, []string{"example.com."}},
+		{"*.com", "*.com", []string{"example.com"}, []string{"com"}},
+		{"localhost", "localhost", []string{"localhost"}, []string{"a.localhost"}},
+		{"_acme.example.com", "_acme.example.com", []string{"_acme.example.com"}, nil},
+		{"xn--bcher-kva.example", "xn--bcher-kva.example", []string{"xn--bcher-kva.example"}, nil},
+		{"127.0.0.1", "127.0.0.1", []string{"127.0.0.1"}, []string{"127.0.0.2", "127.1", "x.127.0.0.1"}},
+		{"::1", "::1", []string{"::1", "[::1]", "0:0::1", "0:0:0:0:0:0:0:1"}, []string{"::2", "127.0.0.1", "[::1"}},
+		{"[2001:DB8::1]", "2001:db8::1", []string{"2001:db8::1", "[2001:db8:0::1]"}, []string{"2001:db8::2"}},
+		{"127.1", "127.1", []string{"127.1"}, []string{"127.0.0.1"}},
+		{strings.Repeat("a", 63) + ".com", strings.Repeat("a", 63) + ".com", []string{strings.Repeat("a", 63) + ".com"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.pattern, func(t *testing.T) {
+			p, err := ParsePattern(tt.pattern)
+			if err != nil {
+				t.Fatalf("ParsePattern(%q): got error %v; want nil", tt.pattern, err)
+			}
+			if got := p.String(); got != tt.canon {
+				t.Errorf("String(): got %q; want %q", got, tt.canon)
+			}
+			for _, n := range tt.match {
+				if !p.Match(n) {
+					t.Errorf("Match(%q): got false; want true", n)
+				}
+			}
+			for _, n := range tt.nomatch {
+				if p.Match(n) {
+					t.Errorf("Match(%q): got true; want false", n)
+				}
+			}
+		})
+	}
+}
+
+func TestParsePatternErrors(t *testing.T) {
+	tests := []struct {
+		pattern string
+		reason  string // substring of the error
+	}{
+		{"", "empty"},
+		{".", "empty"},
+		{"*", `"*" alone`},
+		{"*.", `"*" alone`},
+		{" example.com", "space"},
+		{"example.com ", "space"},
+		{"a.*.com", `"*" may only be the whole first label`},
+		{"*a.com", `"*" may only be the whole first label`},
+		{"a*.com", `"*" may only be the whole first label`},
+		{"**.com", `"*" may only be the whole first label`},
+		{"*.*.com", `"*" may only be the whole first label`},
+		{"example.*", `"*" may only be the whole first label`},
+		{"*.", `"*" alone`},
+		{"..com", "empty label"},
+		{"a..com", "empty label"},
+		{".example.com", "empty label"},
+		{"example.com..", "empty label"},
+		{"*..com", "empty label"},
+		{"exa mple.com", "invalid character"},
+		{"example.com:443", "invalid character"},
+		{"example.com/", "invalid character"},
+		{"exa\x00mple.com", "invalid character"},
+		{"bücher.example", "non-ASCII"},
+		{strings.Repeat("a", 64) + ".com", "label longer than 63"},
+		{strings.Repeat("a.", 127) + "ab", "name longer than 253"},
+		{"fe80::1%eth0", "zone"},
+		{"[1.2.3.4]", "invalid character"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.pattern, func(t *testing.T) {
+			p, err := ParsePattern(tt.pattern)
+			if err == nil {
+				t.Fatalf("ParsePattern(%q): got %q, nil; want error containing %q", tt.pattern, p, tt.reason)
+			}
+			if !strings.Contains(err.Error(), tt.reason) {
+				t.Errorf("ParsePattern(%q): got error %q; want it to contain %q", tt.pattern, err, tt.reason)
+			}
+		})
+	}
+}
+
+func TestZeroPatternMatchesNothing(t *testing.T) {
+	var p Pattern
+	for _, n := range []string{"", "example.com", "::1"} {
+		if p.Match(n) {
+			t.Errorf("Pattern{}.Match(%q): got true; want false", n)
+		}
+	}
+}
+
+func TestIsAddressName(t *testing.T) {
+	tests := []struct {
+		name string
+		want bool
+	}{
+		{"127.0.0.1", true},
+		{"127.1", true},
+		{"2130706433", true},
+		{"0x7f.1", true},
+		{"0x7f000001", true},
+		{"0177.0.0.1", true},
+		{"1.2.3.4", true},
+		{"::1", true},
+		{"[::1]", true},
+		{"::ffff:127.0.0.1", true},
+		{"fe80::1%eth0", true},
+		{"foo.0x", true},
+		{"example.com", false},
+		{"1.2.3.com", false},
+		{"0x7f.com", false},
+		{"123abc", false},
+		{"a.0xg", false},
+		{"localhost", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := isAddressName(tt.name); got != tt.want {
+				t.Errorf("isAddressName(%q): got %v; want %v", tt.name, got, tt.want)
+			}
+		})
+	}
+}

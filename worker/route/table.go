@@ -1,0 +1,241 @@
+package route
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+)
+
+// Sentinel errors. Every error this package returns wraps exactly one of them
+// (and sometimes the underlying cause too); test with errors.Is.
+var (
+	// ErrDenied means policy refuses the name: the denylist, an allowlist
+	// that does not list it, or an IP address given as a name to DNS routing.
+	ErrDenied = errors.New("route: denied")
+	// ErrNoRoute means there is nowhere to send the name: no name, a name
+	// that is not a host name, no backend port, or a DNS-routed name with no
+	// DNS answer.
+	ErrNoRoute = errors.New("route: no route")
+	// ErrPrivate means every address of a DNS-routed name was refused by
+	// the address policy (private, loopback, ..., or one of the proxy's own
+	// listeners).
+	ErrPrivate = errors.New("route: private address")
+	// ErrDial means the backend could not be reached: every permitted
+	// address failed to connect, the dial phase timed out, or the host of an
+	// explicit route did not resolve.
+	ErrDial = errors.New("route: dial failed")
+)
+
+// Reason is why a connection was refused, as the reason label of
+// sniproxy_connections_rejected_total.
+type Reason string
+
+// The reasons this package produces.
+const (
+	ReasonDenied    Reason = "denied"
+	ReasonNoRoute   Reason = "no_route"
+	ReasonDialError Reason = "dial_error"
+)
+
+// ReasonOf maps an error from [Table.Decide] or [Dialer.Dial] to its metric
+// reason: "" for nil, [ReasonDenied] for [ErrDenied] and [ErrPrivate],
+// [ReasonNoRoute] for [ErrNoRoute], and [ReasonDialError] for anything else.
+func ReasonOf(err error) Reason {
+	switch {
+	case err == nil:
+		return ""
+	case errors.Is(err, ErrDenied), errors.Is(err, ErrPrivate):
+		return ReasonDenied
+	case errors.Is(err, ErrNoRoute):
+		return ReasonNoRoute
+	default:
+		return ReasonDialError
+	}
+}
+
+// Rule is one explicit route: names matching Match go to Host:Port.
+type Rule struct {
+	// Match selects the names this rule routes.
+	Match Pattern
+	// Host is the backend: an IP address (canonical form, IPv6 without
+	// brackets, possibly with a zone) or a lowercased host name that the
+	// Dialer resolves.
+	Host string
+	// Port is the backend port; 0 means the listener's backend port.
+	Port int
+}
+
+// ParseRule builds a Rule from the config's match and backend strings. The
+// error names the bad part and why.
+func ParseRule(match, backend string) (Rule, error) {
+	p, err := ParsePattern(match)
+	if err != nil {
+		return Rule{}, err
+	}
+	host, port, err := ParseBackend(backend)
+	if err != nil {
+		return Rule{}, err
+	}
+	return Rule{Match: p, Host: host, Port: port}, nil
+}
+
+// ParseBackend parses a route's backend: "10.0.0.5:8443", "[::1]:443",
+// "::1", "host" or "backend.internal:8443". The port, when present, must be
+// 1..65535; port is 0 when s has none. The host is returned in canonical
+// form: an IP address as netip formats it (IPv6 without brackets), a name
+// lowercased without its trailing dot. A name whose last label is numeric
+// ("10.1") is refused as an ambiguous IP address.
+func ParseBackend(s string) (host string, port int, err error) {
+	fail := func(reason string) (string, int, error) {
+		return "", 0, fmt.Errorf("backend %q: %s", s, reason)
+	}
+	if s == "" {
+		return fail("empty")
+	}
+	if strings.TrimSpace(s) != s {
+		return fail("leading or trailing space")
+	}
+	if a, err := netip.ParseAddr(s); err == nil { // IPv6 without brackets, no port
+		return a.String(), 0, nil
+	}
+	h := s
+	if a, ok := parseIPLiteral(s); ok { // "[::1]"
+		return a.String(), 0, nil
+	}
+	if strings.Contains(s, ":") {
+		var p string
+		h, p, err = net.SplitHostPort(s)
+		if err != nil {
+			var ae *net.AddrError
+			if errors.As(err, &ae) {
+				return fail(ae.Err)
+			}
+			return fail(err.Error())
+		}
+		if strings.HasPrefix(s, "[") && !strings.Contains(h, ":") {
+			return fail("brackets are for IPv6 addresses")
+		}
+		if p == "" {
+			return fail("empty port")
+		}
+		if strings.Trim(p, "0123456789") != "" {
+			return fail(fmt.Sprintf("port %q is not a number", p))
+		}
+		port, err = strconv.Atoi(p)
+		if err != nil || port < 1 || port > 65535 {
+			return fail(fmt.Sprintf("port %s out of range 1-65535", p))
+		}
+	}
+	if h == "" {
+		return fail("empty host")
+	}
+	if a, err := netip.ParseAddr(h); err == nil {
+		return a.String(), port, nil
+	}
+	n := strings.ToLower(strings.TrimSuffix(h, "."))
+	if why := nameProblem(n); why != "" {
+		return fail("host " + why)
+	}
+	if isAddressName(n) {
+		return fail(fmt.Sprintf("host %q is neither an IP address nor a host name", h))
+	}
+	return n, port, nil
+}
+
+// Table holds the routing policy. Build it once, then do not modify it: it is
+// safe for concurrent use by any number of goroutines after that. The zero
+// Table (and a nil *Table) routes every valid name through DNS.
+type Table struct {
+	// Deny is checked first; a match refuses the name.
+	Deny []Pattern
+	// Routes are explicit backends; the first match wins.
+	Routes []Rule
+	// Allow, when non-empty, lists the only names DNS routing may dial.
+	Allow []Pattern
+}
+
+// Decision says how a name is routed.
+type Decision struct {
+	// Rule is the index into Table.Routes of the matching route, or -1 for
+	// DNS routing. Dialer.Dial applies the address policy only to -1: a
+	// hand-made Decision must set it (the zero value means route 0).
+	Rule int
+	// Host is the host to dial: the route's backend host, or the name
+	// itself for DNS routing.
+	Host string
+	// Port is the port to dial, 1..65535 when Decide succeeds.
+	Port int
+	// Name is the name as routed: lowercased, without a trailing dot.
+	Name string
+	// Reason is why the name was refused; set exactly when Decide returns
+	// an error.
+	Reason Reason
+}
+
+// Decide routes name, as sniffed from a client, for a listener whose backend
+// port (for DNS routing and for routes without a port) is backendPort. The
+// name is lowercased and one trailing dot dropped first. On error the
+// Decision carries the Reason and Rule -1.
+//
+// Order, as the SPEC fixes it: denylist (refuse, [ErrDenied]) → routes,
+// first match → allowlist, if non-empty (refuse when unmatched, [ErrDenied])
+// → DNS routing of the name at backendPort. An empty name or one that is not
+// a host name or IP address is [ErrNoRoute]; an IP address name that no route
+// matches is [ErrDenied].
+func (t *Table) Decide(name string, backendPort int) (Decision, error) {
+	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	refuse := func(r Reason, err error) (Decision, error) {
+		return Decision{Rule: -1, Name: name, Reason: r}, err
+	}
+	if name == "" {
+		return refuse(ReasonNoRoute, fmt.Errorf("no name: %w", ErrNoRoute))
+	}
+	if _, ok := parseIPLiteral(name); !ok {
+		if why := nameProblem(name); why != "" {
+			return refuse(ReasonNoRoute, fmt.Errorf("name %q: %s: %w", name, why, ErrNoRoute))
+		}
+	}
+	if t == nil {
+		t = &Table{}
+	}
+	for _, p := range t.Deny {
+		if p.Match(name) {
+			return refuse(ReasonDenied, fmt.Errorf("name %q: in denylist (%s): %w", name, p, ErrDenied))
+		}
+	}
+	for i, r := range t.Routes {
+		if !r.Match.Match(name) {
+			continue
+		}
+		port := r.Port
+		if port == 0 {
+			port = backendPort
+		}
+		if r.Host == "" || port < 1 || port > 65535 {
+			return refuse(ReasonNoRoute, fmt.Errorf("name %q: route %d (%s) has no backend host or port: %w", name, i, r.Match, ErrNoRoute))
+		}
+		return Decision{Rule: i, Host: r.Host, Port: port, Name: name}, nil
+	}
+	if len(t.Allow) > 0 {
+		allowed := false
+		for _, p := range t.Allow {
+			if p.Match(name) {
+				allowed = true
+				break
+			}
+		}
+		if !allowed {
+			return refuse(ReasonDenied, fmt.Errorf("name %q: not in allowlist: %w", name, ErrDenied))
+		}
+	}
+	if isAddressName(name) {
+		return refuse(ReasonDenied, fmt.Errorf("name %q: an IP address is not routed through DNS: %w", name, ErrDenied))
+	}
+	if backendPort < 1 || backendPort > 65535 {
+		return refuse(ReasonNoRoute, fmt.Errorf("name %q: no backend port: %w", name, ErrNoRoute))
+	}
+	return Decision{Rule: -1, Host: name, Port: backendPort, Name: name}, nil
+}

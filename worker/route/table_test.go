@@ -1,0 +1,242 @@
+package route
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+)
+
+func patterns(ss ...string) []Pattern {
+	ps := make([]Pattern, len(ss))
+	for i, s := range ss {
+		ps[i] = MustParsePattern(s)
+	}
+	return ps
+}
+
+func mustRule(t testing.TB, match, backend string) Rule {
+	t.Helper()
+	r, err := ParseRule(match, backend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func TestDecide(t *testing.T) {
+	table := &Table{
+		Deny: patterns("evil.example.com", "*.blocked.example.com"),
+		Routes: []Rule{
+			mustRule(t, "app.example.com", "10.0.0.5:8443"),
+			mustRule(t, "*.example.com", "backend.internal"),
+			mustRule(t, "evil.example.com", "10.0.0.6:1"), // shadowed by the denylist
+			mustRule(t, "127.0.0.1", "[::1]:9000"),
+			mustRule(t, "::1", "127.0.0.1:9001"),
+			mustRule(t, "unlisted.test", "10.0.0.7"),
+		},
+		Allow: patterns("*.allowed.test", "allowed.test", "127.0.0.2", "10.1"),
+	}
+	tests := []struct {
+		name     string
+		port     int
+		wantRule int
+		wantHost string
+		wantPort int
+		wantErr  error
+	}{
+		// Denylist first, even over a route that would match.
+		{"evil.example.com", 443, -1, "", 0, ErrDenied},
+		{"EVIL.example.com.", 443, -1, "", 0, ErrDenied},
+		{"x.blocked.example.com", 443, -1, "", 0, ErrDenied},
+		// Routes, first match; port 0 inherits the backend port.
+		{"app.example.com", 443, 0, "10.0.0.5", 8443, nil},
+		{"App.Example.Com", 443, 0, "10.0.0.5", 8443, nil},
+		{"www.example.com", 443, 1, "backend.internal", 443, nil},
+		{"www.example.com", 8443, 1, "backend.internal", 8443, nil},
+		{"blocked.example.com", 443, 1, "backend.internal", 443, nil}, // deny is "*.blocked", not itself
+		// Route beats allowlist.
+		{"unlisted.test", 80, 5, "10.0.0.7", 80, nil},
+		// IP literals: a route may match; DNS routing refuses them.
+		{"127.0.0.1", 443, 3, "::1", 9000, nil},
+		{"[::1]", 443, 4, "127.0.0.1", 9001, nil},
+		{"::1", 443, 4, "127.0.0.1", 9001, nil},
+		{"127.0.0.2", 443, -1, "", 0, ErrDenied}, // allowlisted, still refused
+		{"10.1", 443, -1, "", 0, ErrDenied},
+		// Allowlist.
+		{"a.allowed.test", 443, -1, "a.allowed.test", 443, nil},
+		{"allowed.test", 8443, -1, "allowed.test", 8443, nil},
+		{"Allowed.Test.", 443, -1, "allowed.test", 443, nil},
+		{"other.test", 443, -1, "", 0, ErrDenied},
+		{"xallowed.test", 443, -1, "", 0, ErrDenied},
+		// No name, not a name, no port.
+		{"", 443, -1, "", 0, ErrNoRoute},
+		{".", 443, -1, "", 0, ErrNoRoute},
+		{"a..allowed.test", 443, -1, "", 0, ErrNoRoute},
+		{"a b.allowed.test", 443, -1, "", 0, ErrNoRoute},
+		{"a\x00.allowed.test", 443, -1, "", 0, ErrNoRoute},
+		{"a.allowed.test:443", 443, -1, "", 0, ErrNoRoute},
+		{"a.allowed.test", 0, -1, "", 0, ErrNoRoute},
+		{"www.example.com", 0, -1, "", 0, ErrNoRoute},
+		{"a.allowed.test", 65536, -1, "", 0, ErrNoRoute},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("%s:%d", tt.name, tt.port), func(t *testing.T) {
+			got, err := table.Decide(tt.name, tt.port)
+			if !errors.Is(err, tt.wantErr) || (err == nil) != (tt.wantErr == nil) {
+				t.Fatalf("Decide(%q, %d): got error %v; want %v", tt.name, tt.port, err, tt.wantErr)
+			}
+			if got.Rule != tt.wantRule {
+				t.Errorf("Rule: got %d; want %d", got.Rule, tt.wantRule)
+			}
+			if err != nil {
+				if want := ReasonOf(tt.wantErr); got.Reason != want {
+					t.Errorf("Reason: got %q; want %q", got.Reason, want)
+				}
+				return
+			}
+			if got.Host != tt.wantHost || got.Port != tt.wantPort {
+				t.Errorf("backend: got %s:%d; want %s:%d", got.Host, got.Port, tt.wantHost, tt.wantPort)
+			}
+			if got.Reason != "" {
+				t.Errorf("Reason: got %q; want empty", got.Reason)
+			}
+		})
+	}
+}
+
+func TestDecideEmptyTable(t *testing.T) {
+	for _, table := range []*Table{nil, {}} {
+		got, err := table.Decide("Example.COM.", 443)
+		if err != nil {
+			t.Fatalf("Decide: got error %v; want nil", err)
+		}
+		want := Decision{Rule: -1, Host: "example.com", Port: 443, Name: "example.com"}
+		if got != want {
+			t.Errorf("Decide: got %+v; want %+v", got, want)
+		}
+		if _, err := table.Decide("127.0.0.1", 443); !errors.Is(err, ErrDenied) {
+			t.Errorf("Decide(127.0.0.1): got error %v; want %v", err, ErrDenied)
+		}
+	}
+}
+
+func TestParseBackend(t *testing.T) {
+	tests := []struct {
+		in       string
+		wantHost string
+		wantPort int
+		wantErr  string // substring; "" = success
+	}{
+		{"10.0.0.5:8443", "10.0.0.5", 8443, ""},
+		{"10.0.0.5", "10.0.0.5", 0, ""},
+		{"[::1]:443", "::1", 443, ""},
+		{"[::1]", "::1", 0, ""},
+		{"::1", "::1", 0, ""},
+		{"2001:DB8::1", "2001:db8::1", 0, ""},
+		{"[fe80::1%eth0]:443", "fe80::1%eth0", 443, ""},
+		{"host", "host", 0, ""},
+		{"Backend.Internal:8443", "backend.internal", 8443, ""},
+		{"backend.internal.:1", "backend.internal", 1, ""},
+		{"backend.internal:65535", "backend.internal", 65535, ""},
+		{"", "", 0, "empty"},
+		{" host", "", 0, "space"},
+		{"host:", "", 0, "empty port"},
+		{":443", "", 0, "empty host"},
+		{"host:0", "", 0, "out of range"},
+		{"host:65536", "", 0, "out of range"},
+		{"host:99999999999999999999", "", 0, "out of range"},
+		{"host:-1", "", 0, "not a number"},
+		{"host:+1", "", 0, "not a number"},
+		{"host:https", "", 0, "not a number"},
+		{"a:b:c", "", 0, "too many colons"},
+		{"[::1]:", "", 0, "empty port"},
+		{"[host]:443", "", 0, "brackets"},
+		{"ho st:443", "", 0, "invalid character"},
+		{"a..b", "", 0, "empty label"},
+		{"10.1:443", "", 0, "neither an IP address nor a host name"},
+		{"1.2.3.4.5", "", 0, "neither an IP address nor a host name"},
+		{"http://host", "", 0, "not a number"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			host, port, err := ParseBackend(tt.in)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("ParseBackend(%q): got %q, %d, %v; want error containing %q", tt.in, host, port, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("ParseBackend(%q): got error %v; want nil", tt.in, err)
+			}
+			if host != tt.wantHost || port != tt.wantPort {
+				t.Errorf("ParseBackend(%q): got %q, %d; want %q, %d", tt.in, host, port, tt.wantHost, tt.wantPort)
+			}
+		})
+	}
+}
+
+func TestParseRule(t *testing.T) {
+	r, err := ParseRule("*.Example.com", "[::1]:8443")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Match.String() != "*.example.com" || r.Host != "::1" || r.Port != 8443 {
+		t.Errorf("ParseRule: got %s → %s:%d; want *.example.com → ::1:8443", r.Match, r.Host, r.Port)
+	}
+	if _, err := ParseRule("*", "host"); err == nil || !strings.Contains(err.Error(), "pattern") {
+		t.Errorf("ParseRule(*, host): got error %v; want a pattern error", err)
+	}
+	if _, err := ParseRule("x", "host:0"); err == nil || !strings.Contains(err.Error(), "backend") {
+		t.Errorf("ParseRule(x, host:0): got error %v; want a backend error", err)
+	}
+}
+
+func TestReasonOf(t *testing.T) {
+	tests := []struct {
+		err  error
+		want Reason
+	}{
+		{nil, ""},
+		{ErrDenied, ReasonDenied},
+		{fmt.Errorf("x: %w", ErrPrivate), ReasonDenied},
+		{fmt.Errorf("x: %w", ErrNoRoute), ReasonNoRoute},
+		{fmt.Errorf("x: %w", ErrDial), ReasonDialError},
+		{errors.New("other"), ReasonDialError},
+	}
+	for _, tt := range tests {
+		if got := ReasonOf(tt.err); got != tt.want {
+			t.Errorf("ReasonOf(%v): got %q; want %q", tt.err, got, tt.want)
+		}
+	}
+}
+
+func FuzzDecide(f *testing.F) {
+	for _, s := range []string{"", "example.com", "a.allowed.test.", "127.1", "[::1]", "x..y", "*.x", "ünï.com", "evil.example.com"} {
+		f.Add(s, 443)
+	}
+	table := &Table{
+		Deny:   patterns("evil.example.com"),
+		Routes: []Rule{{Match: MustParsePattern("*.example.com"), Host: "backend"}},
+		Allow:  patterns("*.allowed.test", "*.example.com", "example.com"),
+	}
+	f.Fuzz(func(t *testing.T, name string, port int) {
+		dec, err := table.Decide(name, port)
+		if err != nil {
+			if dec.Reason == "" || dec.Reason != ReasonOf(err) || dec.Rule != -1 {
+				t.Fatalf("Decide(%q, %d): error %v with %+v", name, port, err, dec)
+			}
+			return
+		}
+		if dec.Reason != "" || dec.Host == "" || dec.Port < 1 || dec.Port > 65535 {
+			t.Fatalf("Decide(%q, %d): bad decision %+v", name, port, dec)
+		}
+		if MustParsePattern("evil.example.com").Match(dec.Name) {
+			t.Fatalf("Decide(%q): denied name routed: %+v", name, dec)
+		}
+		if dec.Rule == -1 && (nameProblem(dec.Host) != "" || isAddressName(dec.Host)) {
+			t.Fatalf("Decide(%q): DNS-routed host %q is not a DNS name", name, dec.Host)
+		}
+	})
+}

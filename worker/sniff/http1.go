@@ -1,0 +1,644 @@
+package sniff
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+)
+
+// MaxHTTP1Bytes is the most bytes of an HTTP/1.x request head — the request
+// line, the header fields and the empty line that ends them — that
+// ParseHTTP1 reads. A head that is not complete within this many bytes is
+// ErrMalformed.
+const MaxHTTP1Bytes = 16 << 10
+
+const (
+	// http1MaxMethod is the longest method ParseHTTP1 accepts. The longest
+	// registered method is 17 bytes ("UPDATEREDIRECTREF").
+	http1MaxMethod = 24
+	// http1MaxBodyScan bounds the body bytes searched for a "jsonrpc"
+	// member.
+	http1MaxBodyScan = 4 << 10
+	// http1H2Preface is how the HTTP/2 client connection preface starts.
+	// It parses as an HTTP/1 request line but belongs to ParseH2C.
+	http1H2Preface = "PRI * HTTP/2.0"
+)
+
+// Errors for the hot paths are built once: a dispatcher calls ParseHTTP1 on
+// every new connection and again after every read.
+var (
+	errHTTP1NeedMore  = fmt.Errorf("sniff: http: incomplete request head: %w", ErrNeedMore)
+	errHTTP1NoMethod  = fmt.Errorf("sniff: http: no request method: %w", ErrNotProtocol)
+	errHTTP1H2Preface = fmt.Errorf("sniff: http: HTTP/2 connection preface: %w", ErrNotProtocol)
+	errHTTP1TooLarge  = fmt.Errorf("sniff: http: request head exceeds %d bytes: %w", MaxHTTP1Bytes, ErrMalformed)
+	errHTTP1NoName    = fmt.Errorf("sniff: http: request names no host: %w", ErrNoName)
+)
+
+// http1Malformed returns an ErrMalformed for a reason. The reason never
+// quotes more than one byte of the untrusted input, so that errors are safe
+// and short to log.
+func http1Malformed(format string, args ...any) error {
+	return fmt.Errorf("sniff: http: "+format+": %w", append(args, ErrMalformed)...)
+}
+
+// ParseHTTP1 parses b, the bytes a client has sent so far, as the head of an
+// HTTP/1.0 or HTTP/1.1 request and returns the host it names. It does not
+// retain or modify b and is safe for concurrent use.
+//
+// The request line must be a method of uppercase letters (after the first,
+// also '-' and '_'), one space, a request target, one space and HTTP/1.0 or
+// HTTP/1.1; lines end in CRLF or a bare LF, as net/http accepts. Anything
+// whose first bytes cannot start such a method, and the HTTP/2 preface
+// ("PRI * HTTP/2.0"), is ErrNotProtocol, decided on the first byte that
+// shows it. Once the method and its space are read the bytes are HTTP:
+// every other failure is ErrMalformed, reported as soon as the offending
+// byte is seen; obsolete line folding and the HTTP/0.9 request line are
+// malformed.
+//
+// The name is the authority of an absolute-form (or CONNECT authority-form)
+// request target, else the value of the one Host header field: port
+// removed, lowercased, trailing dot removed, an IPv6 literal without its
+// brackets in canonical form. Host names are letters, digits, '-' and '_'
+// in dot-separated labels. More than one Host field, an invalid host,
+// userinfo in the target, or an HTTP/1.1 request without Host is
+// ErrMalformed. An HTTP/1.0 request without Host, or an empty Host, is
+// ErrNoName.
+//
+// Result.Class is "socketio", "websocket", "grpc-web", "soap" or "jsonrpc",
+// checked in that order; "jsonrpc" is only reported when body bytes already
+// in b (at most the first 4 KiB) contain a "jsonrpc" member: ParseHTTP1
+// never waits for a body.
+//
+// Result.Protocol is HTTP with a nil error, ErrNoName, ErrMalformed, and
+// with ErrNeedMore once the method has been read; otherwise it is Unknown.
+// Result.Name is set only with a nil error.
+func ParseHTTP1(b []byte) (Result, error) {
+	// The method is decided byte by byte so that a dispatcher learns "not
+	// HTTP" from the first byte of a TLS record or an SSH banner.
+	m := 0
+	for {
+		if m == len(b) {
+			return Result{}, errHTTP1NeedMore
+		}
+		c := b[m]
+		if c == ' ' && m > 0 {
+			break
+		}
+		if m == http1MaxMethod || !http1MethodByte(c, m == 0) {
+			return Result{}, errHTTP1NoMethod
+		}
+		m++
+	}
+	if n := min(len(b), len(http1H2Preface)); string(b[:n]) == http1H2Preface[:n] {
+		if n == len(http1H2Preface) {
+			return Result{}, errHTTP1H2Preface
+		}
+		return Result{}, errHTTP1NeedMore
+	}
+	method := b[:m]
+
+	res := Result{Protocol: HTTP}
+	w := b
+	if len(w) > MaxHTTP1Bytes {
+		w = w[:MaxHTTP1Bytes]
+	}
+	// more is the outcome when w ends before the head does.
+	more := func() (Result, error) {
+		if len(b) >= MaxHTTP1Bytes {
+			return res, errHTTP1TooLarge
+		}
+		return res, errHTTP1NeedMore
+	}
+
+	// Request target: visible bytes up to the next space. A line end here
+	// is an HTTP/0.9 request line.
+	p := m + 1
+	ts := p
+	for ; p < len(w) && w[p] != ' '; p++ {
+		if c := w[p]; c <= ' ' || c == 0x7f {
+			return res, http1Malformed("byte %q in request target", c)
+		}
+	}
+	if p == len(w) {
+		return more()
+	}
+	if p == ts {
+		return res, http1Malformed("empty request target")
+	}
+	target := w[ts:p]
+	p++
+
+	// Version: HTTP/1.0 or HTTP/1.1, then the line end.
+	const version = "HTTP/1."
+	for i := 0; i < len(version); i, p = i+1, p+1 {
+		if p == len(w) {
+			return more()
+		}
+		if w[p] != version[i] {
+			return res, http1Malformed("unsupported version")
+		}
+	}
+	if p == len(w) {
+		return more()
+	}
+	minor := w[p]
+	if minor != '0' && minor != '1' {
+		return res, http1Malformed("unsupported version")
+	}
+	p++
+	p, err := http1LineEnd(w, p, "request line")
+	if err != nil {
+		if err == errHTTP1NeedMore {
+			return more()
+		}
+		return res, err
+	}
+
+	// Header fields, up to the empty line.
+	var (
+		hosts     int
+		host      []byte
+		ctype     []byte
+		haveCtype bool
+		websocket bool
+		soap      bool
+	)
+	for {
+		if p == len(w) {
+			return more()
+		}
+		if c := w[p]; c == '\n' || c == '\r' {
+			p, err = http1LineEnd(w, p, "header block")
+			if err != nil {
+				if err == errHTTP1NeedMore {
+					return more()
+				}
+				return res, err
+			}
+			break
+		}
+		ns := p
+		for ; p < len(w) && w[p] != ':'; p++ {
+			if !http1Token[w[p]] {
+				// Also a space or tab: before the colon (RFC 9112
+				// section 5.1) or at the start of the line (obs-fold).
+				return res, http1Malformed("byte %q in header field name", w[p])
+			}
+		}
+		if p == len(w) {
+			return more()
+		}
+		if p == ns {
+			return res, http1Malformed("empty header field name")
+		}
+		name := w[ns:p]
+		p++
+		vs := p
+		for ; p < len(w) && w[p] != '\n'; p++ {
+			c := w[p]
+			if c == '\r' {
+				if p+1 < len(w) && w[p+1] != '\n' {
+					return res, http1Malformed("bare CR in header field value")
+				}
+				continue
+			}
+			if c < ' ' && c != '\t' || c == 0x7f {
+				return res, http1Malformed("byte %q in header field value", c)
+			}
+		}
+		if p == len(w) {
+			return more()
+		}
+		ve := p
+		if ve > vs && w[ve-1] == '\r' {
+			ve--
+		}
+		p++
+		value := http1TrimOWS(w[vs:ve])
+
+		switch {
+		case http1EqualFold(name, "host"):
+			hosts++
+			host = value
+		case http1EqualFold(name, "upgrade"):
+			websocket = websocket || http1ListHas(value, "websocket")
+		case http1EqualFold(name, "content-type"):
+			if !haveCtype {
+				ctype, haveCtype = value, true
+			}
+		case http1EqualFold(name, "soapaction"):
+			soap = true
+		}
+	}
+	body := b[p:]
+
+	// The request target: its form decides where the name comes from and
+	// what the path is.
+	var (
+		authority    []byte
+		hasAuthority bool
+		path         []byte
+	)
+	switch {
+	case target[0] == '/':
+		path = target
+	case len(target) == 1 && target[0] == '*':
+		if string(method) != "OPTIONS" {
+			return res, http1Malformed("asterisk-form target with method other than OPTIONS")
+		}
+	case string(method) == "CONNECT":
+		authority, hasAuthority = target, true
+	default:
+		var ok bool
+		authority, path, ok = http1AbsoluteForm(target)
+		if !ok {
+			return res, http1Malformed("invalid request target")
+		}
+		hasAuthority = true
+	}
+
+	if hosts > 1 {
+		return res, http1Malformed("%d Host header fields", hosts)
+	}
+	// The Host field is validated even when the target's authority wins
+	// (RFC 9112 section 3.2: a Host field with an invalid value is a 400).
+	var hostName string
+	if hosts == 1 && len(host) > 0 && !hasAuthority {
+		if hostName, err = httpHostName(host); err != nil {
+			return res, http1Malformed("Host: %w", err)
+		}
+	} else if hosts == 1 && len(host) > 0 {
+		if err := httpCheckHost(host); err != nil {
+			return res, http1Malformed("Host: %w", err)
+		}
+	}
+	switch {
+	case hasAuthority:
+		// RFC 9112 section 3.2.2: the target's authority replaces Host.
+		if len(authority) == 0 {
+			return res, http1Malformed("empty authority in request target")
+		}
+		if res.Name, err = httpHostName(authority); err != nil {
+			return res, http1Malformed("request target authority: %w", err)
+		}
+	case hosts == 0 && minor == '1':
+		// RFC 9112 section 3.2: a server MUST answer 400.
+		return res, http1Malformed("HTTP/1.1 request without Host")
+	default:
+		res.Name = hostName
+	}
+
+	res.Class = http1Class(path, ctype, websocket, soap, body)
+	if res.Name == "" {
+		return res, errHTTP1NoName
+	}
+	return res, nil
+}
+
+// http1MethodByte reports whether c may be in a method: an uppercase
+// letter, or after the first byte also '-' or '_'. RFC 9110 allows any
+// token, but methods in use are uppercase, and a narrow alphabet lets a
+// dispatcher reject other protocols on their first bytes.
+func http1MethodByte(c byte, first bool) bool {
+	return 'A' <= c && c <= 'Z' || !first && (c == '-' || c == '_')
+}
+
+// http1LineEnd reads the line end at w[p], CRLF or a bare LF, and returns
+// the offset after it. what names the line for the error.
+func http1LineEnd(w []byte, p int, what string) (int, error) {
+	if p == len(w) {
+		return p, errHTTP1NeedMore
+	}
+	switch w[p] {
+	case '\n':
+		return p + 1, nil
+	case '\r':
+		if p+1 == len(w) {
+			return p, errHTTP1NeedMore
+		}
+		if w[p+1] == '\n' {
+			return p + 2, nil
+		}
+	}
+	return p, http1Malformed("byte %q at end of %s", w[p], what)
+}
+
+// http1Token holds the RFC 9110 tchar bytes.
+var http1Token = func() (t [256]bool) {
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for c := 'a'; c <= 'z'; c++ {
+		t[c] = true
+		t[c-'a'+'A'] = true
+	}
+	for _, c := range []byte("!#$%&'*+-.^_`|~") {
+		t[c] = true
+	}
+	return t
+}()
+
+// http1TrimOWS trims spaces and tabs from both ends of v.
+func http1TrimOWS(v []byte) []byte {
+	for len(v) > 0 && (v[0] == ' ' || v[0] == '\t') {
+		v = v[1:]
+	}
+	for len(v) > 0 && (v[len(v)-1] == ' ' || v[len(v)-1] == '\t') {
+		v = v[:len(v)-1]
+	}
+	return v
+}
+
+// http1ListHas reports whether the comma-separated list v has elem,
+// compared ASCII case-insensitively.
+func http1ListHas(v []byte, elem string) bool {
+	for len(v) > 0 {
+		e := v
+		if i := bytes.IndexByte(v, ','); i >= 0 {
+			e, v = v[:i], v[i+1:]
+		} else {
+			v = nil
+		}
+		if http1EqualFold(http1TrimOWS(e), elem) {
+			return true
+		}
+	}
+	return false
+}
+
+// http1AbsoluteForm splits an absolute-form request target
+// scheme "://" authority [path] into its authority and the rest. It fails
+// for other targets and for an authority with userinfo, which RFC 9110
+// section 4.2.4 says to treat as an error (it is also a classic way to
+// disguise a host).
+func http1AbsoluteForm(t []byte) (authority, rest []byte, ok bool) {
+	i := 0
+	for ; i < len(t); i++ {
+		c := t[i]
+		if 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' ||
+			i > 0 && ('0' <= c && c <= '9' || c == '+' || c == '-' || c == '.') {
+			continue
+		}
+		break
+	}
+	if i == 0 || !bytes.HasPrefix(t[i:], []byte("://")) {
+		return nil, nil, false
+	}
+	t = t[i+3:]
+	end := len(t)
+	if j := bytes.IndexAny(t, "/?#"); j >= 0 {
+		end = j
+	}
+	if bytes.IndexByte(t[:end], '@') >= 0 {
+		return nil, nil, false
+	}
+	return t[:end], t[end:], true
+}
+
+// http1Class returns the Result.Class of a request.
+func http1Class(path, ctype []byte, websocket, soap bool, body []byte) string {
+	mt := ctype
+	if i := bytes.IndexByte(mt, ';'); i >= 0 {
+		mt = http1TrimOWS(mt[:i])
+	}
+	switch {
+	case http1SocketIO(path):
+		return "socketio"
+	case websocket:
+		return "websocket"
+	case httpHasPrefixFold(ctype, "application/grpc-web"):
+		return "grpc-web"
+	case soap || http1EqualFold(mt, "application/soap+xml"):
+		return "soap"
+	case http1JSON(mt) && http1JSONRPC(body):
+		return "jsonrpc"
+	}
+	return ""
+}
+
+// http1SocketIO reports whether the path and query of a request target are
+// an Engine.IO (socket.io) request: path under /socket.io/ and an EIO
+// query parameter.
+func http1SocketIO(target []byte) bool {
+	const prefix = "/socket.io/"
+	if !bytes.HasPrefix(target, []byte(prefix)) {
+		return false
+	}
+	q := target[len(prefix):]
+	i := bytes.IndexByte(q, '?')
+	if i < 0 {
+		return false
+	}
+	q = q[i+1:]
+	if j := bytes.IndexByte(q, '#'); j >= 0 {
+		q = q[:j]
+	}
+	for len(q) > 0 {
+		e := q
+		if j := bytes.IndexByte(q, '&'); j >= 0 {
+			e, q = q[:j], q[j+1:]
+		} else {
+			q = nil
+		}
+		if bytes.HasPrefix(e, []byte("EIO=")) {
+			return true
+		}
+	}
+	return false
+}
+
+// http1JSON reports whether the media type mt is JSON.
+func http1JSON(mt []byte) bool {
+	return http1EqualFold(mt, "application/json") ||
+		http1EqualFold(mt, "application/json-rpc") ||
+		http1EqualFold(mt, "application/jsonrequest") ||
+		len(mt) > len("+json") && http1EqualFold(mt[len(mt)-len("+json"):], "+json")
+}
+
+// http1JSONRPC reports whether the body bytes received so far (at most the
+// first http1MaxBodyScan) hold a "jsonrpc" object member. It does not parse
+// JSON: the class is a label for logs.
+func http1JSONRPC(body []byte) bool {
+	const member = `"jsonrpc"`
+	if len(body) > http1MaxBodyScan {
+		body = body[:http1MaxBodyScan]
+	}
+	for {
+		i := bytes.Index(body, []byte(member))
+		if i < 0 {
+			return false
+		}
+		body = body[i+len(member):]
+		j := 0
+		for j < len(body) && (body[j] == ' ' || body[j] == '\t' || body[j] == '\r' || body[j] == '\n') {
+			j++
+		}
+		if j < len(body) && body[j] == ':' {
+			return true
+		}
+	}
+}
+
+// http1EqualFold reports whether s equals the lowercase ASCII string lower,
+// ignoring ASCII case.
+func http1EqualFold(s []byte, lower string) bool {
+	return len(s) == len(lower) && httpHasPrefixFold(s, lower)
+}
+
+// httpHasPrefixFold reports whether s starts with the lowercase ASCII
+// string lower, ignoring ASCII case.
+func httpHasPrefixFold[S ~string | ~[]byte](s S, lower string) bool {
+	if len(s) < len(lower) {
+		return false
+	}
+	for i := 0; i < len(lower); i++ {
+		c := s[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if c != lower[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// httpHostName returns the name in h, a Host header value or the
+// authority of a request target (uri-host [":" port]), normalised: port
+// removed, lowercased, one trailing dot removed, an IPv6 literal without
+// brackets and in canonical form. h must not be empty.
+//
+// A name is dot-separated labels of 1 to 63 letters, digits, '-' or '_', at
+// most 253 bytes; an IP address literal is [IPv6] (without zone) or a
+// dotted IPv4 address, which is a name by that rule. Percent-encoding,
+// other sub-delims and non-ASCII bytes are rejected: the name must compare
+// equal to a configured route and to a TLS server_name.
+func httpHostName[S ~string | ~[]byte](h S) (string, error) {
+	host, ip6, err := httpSplitHost(h)
+	if err != nil {
+		return "", err
+	}
+	if ip6 {
+		a, err := netip.ParseAddr(string(host))
+		if err != nil || !a.Is6() || a.Zone() != "" {
+			return "", errors.New("invalid IPv6 literal")
+		}
+		return a.String(), nil
+	}
+	upper := false
+	for i := 0; i < len(host); i++ {
+		if 'A' <= host[i] && host[i] <= 'Z' {
+			upper = true
+			break
+		}
+	}
+	if !upper {
+		return string(host), nil
+	}
+	var sb strings.Builder
+	sb.Grow(len(host))
+	for i := 0; i < len(host); i++ {
+		c := host[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		sb.WriteByte(c)
+	}
+	return sb.String(), nil
+}
+
+// httpCheckHost validates h as httpHostName does, without building the
+// name.
+func httpCheckHost[S ~string | ~[]byte](h S) error {
+	host, ip6, err := httpSplitHost(h)
+	if err == nil && ip6 {
+		if a, perr := netip.ParseAddr(string(host)); perr != nil || !a.Is6() || a.Zone() != "" {
+			return errors.New("invalid IPv6 literal")
+		}
+	}
+	return err
+}
+
+// httpSplitHost removes the port from h and validates the port and, unless
+// ip6 (the host was in brackets, which are removed), the host name; it
+// removes one trailing dot from a name.
+func httpSplitHost[S ~string | ~[]byte](h S) (host S, ip6 bool, err error) {
+	var port S
+	if len(h) > 0 && h[0] == '[' {
+		end := -1
+		for i := 1; i < len(h); i++ {
+			if h[i] == ']' {
+				end = i
+				break
+			}
+		}
+		if end < 0 {
+			return host, false, errors.New("unclosed IPv6 literal")
+		}
+		host, port, ip6 = h[1:end], h[end+1:], true
+		if len(port) > 0 && port[0] != ':' {
+			return host, false, fmt.Errorf("byte %q after IPv6 literal", port[0])
+		}
+	} else {
+		host = h
+		for i := 0; i < len(h); i++ {
+			if h[i] == ':' {
+				host, port = h[:i], h[i:]
+				break
+			}
+		}
+	}
+	if len(port) > 0 {
+		// port = *DIGIT (RFC 3986), so "host:" is valid.
+		if len(port) > 6 {
+			return host, false, errors.New("port too long")
+		}
+		n := 0
+		for i := 1; i < len(port); i++ {
+			c := port[i]
+			if c < '0' || c > '9' {
+				return host, false, fmt.Errorf("byte %q in port", c)
+			}
+			n = n*10 + int(c-'0')
+		}
+		if n > 65535 {
+			return host, false, errors.New("port out of range")
+		}
+	}
+	if ip6 {
+		return host, true, nil
+	}
+
+	if len(host) > 0 && host[len(host)-1] == '.' {
+		host = host[:len(host)-1]
+	}
+	if len(host) == 0 {
+		return host, false, errors.New("empty host")
+	}
+	if len(host) > 253 {
+		return host, false, errors.New("host longer than 253 bytes")
+	}
+	label := 0
+	for i := 0; i < len(host); i++ {
+		switch c := host[i]; {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '-', c == '_':
+			label++
+			if label > 63 {
+				return host, false, errors.New("host label longer than 63 bytes")
+			}
+		case c == '.':
+			if label == 0 {
+				return host, false, errors.New("empty host label")
+			}
+			label = 0
+		default:
+			return host, false, fmt.Errorf("byte %q in host", c)
+		}
+	}
+	if label == 0 {
+		return host, false, errors.New("empty host label")
+	}
+	return host, false, nil
+}

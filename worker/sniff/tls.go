@@ -1,0 +1,461 @@
+package sniff
+
+import (
+	"fmt"
+
+	"golang.org/x/crypto/cryptobyte"
+)
+
+// MaxTLSBytes is the most bytes the caller buffers for a ClientHello (record
+// headers included). ParseTLS never returns ErrNeedMore for a ClientHello that
+// cannot be complete within MaxTLSBytes bytes: it returns ErrMalformed as soon
+// as it can tell, and at the latest once len(b) >= MaxTLSBytes.
+//
+// A ClientHello body is at most 65536 bytes (crypto/tls's bound), so the cap
+// leaves room for it framed in records of two bytes or more.
+const MaxTLSBytes = 1 << 17
+
+// Bounds and code points from RFC 8446 and crypto/tls (common.go).
+const (
+	tlsRecordTypeHandshake = 0x16
+	tlsRecordVersionMajor  = 3
+	tlsRecordHeaderLen     = 5
+	tlsMaxRecordLen        = 16384 // crypto/tls maxPlaintext
+	tlsHandshakeHeaderLen  = 4     // msg_type, uint24 length
+	tlsMaxHandshakeLen     = 65536 // crypto/tls maxHandshake
+	tlsTypeClientHello     = 1
+	tlsMaxSessionIDLen     = 32
+	tlsExtServerName       = 0
+	tlsExtALPN             = 16
+	tlsExtEncryptedHello   = 0xfe0d
+	tlsNameTypeHostName    = 0
+	tlsMaxNameLen          = 253 // a DNS name in text form, without the trailing dot
+	tlsMaxLabelLen         = 63
+	tlsMaxALPNLen          = 64 // cap on Result.ALPN
+	tlsMaxQuotedName       = 64 // cap on a bad name quoted in an error
+)
+
+// Errors returned on hot paths are built once: ParseTLS is called after every
+// read of a connection's first bytes and must not allocate to say "not yet" or
+// "not TLS".
+var (
+	errTLSNeedMore     = fmt.Errorf("sniff: tls: incomplete client hello: %w", ErrNeedMore)
+	errTLSNotHandshake = fmt.Errorf("sniff: tls: first record is not a handshake record: %w", ErrNotProtocol)
+	errTLSNotVersion3  = fmt.Errorf("sniff: tls: record version is not 3.x: %w", ErrNotProtocol)
+	errTLSNoName       = fmt.Errorf("sniff: tls: client hello has no host_name: %w", ErrNoName)
+)
+
+// tlsMalformed returns ErrMalformed wrapped with what was wrong. It allocates;
+// it is only called on the way out of a broken ClientHello.
+func tlsMalformed(format string, args ...any) error {
+	return fmt.Errorf("sniff: tls: "+format+": %w", append(args, ErrMalformed)...)
+}
+
+// ParseTLS parses the TLS records at the start of b (the bytes a client sent
+// so far) as a ClientHello and reports the server_name (SNI) it asks for.
+//
+// b is not modified and not retained; the returned strings do not alias it.
+// It is safe to call concurrently. Bytes after the ClientHello (for example
+// early data) are ignored.
+//
+// The outcomes:
+//   - ErrNotProtocol, with a zero Result: b does not start with a TLS
+//     handshake record (first byte 0x16, record version 3.x). Deciding this
+//     reads at most two bytes, so callers may probe any prefix, even of length 1.
+//   - ErrNeedMore, with Protocol TLS: b is a valid prefix of a ClientHello
+//     that can still fit in MaxTLSBytes. Call again with more bytes.
+//   - ErrMalformed, with Protocol TLS: a broken or oversized record layer or
+//     ClientHello, a record of another type before the ClientHello is
+//     complete, or an invalid host name.
+//   - ErrNoName: a well-formed ClientHello without a host_name; Protocol, ALPN
+//     and ECH are set.
+//   - nil: Protocol, Name, ALPN and ECH are set and Name is not empty.
+//
+// The record layer follows crypto/tls: a ClientHello may span any number of
+// handshake records, each 1 to 16384 bytes long, and its body is at most
+// 65536 bytes. The body is parsed the way crypto/tls's clientHelloMsg.unmarshal
+// does: every length checked, a session ID of at most 32 bytes, an even-length
+// cipher suite list, an extensions block that ends the message exactly, no
+// duplicate extension types. The server_name and ALPN extensions are checked
+// as crypto/tls checks them; other extensions are only framed, since the
+// backend's TLS stack, not the router, is the judge of their contents.
+//
+// Name is the single host_name entry, lowercased (ASCII), with one trailing
+// dot removed. It must be at most 253 bytes of labels of 1 to 63 bytes from
+// [A-Za-z0-9_-] separated by dots. Underscores and labels that start or end
+// with a hyphen are accepted, as they occur in real DNS names and crypto/tls
+// accepts them; anything else (spaces, '*', ':', bytes >= 0x80, empty labels)
+// is ErrMalformed. An IPv4 literal passes (routing refuses it later).
+//
+// ALPN is the offered protocol list joined by ",", cut at a protocol boundary
+// to at most 64 bytes (a first protocol longer than that is cut at 64 bytes).
+// Bytes outside printable ASCII, and commas, are shown as '?': the field is
+// for logs. ECH reports an encrypted_client_hello extension; Name is then the
+// outer (public) name.
+//
+// Cost: ParseTLS walks the record headers on every call, without allocating
+// until the ClientHello is complete; a complete single-record ClientHello is
+// parsed in place with one allocation (Name and ALPN share it). A ClientHello
+// split over several records is first copied into one buffer.
+func ParseTLS(b []byte) (Result, error) {
+	if len(b) == 0 {
+		return Result{}, errTLSNeedMore
+	}
+	if b[0] != tlsRecordTypeHandshake {
+		return Result{}, errTLSNotHandshake
+	}
+	if len(b) > 1 && b[1] != tlsRecordVersionMajor {
+		return Result{}, errTLSNotVersion3
+	}
+	res := Result{Protocol: TLS}
+	msg, err := tlsHandshakeMessage(b)
+	if err != nil {
+		return res, err
+	}
+	return parseClientHello(msg, res)
+}
+
+// tlsHandshakeMessage returns the first handshake message (header included)
+// carried by the handshake records at the start of b, which starts with a
+// handshake record header. If the message is in the first record the result
+// aliases b; otherwise it is a copy.
+//
+// It walks the record headers once per call and stops at the record that
+// completes the message, so a call costs O(records), not O(bytes).
+func tlsHandshakeMessage(b []byte) ([]byte, error) {
+	var (
+		hdr     [tlsHandshakeHeaderLen]byte // the handshake header, gathered across records
+		have    int                         // handshake bytes in b so far
+		need    = -1                        // total handshake bytes, once the header is in
+		off     int                         // start of the current record
+		records int                         // records walked
+	)
+	for {
+		if len(b)-off < tlsRecordHeaderLen {
+			// A partial (or absent) record header. The first record's type and
+			// version were checked by the caller; check a later one's as far
+			// as it goes, so a non-handshake record fails fast.
+			if off > 0 && off < len(b) {
+				if err := tlsCheckRecordHeader(b[off:], off); err != nil {
+					return nil, err
+				}
+			}
+			return nil, tlsNeedMore(off+tlsRecordHeaderLen, need, have)
+		}
+		if err := tlsCheckRecordHeader(b[off:], off); err != nil {
+			return nil, err
+		}
+		n := int(b[off+3])<<8 | int(b[off+4])
+		if n == 0 {
+			// crypto/tls rejects an empty handshake record (unexpected_message).
+			return nil, tlsMalformed("empty handshake record at offset %d", off)
+		}
+		if n > tlsMaxRecordLen {
+			return nil, tlsMalformed("record of %d bytes at offset %d exceeds %d", n, off, tlsMaxRecordLen)
+		}
+		start := off + tlsRecordHeaderLen
+		end := start + n
+		payload := b[start:min(end, len(b))]
+		records++
+
+		if need < 0 {
+			for i := 0; have+i < tlsHandshakeHeaderLen && i < len(payload); i++ {
+				hdr[have+i] = payload[i]
+			}
+			have += len(payload)
+			if have >= 1 && hdr[0] != tlsTypeClientHello {
+				return nil, tlsMalformed("handshake message type %d is not client_hello", hdr[0])
+			}
+			if have >= tlsHandshakeHeaderLen {
+				l := int(hdr[1])<<16 | int(hdr[2])<<8 | int(hdr[3])
+				if l > tlsMaxHandshakeLen {
+					return nil, tlsMalformed("client hello of %d bytes exceeds %d", l, tlsMaxHandshakeLen)
+				}
+				need = tlsHandshakeHeaderLen + l
+			}
+		} else {
+			have += len(payload)
+		}
+
+		if need >= 0 && have >= need {
+			if records == 1 {
+				// Fast path: the whole message is in the first record.
+				return b[tlsRecordHeaderLen : tlsRecordHeaderLen+need], nil
+			}
+			return tlsGather(b, need), nil
+		}
+		if end > len(b) {
+			// The current record is incomplete: its next byte is the next
+			// handshake byte.
+			return nil, tlsNeedMore(len(b), need, have)
+		}
+		off = end
+	}
+}
+
+// tlsCheckRecordHeader checks the type and version bytes present in rec, a
+// (possibly partial) record header found at offset off while the ClientHello
+// is incomplete.
+func tlsCheckRecordHeader(rec []byte, off int) error {
+	if off == 0 {
+		return nil // checked by ParseTLS
+	}
+	if rec[0] != tlsRecordTypeHandshake {
+		// crypto/tls drops a warning alert between handshake fragments; a
+		// client has no reason to send one mid-hello, and it may not in TLS 1.3
+		// (RFC 8446, Section 5.1), so it is malformed here.
+		return tlsMalformed("record type %d at offset %d before the client hello is complete", rec[0], off)
+	}
+	if len(rec) > 1 && rec[1] != tlsRecordVersionMajor {
+		return tlsMalformed("record version %d.x at offset %d", rec[1], off)
+	}
+	return nil
+}
+
+// tlsNeedMore returns ErrNeedMore, or ErrMalformed if the ClientHello cannot
+// be complete within MaxTLSBytes. next is the earliest offset in b of the next
+// handshake byte; need and have are as in tlsHandshakeMessage.
+func tlsNeedMore(next, need, have int) error {
+	rest := tlsHandshakeHeaderLen - have // at least the rest of the header
+	if need >= 0 {
+		rest = need - have
+	}
+	if next+rest > MaxTLSBytes {
+		return tlsMalformed("client hello does not fit in %d bytes", MaxTLSBytes)
+	}
+	return errTLSNeedMore
+}
+
+// tlsGather copies the first need handshake bytes out of the records at the
+// start of b, which tlsHandshakeMessage has checked hold them.
+func tlsGather(b []byte, need int) []byte {
+	msg := make([]byte, 0, need)
+	for off := 0; len(msg) < need; {
+		n := int(b[off+3])<<8 | int(b[off+4])
+		start := off + tlsRecordHeaderLen
+		payload := b[start:min(start+n, len(b))]
+		msg = append(msg, payload[:min(len(payload), need-len(msg))]...)
+		off = start + n
+	}
+	return msg
+}
+
+// parseClientHello parses msg, a complete client_hello handshake message
+// (header included), following crypto/tls clientHelloMsg.unmarshal. On
+// ErrMalformed only res.Protocol is set.
+func parseClientHello(msg []byte, res Result) (Result, error) {
+	s := cryptobyte.String(msg[tlsHandshakeHeaderLen:])
+	var (
+		vers                           uint16
+		sessionID, suites, compression cryptobyte.String
+	)
+	if !s.ReadUint16(&vers) || !s.Skip(32) {
+		return res, tlsMalformed("client hello shorter than version and random")
+	}
+	if !s.ReadUint8LengthPrefixed(&sessionID) || len(sessionID) > tlsMaxSessionIDLen {
+		return res, tlsMalformed("bad session id")
+	}
+	if !s.ReadUint16LengthPrefixed(&suites) || len(suites)%2 != 0 {
+		return res, tlsMalformed("bad cipher suites")
+	}
+	if !s.ReadUint8LengthPrefixed(&compression) {
+		return res, tlsMalformed("bad compression methods")
+	}
+	if s.Empty() {
+		// The extensions block is optional (RFC 5246); no extensions, no SNI.
+		return res, errTLSNoName
+	}
+	var exts cryptobyte.String
+	if !s.ReadUint16LengthPrefixed(&exts) {
+		return res, tlsMalformed("bad extensions length")
+	}
+	if !s.Empty() {
+		return res, tlsMalformed("%d trailing bytes after extensions", len(s))
+	}
+
+	var (
+		seen     tlsExtSet
+		host     cryptobyte.String // the host_name, not yet validated
+		haveHost bool
+		alpn     cryptobyte.String // the ProtocolNameList, validated
+		ech      bool
+	)
+	for !exts.Empty() {
+		var (
+			typ  uint16
+			data cryptobyte.String
+		)
+		if !exts.ReadUint16(&typ) || !exts.ReadUint16LengthPrefixed(&data) {
+			return res, tlsMalformed("bad extension framing")
+		}
+		if seen.add(typ) {
+			return res, tlsMalformed("duplicate extension %d", typ)
+		}
+		switch typ {
+		case tlsExtServerName:
+			// RFC 6066, Section 3: entries of other name types are skipped;
+			// two host_names are an error.
+			var list cryptobyte.String
+			if !data.ReadUint16LengthPrefixed(&list) || list.Empty() || !data.Empty() {
+				return res, tlsMalformed("bad server_name extension")
+			}
+			for !list.Empty() {
+				var (
+					nameType uint8
+					name     cryptobyte.String
+				)
+				if !list.ReadUint8(&nameType) || !list.ReadUint16LengthPrefixed(&name) || name.Empty() {
+					return res, tlsMalformed("bad server_name entry")
+				}
+				if nameType != tlsNameTypeHostName {
+					continue
+				}
+				if haveHost {
+					return res, tlsMalformed("more than one host_name")
+				}
+				host, haveHost = name, true
+			}
+		case tlsExtALPN:
+			// RFC 7301, Section 3.1: a non-empty list of non-empty names.
+			if !data.ReadUint16LengthPrefixed(&alpn) || alpn.Empty() || !data.Empty() {
+				return res, tlsMalformed("bad alpn extension")
+			}
+			for list := alpn; !list.Empty(); {
+				var proto cryptobyte.String
+				if !list.ReadUint8LengthPrefixed(&proto) || proto.Empty() {
+					return res, tlsMalformed("bad alpn protocol name")
+				}
+			}
+		case tlsExtEncryptedHello:
+			// Presence is enough: the router reads the outer hello only.
+			ech = true
+		}
+	}
+
+	// Name and ALPN are built in one stack buffer and converted to a string
+	// once: one allocation for both.
+	var buf [tlsMaxNameLen + tlsMaxALPNLen]byte
+	out := buf[:0]
+	if haveHost {
+		var ok bool
+		if out, ok = tlsAppendHost(out, host); !ok {
+			if len(host) > tlsMaxQuotedName {
+				host = host[:tlsMaxQuotedName]
+			}
+			return res, tlsMalformed("invalid host_name %q", []byte(host))
+		}
+	}
+	nameLen := len(out)
+	out = tlsAppendALPN(out, alpn)
+	if len(out) > 0 {
+		all := string(out)
+		res.Name, res.ALPN = all[:nameLen], all[nameLen:]
+	}
+	res.ECH = ech
+	if !haveHost {
+		return res, errTLSNoName
+	}
+	return res, nil
+}
+
+// tlsAppendHost appends the host name h to dst, lowercased and without one
+// trailing dot, and reports whether h is a valid name (see ParseTLS).
+func tlsAppendHost(dst, h []byte) ([]byte, bool) {
+	if len(h) > 0 && h[len(h)-1] == '.' {
+		h = h[:len(h)-1]
+	}
+	if len(h) == 0 || len(h) > tlsMaxNameLen {
+		return dst, false
+	}
+	label := 0 // length of the current label
+	for _, c := range h {
+		switch {
+		case 'a' <= c && c <= 'z', '0' <= c && c <= '9', c == '-', c == '_':
+			label++
+		case 'A' <= c && c <= 'Z':
+			c += 'a' - 'A'
+			label++
+		case c == '.':
+			if label == 0 {
+				return dst, false
+			}
+			label = 0
+		default:
+			return dst, false
+		}
+		if label > tlsMaxLabelLen {
+			return dst, false
+		}
+		dst = append(dst, c)
+	}
+	return dst, label > 0
+}
+
+// tlsAppendALPN appends the protocols of list, a validated ProtocolNameList,
+// to dst: joined by ',' and cut at a protocol boundary to tlsMaxALPNLen bytes
+// (a first protocol longer than that is cut short). Bytes outside printable
+// ASCII, and ',', become '?'.
+func tlsAppendALPN(dst []byte, list cryptobyte.String) []byte {
+	n := 0 // bytes appended
+	for !list.Empty() {
+		var proto cryptobyte.String
+		list.ReadUint8LengthPrefixed(&proto) // validated by the caller
+		if n > 0 {
+			if n+1+len(proto) > tlsMaxALPNLen {
+				break
+			}
+			dst = append(dst, ',')
+			n++
+		} else if len(proto) > tlsMaxALPNLen {
+			proto = proto[:tlsMaxALPNLen]
+		}
+		for _, c := range proto {
+			if c <= ' ' || c > '~' || c == ',' {
+				c = '?'
+			}
+			dst = append(dst, c)
+		}
+		n += len(proto)
+	}
+	return dst
+}
+
+// tlsExtSet is a set of extension types, for the duplicate check. The zero
+// value is empty. Types below 256 and the first 16 types above (GREASE,
+// encrypted_client_hello, renegotiation_info, ...) cost no allocation; a
+// ClientHello with more distinct high types spills into a map, as crypto/tls's
+// own check uses.
+type tlsExtSet struct {
+	low   [256 / 64]uint64
+	high  [16]uint16
+	nHigh int
+	spill map[uint16]struct{}
+}
+
+// add adds t to the set and reports whether it was already there.
+func (s *tlsExtSet) add(t uint16) (dup bool) {
+	if t < 256 {
+		w, bit := t/64, uint64(1)<<(t%64)
+		dup = s.low[w]&bit != 0
+		s.low[w] |= bit
+		return dup
+	}
+	for _, h := range s.high[:s.nHigh] {
+		if h == t {
+			return true
+		}
+	}
+	if s.nHigh < len(s.high) {
+		s.high[s.nHigh] = t
+		s.nHigh++
+		return false
+	}
+	if _, dup = s.spill[t]; dup {
+		return true
+	}
+	if s.spill == nil {
+		s.spill = make(map[uint16]struct{})
+	}
+	s.spill[t] = struct{}{}
+	return false
+}

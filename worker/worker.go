@@ -1,0 +1,535 @@
+// Package worker serves client connections on listeners it is handed:
+// it sniffs each connection's first bytes for a name (package sniff),
+// decides where the name goes and dials it (package route), replays the
+// sniffed bytes and copies both ways (package proxy).
+//
+// A Server knows nothing of processes: it serves *net.TCPListener values
+// however they were made (bound here, inherited from a parent, received
+// over a Unix socket), takes its global connection permits from a Limiter
+// and reports its counts to a Recorder, so the same code runs in-process or
+// inside a worker process of a master.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/pires/go-proxyproto"
+
+	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/stats"
+	"github.com/sniproxy/sniproxy/worker/proxy"
+	"github.com/sniproxy/sniproxy/worker/route"
+	"github.com/sniproxy/sniproxy/worker/sniff"
+)
+
+// Recorder receives a Server's counts. *stats.Counters implements it; every
+// method must be safe for concurrent use and cheap.
+type Recorder interface {
+	Opened()
+	Closed()
+	Protocol(sniff.Protocol)
+	Rejected(stats.Reason)
+	Bytes(in, out int64)
+	BackendConnect(time.Duration)
+}
+
+// Limiter hands out permits for the global connection limit. Acquire
+// reports false when no permit is free; every successful Acquire is followed
+// by exactly one Release.
+type Limiter interface {
+	Acquire() bool
+	Release()
+}
+
+// Listener is a listening socket with its config.
+type Listener struct {
+	Config config.Listener
+	Ln     *net.TCPListener
+}
+
+// keepAlive is the TCP keepalive idle time set on both sides of a pair.
+const keepAlive = 60 * time.Second
+
+// Server serves connections. Create it with New.
+type Server struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	rec     Recorder
+	limiter Limiter
+	table   *route.Table
+	// Dialer dials backends; a seam for tests (its Resolver).
+	Dialer *route.Dialer
+
+	nextID atomic.Uint64
+	wg     sync.WaitGroup // one per connection handler
+	mu     sync.Mutex
+	conns  map[*conn]struct{}
+	lns    []*net.TCPListener
+	closed bool
+}
+
+// New returns a Server for cfg. limiter may be nil (no limit beyond the
+// process's own).
+func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*Server, error) {
+	t, err := NewTable(cfg)
+	if err != nil {
+		return nil, err
+	}
+	var forbidden []netip.AddrPort
+	for _, l := range cfg.Listeners {
+		if ap, err := netip.ParseAddrPort(l.Address); err == nil {
+			forbidden = append(forbidden, ap)
+		} else if _, port, err := net.SplitHostPort(l.Address); err == nil {
+			// ":443" listens on every address.
+			if ap, err := netip.ParseAddrPort("0.0.0.0:" + port); err == nil {
+				forbidden = append(forbidden, ap)
+			}
+		}
+	}
+	return &Server{
+		cfg:     cfg,
+		log:     log,
+		rec:     rec,
+		limiter: limiter,
+		table:   t,
+		Dialer: &route.Dialer{
+			Timeout:      cfg.Timeouts.Connect,
+			AllowPrivate: cfg.Backend.AllowPrivate,
+			Forbidden:    forbidden,
+			KeepAlive:    keepAlive,
+		},
+		conns: map[*conn]struct{}{},
+	}, nil
+}
+
+// NewTable builds the routing table of cfg.
+func NewTable(cfg *config.Config) (*route.Table, error) {
+	var t route.Table
+	for i, s := range cfg.Denylist {
+		p, err := route.ParsePattern(s)
+		if err != nil {
+			return nil, fmt.Errorf("worker: denylist[%d]: %w", i, err)
+		}
+		t.Deny = append(t.Deny, p)
+	}
+	for i, s := range cfg.Allowlist {
+		p, err := route.ParsePattern(s)
+		if err != nil {
+			return nil, fmt.Errorf("worker: allowlist[%d]: %w", i, err)
+		}
+		t.Allow = append(t.Allow, p)
+	}
+	for i, r := range cfg.Routes {
+		p, err := route.ParsePattern(r.Match)
+		if err != nil {
+			return nil, fmt.Errorf("worker: routes[%d].match: %w", i, err)
+		}
+		host, port, err := route.ParseBackend(r.Backend)
+		if err != nil {
+			return nil, fmt.Errorf("worker: routes[%d].backend: %w", i, err)
+		}
+		t.Routes = append(t.Routes, route.Rule{Match: p, Host: host, Port: port})
+	}
+	return &t, nil
+}
+
+// Serve accepts on every listener until ctx is done, then closes the
+// listeners (these copies only: a socket shared with other processes stays
+// open there) and returns once every accept loop has ended. Connections
+// already accepted go on; Drain waits for them.
+func (s *Server) Serve(ctx context.Context, lns []Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return net.ErrClosed
+	}
+	for _, l := range lns {
+		s.lns = append(s.lns, l.Ln)
+	}
+	s.mu.Unlock()
+
+	var loops sync.WaitGroup
+	errc := make(chan error, len(lns))
+	for _, l := range lns {
+		loops.Add(1)
+		go func() {
+			defer loops.Done()
+			if err := s.acceptLoop(l); err != nil {
+				errc <- err
+			}
+		}()
+	}
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		s.StopAccepting()
+		loops.Wait()
+		return err
+	}
+	s.StopAccepting()
+	loops.Wait()
+	return nil
+}
+
+// StopAccepting closes the listeners; accept loops end. It is idempotent.
+func (s *Server) StopAccepting() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	for _, ln := range s.lns {
+		ln.Close()
+	}
+	s.lns = nil
+}
+
+// Active returns the number of connections being served.
+func (s *Server) Active() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+// Drain waits until every connection has ended or ctx is done; then it
+// closes those left and waits for their handlers. It returns the number of
+// connections it had to close.
+func (s *Server) Drain(ctx context.Context) int {
+	done := make(chan struct{})
+	go func() {
+		s.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return 0
+	case <-ctx.Done():
+	}
+	s.mu.Lock()
+	n := len(s.conns)
+	for c := range s.conns {
+		c.close()
+	}
+	s.mu.Unlock()
+	<-done
+	return n
+}
+
+// acceptLoop accepts until the listener is closed, backing off on
+// temporary errors such as running out of file descriptors.
+func (s *Server) acceptLoop(l Listener) error {
+	var delay time.Duration
+	for {
+		c, err := l.Ln.AcceptTCP()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			if isTemporary(err) {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "listener", l.Config.Address, "err", err, "retry_in", delay)
+				time.Sleep(delay)
+				continue
+			}
+			return fmt.Errorf("worker: accept on %s: %w", l.Config.Address, err)
+		}
+		delay = 0
+		s.rec.Opened()
+		cn := &conn{srv: s, id: s.nextID.Add(1), client: c, lcfg: l.Config, start: time.Now()}
+		if !s.track(cn) {
+			s.rec.Closed()
+			c.Close()
+			continue
+		}
+		go cn.serve()
+	}
+}
+
+// isTemporary reports accept errors worth retrying: out of fds or memory,
+// or a connection aborted before it was accepted.
+func isTemporary(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) ||
+		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EINTR)
+}
+
+// track registers c; false if the server is fully closed.
+func (s *Server) track(c *conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	return true
+}
+
+func (s *Server) untrack(c *conn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+	s.wg.Done()
+}
+
+// conn is one client connection being served.
+type conn struct {
+	srv    *Server
+	id     uint64
+	client *net.TCPConn
+	lcfg   config.Listener
+	start  time.Time
+
+	mu      sync.Mutex
+	backend *net.TCPConn
+	closed  bool
+
+	in, out atomic.Int64
+}
+
+// close closes both sockets; used by Drain at its deadline.
+func (c *conn) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	c.client.Close()
+	if c.backend != nil {
+		c.backend.Close()
+	}
+}
+
+// setBackend records the backend socket so close can reach it; false if
+// the connection was closed meanwhile.
+func (c *conn) setBackend(b *net.TCPConn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	c.backend = b
+	return true
+}
+
+// outcome is what the access log says of a connection.
+type outcome struct {
+	res     sniff.Result
+	source  net.Addr
+	rule    int
+	backend netip.AddrPort
+	reason  string
+	err     error
+}
+
+func (c *conn) serve() {
+	s := c.srv
+	defer s.untrack(c)
+	defer s.rec.Closed()
+	o := outcome{rule: -1, source: c.client.RemoteAddr()}
+	defer func() { c.logDone(&o) }()
+
+	if s.limiter != nil {
+		if !s.limiter.Acquire() {
+			c.client.Close()
+			s.rec.Protocol(sniff.Unknown)
+			c.reject(&o, stats.Limit, errors.New("worker: max_connections reached"))
+			return
+		}
+		defer s.limiter.Release()
+	}
+	c.client.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: keepAlive})
+
+	deadline := c.start.Add(s.cfg.Timeouts.ClientHello)
+	var start []byte
+	var hdr *proxyproto.Header
+	if c.lcfg.AcceptProxyProtocol {
+		h, rest, err := readProxyHeader(c.client, deadline)
+		if err != nil {
+			c.client.Close()
+			s.rec.Protocol(sniff.Unknown)
+			reason := stats.SniffError
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				reason = stats.SniffTimeout
+			}
+			c.reject(&o, reason, err)
+			return
+		}
+		hdr, start = h, rest
+		if h.SourceAddr != nil {
+			o.source = h.SourceAddr
+		}
+	}
+
+	res, buf, err := sniff.Read(c.client, start, deadline)
+	defer buf.Release()
+	o.res = res
+	s.rec.Protocol(res.Protocol)
+	if err != nil && !errors.Is(err, sniff.ErrNoName) {
+		c.client.Close()
+		reason := stats.SniffError
+		if errors.Is(err, sniff.ErrTimeout) {
+			reason = stats.SniffTimeout
+		}
+		if reason == stats.SniffError {
+			err = fmt.Errorf("%w (first bytes %s)", err, sniff.HexPrefix(buf.Bytes(), 32))
+		}
+		c.reject(&o, reason, err)
+		return
+	}
+
+	dec, err := s.table.Decide(res.Name, c.lcfg.BackendPort)
+	o.rule = dec.Rule
+	if err != nil {
+		c.client.Close()
+		c.reject(&o, routeReason(err), err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.Connect)
+	t0 := time.Now()
+	backend, addr, err := s.Dialer.Dial(ctx, dec)
+	cancel()
+	o.backend = addr
+	if err != nil {
+		c.client.Close()
+		c.reject(&o, routeReason(err), err)
+		return
+	}
+	s.rec.BackendConnect(time.Since(t0))
+	if !c.setBackend(backend) {
+		backend.Close()
+		c.client.Close()
+		o.reason, o.err = "closed", errors.New("worker: closed while dialling")
+		return
+	}
+
+	if v := s.cfg.Backend.ProxyProtocol; v != "" {
+		if err := c.writeProxyHeader(backend, v, hdr); err != nil {
+			c.client.Close()
+			backend.Close()
+			o.reason, o.err = "backend_error", err
+			return
+		}
+	}
+	// Replay every sniffed byte first, unchanged.
+	if n, err := backend.Write(buf.Bytes()); err != nil {
+		c.client.Close()
+		backend.Close()
+		s.rec.Bytes(int64(n), 0)
+		o.reason, o.err = "backend_error", fmt.Errorf("worker: replay to backend: %w", err)
+		return
+	}
+	c.in.Add(int64(len(buf.Bytes())))
+	s.rec.Bytes(int64(len(buf.Bytes())), 0)
+	buf.Release()
+
+	_, err = proxy.Pipe(c.client, backend, s.cfg.Timeouts.Idle, c.count)
+	o.err = err
+	switch {
+	case errors.Is(err, proxy.ErrIdle):
+		o.reason = "idle"
+	case err != nil:
+		o.reason = "error"
+	default:
+		o.reason = "ok"
+	}
+}
+
+// writeProxyHeader sends a PROXY header naming the client (or, behind a
+// PROXY-speaking balancer, the client it named) to the backend.
+func (c *conn) writeProxyHeader(backend *net.TCPConn, version string, in *proxyproto.Header) error {
+	v := byte(1)
+	if version == "v2" {
+		v = 2
+	}
+	src, dst := c.client.RemoteAddr(), c.client.LocalAddr()
+	if in != nil && in.SourceAddr != nil && in.DestinationAddr != nil {
+		src, dst = in.SourceAddr, in.DestinationAddr
+	}
+	h := proxyproto.HeaderProxyFromAddrs(v, src, dst)
+	if _, err := h.WriteTo(backend); err != nil {
+		return fmt.Errorf("worker: send PROXY header: %w", err)
+	}
+	return nil
+}
+
+// count is proxy.Pipe's progress callback.
+func (c *conn) count(in, out int64) {
+	c.in.Add(in)
+	c.out.Add(out)
+	c.srv.rec.Bytes(in, out)
+}
+
+// reject records a connection closed without being proxied.
+func (c *conn) reject(o *outcome, r stats.Reason, err error) {
+	c.srv.rec.Rejected(r)
+	o.reason, o.err = r.String(), err
+}
+
+// routeReason maps a routing or dialling error to its metric reason.
+func routeReason(err error) stats.Reason {
+	switch {
+	case errors.Is(err, route.ErrDenied), errors.Is(err, route.ErrPrivate):
+		return stats.Denied
+	case errors.Is(err, route.ErrNoRoute):
+		return stats.NoRoute
+	default:
+		return stats.DialError
+	}
+}
+
+// logDone writes the access-log line.
+func (c *conn) logDone(o *outcome) {
+	log := c.srv.log
+	level := slog.LevelInfo
+	if o.reason != "ok" && o.reason != "idle" {
+		level = slog.LevelWarn
+	}
+	if !log.Enabled(context.Background(), level) {
+		return
+	}
+	attrs := []slog.Attr{
+		slog.Uint64("conn", c.id),
+		slog.String("client", addrString(o.source)),
+		slog.String("listener", c.lcfg.Address),
+		slog.String("protocol", o.res.Protocol.String()),
+	}
+	if o.res.Class != "" {
+		attrs = append(attrs, slog.String("class", o.res.Class))
+	}
+	if o.res.Name != "" {
+		attrs = append(attrs, slog.String("name", o.res.Name))
+	}
+	if o.res.ALPN != "" {
+		attrs = append(attrs, slog.String("alpn", o.res.ALPN))
+	}
+	if o.res.ECH {
+		attrs = append(attrs, slog.Bool("ech", true))
+	}
+	if o.rule >= 0 {
+		attrs = append(attrs, slog.String("rule", c.srv.cfg.Routes[o.rule].Match))
+	}
+	if o.backend.IsValid() {
+		attrs = append(attrs, slog.String("backend", o.backend.String()))
+	}
+	attrs = append(attrs,
+		slog.Int64("bytes_in", c.in.Load()),
+		slog.Int64("bytes_out", c.out.Load()),
+		slog.Duration("duration", time.Since(c.start)),
+		slog.String("result", o.reason),
+	)
+	if o.err != nil {
+		attrs = append(attrs, slog.String("err", o.err.Error()))
+	}
+	log.LogAttrs(context.Background(), level, "connection", attrs...)
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
