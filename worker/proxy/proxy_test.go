@@ -211,7 +211,11 @@ func TestLargeTransferBothWays(t *testing.T) {
 	go func() { _, err := r.client.Write(src); r.client.CloseWrite(); errc <- err }()
 	go func() { _, err := r.backend.Write(src); r.backend.CloseWrite(); errc <- err }()
 	gotB := make(chan []byte, 1)
-	go func() { r.backend.SetReadDeadline(time.Now().Add(30 * time.Second)); b, _ := io.ReadAll(r.backend); gotB <- b }()
+	go func() {
+		r.backend.SetReadDeadline(time.Now().Add(30 * time.Second))
+		b, _ := io.ReadAll(r.backend)
+		gotB <- b
+	}()
 	r.client.SetReadDeadline(time.Now().Add(30 * time.Second))
 	gotC, _ := io.ReadAll(r.client)
 	if !bytes.Equal(gotC, src) {

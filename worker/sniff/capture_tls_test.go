@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -76,7 +77,9 @@ func TestCaptureTLS(t *testing.T) {
 			cmd.Stdin = nil // openssl s_client reads stdin: give it EOF
 			out, err := cmd.CombinedOutput()
 			if err != nil {
-				return fmt.Errorf("%s: %v: %s", name, err, out)
+				// The last line says why; s_client prints its session above.
+				lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+				return fmt.Errorf("%s: %v: %s", name, err, lines[len(lines)-1])
 			}
 			return nil
 		}

@@ -219,16 +219,16 @@ func ParseHTTP1(b []byte) (Result, error) {
 		value := http1TrimOWS(w[vs:ve])
 
 		switch {
-		case http1EqualFold(name, "host"):
+		case httpEqualFold(name, "host"):
 			hosts++
 			host = value
-		case http1EqualFold(name, "upgrade"):
+		case httpEqualFold(name, "upgrade"):
 			websocket = websocket || http1ListHas(value, "websocket")
-		case http1EqualFold(name, "content-type"):
+		case httpEqualFold(name, "content-type"):
 			if !haveCtype {
 				ctype, haveCtype = value, true
 			}
-		case http1EqualFold(name, "soapaction"):
+		case httpEqualFold(name, "soapaction"):
 			soap = true
 		}
 	}
@@ -361,7 +361,7 @@ func http1ListHas(v []byte, elem string) bool {
 		} else {
 			v = nil
 		}
-		if http1EqualFold(http1TrimOWS(e), elem) {
+		if httpEqualFold(http1TrimOWS(e), elem) {
 			return true
 		}
 	}
@@ -410,7 +410,7 @@ func http1Class(path, ctype []byte, websocket, soap bool, body []byte) string {
 		return "websocket"
 	case httpHasPrefixFold(ctype, "application/grpc-web"):
 		return "grpc-web"
-	case soap || http1EqualFold(mt, "application/soap+xml"):
+	case soap || httpEqualFold(mt, "application/soap+xml"):
 		return "soap"
 	case http1JSON(mt) && http1JSONRPC(body):
 		return "jsonrpc"
@@ -451,10 +451,10 @@ func http1SocketIO(target []byte) bool {
 
 // http1JSON reports whether the media type mt is JSON.
 func http1JSON(mt []byte) bool {
-	return http1EqualFold(mt, "application/json") ||
-		http1EqualFold(mt, "application/json-rpc") ||
-		http1EqualFold(mt, "application/jsonrequest") ||
-		len(mt) > len("+json") && http1EqualFold(mt[len(mt)-len("+json"):], "+json")
+	return httpEqualFold(mt, "application/json") ||
+		httpEqualFold(mt, "application/json-rpc") ||
+		httpEqualFold(mt, "application/jsonrequest") ||
+		len(mt) > len("+json") && httpEqualFold(mt[len(mt)-len("+json"):], "+json")
 }
 
 // http1JSONRPC reports whether the body bytes received so far (at most the
@@ -481,9 +481,9 @@ func http1JSONRPC(body []byte) bool {
 	}
 }
 
-// http1EqualFold reports whether s equals the lowercase ASCII string lower,
+// httpEqualFold reports whether s equals the lowercase ASCII string lower,
 // ignoring ASCII case.
-func http1EqualFold(s []byte, lower string) bool {
+func httpEqualFold[S ~string | ~[]byte](s S, lower string) bool {
 	return len(s) == len(lower) && httpHasPrefixFold(s, lower)
 }
 
