@@ -21,6 +21,7 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -52,7 +53,7 @@ const EmbeddedSource = "embedded default"
 type Config struct {
 	// ListenAddrs is the short form of Listeners: addresses with default
 	// options. After validation they are also present in Listeners.
-	ListenAddrs []string `mapstructure:"listen_addrs" yaml:"listen_addrs"`
+	ListenAddrs []string `mapstructure:"listen_addrs" yaml:"listen_addrs,omitempty"`
 	// Listeners is every listening address with its options.
 	Listeners []Listener `mapstructure:"listeners" yaml:"listeners"`
 	// Workers is the number of worker processes; 0 means one per CPU.
@@ -203,6 +204,16 @@ func Parse(data []byte, environ []string) (*Config, error) {
 	if err := v.ReadConfig(bytes.NewReader(data)); err != nil {
 		return nil, fmt.Errorf("parse yaml: %w", err)
 	}
+	var raw map[string]any
+	if err := yaml.Unmarshal(data, &raw); err != nil {
+		return nil, fmt.Errorf("parse yaml: %w", err)
+	}
+	if errs := unknownKeys(raw, reflect.TypeOf(Config{}), ""); len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	for k, val := range defaults {
+		v.SetDefault(k, val)
+	}
 	known := structKeys(reflect.TypeOf(Config{}), "")
 	for k, val := range env {
 		key, ok := known[k]
@@ -222,6 +233,61 @@ func Parse(data []byte, environ []string) (*Config, error) {
 		return nil, err
 	}
 	return &c, nil
+}
+
+// defaults are the values of keys a file leaves out (SPEC's documented
+// defaults). Listeners have none: a file must name at least one.
+var defaults = map[string]any{
+	"workers":               0,
+	"timeouts.connect":      "10s",
+	"timeouts.client_hello": "5s",
+	"timeouts.idle":         "300s",
+	"metrics.enabled":       true,
+	"metrics.address":       "127.0.0.1:9000",
+	"max_connections":       10000,
+	"shutdown_timeout":      "30s",
+	"log.level":             "info",
+	"log.format":            "auto",
+}
+
+// unknownKeys returns an error for every key of m (and of nested maps and
+// lists of maps) that t has no field for.
+func unknownKeys(m map[string]any, t reflect.Type, prefix string) []error {
+	fields := map[string]reflect.Type{}
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if tag := f.Tag.Get("mapstructure"); tag != "" && tag != "-" {
+			fields[tag] = f.Type
+		}
+	}
+	var errs []error
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		ft, ok := fields[strings.ToLower(k)]
+		if !ok {
+			errs = append(errs, &Error{Key: prefix + k, Reason: "unknown key"})
+			continue
+		}
+		switch val := m[k].(type) {
+		case map[string]any:
+			if ft.Kind() == reflect.Struct && ft != durationType {
+				errs = append(errs, unknownKeys(val, ft, prefix+k+".")...)
+			}
+		case []any:
+			if ft.Kind() == reflect.Slice && ft.Elem().Kind() == reflect.Struct {
+				for i, e := range val {
+					if em, ok := e.(map[string]any); ok {
+						errs = append(errs, unknownKeys(em, ft.Elem(), fmt.Sprintf("%s%s[%d].", prefix, k, i))...)
+					}
+				}
+			}
+		}
+	}
+	return errs
 }
 
 // structKeys maps each SNIPROXY_* variable name to the viper key it sets, for
@@ -344,14 +410,17 @@ func (c *Config) validate() error {
 	if c.Workers < 0 {
 		bad("workers", "%d is negative (0 means one per CPU)", c.Workers)
 	}
-	for key, d := range map[string]time.Duration{
-		"timeouts.connect":      c.Timeouts.Connect,
-		"timeouts.client_hello": c.Timeouts.ClientHello,
-		"timeouts.idle":         c.Timeouts.Idle,
-		"shutdown_timeout":      c.ShutdownTimeout,
+	for _, d := range []struct {
+		key string
+		d   time.Duration
+	}{
+		{"timeouts.connect", c.Timeouts.Connect},
+		{"timeouts.client_hello", c.Timeouts.ClientHello},
+		{"timeouts.idle", c.Timeouts.Idle},
+		{"shutdown_timeout", c.ShutdownTimeout},
 	} {
-		if d <= 0 {
-			bad(key, "must be positive (got %v)", d)
+		if d.d <= 0 {
+			bad(d.key, "must be positive (got %v)", d.d)
 		}
 	}
 	if c.Metrics.Enabled {
