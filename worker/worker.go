@@ -431,6 +431,10 @@ func (c *conn) serve() {
 	switch {
 	case errors.Is(err, proxy.ErrIdle):
 		o.reason = "idle"
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ENOTCONN):
+		// A peer that closes without reading everything, or resets: an
+		// ordinary end for a proxy, not an operator's problem.
+		o.reason = "reset"
 	case err != nil:
 		o.reason = "error"
 	default:
@@ -485,7 +489,7 @@ func routeReason(err error) stats.Reason {
 func (c *conn) logDone(o *outcome) {
 	log := c.srv.log
 	level := slog.LevelInfo
-	if o.reason != "ok" && o.reason != "idle" {
+	if o.reason == "error" || o.reason == "backend_error" || o.reason == stats.DialError.String() {
 		level = slog.LevelWarn
 	}
 	if !log.Enabled(context.Background(), level) {
