@@ -328,4 +328,3 @@ func rawBackend(t *testing.T, serve func(net.Conn)) string {
 	}()
 	return ln.Addr().String()
 }
-

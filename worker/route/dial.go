@@ -16,6 +16,11 @@ import (
 // single lost packet does not write an address off.
 const minAttempt = 2 * time.Second
 
+// maxAddrs caps how many addresses of one host are tried. A name's owner
+// controls its DNS answer; without a cap one client connection could make
+// the proxy send SYNs to thousands of addresses of somebody else's.
+const maxAddrs = 16
+
 // localAddrsTTL is how long the host's interface addresses are cached for
 // the Forbidden check of an unspecified listen address.
 const localAddrsTTL = 10 * time.Second
@@ -32,8 +37,9 @@ type Resolver interface {
 // addresses).
 type Dialer struct {
 	// Timeout bounds the whole dial phase (timeouts.connect): resolution and
-	// every address tried, together. Several addresses share what is left,
-	// each getting at least 2s or the rest. Zero means no limit beyond ctx.
+	// every address tried, together. Addresses are tried in the resolver's
+	// order, at most 16 of them; each gets an equal share of the time left,
+	// but at least 2s (or all that is left). Zero means no limit beyond ctx.
 	Timeout time.Duration
 
 	// AllowPrivate (backend.allow_private) lets DNS-routed names reach
@@ -132,9 +138,9 @@ func (d *Dialer) Dial(ctx context.Context, dec Decision) (*net.TCPConn, netip.Ad
 		candidates = append(candidates, ap)
 	}
 	for i, ap := range candidates {
-		if ctx.Err() != nil {
+		if err := phaseOver(ctx); err != nil {
 			if firstFail == nil {
-				firstFail = fmt.Errorf("%w: dial tcp %s: %w", ErrDial, ap, context.Cause(ctx))
+				firstFail = fmt.Errorf("%w: dial tcp %s: %w", ErrDial, ap, err)
 			}
 			failed += len(candidates) - i
 			break
@@ -158,7 +164,29 @@ func (d *Dialer) Dial(ctx context.Context, dec Decision) (*net.TCPConn, netip.Ad
 	if failed == 0 {
 		return nil, netip.AddrPort{}, fmt.Errorf("dial %q: %s refused: %w", dec.Host, count(refused), firstRefuse)
 	}
-	return nil, netip.AddrPort{}, fmt.Errorf("dial %q: %s failed, %d refused, first: %w", dec.Host, count(failed), refused, firstFail)
+	what := count(failed) + " failed"
+	if refused > 0 {
+		what += fmt.Sprintf(", %d refused", refused)
+	}
+	if err := phaseOver(ctx); err != nil {
+		// The dial phase ran out (or ctx was cancelled): say so in a form
+		// errors.Is sees, whatever the net package turned it into.
+		return nil, netip.AddrPort{}, fmt.Errorf("dial %q: %s, first: %w (%w)", dec.Host, what, firstFail, err)
+	}
+	return nil, netip.AddrPort{}, fmt.Errorf("dial %q: %s, first: %w", dec.Host, what, firstFail)
+}
+
+// phaseOver returns why ctx is over, or nil. A deadline counts as soon as it
+// has passed: the net package times a dial out by the deadline itself and
+// can return before the context's own timer has cancelled it.
+func phaseOver(ctx context.Context) error {
+	if ctx.Err() != nil {
+		return context.Cause(ctx)
+	}
+	if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
+	}
+	return nil
 }
 
 func count(n int) string {
@@ -169,7 +197,7 @@ func count(n int) string {
 }
 
 // resolve returns the addresses of host, unmapped and without duplicates, in
-// the resolver's order.
+// the resolver's order, at most maxAddrs of them.
 func (d *Dialer) resolve(ctx context.Context, host string, dnsRouted bool) ([]netip.Addr, error) {
 	if a, ok := parseIPLiteral(host); ok {
 		return []netip.Addr{a.Unmap()}, nil
@@ -186,9 +214,12 @@ func (d *Dialer) resolve(ctx context.Context, host string, dnsRouted bool) ([]ne
 	if err != nil {
 		return nil, fmt.Errorf("resolve %q: %w: %w", host, sentinel, err)
 	}
-	addrs := make([]netip.Addr, 0, len(found))
+	addrs := make([]netip.Addr, 0, min(len(found), maxAddrs))
 outer:
 	for _, a := range found {
+		if len(addrs) == maxAddrs {
+			break
+		}
 		if !a.IsValid() {
 			continue
 		}

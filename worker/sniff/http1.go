@@ -58,21 +58,23 @@ func http1Malformed(format string, args ...any) error {
 // malformed.
 //
 // The name is the authority of an absolute-form (or CONNECT authority-form)
-// request target, else the value of the one Host header field: port
-// removed, lowercased, trailing dot removed, an IPv6 literal without its
-// brackets in canonical form. Host names are letters, digits, '-' and '_'
-// in dot-separated labels. More than one Host field, an invalid host,
-// userinfo in the target, or an HTTP/1.1 request without Host is
-// ErrMalformed. An HTTP/1.0 request without Host, or an empty Host, is
-// ErrNoName.
+// request target, which replaces Host (RFC 9112 section 3.2.2), else the
+// value of the one Host header field; it is normalised: port removed,
+// lowercased, one trailing dot removed, an IPv6 literal without brackets
+// and in canonical form. Host names are dot-separated labels of letters,
+// digits, '-' and '_'. More than one Host field, an invalid Host (even one
+// the target overrides), userinfo in the target, or an HTTP/1.1 request
+// without Host (except CONNECT, as in net/http) is ErrMalformed. An HTTP/1.0
+// request without Host, or an empty Host, is ErrNoName.
 //
 // Result.Class is "socketio", "websocket", "grpc-web", "soap" or "jsonrpc",
 // checked in that order; "jsonrpc" is only reported when body bytes already
 // in b (at most the first 4 KiB) contain a "jsonrpc" member: ParseHTTP1
 // never waits for a body.
 //
-// Result.Protocol is HTTP with a nil error, ErrNoName, ErrMalformed, and
-// with ErrNeedMore once the method has been read; otherwise it is Unknown.
+// Result.Protocol is HTTP with a nil error, ErrNoName and ErrMalformed, and
+// with ErrNeedMore once the method and its space have been read (unless b
+// may still be the HTTP/2 preface); otherwise it is Unknown.
 // Result.Name is set only with a nil error.
 func ParseHTTP1(b []byte) (Result, error) {
 	// The method is decided byte by byte so that a dispatcher learns "not
@@ -274,6 +276,11 @@ func ParseHTTP1(b []byte) (Result, error) {
 			return res, http1Malformed("Host: %w", err)
 		}
 	}
+	if hosts == 0 && minor == '1' && string(method) != "CONNECT" {
+		// RFC 9112 section 3.2: a server MUST answer 400, whatever the
+		// target's form. net/http makes the same exception for CONNECT.
+		return res, http1Malformed("HTTP/1.1 request without Host")
+	}
 	switch {
 	case hasAuthority:
 		// RFC 9112 section 3.2.2: the target's authority replaces Host.
@@ -283,9 +290,6 @@ func ParseHTTP1(b []byte) (Result, error) {
 		if res.Name, err = httpHostName(authority); err != nil {
 			return res, http1Malformed("request target authority: %w", err)
 		}
-	case hosts == 0 && minor == '1':
-		// RFC 9112 section 3.2: a server MUST answer 400.
-		return res, http1Malformed("HTTP/1.1 request without Host")
 	default:
 		res.Name = hostName
 	}

@@ -121,49 +121,46 @@ func ParseTLS(b []byte) (Result, error) {
 // aliases b; otherwise it is a copy.
 //
 // It walks the record headers once per call and stops at the record that
-// completes the message, so a call costs O(records), not O(bytes).
+// completes the message, so a call costs O(records), not O(bytes): a few
+// nanoseconds per record.
 func tlsHandshakeMessage(b []byte) ([]byte, error) {
 	var (
 		hdr     [tlsHandshakeHeaderLen]byte // the handshake header, gathered across records
-		have    int                         // handshake bytes in b so far
+		have    int                         // handshake bytes in b in the records walked
 		need    = -1                        // total handshake bytes, once the header is in
-		off     int                         // start of the current record
-		records int                         // records walked
+		off     int                         // end of the records walked
+		records int
 	)
 	for {
 		if len(b)-off < tlsRecordHeaderLen {
-			// A partial (or absent) record header. The first record's type and
-			// version were checked by the caller; check a later one's as far
-			// as it goes, so a non-handshake record fails fast.
+			// A partial (or absent) record header. Check a later record's
+			// type and version as far as they go, so that a non-handshake
+			// record fails fast; the first's were checked by ParseTLS.
 			if off > 0 && off < len(b) {
-				if err := tlsCheckRecordHeader(b[off:], off); err != nil {
+				if err := tlsRecordError(b[off:], off); err != nil {
 					return nil, err
 				}
 			}
 			return nil, tlsNeedMore(off+tlsRecordHeaderLen, need, have)
 		}
-		if err := tlsCheckRecordHeader(b[off:], off); err != nil {
-			return nil, err
+		rec := b[off : off+tlsRecordHeaderLen]
+		n := int(rec[3])<<8 | int(rec[4])
+		if rec[0] != tlsRecordTypeHandshake || rec[1] != tlsRecordVersionMajor || n == 0 || n > tlsMaxRecordLen {
+			return nil, tlsRecordError(rec, off)
 		}
-		n := int(b[off+3])<<8 | int(b[off+4])
-		if n == 0 {
-			// crypto/tls rejects an empty handshake record (unexpected_message).
-			return nil, tlsMalformed("empty handshake record at offset %d", off)
-		}
-		if n > tlsMaxRecordLen {
-			return nil, tlsMalformed("record of %d bytes at offset %d exceeds %d", n, off, tlsMaxRecordLen)
-		}
-		start := off + tlsRecordHeaderLen
-		end := start + n
-		payload := b[start:min(end, len(b))]
+		off += tlsRecordHeaderLen + n
+		have += n
 		records++
-
+		if off > len(b) {
+			have -= off - len(b) // the last record is cut short
+		}
 		if need < 0 {
-			for i := 0; have+i < tlsHandshakeHeaderLen && i < len(payload); i++ {
-				hdr[have+i] = payload[i]
+			// Rare: only until the 4-byte handshake header is in.
+			payload := b[off-n : min(off, len(b))]
+			for i := 0; i < len(payload) && have-len(payload)+i < tlsHandshakeHeaderLen; i++ {
+				hdr[have-len(payload)+i] = payload[i]
 			}
-			have += len(payload)
-			if have >= 1 && hdr[0] != tlsTypeClientHello {
+			if have > 0 && hdr[0] != tlsTypeClientHello {
 				return nil, tlsMalformed("handshake message type %d is not client_hello", hdr[0])
 			}
 			if have >= tlsHandshakeHeaderLen {
@@ -173,10 +170,7 @@ func tlsHandshakeMessage(b []byte) ([]byte, error) {
 				}
 				need = tlsHandshakeHeaderLen + l
 			}
-		} else {
-			have += len(payload)
 		}
-
 		if need >= 0 && have >= need {
 			if records == 1 {
 				// Fast path: the whole message is in the first record.
@@ -184,30 +178,36 @@ func tlsHandshakeMessage(b []byte) ([]byte, error) {
 			}
 			return tlsGather(b, need), nil
 		}
-		if end > len(b) {
-			// The current record is incomplete: its next byte is the next
+		if off > len(b) {
+			// The last record is cut short: its next byte is the next
 			// handshake byte.
 			return nil, tlsNeedMore(len(b), need, have)
 		}
-		off = end
 	}
 }
 
-// tlsCheckRecordHeader checks the type and version bytes present in rec, a
-// (possibly partial) record header found at offset off while the ClientHello
-// is incomplete.
-func tlsCheckRecordHeader(rec []byte, off int) error {
-	if off == 0 {
-		return nil // checked by ParseTLS
-	}
-	if rec[0] != tlsRecordTypeHandshake {
+// tlsRecordError returns the error for rec, a possibly partial record header
+// at offset off that is not a handshake record of version 3.x and of 1 to
+// 16384 bytes, or nil if the bytes present are fine.
+func tlsRecordError(rec []byte, off int) error {
+	if off > 0 && rec[0] != tlsRecordTypeHandshake {
 		// crypto/tls drops a warning alert between handshake fragments; a
-		// client has no reason to send one mid-hello, and it may not in TLS 1.3
+		// client has no reason to send one mid-hello, and may not in TLS 1.3
 		// (RFC 8446, Section 5.1), so it is malformed here.
 		return tlsMalformed("record type %d at offset %d before the client hello is complete", rec[0], off)
 	}
-	if len(rec) > 1 && rec[1] != tlsRecordVersionMajor {
+	if off > 0 && len(rec) > 1 && rec[1] != tlsRecordVersionMajor {
 		return tlsMalformed("record version %d.x at offset %d", rec[1], off)
+	}
+	if len(rec) < tlsRecordHeaderLen {
+		return nil
+	}
+	switch n := int(rec[3])<<8 | int(rec[4]); {
+	case n == 0:
+		// crypto/tls rejects an empty handshake record (unexpected_message).
+		return tlsMalformed("empty handshake record at offset %d", off)
+	case n > tlsMaxRecordLen:
+		return tlsMalformed("record of %d bytes at offset %d exceeds %d", n, off, tlsMaxRecordLen)
 	}
 	return nil
 }
@@ -229,12 +229,11 @@ func tlsNeedMore(next, need, have int) error {
 // tlsGather copies the first need handshake bytes out of the records at the
 // start of b, which tlsHandshakeMessage has checked hold them.
 func tlsGather(b []byte, need int) []byte {
-	msg := make([]byte, 0, need)
-	for off := 0; len(msg) < need; {
+	msg := make([]byte, need)
+	for off, w := 0, 0; w < need; {
 		n := int(b[off+3])<<8 | int(b[off+4])
 		start := off + tlsRecordHeaderLen
-		payload := b[start:min(start+n, len(b))]
-		msg = append(msg, payload[:min(len(payload), need-len(msg))]...)
+		w += copy(msg[w:], b[start:min(start+n, len(b))])
 		off = start + n
 	}
 	return msg
