@@ -13,9 +13,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/h2c"
 )
 
 // baseConfig is a config with one listener, metrics, and an allowlist that
@@ -87,7 +84,10 @@ func httpBackend(t *testing.T, id string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: h2c.NewHandler(h, &http2.Server{}), ReadHeaderTimeout: 5 * time.Second}
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetUnencryptedHTTP2(true)
+	srv := &http.Server{Handler: h, Protocols: &protos, ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return ln.Addr().String()
@@ -110,11 +110,14 @@ func viaProxy(proxy string) *http.Client {
 // h2cViaProxy returns an HTTP/2 prior-knowledge client going to proxy.
 func h2cViaProxy(proxy string) *http.Client {
 	d := &net.Dialer{Timeout: 5 * time.Second}
+	// net/http's HTTP/2 is golang.org/x/net/http2, bundled.
+	var protos http.Protocols
+	protos.SetUnencryptedHTTP2(true)
 	return &http.Client{
 		Timeout: 10 * time.Second,
-		Transport: &http2.Transport{
-			AllowHTTP: true,
-			DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
+		Transport: &http.Transport{
+			Protocols: &protos,
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				return d.DialContext(ctx, "tcp", proxy)
 			},
 		},
