@@ -180,8 +180,8 @@ func (d *Dialer) Dial(ctx context.Context, dec Decision) (*net.TCPConn, netip.Ad
 // has passed: the net package times a dial out by the deadline itself and
 // can return before the context's own timer has cancelled it.
 func phaseOver(ctx context.Context) error {
-	if ctx.Err() != nil {
-		return context.Cause(ctx)
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
 		return context.DeadlineExceeded

@@ -1,0 +1,285 @@
+package worker
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pires/go-proxyproto"
+
+	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/stats"
+)
+
+// testServer runs a Server on one loopback listener with the config body
+// (YAML, without listen_addrs) and returns its address and counters.
+type testServer struct {
+	srv      *Server
+	addr     string
+	counters *stats.Counters
+	cancel   context.CancelFunc
+	served   chan struct{} // closed when Serve returns
+}
+
+func startServer(t *testing.T, body string, lim Limiter, lopts string) *testServer {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	yaml := fmt.Sprintf("listeners: [{address: %q%s}]\ntimeouts: {connect: 2, client_hello: 2, idle: 30}\n%s", addr, lopts, body)
+	cfg, err := config.Parse([]byte(yaml), []string{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var counters stats.Counters
+	srv, err := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), &counters, lim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ts := &testServer{srv: srv, addr: addr, counters: &counters, cancel: cancel, served: make(chan struct{})}
+	go func() {
+		defer close(ts.served)
+		if err := srv.Serve(ctx, []Listener{{Config: cfg.Listeners[0], Ln: ln}}); err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-ts.served
+		dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer dcancel()
+		srv.Drain(dctx)
+	})
+	return ts
+}
+
+// holdBackend accepts connections, reports the first line of each on got,
+// and keeps them open until the test ends.
+func holdBackend(t *testing.T) (string, chan string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan string, 100)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+			go func() {
+				line, _ := bufio.NewReader(c).ReadString('\n')
+				got <- line
+			}()
+		}
+	}()
+	return ln.Addr().String(), got
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func dialHTTP(t *testing.T, addr, host string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: %s\r\n\r\n", host)
+	return c
+}
+
+func TestLimit(t *testing.T) {
+	backend, got := holdBackend(t)
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), NewLocalLimiter(2), "")
+	c1 := dialHTTP(t, ts.addr, "a.test")
+	dialHTTP(t, ts.addr, "a.test")
+	for range 2 {
+		select {
+		case <-got:
+		case <-time.After(10 * time.Second):
+			t.Fatal("held connection did not reach the backend")
+		}
+	}
+	over := dialHTTP(t, ts.addr, "a.test")
+	over.SetReadDeadline(time.Now().Add(5 * time.Second))
+	// Closed at once: EOF, or a reset since the request was never read.
+	if n, err := over.Read(make([]byte, 1)); n != 0 || (err != io.EOF && !errors.Is(err, syscall.ECONNRESET)) {
+		t.Errorf("third connection: read %d, %v; want it closed at once", n, err)
+	}
+	waitFor(t, "rejected{limit}", func() bool { return ts.counters.Snapshot().Rejected[stats.Limit] == 1 })
+
+	// A permit comes back when a connection ends (a reset ends both
+	// directions; a FIN alone would leave the backend's direction open).
+	c1.(*net.TCPConn).SetLinger(0)
+	c1.Close()
+	waitFor(t, "permit returned", func() bool { return ts.srv.Active() == 1 })
+	dialHTTP(t, ts.addr, "a.test")
+	select {
+	case <-got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("connection after a permit came back did not reach the backend")
+	}
+}
+
+func TestProxyProtocolInAndOut(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	type seen struct {
+		hdr  *proxyproto.Header
+		rest string
+		err  error
+	}
+	got := make(chan seen, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		br := bufio.NewReader(c)
+		h, err := proxyproto.Read(br)
+		rest, _ := io.ReadAll(br)
+		got <- seen{h, string(rest), err}
+	}()
+	ts := startServer(t, fmt.Sprintf("routes: [{match: pp.test, backend: %q}]\nbackend: {proxy_protocol: v2}\n", ln.Addr()), nil, ", accept_proxy_protocol: true")
+
+	c, err := net.Dial("tcp", ts.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// 192.0.2.1 is only a value in the header; nothing dials it.
+	req := "GET / HTTP/1.1\r\nHost: pp.test\r\n\r\n"
+	fmt.Fprintf(c, "PROXY TCP4 192.0.2.1 127.0.0.1 5555 443\r\n%s", req)
+	c.(*net.TCPConn).CloseWrite()
+	select {
+	case s := <-got:
+		if s.err != nil {
+			t.Fatalf("backend: %v", s.err)
+		}
+		if s.hdr.Version != 2 || s.hdr.SourceAddr.String() != "192.0.2.1:5555" {
+			t.Errorf("backend got PROXY v%d from %v; want v2 from 192.0.2.1:5555", s.hdr.Version, s.hdr.SourceAddr)
+		}
+		if s.rest != req {
+			t.Errorf("backend got %q after the header; want the request unchanged", s.rest)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("backend got nothing")
+	}
+}
+
+func TestProxyProtocolMissing(t *testing.T) {
+	ts := startServer(t, "routes: [{match: pp.test, backend: \"127.0.0.1:1\"}]\n", nil, ", accept_proxy_protocol: true")
+	c := dialHTTP(t, ts.addr, "pp.test")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, _ := c.Read(make([]byte, 1)); n != 0 {
+		t.Error("got bytes back")
+	}
+	waitFor(t, "rejected{sniff_error}", func() bool { return ts.counters.Snapshot().Rejected[stats.SniffError] == 1 })
+}
+
+func TestDrainClosesAtDeadline(t *testing.T) {
+	backend, got := holdBackend(t)
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), nil, "")
+	c := dialHTTP(t, ts.addr, "a.test")
+	select {
+	case <-got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no backend connection")
+	}
+	ts.cancel()
+	<-ts.served
+	if _, err := net.DialTimeout("tcp", ts.addr, time.Second); err == nil {
+		t.Error("listener still accepting after Serve returned")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if n := ts.srv.Drain(ctx); n != 1 {
+		t.Errorf("Drain closed %d connections; want 1", n)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil {
+		t.Error("client connection still open after drain deadline")
+	}
+	if a := ts.counters.Active(); a != 0 {
+		t.Errorf("active = %d after drain; want 0", a)
+	}
+}
+
+func TestCountersMatchTraffic(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				b, _ := io.ReadAll(c)
+				c.Write([]byte(strings.ToUpper(string(b))))
+			}()
+		}
+	}()
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\nallowlist: [a.test]\n", ln.Addr()), nil, "")
+	var in, out int
+	for i := range 5 {
+		req := fmt.Sprintf("GET /%d HTTP/1.1\r\nHost: a.test\r\n\r\n", i)
+		c, err := net.Dial("tcp", ts.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte(req))
+		c.(*net.TCPConn).CloseWrite()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, _ := io.ReadAll(c)
+		c.Close()
+		if string(b) != strings.ToUpper(req) {
+			t.Fatalf("got %q", b)
+		}
+		in += len(req)
+		out += len(b)
+	}
+	// One refused: not allowlisted.
+	dialHTTP(t, ts.addr, "b.test")
+	waitFor(t, "counters", func() bool {
+		s := ts.counters.Snapshot()
+		return s.Active == 0 && s.Rejected[stats.Denied] == 1 && s.Conns[2] == 6
+	})
+	s := ts.counters.Snapshot()
+	if s.BytesIn != uint64(in) || s.BytesOut != uint64(out) || s.ConnectCount != 5 {
+		t.Errorf("bytes in %d out %d connects %d; want %d %d 5", s.BytesIn, s.BytesOut, s.ConnectCount, in, out)
+	}
+}
