@@ -1,0 +1,244 @@
+// Package lease enforces a global connection limit across processes
+// without a round trip per connection.
+//
+// The master owns a Pool holding max_connections permits. Each worker runs a
+// Client that takes permits from the Pool in blocks (a lease) and hands them
+// to connections locally; a connection that closes gives its permit back to
+// the Client, which keeps a few spares and returns the rest. Because the
+// Pool never grants more than it holds, the sum of permits in use across
+// every worker can never exceed the limit. The price is that a worker's
+// spare permits are not available to its siblings: near the limit a worker
+// may refuse a connection while a sibling holds spares. Blocks are kept small
+// relative to the limit (see BlockSize) and the Pool asks holders to give
+// spares back (Revoke) when it runs dry, so that window is small and short.
+//
+// Permits held by a dead worker return to the Pool with Drop; permits held
+// by an older generation during a reload are a Reserve that shrinks as its
+// connections close.
+package lease
+
+import (
+	"fmt"
+	"sync"
+)
+
+// BlockSize returns the lease block for a limit shared by workers: about an
+// eighth of a worker's fair share, between 1 and 64 permits.
+func BlockSize(limit, workers int) int {
+	if workers < 1 {
+		workers = 1
+	}
+	return min(max(limit/(workers*8), 1), 64)
+}
+
+// Pool is the master's side: the permits of the global limit. It is safe for
+// concurrent use.
+type Pool struct {
+	mu      sync.Mutex
+	limit   int
+	reserve int
+	held    map[int]int // holder id -> permits granted and not returned
+	total   int         // sum of held
+}
+
+// NewPool returns a Pool of limit permits.
+func NewPool(limit int) *Pool {
+	return &Pool{limit: limit, held: map[int]int{}}
+}
+
+// Grant gives holder up to want permits, as many as are free, and returns
+// how many.
+func (p *Pool) Grant(holder, want int) int {
+	if want <= 0 {
+		return 0
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := min(want, p.freeLocked())
+	if n > 0 {
+		p.held[holder] += n
+		p.total += n
+	}
+	return n
+}
+
+// Return takes back n permits from holder. Returning more than the holder
+// holds is an error and changes nothing.
+func (p *Pool) Return(holder, n int) error {
+	if n <= 0 {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.held[holder] < n {
+		return fmt.Errorf("lease: holder %d returns %d permits but holds %d", holder, n, p.held[holder])
+	}
+	p.held[holder] -= n
+	p.total -= n
+	if p.held[holder] == 0 {
+		delete(p.held, holder)
+	}
+	return nil
+}
+
+// Drop takes back every permit of a holder that is gone (a dead worker:
+// its connections died with it) and returns how many.
+func (p *Pool) Drop(holder int) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := p.held[holder]
+	delete(p.held, holder)
+	p.total -= n
+	return n
+}
+
+// SetReserve sets the number of permits held outside the Pool's holders,
+// by an older generation's connections still open.
+func (p *Pool) SetReserve(n int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.reserve = max(n, 0)
+}
+
+// SetLimit changes the limit. Permits already granted stay granted; if
+// they exceed the new limit no more are granted until enough return.
+func (p *Pool) SetLimit(limit int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.limit = limit
+}
+
+// Free returns the number of permits that may be granted now.
+func (p *Pool) Free() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.freeLocked()
+}
+
+// Held returns the permits granted to holders, in total and to each.
+func (p *Pool) Held() (total int, byHolder map[int]int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m := make(map[int]int, len(p.held))
+	for k, v := range p.held {
+		m[k] = v
+	}
+	return p.total, m
+}
+
+func (p *Pool) freeLocked() int {
+	return max(p.limit-p.reserve-p.total, 0)
+}
+
+// Transport carries a Client's requests to its Pool, usually over IPC.
+type Transport interface {
+	// Request asks for want permits and waits for the answer: how many
+	// were granted (possibly 0).
+	Request(want int) (int, error)
+	// Return gives n permits back without waiting.
+	Return(n int)
+}
+
+// Client is a worker's side of a lease; it implements worker.Limiter. It is
+// safe for concurrent use.
+type Client struct {
+	t     Transport
+	block int
+
+	mu       sync.Mutex
+	spare    int // held, not in use
+	inUse    int
+	fetching bool // an asynchronous refill is under way
+}
+
+// NewClient returns a Client that leases blocks of block permits through t.
+func NewClient(t Transport, block int) *Client {
+	return &Client{t: t, block: max(block, 1)}
+}
+
+// Acquire takes a permit for a new connection. It answers from the local
+// spares when it can; otherwise it asks the Pool for a block and waits for
+// the answer (one IPC round trip per block, not per connection). When the
+// spares run low it refills in the background so the next connections do
+// not wait.
+func (c *Client) Acquire() bool {
+	c.mu.Lock()
+	if c.spare > 0 {
+		c.spare--
+		c.inUse++
+		refill := c.spare < c.block/2 && !c.fetching
+		if refill {
+			c.fetching = true
+		}
+		c.mu.Unlock()
+		if refill {
+			go c.refill()
+		}
+		return true
+	}
+	c.mu.Unlock()
+	n, err := c.t.Request(c.block)
+	if err != nil || n == 0 {
+		return false
+	}
+	c.mu.Lock()
+	c.spare += n - 1
+	c.inUse++
+	c.mu.Unlock()
+	return true
+}
+
+// refill asks for a block in the background.
+func (c *Client) refill() {
+	n, err := c.t.Request(c.block)
+	c.mu.Lock()
+	c.fetching = false
+	if err == nil {
+		c.spare += n
+	}
+	c.mu.Unlock()
+}
+
+// Release gives back the permit of a connection that ended. Spares beyond
+// two blocks go back to the Pool.
+func (c *Client) Release() {
+	c.mu.Lock()
+	c.inUse--
+	c.spare++
+	extra := 0
+	if c.spare > 2*c.block {
+		extra = c.spare - c.block
+		c.spare = c.block
+	}
+	c.mu.Unlock()
+	if extra > 0 {
+		c.t.Return(extra)
+	}
+}
+
+// Revoke gives up to n spare permits back to the Pool at once (the Pool
+// has run dry and a sibling needs them) and returns how many.
+func (c *Client) Revoke(n int) int {
+	c.mu.Lock()
+	n = min(n, c.spare)
+	c.spare -= n
+	c.mu.Unlock()
+	if n > 0 {
+		c.t.Return(n)
+	}
+	return n
+}
+
+// InUse returns the permits held by open connections.
+func (c *Client) InUse() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.inUse
+}
+
+// Spare returns the permits held and not in use.
+func (c *Client) Spare() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.spare
+}

@@ -1,0 +1,154 @@
+package lease
+
+import (
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// direct is a Transport calling a Pool in-process.
+type direct struct {
+	p  *Pool
+	id int
+}
+
+func (d direct) Request(want int) (int, error) { return d.p.Grant(d.id, want), nil }
+func (d direct) Return(n int) {
+	if err := d.p.Return(d.id, n); err != nil {
+		panic(err)
+	}
+}
+
+func TestBlockSize(t *testing.T) {
+	for _, tc := range []struct{ limit, workers, want int }{
+		{10, 2, 1}, {10000, 2, 64}, {1000, 4, 31}, {1, 0, 1}, {100, 1, 12},
+	} {
+		if got := BlockSize(tc.limit, tc.workers); got != tc.want {
+			t.Errorf("BlockSize(%d, %d) = %d; want %d", tc.limit, tc.workers, got, tc.want)
+		}
+	}
+}
+
+func TestPoolNeverOvergrants(t *testing.T) {
+	p := NewPool(10)
+	if n := p.Grant(1, 7); n != 7 {
+		t.Fatalf("grant %d; want 7", n)
+	}
+	if n := p.Grant(2, 7); n != 3 {
+		t.Fatalf("grant %d; want the 3 left", n)
+	}
+	if n := p.Grant(2, 1); n != 0 {
+		t.Fatalf("grant %d from an empty pool", n)
+	}
+	if err := p.Return(1, 8); err == nil {
+		t.Error("returning more than held succeeded")
+	}
+	if n := p.Drop(1); n != 7 {
+		t.Errorf("Drop returned %d; want 7", n)
+	}
+	p.SetReserve(5)
+	if n := p.Grant(3, 10); n != 2 {
+		t.Errorf("grant with reserve 5 and 3 held: %d; want 2", n)
+	}
+	p.SetReserve(0)
+	if got := p.Free(); got != 5 {
+		t.Errorf("free %d; want 5", got)
+	}
+}
+
+func TestClientExactAtSmallLimit(t *testing.T) {
+	// max_connections 10 over two workers: exactly 10 of 20 admitted.
+	p := NewPool(10)
+	block := BlockSize(10, 2)
+	a, b := NewClient(direct{p, 1}, block), NewClient(direct{p, 2}, block)
+	admitted := 0
+	for i := range 20 {
+		c := a
+		if i%2 == 1 {
+			c = b
+		}
+		if c.Acquire() {
+			admitted++
+		}
+	}
+	if admitted != 10 {
+		t.Errorf("admitted %d; want 10", admitted)
+	}
+	a.Release()
+	if !b.Acquire() && !a.Acquire() {
+		t.Error("no permit after a release")
+	}
+}
+
+func TestClientsRespectLimitConcurrently(t *testing.T) {
+	const limit = 100
+	p := NewPool(limit)
+	clients := []*Client{NewClient(direct{p, 1}, BlockSize(limit, 3)), NewClient(direct{p, 2}, BlockSize(limit, 3)), NewClient(direct{p, 3}, BlockSize(limit, 3))}
+	var open, peak atomic.Int64
+	var wg sync.WaitGroup
+	for g := range 12 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := clients[g%len(clients)]
+			for range 2000 {
+				if !c.Acquire() {
+					continue
+				}
+				n := open.Add(1)
+				for {
+					old := peak.Load()
+					if n <= old || peak.CompareAndSwap(old, n) {
+						break
+					}
+				}
+				if n > limit {
+					t.Errorf("%d connections open; limit %d", n, limit)
+				}
+				open.Add(-1)
+				c.Release()
+			}
+		}()
+	}
+	wg.Wait()
+	// A background refill may still be landing: wait for it, bounded.
+	var total, held int
+	for range 1000 {
+		total, _ = p.Held()
+		held = 0
+		for _, c := range clients {
+			held += c.Spare()
+		}
+		if total == held {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	for _, c := range clients {
+		if c.InUse() != 0 {
+			t.Errorf("client has %d in use after all released", c.InUse())
+		}
+	}
+	if total != held {
+		t.Errorf("pool says %d granted; clients hold %d spares", total, held)
+	}
+	if peak.Load() == 0 {
+		t.Error("nothing was ever admitted")
+	}
+}
+
+func TestRevokeReturnsSpares(t *testing.T) {
+	p := NewPool(64)
+	a := NewClient(direct{p, 1}, 16)
+	a.Acquire() // takes a block of 16: 15 spare
+	if got := a.Spare(); got != 15 {
+		t.Fatalf("spare %d; want 15", got)
+	}
+	if n := a.Revoke(100); n != 15 {
+		t.Errorf("revoked %d; want 15", n)
+	}
+	if got := p.Free(); got != 63 {
+		t.Errorf("free %d; want 63", got)
+	}
+}
