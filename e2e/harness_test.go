@@ -99,7 +99,9 @@ func startProxy(t *testing.T, cfg string) *proxyProc {
 	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	cfg = strings.ReplaceAll(cfg, "LISTEN", listen)
 	cfg = strings.ReplaceAll(cfg, "METRICS", metrics)
-	path := filepath.Join(t.TempDir(), "config.yaml")
+	dir := t.TempDir()
+	cfg = strings.ReplaceAll(cfg, "CTLSOCK", filepath.Join(dir, "ctl.sock"))
+	path := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -115,8 +117,15 @@ func startProxy(t *testing.T, cfg string) *proxyProc {
 		close(p.done)
 	}()
 	t.Cleanup(func() {
-		p.cmd.Process.Kill()
-		<-p.done
+		// Graceful first, so workers are drained and reaped by the master;
+		// then by force.
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(15 * time.Second):
+			p.cmd.Process.Kill()
+			<-p.done
+		}
 		if t.Failed() {
 			t.Logf("sniproxy output:\n%s", p.logs.String())
 		}

@@ -24,6 +24,8 @@ metrics: {enabled: true, address: "METRICS"}
 timeouts: {connect: 5, client_hello: 3, idle: 60}
 shutdown_timeout: 5
 log: {level: info, format: json}
+workers: 2
+control_socket: "CTLSOCK"
 `
 
 func TestTLSRoutingBySNI(t *testing.T) {

@@ -1,6 +1,8 @@
 package stats
 
 import (
+	"strconv"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sniproxy/sniproxy/worker/sniff"
@@ -13,6 +15,8 @@ type Process struct {
 	WorkerRestarts uint64
 	ReloadsOK      uint64
 	ReloadsFailed  uint64
+	// WorkerActive is each live worker's open connections, by slot.
+	WorkerActive []int64
 }
 
 // Collector exports totals as SPEC's sniproxy_* metrics. It reads them at
@@ -23,6 +27,7 @@ type Collector struct {
 
 	active, conns, rejected, bytes, connect *prometheus.Desc
 	workers, restarts, reloads, buildInfo   *prometheus.Desc
+	workerActive                            *prometheus.Desc
 	version, goVersion                      string
 }
 
@@ -48,6 +53,8 @@ func NewCollector(totals func() Snapshot, process func() Process, version, goVer
 			"Workers restarted after dying.", nil, nil),
 		reloads: prometheus.NewDesc("sniproxy_reloads_total",
 			"Reloads (upgrades) attempted, by result.", []string{"result"}, nil),
+		workerActive: prometheus.NewDesc("sniproxy_worker_connections_active",
+			"Client connections open in each worker, by worker slot.", []string{"slot"}, nil),
 		buildInfo: prometheus.NewDesc("sniproxy_build_info",
 			"Always 1; labels say which build runs.", []string{"version", "goversion"}, nil),
 		version:   version,
@@ -57,7 +64,7 @@ func NewCollector(totals func() Snapshot, process func() Process, version, goVer
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.active, c.conns, c.rejected, c.bytes, c.connect, c.workers, c.restarts, c.reloads, c.buildInfo} {
+	for _, d := range []*prometheus.Desc{c.active, c.conns, c.rejected, c.bytes, c.connect, c.workers, c.restarts, c.reloads, c.buildInfo, c.workerActive} {
 		ch <- d
 	}
 }
@@ -86,5 +93,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.restarts, prometheus.CounterValue, float64(p.WorkerRestarts))
 	ch <- prometheus.MustNewConstMetric(c.reloads, prometheus.CounterValue, float64(p.ReloadsOK), "ok")
 	ch <- prometheus.MustNewConstMetric(c.reloads, prometheus.CounterValue, float64(p.ReloadsFailed), "failed")
+	for slot, n := range p.WorkerActive {
+		ch <- prometheus.MustNewConstMetric(c.workerActive, prometheus.GaugeValue, float64(max(n, 0)), strconv.Itoa(slot))
+	}
 	ch <- prometheus.MustNewConstMetric(c.buildInfo, prometheus.GaugeValue, 1, c.version, c.goVersion)
 }

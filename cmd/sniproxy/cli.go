@@ -20,6 +20,8 @@ var version = "dev"
 const usage = `usage:
   sniproxy [run] [-c FILE]   run in the foreground
   sniproxy check [-c FILE]   validate the config and print the effective config
+  sniproxy status [-c FILE] [--json]
+                             ask the running master for its workers and totals
   sniproxy version           print version, commit and Go version
 
 Without -c the config is $SNIPROXY_CONFIG, else /etc/sniproxy/config.yaml,
@@ -37,6 +39,10 @@ func run(args []string, sigs <-chan os.Signal, stdout, stderr io.Writer) int {
 		return cmdRun(args, sigs, stderr)
 	case "check":
 		return cmdCheck(args, stdout, stderr)
+	case "status":
+		return cmdStatus(args, stdout, stderr)
+	case "worker":
+		return cmdWorker(args, stderr)
 	case "version":
 		fmt.Fprintf(stdout, "sniproxy %s (commit %s, %s)\n", version, commit(), runtime.Version())
 		return 0

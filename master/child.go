@@ -1,0 +1,129 @@
+package master
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/ipc"
+	"github.com/sniproxy/sniproxy/stats"
+)
+
+// scrubbed are environment variables a worker must not inherit: tableflip's
+// marker would make the worker think it is an upgraded master, and systemd's
+// notify socket belongs to the master alone.
+var scrubbed = []string{"TABLEFLIP_HAS_PARENT_7DIU3", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"}
+
+// workerEnv returns env without the scrubbed variables.
+func workerEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+next:
+	for _, kv := range env {
+		for _, s := range scrubbed {
+			if strings.HasPrefix(kv, s+"=") {
+				continue next
+			}
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
+// child is one worker process.
+type child struct {
+	slot    int
+	holder  int // lease holder id, unique per process
+	cmd     *exec.Cmd
+	conn    *ipc.Conn
+	started time.Time
+	ready   chan struct{} // closed on Ready
+	exited  chan struct{} // closed when the process has been reaped
+	waitErr error
+
+	mu     sync.Mutex
+	totals stats.Snapshot // everything this process reported
+}
+
+// startChild starts a worker process for slot with its sockets. The socket
+// descriptors go through ExtraFiles (fd 4 on; the IPC pair is fd 3) as
+// F_DUPFD_CLOEXEC duplicates the master owns.
+func startChild(exe string, slot, generation, holder int, socks []socket, log config.Log) (*child, error) {
+	conn, wf, err := ipc.Pair()
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, len(socks))
+	files := []*os.File{wf}
+	for i, sk := range socks {
+		names[i] = sk.name
+		files = append(files, sk.file)
+	}
+	cmd := exec.Command(exe, "worker",
+		"--slot", strconv.Itoa(slot),
+		"--generation", strconv.Itoa(generation),
+		"--sockets", strings.Join(names, ","),
+		"--log-level", log.Level,
+		"--log-format", log.Format)
+	cmd.Env = workerEnv(os.Environ())
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	cmd.ExtraFiles = files
+	if err := cmd.Start(); err != nil {
+		wf.Close()
+		conn.Close()
+		return nil, fmt.Errorf("master: start worker %d: %w", slot, err)
+	}
+	// Our copy of the worker's end must go, or EOF never reaches us when
+	// the worker dies.
+	wf.Close()
+	c := &child{
+		slot: slot, holder: holder, cmd: cmd, conn: conn, started: time.Now(),
+		ready: make(chan struct{}), exited: make(chan struct{}),
+	}
+	go c.wait()
+	return c, nil
+}
+
+// wait reaps the process; the only place its Wait is called.
+func (c *child) wait() {
+	c.waitErr = c.cmd.Wait()
+	c.conn.Close()
+	close(c.exited)
+}
+
+// pid returns the worker's process ID.
+func (c *child) pid() int { return c.cmd.Process.Pid }
+
+// active returns the worker's connections open, as last reported.
+func (c *child) active() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.totals.Active
+}
+
+// isReady reports whether the worker said Ready.
+func (c *child) isReady() bool {
+	select {
+	case <-c.ready:
+		return true
+	default:
+		return false
+	}
+}
+
+// exitStatus describes how the process ended.
+func (c *child) exitStatus() string {
+	if c.waitErr == nil {
+		return "exit status 0"
+	}
+	var ee *exec.ExitError
+	if errors.As(c.waitErr, &ee) {
+		return ee.ProcessState.String()
+	}
+	return c.waitErr.Error()
+}

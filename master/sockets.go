@@ -1,0 +1,158 @@
+package master
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"syscall"
+
+	"github.com/cloudflare/tableflip"
+	"github.com/libp2p/go-reuseport"
+
+	"github.com/sniproxy/sniproxy/config"
+)
+
+// socket is one listening socket the master owns for its workers.
+type socket struct {
+	name string   // tableflip key: "reuseport/<addr>/<i>" or "shared/<addr>"
+	addr string   // the listener's config address
+	file *os.File // the master's descriptor; never accepted on here
+}
+
+// socketSet is every proxy listening socket, by listener address.
+type socketSet struct {
+	byAddr map[string][]socket
+	order  []string // listener addresses in config order
+}
+
+// openSockets gets every proxy socket from the Upgrader, inherited from the
+// previous generation when it had it, else bound now. A reuseport listener
+// gets count sockets in one SO_REUSEPORT group; a shared one gets one.
+//
+// Every socket comes from tableflip's Fds so that it survives an upgrade: a
+// socket bound any other way would get EADDRINUSE in the next generation.
+func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int) (*socketSet, error) {
+	set := &socketSet{byAddr: map[string][]socket{}}
+	for _, l := range cfg.Listeners {
+		set.order = append(set.order, l.Address)
+		if !l.ReusePort() {
+			name := "shared/" + l.Address
+			f, err := fileSocket(upg, name, l.Address, false)
+			if err != nil {
+				set.close()
+				return nil, err
+			}
+			set.byAddr[l.Address] = []socket{{name: name, addr: l.Address, file: f}}
+			continue
+		}
+		for i := range count {
+			name := fmt.Sprintf("reuseport/%s/%d", l.Address, i)
+			f, err := fileSocket(upg, name, l.Address, true)
+			if err != nil {
+				set.close()
+				return nil, err
+			}
+			set.byAddr[l.Address] = append(set.byAddr[l.Address], socket{name: name, addr: l.Address, file: f})
+		}
+		// A previous generation with more workers had more sockets in the
+		// group. Closing one would reset the connections queued on it, so
+		// keep them all; forSlot spreads them over the workers.
+		for i := count; ; i++ {
+			name := fmt.Sprintf("reuseport/%s/%d", l.Address, i)
+			f, err := upg.File(name)
+			if err != nil {
+				set.close()
+				return nil, fmt.Errorf("master: inherit %s: %w", name, err)
+			}
+			if f == nil {
+				break
+			}
+			set.byAddr[l.Address] = append(set.byAddr[l.Address], socket{name: name, addr: l.Address, file: f})
+		}
+	}
+	return set, nil
+}
+
+// fileSocket returns the inherited socket called name, or binds a new one
+// and registers it with the Upgrader under that name.
+func fileSocket(upg *tableflip.Upgrader, name, addr string, reuse bool) (*os.File, error) {
+	f, err := upg.File(name)
+	if err != nil {
+		return nil, fmt.Errorf("master: inherit %s: %w", name, err)
+	}
+	if f != nil {
+		return f, nil
+	}
+	lc := net.ListenConfig{}
+	if reuse {
+		lc.Control = reuseport.Control
+	}
+	ln, err := lc.Listen(context.Background(), "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("master: listen %s: %w", addr, err)
+	}
+	defer ln.Close()
+	f, err = dupFile(ln.(*net.TCPListener), name)
+	if err != nil {
+		return nil, err
+	}
+	if err := upg.AddFile(name, f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("master: register %s: %w", name, err)
+	}
+	return f, nil
+}
+
+// dupFile duplicates c's descriptor with F_DUPFD_CLOEXEC. Unlike
+// (*net.TCPListener).File it leaves the socket non-blocking: File's Fd()
+// would clear O_NONBLOCK on the open file description every process shares,
+// making accept block everywhere.
+func dupFile(c syscall.Conn, name string) (*os.File, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("master: dup %s: %w", name, err)
+	}
+	var nfd uintptr
+	var errno syscall.Errno
+	if err := rc.Control(func(fd uintptr) {
+		nfd, _, errno = syscall.Syscall(syscall.SYS_FCNTL, fd, syscall.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return nil, fmt.Errorf("master: dup %s: %w", name, err)
+	}
+	if errno != 0 {
+		return nil, fmt.Errorf("master: dup %s: %w", name, errno)
+	}
+	return os.NewFile(nfd, name), nil
+}
+
+// forSlot returns the sockets worker slot serves out of n workers: every
+// shared socket, and the reuseport sockets whose index is slot modulo n, so
+// that every socket of a group is served even when there are more sockets
+// than workers.
+func (s *socketSet) forSlot(slot, n int) []socket {
+	var out []socket
+	for _, addr := range s.order {
+		socks := s.byAddr[addr]
+		if len(socks) == 1 && socks[0].name == "shared/"+addr {
+			out = append(out, socks[0])
+			continue
+		}
+		for i, sk := range socks {
+			if i%n == slot {
+				out = append(out, sk)
+			}
+		}
+	}
+	return out
+}
+
+// close closes the master's descriptors. Sockets stay open while workers or
+// the Upgrader hold copies.
+func (s *socketSet) close() {
+	for _, socks := range s.byAddr {
+		for _, sk := range socks {
+			sk.file.Close()
+		}
+	}
+}

@@ -1,0 +1,297 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/ipc"
+	"github.com/sniproxy/sniproxy/lease"
+	"github.com/sniproxy/sniproxy/stats"
+)
+
+// StatsInterval is how often a worker process pushes counter deltas.
+const StatsInterval = time.Second
+
+// NamedFile is a listening socket a worker process inherited, with the
+// master's name for it: "reuseport/<address>/<index>" or "shared/<address>".
+type NamedFile struct {
+	Name string
+	File *os.File
+}
+
+// ListenerAddress returns the config address a socket name refers to.
+func ListenerAddress(name string) (string, error) {
+	kind, rest, ok := strings.Cut(name, "/")
+	switch {
+	case ok && kind == "shared":
+		return rest, nil
+	case ok && kind == "reuseport":
+		if i := strings.LastIndexByte(rest, '/'); i > 0 {
+			return rest[:i], nil
+		}
+	}
+	return "", fmt.Errorf("worker: bad socket name %q", name)
+}
+
+// Process is a worker process: it serves the sockets its master handed it,
+// with the config the master sent, takes connection permits from the
+// master's lease pool and pushes its counts to the master, all over one
+// ipc.Conn. When that connection ends (the master is gone, even killed) it
+// drains and exits: a worker never outlives its master.
+type Process struct {
+	Log        *slog.Logger
+	Conn       *ipc.Conn
+	Slot       int
+	Generation int
+	Files      []NamedFile
+
+	mu      sync.Mutex
+	waiters []chan int // lease requests awaiting a grant, in order
+	dead    bool
+}
+
+// Request implements lease.Transport: it asks the master for permits and
+// waits for the grant. Grants come back in request order.
+func (p *Process) Request(want int) (int, error) {
+	ch := make(chan int, 1)
+	p.mu.Lock()
+	if p.dead {
+		p.mu.Unlock()
+		return 0, net.ErrClosed
+	}
+	p.waiters = append(p.waiters, ch)
+	// Sent under the lock so the order of sends is the order of waiters.
+	err := p.Conn.SendBody(ipc.LeaseRequest{Want: want})
+	if err != nil {
+		p.waiters = p.waiters[:len(p.waiters)-1]
+	}
+	p.mu.Unlock()
+	if err != nil {
+		return 0, err
+	}
+	n, ok := <-ch
+	if !ok {
+		return 0, net.ErrClosed
+	}
+	return n, nil
+}
+
+// Return implements lease.Transport.
+func (p *Process) Return(n int) {
+	if err := p.Conn.SendBody(ipc.LeaseReturn{N: n}); err != nil {
+		p.Log.Debug("returning permits failed", "n", n, "err", err)
+	}
+}
+
+// grant hands a LeaseGrant to the oldest waiter.
+func (p *Process) grant(n int) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.waiters) == 0 {
+		return errors.New("worker: lease grant with no request outstanding")
+	}
+	ch := p.waiters[0]
+	p.waiters = p.waiters[1:]
+	ch <- n
+	return nil
+}
+
+// failWaiters wakes every waiter with no grant; later requests fail.
+func (p *Process) failWaiters() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.dead = true
+	for _, ch := range p.waiters {
+		close(ch)
+	}
+	p.waiters = nil
+}
+
+// Run says hello, waits for the config, serves until told to drain or stop
+// or until the master is gone, and returns once every connection has ended.
+func (p *Process) Run() error {
+	if err := p.Conn.SendBody(ipc.Hello{Proto: ipc.Version, Slot: p.Slot, PID: os.Getpid(), Generation: p.Generation}); err != nil {
+		return fmt.Errorf("worker: hello: %w", err)
+	}
+	cfg, err := p.recvConfig()
+	if err != nil {
+		return err
+	}
+	lns, err := p.listeners(cfg)
+	if err != nil {
+		return err
+	}
+
+	var counters stats.Counters
+	workers := max(cfg.Workers, 1)
+	client := lease.NewClient(p, lease.BlockSize(cfg.MaxConnections, workers))
+	srv, err := New(cfg, p.Log, &counters, client)
+	if err != nil {
+		return err
+	}
+	ctx, stopAccepting := context.WithCancel(context.Background())
+	defer stopAccepting()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, lns) }()
+
+	pushDone := make(chan struct{})
+	stopPush := make(chan struct{})
+	go func() {
+		defer close(pushDone)
+		p.pushStats(&counters, stopPush)
+	}()
+	if err := p.Conn.SendBody(ipc.Ready{}); err != nil {
+		return fmt.Errorf("worker: ready: %w", err)
+	}
+	p.Log.Debug("worker ready", "slot", p.Slot, "listeners", len(lns))
+
+	// Read the master's messages until drain, stop or EOF.
+	drainBy, err := p.loop(srv)
+	p.failWaiters()
+	stopAccepting()
+	if serr := <-served; serr != nil {
+		p.Log.Error("serving failed", "err", serr)
+	}
+	if err != nil {
+		// The master is gone: drain on our own within the configured
+		// limit, as a graceful stop would.
+		if !errors.Is(err, io.EOF) {
+			p.Log.Warn("lost the master", "err", err)
+		}
+		drainBy = time.Now().Add(cfg.ShutdownTimeout)
+	}
+	dctx, cancel := context.WithDeadline(context.Background(), drainBy)
+	closed := srv.Drain(dctx)
+	cancel()
+	if closed > 0 {
+		p.Log.Warn("drain deadline reached; closed connections", "closed", closed)
+	}
+	close(stopPush)
+	<-pushDone
+	return nil
+}
+
+// recvConfig waits for the master's Config.
+func (p *Process) recvConfig() (*config.Config, error) {
+	m, err := p.Conn.Recv()
+	if err != nil {
+		return nil, fmt.Errorf("worker: waiting for config: %w", err)
+	}
+	b, err := ipc.Decode(m)
+	m.CloseFiles()
+	if err != nil {
+		return nil, fmt.Errorf("worker: waiting for config: %w", err)
+	}
+	c, ok := b.(ipc.Config)
+	if !ok {
+		return nil, fmt.Errorf("worker: waiting for config, got %v", m.Type)
+	}
+	// No environment: the master already applied it, and validated.
+	cfg, err := config.Parse(c.YAML, []string{})
+	if err != nil {
+		return nil, fmt.Errorf("worker: config from master: %w", err)
+	}
+	return cfg, nil
+}
+
+// listeners turns the inherited sockets into Listeners with their config.
+func (p *Process) listeners(cfg *config.Config) ([]Listener, error) {
+	byAddr := map[string]config.Listener{}
+	for _, l := range cfg.Listeners {
+		byAddr[l.Address] = l
+	}
+	var lns []Listener
+	for _, nf := range p.Files {
+		addr, err := ListenerAddress(nf.Name)
+		if err != nil {
+			return nil, err
+		}
+		lcfg, ok := byAddr[addr]
+		if !ok {
+			return nil, fmt.Errorf("worker: socket %s is for no configured listener", nf.Name)
+		}
+		ln, err := net.FileListener(nf.File)
+		if err != nil {
+			return nil, fmt.Errorf("worker: socket %s: %w", nf.Name, err)
+		}
+		nf.File.Close()
+		tl, ok := ln.(*net.TCPListener)
+		if !ok {
+			ln.Close()
+			return nil, fmt.Errorf("worker: socket %s is not TCP", nf.Name)
+		}
+		lns = append(lns, Listener{Config: lcfg, Ln: tl})
+	}
+	return lns, nil
+}
+
+// loop handles the master's messages. It returns the drain deadline when
+// told to drain or stop, or an error when the connection ends.
+func (p *Process) loop(srv *Server) (time.Time, error) {
+	for {
+		m, err := p.Conn.Recv()
+		if err != nil {
+			return time.Time{}, err
+		}
+		b, err := ipc.Decode(m)
+		if err != nil {
+			m.CloseFiles()
+			return time.Time{}, err
+		}
+		switch b := b.(type) {
+		case ipc.LeaseGrant:
+			if err := p.grant(b.N); err != nil {
+				return time.Time{}, err
+			}
+		case ipc.Ping:
+			p.Conn.SendBody(ipc.Pong{Seq: b.Seq})
+		case ipc.Drain:
+			p.Log.Info("draining", "slot", p.Slot, "active", srv.Active(), "deadline", b.Deadline)
+			if b.Deadline.IsZero() {
+				return time.Now().Add(24 * time.Hour), nil
+			}
+			return b.Deadline, nil
+		case ipc.Stop:
+			return time.Now(), nil
+		default:
+			m.CloseFiles()
+			p.Log.Warn("unexpected message from master", "type", m.Type.String())
+		}
+	}
+}
+
+// pushStats sends counter deltas every StatsInterval and a last one when
+// stop is closed.
+func (p *Process) pushStats(c *stats.Counters, stop <-chan struct{}) {
+	var prev stats.Snapshot
+	t := time.NewTicker(StatsInterval)
+	defer t.Stop()
+	push := func() {
+		cur := c.Snapshot()
+		d := cur.Sub(prev)
+		if d == (stats.Snapshot{}) {
+			return
+		}
+		if err := p.Conn.SendBody(ipc.Stats{Delta: d}); err == nil {
+			prev = cur
+		}
+	}
+	for {
+		select {
+		case <-t.C:
+			push()
+		case <-stop:
+			push()
+			return
+		}
+	}
+}
