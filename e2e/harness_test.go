@@ -95,6 +95,12 @@ type proxyProc struct {
 // /healthz answers.
 func startProxy(t *testing.T, cfg string) *proxyProc {
 	t.Helper()
+	return startProxyEnv(t, cfg)
+}
+
+// startProxyEnv is startProxy with extra environment variables.
+func startProxyEnv(t *testing.T, cfg string, env ...string) *proxyProc {
+	t.Helper()
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	cfg = strings.ReplaceAll(cfg, "LISTEN", listen)
@@ -107,7 +113,7 @@ func startProxy(t *testing.T, cfg string) *proxyProc {
 	}
 	p := &proxyProc{t: t, addr: listen, metrics: metrics, logs: &syncBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(binary, "-c", path)
-	p.cmd.Env = append(os.Environ(), "SNIPROXY_LOG_FORMAT=json")
+	p.cmd.Env = append(append(os.Environ(), "SNIPROXY_LOG_FORMAT=json"), env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -41,6 +41,10 @@ type Options struct {
 	Executable string
 	// ReadyTimeout bounds the wait for every worker to accept; 0 means 30s.
 	ReadyTimeout time.Duration
+	// ReplaceDeadSockets makes the master close a dead worker's reuseport
+	// sockets and bind new ones: wrong on purpose (queued connections are
+	// reset), for the tests' negative control only.
+	ReplaceDeadSockets bool
 }
 
 // Crash policy: a worker that dies within crashWindow of its start crashed.
@@ -280,6 +284,11 @@ func (m *Master) reap(c *child) {
 		m.children[c.slot] = nil
 	}
 	m.mu.Unlock()
+	if m.opts.ReplaceDeadSockets && !m.isStopping() {
+		if err := m.socks.rebind(m.upg, c.slot, m.n); err != nil {
+			m.log.Error("negative control: rebinding sockets failed", "err", err)
+		}
+	}
 	if lost != 0 || freed != 0 {
 		m.log.Debug("worker accounted", "slot", c.slot, "connections_lost", lost, "permits_freed", freed)
 	}
@@ -365,6 +374,11 @@ func (m *Master) stopAll(deadline time.Time) {
 	for _, c := range kids {
 		c.conn.SendBody(ipc.Drain{Deadline: deadline})
 	}
+	// Stop listening for good: with the master's and tableflip's copies
+	// closed, the sockets close once the workers close theirs, so new
+	// clients are refused rather than queued where nobody will accept.
+	m.socks.close()
+	m.upg.Stop()
 	hard := time.NewTimer(time.Until(deadline) + 5*time.Second)
 	defer hard.Stop()
 	tick := time.NewTicker(time.Second)
@@ -401,6 +415,12 @@ func (m *Master) stopAll(deadline time.Time) {
 		case <-time.After(5 * time.Second):
 		}
 	}
+}
+
+func (m *Master) isStopping() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.stopping
 }
 
 // snapshot returns the cumulative totals.

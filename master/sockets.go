@@ -156,3 +156,41 @@ func (s *socketSet) close() {
 		}
 	}
 }
+
+// rebind shuts down every reuseport socket served by slot and binds a fresh
+// socket in its place. It exists only for the negative control of the e2e
+// tests (Options.ReplaceDeadSockets): it does what closing the last copy of
+// the socket would do (tableflip holds a copy of its own, so a close alone
+// would not): the kernel resets every connection queued on it, which the
+// master must never do.
+func (s *socketSet) rebind(upg *tableflip.Upgrader, slot, n int) error {
+	for _, addr := range s.order {
+		socks := s.byAddr[addr]
+		for i := range socks {
+			sk := &socks[i]
+			if i%n != slot || sk.name == "shared/"+addr {
+				continue
+			}
+			if rc, err := sk.file.SyscallConn(); err == nil {
+				rc.Control(func(fd uintptr) { syscall.Shutdown(int(fd), syscall.SHUT_RDWR) })
+			}
+			sk.file.Close()
+			lc := net.ListenConfig{Control: reuseport.Control}
+			ln, err := lc.Listen(context.Background(), "tcp", addr)
+			if err != nil {
+				return fmt.Errorf("master: rebind %s: %w", sk.name, err)
+			}
+			f, err := dupFile(ln.(*net.TCPListener), sk.name)
+			ln.Close()
+			if err != nil {
+				return err
+			}
+			if err := upg.AddFile(sk.name, f); err != nil {
+				f.Close()
+				return fmt.Errorf("master: rebind %s: %w", sk.name, err)
+			}
+			sk.file = f
+		}
+	}
+	return nil
+}

@@ -26,7 +26,11 @@ func cmdRun(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 		return 1
 	}
 	log, _ := newLogger(cfg, stderr)
-	if err := master.Run(master.Options{Config: cfg, Log: log, Signals: sigs, Version: version}); err != nil {
+	opts := master.Options{Config: cfg, Log: log, Signals: sigs, Version: version,
+		// Negative control for the e2e tests only; see master.Options.
+		ReplaceDeadSockets: os.Getenv("SNIPROXYTEST_REPLACE_DEAD_SOCKETS") == "1",
+	}
+	if err := master.Run(opts); err != nil {
 		log.Error("sniproxy stopped", "err", err)
 		return 1
 	}
