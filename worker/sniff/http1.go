@@ -158,10 +158,42 @@ func ParseHTTP1(b []byte) (Result, error) {
 		return res, err
 	}
 
+	// The request target's form decides where the name comes from and what
+	// the path is. Hosts are validated as soon as they are read, and turned
+	// into the name (an allocation) only once the head is complete.
+	var (
+		host         []byte // the authority, else the Host field value
+		hasAuthority bool
+		path         []byte
+	)
+	switch {
+	case target[0] == '/':
+		path = target
+	case len(target) == 1 && target[0] == '*':
+		if string(method) != "OPTIONS" {
+			return res, http1Malformed("asterisk-form target with method other than OPTIONS")
+		}
+	default:
+		// RFC 9112 section 3.2.2: the target's authority replaces Host.
+		authority := target
+		if string(method) != "CONNECT" {
+			var ok bool
+			if authority, path, ok = http1AbsoluteForm(target); !ok {
+				return res, http1Malformed("invalid request target")
+			}
+		}
+		if len(authority) == 0 {
+			return res, http1Malformed("empty authority in request target")
+		}
+		if err := httpCheckHost(authority); err != nil {
+			return res, http1Malformed("request target authority: %w", err)
+		}
+		host, hasAuthority = authority, true
+	}
+
 	// Header fields, up to the empty line.
 	var (
 		hosts     int
-		host      []byte
 		ctype     []byte
 		haveCtype bool
 		websocket bool
@@ -195,7 +227,7 @@ func ParseHTTP1(b []byte) (Result, error) {
 		if p == ns {
 			return res, http1Malformed("empty header field name")
 		}
-		name := w[ns:p]
+		field := w[ns:p]
 		p++
 		vs := p
 		for ; p < len(w) && w[p] != '\n'; p++ {
@@ -221,59 +253,28 @@ func ParseHTTP1(b []byte) (Result, error) {
 		value := http1TrimOWS(w[vs:ve])
 
 		switch {
-		case httpEqualFold(name, "host"):
-			hosts++
-			host = value
-		case httpEqualFold(name, "upgrade"):
+		case httpEqualFold(field, "host"):
+			// RFC 9112 section 3.2: more than one Host, or an invalid
+			// one, is a 400, even when the target's authority wins.
+			if hosts++; hosts > 1 {
+				return res, http1Malformed("more than one Host header field")
+			}
+			if len(value) > 0 {
+				if err := httpCheckHost(value); err != nil {
+					return res, http1Malformed("Host: %w", err)
+				}
+			}
+			if !hasAuthority {
+				host = value
+			}
+		case httpEqualFold(field, "upgrade"):
 			websocket = websocket || http1ListHas(value, "websocket")
-		case httpEqualFold(name, "content-type"):
+		case httpEqualFold(field, "content-type"):
 			if !haveCtype {
 				ctype, haveCtype = value, true
 			}
-		case httpEqualFold(name, "soapaction"):
+		case httpEqualFold(field, "soapaction"):
 			soap = true
-		}
-	}
-	body := b[p:]
-
-	// The request target: its form decides where the name comes from and
-	// what the path is.
-	var (
-		authority    []byte
-		hasAuthority bool
-		path         []byte
-	)
-	switch {
-	case target[0] == '/':
-		path = target
-	case len(target) == 1 && target[0] == '*':
-		if string(method) != "OPTIONS" {
-			return res, http1Malformed("asterisk-form target with method other than OPTIONS")
-		}
-	case string(method) == "CONNECT":
-		authority, hasAuthority = target, true
-	default:
-		var ok bool
-		authority, path, ok = http1AbsoluteForm(target)
-		if !ok {
-			return res, http1Malformed("invalid request target")
-		}
-		hasAuthority = true
-	}
-
-	if hosts > 1 {
-		return res, http1Malformed("%d Host header fields", hosts)
-	}
-	// The Host field is validated even when the target's authority wins
-	// (RFC 9112 section 3.2: a Host field with an invalid value is a 400).
-	var hostName string
-	if hosts == 1 && len(host) > 0 && !hasAuthority {
-		if hostName, err = httpHostName(host); err != nil {
-			return res, http1Malformed("Host: %w", err)
-		}
-	} else if hosts == 1 && len(host) > 0 {
-		if err := httpCheckHost(host); err != nil {
-			return res, http1Malformed("Host: %w", err)
 		}
 	}
 	if hosts == 0 && minor == '1' && string(method) != "CONNECT" {
@@ -281,22 +282,14 @@ func ParseHTTP1(b []byte) (Result, error) {
 		// target's form. net/http makes the same exception for CONNECT.
 		return res, http1Malformed("HTTP/1.1 request without Host")
 	}
-	switch {
-	case hasAuthority:
-		// RFC 9112 section 3.2.2: the target's authority replaces Host.
-		if len(authority) == 0 {
-			return res, http1Malformed("empty authority in request target")
-		}
-		if res.Name, err = httpHostName(authority); err != nil {
-			return res, http1Malformed("request target authority: %w", err)
-		}
-	default:
-		res.Name = hostName
-	}
 
-	res.Class = http1Class(path, ctype, websocket, soap, body)
-	if res.Name == "" {
+	res.Class = http1Class(path, ctype, websocket, soap, b[p:])
+	if len(host) == 0 {
 		return res, errHTTP1NoName
+	}
+	if res.Name, err = httpHostName(host); err != nil {
+		// Unreachable: host passed httpCheckHost.
+		return Result{Protocol: HTTP}, http1Malformed("host: %w", err)
 	}
 	return res, nil
 }
