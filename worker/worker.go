@@ -18,6 +18,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -70,6 +71,12 @@ type Server struct {
 	// Dialer dials backends; a seam for tests (its Resolver).
 	Dialer *route.Dialer
 
+	// sniffLimit bounds the connections of this server still in the sniff
+	// phase, so slow or silent clients cannot hold the whole connection
+	// budget: see SniffLimit.
+	sniffLimit int64
+	sniffing   atomic.Int64
+
 	nextID atomic.Uint64
 	wg     sync.WaitGroup // one per connection handler
 	mu     sync.Mutex
@@ -108,8 +115,22 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 			Forbidden:    forbidden,
 			KeepAlive:    keepAlive,
 		},
-		conns: map[*conn]struct{}{},
+		conns:      map[*conn]struct{}{},
+		sniffLimit: int64(SniffLimit(cfg)),
 	}, nil
+}
+
+// SniffLimit returns how many connections one worker lets sit in the sniff
+// phase at once: three quarters of its share of max_connections (at least
+// 16), so clients that never finish a hello can take at most that much of
+// the budget and the rest stays for clients that do. Connections over it
+// are closed at once and counted with reason "limit".
+func SniffLimit(cfg *config.Config) int {
+	workers := cfg.Workers
+	if workers <= 0 {
+		workers = runtime.NumCPU()
+	}
+	return max(16, cfg.MaxConnections*3/4/workers)
 }
 
 // NewTable builds the routing table of cfg.
@@ -343,6 +364,22 @@ func (c *conn) serve() {
 	}
 	c.client.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: keepAlive})
 
+	if s.sniffing.Add(1) > s.sniffLimit {
+		s.sniffing.Add(-1)
+		c.client.Close()
+		s.rec.Protocol(sniff.Unknown)
+		c.reject(&o, stats.Limit, errors.New("worker: too many connections in the sniff phase"))
+		return
+	}
+	sniffDone := false
+	endSniff := func() {
+		if !sniffDone {
+			sniffDone = true
+			s.sniffing.Add(-1)
+		}
+	}
+	defer endSniff()
+
 	deadline := c.start.Add(s.cfg.Timeouts.ClientHello)
 	var start []byte
 	var hdr *proxyproto.Header
@@ -381,6 +418,7 @@ func (c *conn) serve() {
 		return
 	}
 
+	endSniff()
 	dec, err := s.table.Decide(res.Name, c.lcfg.BackendPort)
 	o.rule = dec.Rule
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
@@ -282,4 +283,34 @@ func TestCountersMatchTraffic(t *testing.T) {
 	if s.BytesIn != uint64(in) || s.BytesOut != uint64(out) || s.ConnectCount != 5 {
 		t.Errorf("bytes in %d out %d connects %d; want %d %d 5", s.BytesIn, s.BytesOut, s.ConnectCount, in, out)
 	}
+}
+
+func TestSniffLimit(t *testing.T) {
+	// max_connections 40 over 1 worker: 30 may sniff at once.
+	ts := startServer(t, "workers: 1\nmax_connections: 40\n", NewLocalLimiter(40), "")
+	if got := ts.srv.sniffLimit; got != 30 {
+		t.Fatalf("sniff limit %d; want 30", got)
+	}
+	var silent []net.Conn
+	for range 30 {
+		c, err := net.Dial("tcp", ts.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		silent = append(silent, c)
+	}
+	waitFor(t, "30 sniffing", func() bool { return ts.srv.sniffing.Load() == 30 })
+	over, err := net.Dial("tcp", ts.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer over.Close()
+	over.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := over.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("31st silent client: %v; want closed at once", err)
+	}
+	waitFor(t, "rejected{limit}", func() bool { return ts.counters.Snapshot().Rejected[stats.Limit] == 1 })
+	// The silent ones time out (client_hello 2s) and free their slots.
+	waitFor(t, "sniff slots freed", func() bool { return ts.srv.sniffing.Load() == 0 })
 }
