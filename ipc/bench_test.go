@@ -1,7 +1,9 @@
 package ipc
 
 import (
+	"slices"
 	"testing"
+	"time"
 )
 
 // BenchmarkLeaseRoundTrip measures one permit refill as a worker sees it:
@@ -24,8 +26,12 @@ func BenchmarkLeaseRoundTrip(b *testing.B) {
 			}
 		}
 	}()
+	// The last 64Ki round trips, for percentiles.
+	lat := make([]time.Duration, 1<<16)
+	n := 0
 	b.ReportAllocs()
 	for b.Loop() {
+		t0 := time.Now()
 		if err := worker.SendBody(LeaseRequest{Want: 64}); err != nil {
 			b.Fatal(err)
 		}
@@ -37,7 +43,13 @@ func BenchmarkLeaseRoundTrip(b *testing.B) {
 		if err != nil || g.(LeaseGrant).N != 64 {
 			b.Fatalf("got %v, %v; want a grant of 64", g, err)
 		}
+		lat[n%len(lat)] = time.Since(t0)
+		n++
 	}
+	lat = lat[:min(n, len(lat))]
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "p50-ns")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds()), "p99-ns")
 }
 
 // BenchmarkStatsPush measures the throughput of Stats frames from a worker

@@ -65,10 +65,11 @@ type reader struct {
 	batches []batch
 
 	// The frame being received, kept across a read deadline.
-	inFrame bool
-	hdr     header
-	payload []byte
-	files   []*os.File
+	inFrame  bool
+	hdr      header
+	frameEnd int64 // stream offset just past its payload
+	payload  []byte
+	files    []*os.File
 
 	err error // sticky: the connection is unusable
 
@@ -320,8 +321,9 @@ func closeFds(fds []int) {
 // same error, and the descriptors that came with unreturned frames are
 // closed. The caller closes the Conn.
 //
-// Recv reads the payload as it arrives and never allocates more than it has
-// received plus 64 KiB, whatever length the header claims.
+// Recv grows a payload as its bytes arrive (doubling, from 64 KiB, never
+// past the header's length): whatever length a header claims, a payload
+// buffer is at most twice the bytes received, or 64 KiB.
 func (c *Conn) Recv() (Message, error) {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
@@ -368,6 +370,10 @@ func (c *Conn) recv() (Message, error) {
 		}
 		r.r += HeaderSize
 		r.inFrame, r.hdr, r.files = true, h, files
+		r.frameEnd = r.base + int64(r.r) + int64(h.length)
+		if err := r.stray(); err != nil {
+			return Message{}, err
+		}
 		if h.length > 0 {
 			r.payload = make([]byte, 0, min(h.length, readBufSize))
 		}
@@ -420,6 +426,16 @@ func (r *reader) claim(off int64, h header) ([]*os.File, error) {
 	return b.files, nil
 }
 
+// stray reports descriptors that came with bytes of the current frame's
+// payload alone: no frame starts there to own them. It refuses them as soon
+// as they arrive, so a peer cannot pile up descriptors in a long payload.
+func (r *reader) stray() error {
+	if r.inFrame && len(r.batches) > 0 && r.batches[0].end <= r.frameEnd {
+		return fmt.Errorf("ipc: recv: %d file descriptors came inside a %v frame that declares none: %w", len(r.batches[0].files), r.hdr.typ, ErrBadFrame)
+	}
+	return nil
+}
+
 // fill reads more bytes into the buffer; it returns io.EOF when the peer has
 // closed. c.rmu is held.
 func (c *Conn) fill() error {
@@ -442,14 +458,19 @@ func (c *Conn) fill() error {
 		return fmt.Errorf("ipc: recv: %w", os.NewSyscallError("recvmsg", r.sysErr))
 	}
 	if r.oobn > 0 {
-		files := parseRights(r.oob[:r.oobn])
-		if len(files) > 0 {
+		if files := parseRights(r.oob[:r.oobn]); len(files) > 0 {
 			start := r.base + int64(r.w)
-			r.batches = append(r.batches, batch{start: start, end: start + int64(r.n), files: files})
+			b := batch{start: start, end: start + int64(r.n), files: files}
+			r.batches = append(r.batches, b)
+			if err := r.stray(); err != nil {
+				return err
+			}
 		}
-		if r.flags&unix.MSG_CTRUNC != 0 {
-			return fmt.Errorf("ipc: recv: file descriptors lost (MSG_CTRUNC: out of descriptors?): %w", ErrBadFrame)
-		}
+	}
+	if r.flags&unix.MSG_CTRUNC != 0 {
+		// Some or all of the descriptors sent were dropped (with none
+		// installed, oobn is 0): the frame cannot be delivered whole.
+		return fmt.Errorf("ipc: recv: file descriptors lost (MSG_CTRUNC: out of descriptors?): %w", ErrBadFrame)
 	}
 	if r.n == 0 {
 		return io.EOF

@@ -66,9 +66,10 @@
 // (ErrVersion), type (ErrBadFrame), reserved byte (ErrBadFrame), length
 // (ErrTooLarge), descriptor count (ErrTooLarge, or ErrBadFrame on a type
 // that carries none). A length over the cap is refused from the header
-// alone: nothing of the payload is read or allocated, and the receiver never
-// allocates more than it has received plus 64 KiB. Any of these errors
-// leaves the stream out of sync: the connection is unusable.
+// alone: nothing of the payload is read or allocated. Below the cap the
+// payload buffer grows as bytes arrive, so a peer that claims 4 MiB and
+// sends 3 bytes costs 64 KiB. Any of these errors leaves the stream out of
+// sync: the connection is unusable.
 //
 // Payloads are fixed-size binary for everything on a hot or periodic path
 // (leases, stats, ping), and binary for the rest too; each type's doc

@@ -37,8 +37,9 @@ var magic = [4]byte{'S', 'N', 'I', 'P'}
 var (
 	// ErrBadFrame means the peer sent bytes that are not a frame of this
 	// protocol: a wrong magic, a non-zero reserved byte, an unknown message
-	// type, or file descriptors that do not match the frame's count. The
-	// connection is out of sync and unusable.
+	// type, or file descriptors that do not match the frame's count (also
+	// when this process could not take them: MSG_CTRUNC at RLIMIT_NOFILE).
+	// The connection is out of sync and unusable.
 	ErrBadFrame = errors.New("ipc: malformed frame")
 	// ErrVersion means the peer speaks another protocol version: it is a
 	// different sniproxy build. The connection is unusable.
