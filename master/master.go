@@ -37,7 +37,9 @@ type Options struct {
 	// Version is the build's version string.
 	Version string
 	// Executable is the binary workers are started from; "" means
-	// os.Executable().
+	// /proc/self/exe: the very binary this master runs, even after a
+	// package upgrade replaced the file on disk (a worker must speak its
+	// master's protocol version).
 	Executable string
 	// ReadyTimeout bounds the wait for every worker to accept; 0 means 30s.
 	ReadyTimeout time.Duration
@@ -113,11 +115,7 @@ func Run(opts Options) error {
 	}
 	m.exe = opts.Executable
 	if m.exe == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return fmt.Errorf("master: find own binary: %w", err)
-		}
-		m.exe = exe
+		m.exe = "/proc/self/exe"
 	}
 	upg, err := tableflip.New(tableflip.Options{PIDFile: cfg.PIDFile, UpgradeTimeout: time.Minute})
 	if err != nil {

@@ -170,6 +170,12 @@ func (p *Process) Run() error {
 		drainBy = time.Now().Add(cfg.ShutdownTimeout)
 	}
 	dctx, cancel := context.WithDeadline(context.Background(), drainBy)
+	if err == nil {
+		// Keep listening to the master while draining: a Stop (a second
+		// signal) ends the drain at once; if the master dies, the drain
+		// lasts at most shutdown_timeout more.
+		go p.whileDraining(cancel, cfg.ShutdownTimeout)
+	}
 	closed := srv.Drain(dctx)
 	cancel()
 	if closed > 0 {
@@ -257,7 +263,8 @@ func (p *Process) loop(srv *Server) (time.Time, error) {
 		case ipc.Drain:
 			p.Log.Info("draining", "slot", p.Slot, "active", srv.Active(), "deadline", b.Deadline)
 			if b.Deadline.IsZero() {
-				return time.Now().Add(24 * time.Hour), nil
+				// No deadline: until the connections end or a Stop.
+				return time.Now().Add(100 * 365 * 24 * time.Hour), nil
 			}
 			return b.Deadline, nil
 		case ipc.Stop:
@@ -265,6 +272,29 @@ func (p *Process) loop(srv *Server) (time.Time, error) {
 		default:
 			m.CloseFiles()
 			p.Log.Warn("unexpected message from master", "type", m.Type.String())
+		}
+	}
+}
+
+// whileDraining reads the master's messages during a drain: Stop cancels
+// the drain at once; losing the master ends it within limit from then
+// (sooner if the master's deadline comes first).
+func (p *Process) whileDraining(cancel context.CancelFunc, limit time.Duration) {
+	for {
+		m, err := p.Conn.Recv()
+		if err != nil {
+			time.AfterFunc(limit, cancel)
+			return
+		}
+		m.CloseFiles()
+		switch m.Type {
+		case ipc.TypeStop:
+			cancel()
+			return
+		case ipc.TypePing:
+			if b, err := ipc.Decode(m); err == nil {
+				p.Conn.SendBody(ipc.Pong{Seq: b.(ipc.Ping).Seq})
+			}
 		}
 	}
 }
