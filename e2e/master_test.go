@@ -42,6 +42,20 @@ func children(t *testing.T, pid int) []int {
 	return out
 }
 
+// procState returns the state letter of pid from /proc, or "".
+func procState(pid int) string {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return ""
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) == 0 {
+		return ""
+	}
+	return f[0]
+}
+
 // alive reports whether pid is a live (not zombie) process.
 func alive(pid int) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
@@ -137,6 +151,16 @@ func killQueued(t *testing.T, p *proxyProc) (failed, queued int) {
 	kids := p.workers(t, 2)
 	victim := kids[0]
 	syscall.Kill(victim, syscall.SIGSTOP)
+	// Signals arrive asynchronously: until the worker is really stopped it
+	// may still accept, and what it accepts dies with it (allowed, but not
+	// what this measures).
+	for deadline := time.Now().Add(5 * time.Second); procState(victim) != "T"; {
+		if time.Now().After(deadline) {
+			t.Fatalf("worker %d not stopped 5s after SIGSTOP (state %q)", victim, procState(victim))
+		}
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond)
 	const n = 24
 	type res struct {
 		early bool
@@ -155,6 +179,18 @@ func killQueued(t *testing.T, p *proxyProc) (failed, queued int) {
 	}
 	time.Sleep(time.Second) // connections to the stopped worker wait in its queue
 	syscall.Kill(victim, syscall.SIGKILL)
+	killed := time.Now()
+	for {
+		kids := children(t, p.cmd.Process.Pid)
+		if len(kids) == 2 && kids[0] != victim && kids[1] != victim {
+			t.Logf("replacement worker running %v after the kill", time.Since(killed))
+			break
+		}
+		if time.Since(killed) > 10*time.Second {
+			t.Fatalf("no replacement worker 10s after the kill: %v", kids)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
 	for range n {
 		r := <-results
 		if !r.early {

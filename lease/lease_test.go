@@ -152,3 +152,18 @@ func TestRevokeReturnsSpares(t *testing.T) {
 		t.Errorf("free %d; want 63", got)
 	}
 }
+
+// BenchmarkAcquireRelease is the per-connection cost of the global limit on
+// a worker's accept path: no IPC unless a block runs out.
+func BenchmarkAcquireRelease(b *testing.B) {
+	p := NewPool(10000)
+	c := NewClient(direct{p, 1}, BlockSize(10000, 2))
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if c.Acquire() {
+				c.Release()
+			}
+		}
+	})
+}

@@ -25,11 +25,12 @@ type Status struct {
 
 // WorkerStatus describes one worker slot.
 type WorkerStatus struct {
-	Slot    int       `json:"slot"`
-	PID     int       `json:"pid"`
-	Ready   bool      `json:"ready"`
-	Active  int64     `json:"active"`
-	Started time.Time `json:"started"`
+	Slot     int       `json:"slot"`
+	PID      int       `json:"pid"`
+	Ready    bool      `json:"ready"`
+	Active   int64     `json:"active"`
+	Restarts uint64    `json:"restarts"`
+	Started  time.Time `json:"started"`
 }
 
 // Totals are the cumulative counters.
@@ -63,7 +64,7 @@ func (m *Master) status() Status {
 	m.mu.Lock()
 	st.Restarts = m.restarts
 	for slot, c := range m.children {
-		w := WorkerStatus{Slot: slot}
+		w := WorkerStatus{Slot: slot, Restarts: m.slotRestarts[slot]}
 		if c != nil {
 			w.PID, w.Ready, w.Active, w.Started = c.pid(), c.isReady(), c.active(), c.started
 		}

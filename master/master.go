@@ -86,13 +86,14 @@ type Master struct {
 	start      time.Time
 	events     chan *child // a child exited and its messages are drained
 
-	mu         sync.Mutex
-	children   []*child // by slot; nil while a slot restarts
-	totals     stats.Snapshot
-	restarts   uint64
-	nextHolder int
-	stopping   bool
-	crashes    []time.Time
+	mu           sync.Mutex
+	children     []*child // by slot; nil while a slot restarts
+	totals       stats.Snapshot
+	restarts     uint64
+	slotRestarts []uint64 // by slot
+	nextHolder   int
+	stopping     bool
+	crashes      []time.Time
 }
 
 // Run starts the master and its workers and serves until stopped by
@@ -156,6 +157,7 @@ func Run(opts Options) error {
 	go cs.Serve(ctl)
 
 	m.children = make([]*child, m.n)
+	m.slotRestarts = make([]uint64, m.n)
 	for slot := range m.n {
 		if err := m.spawn(slot); err != nil {
 			m.stopAll(time.Now())
@@ -317,6 +319,7 @@ func (m *Master) loop() error {
 			m.log.Warn("worker died; restarting", "slot", c.slot, "pid", c.pid(), "status", c.exitStatus(), "restart_in", delay)
 			m.mu.Lock()
 			m.restarts++
+			m.slotRestarts[c.slot]++
 			m.mu.Unlock()
 			slot := c.slot
 			time.AfterFunc(delay, func() { respawn <- slot })

@@ -75,13 +75,13 @@ func printStatus(w io.Writer, st master.Status) {
 	fmt.Fprintf(w, "sniproxy %s, master pid %d, generation %d, up %s\nconfig %s\n\n",
 		st.Version, st.PID, st.Generation, time.Duration(st.UptimeSeconds*float64(time.Second)).Round(time.Second), st.Config)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SLOT\tPID\tREADY\tACTIVE\tUP")
+	fmt.Fprintln(tw, "SLOT\tPID\tREADY\tACTIVE\tRESTARTS\tUP")
 	for _, wk := range st.Workers {
 		up := "-"
 		if !wk.Started.IsZero() {
 			up = time.Since(wk.Started).Round(time.Second).String()
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%v\t%d\t%s\n", wk.Slot, wk.PID, wk.Ready, wk.Active, up)
+		fmt.Fprintf(tw, "%d\t%d\t%v\t%d\t%d\t%s\n", wk.Slot, wk.PID, wk.Ready, wk.Active, wk.Restarts, up)
 	}
 	tw.Flush()
 	t := st.Totals
