@@ -3,6 +3,7 @@ package sniff
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,31 +49,31 @@ func (o captureOut) write(name string, b []byte) {
 	o.t.Logf("wrote %s (%d bytes)", path, len(b))
 }
 
-// check reads the captures back and calls check with the index of each file
-// in want (the golden table's file names, in order) and its bytes, in a
-// subtest named after the file. It fails if the directory lacks a file want
-// names or holds one it does not.
-func (o captureOut) check(want []string, check func(t *testing.T, i int, b []byte)) {
-	o.t.Helper()
+// check reads the captures back and, for each file named in want (the
+// golden table's file names, in order), calls check with its index in want
+// and its bytes in a subtest of t named after the file. It fails t if the
+// directory lacks a file want names or holds one it does not.
+func (o captureOut) check(t *testing.T, want []string, check func(t *testing.T, i int, b []byte)) {
+	t.Helper()
 	entries, err := os.ReadDir(o.dir)
 	if err != nil {
-		o.t.Fatal(err)
+		t.Fatal(err)
 	}
 	files := make(map[string][]byte, len(entries))
 	for _, e := range entries {
 		b, err := os.ReadFile(filepath.Join(o.dir, e.Name()))
 		if err != nil {
-			o.t.Fatal(err)
+			t.Fatal(err)
 		}
 		files[e.Name()] = b
 	}
 	for name := range files {
 		if !slices.Contains(want, name) {
-			o.t.Errorf("%s/%s: captured but not in the golden table", o.dir, name)
+			t.Errorf("%s/%s: captured but not in the golden table", o.dir, name)
 		}
 	}
 	for i, name := range want {
-		o.t.Run(name, func(t *testing.T) {
+		t.Run(name, func(t *testing.T) {
 			b, ok := files[name]
 			if !ok {
 				t.Fatalf("%s/%s: in the golden table but not captured", o.dir, name)
@@ -124,4 +125,30 @@ func captureRun(name string, args ...string) error {
 		return fmt.Errorf("%s: %v: %s", name, err, lines[len(lines)-1])
 	}
 	return nil
+}
+
+// captureListen returns a TCP listener on 127.0.0.1 whose Accept gives up
+// after captureClientTimeout. It is closed when t ends.
+func captureListen(t *testing.T) *net.TCPListener {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	if err := ln.SetDeadline(time.Now().Add(captureClientTimeout)); err != nil {
+		t.Fatal(err)
+	}
+	return ln
+}
+
+// captureAccept returns the first connection on ln. If none comes, it fails
+// t with what the client, which reports on clientErr, ended with.
+func captureAccept(t *testing.T, ln *net.TCPListener, clientErr <-chan error) net.Conn {
+	t.Helper()
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatalf("no connection from the client: %v; client ended with: %v", err, <-clientErr)
+	}
+	return c
 }

@@ -4,13 +4,9 @@ import (
 	"bytes"
 	"context"
 	"flag"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -32,56 +28,36 @@ const (
 // ends. Every client here writes its request in one go.
 const httpCaptureIdle = 500 * time.Millisecond
 
-// TestCaptureHTTP regenerates testdata/http1 and testdata/h2c. It needs curl
-// (with HTTP/2 support) in PATH:
+// TestCaptureHTTP captures requests from real HTTP clients (curl, net/http)
+// over 127.0.0.1 and checks each one against http1Captures with ParseHTTP1
+// or h2cCaptures with ParseH2C. It needs curl (with HTTP/2 support) in PATH.
+// The captures go to temporary directories unless -update-http is given,
+// which regenerates testdata/http1 and testdata/h2c instead:
 //
 //	go test ./worker/sniff/ -run TestCaptureHTTP -update-http
 //
 // Captures are not byte-for-byte reproducible (ports, user agents); the
-// golden tables must still hold after a run.
+// golden tables must still hold after a run, and this test checks that they
+// do.
 func TestCaptureHTTP(t *testing.T) {
-	if !*updateHTTP {
-		t.Skip("regenerates testdata/http1 and testdata/h2c; run with -update-http")
-	}
-	if _, err := exec.LookPath("curl"); err != nil {
-		t.Fatalf("curl is needed to regenerate captures: %v", err)
-	}
-	for _, dir := range []string{http1CaptureDir, h2cCaptureDir} {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write := func(dir, name string, b []byte) {
-		t.Helper()
-		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("wrote %s/%s (%d bytes)", dir, name, len(b))
-	}
+	captureNeedTools(t, "curl")
+	http1Out := newCaptureOut(t, *updateHTTP, http1CaptureDir)
+	h2cOut := newCaptureOut(t, *updateHTTP, h2cCaptureDir)
+
 	curl := func(args ...string) func(addr string) error {
+		// -q, which must come first, keeps any ~/.curlrc out of the
+		// captures.
+		args = append([]string{"-q", "-sS", "-o", "/dev/null", "--max-time", "5"}, args...)
 		return func(addr string) error {
-			host, port, _ := net.SplitHostPort(addr)
-			expanded := []string{"-sS", "-o", "/dev/null", "--max-time", "5"}
-			for _, a := range args {
-				expanded = append(expanded, os.Expand(a, func(k string) string {
-					return map[string]string{"HOST": host, "PORT": port, "ADDR": addr}[k]
-				}))
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			out, err := exec.CommandContext(ctx, "curl", expanded...).CombinedOutput()
-			if err != nil {
-				return fmt.Errorf("curl: %v: %s", err, bytes.TrimSpace(out))
-			}
-			return nil
+			return captureRun("curl", captureExpand(addr, args)...)
 		}
 	}
 	// goClient requests url with rt, every connection dialled to the
 	// capture listener whatever the URL's host.
-	goClient := func(newRT func(dial func() (net.Conn, error)) http.RoundTripper, method, url, ctype string, body []byte) func(addr string) error {
+	goClient := func(newRT func(dial func(context.Context) (net.Conn, error)) http.RoundTripper, method, url, ctype string, body []byte) func(addr string) error {
 		return func(addr string) error {
 			url := strings.ReplaceAll(url, "$PORT", addr[strings.LastIndexByte(addr, ':')+1:])
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), captureClientTimeout)
 			defer cancel()
 			req, err := http.NewRequestWithContext(ctx, method, url, bytes.NewReader(body))
 			if err != nil {
@@ -91,7 +67,10 @@ func TestCaptureHTTP(t *testing.T) {
 				req.Header.Set("Content-Type", ctype)
 				req.Header.Set("Te", "trailers")
 			}
-			rt := newRT(func() (net.Conn, error) { return net.Dial("tcp", addr) })
+			rt := newRT(func(ctx context.Context) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "tcp", addr)
+			})
 			resp, err := rt.RoundTrip(req)
 			if err != nil {
 				return err
@@ -100,20 +79,21 @@ func TestCaptureHTTP(t *testing.T) {
 			return nil
 		}
 	}
-	h1 := func(dial func() (net.Conn, error)) http.RoundTripper {
+	h1 := func(dial func(context.Context) (net.Conn, error)) http.RoundTripper {
 		return &http.Transport{
 			Proxy:       nil,
-			DialContext: func(context.Context, string, string) (net.Conn, error) { return dial() },
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
 		}
 	}
 	// h2 is HTTP/2 with prior knowledge over TCP: net/http's bundled copy
 	// of golang.org/x/net/http2 (x/net's own Transport is deprecated).
-	h2 := func(dial func() (net.Conn, error)) http.RoundTripper {
+	h2 := func(dial func(context.Context) (net.Conn, error)) http.RoundTripper {
 		var protos http.Protocols
 		protos.SetUnencryptedHTTP2(true)
 		return &http.Transport{
+			Proxy:       nil,
 			Protocols:   &protos,
-			DialContext: func(context.Context, string, string) (net.Conn, error) { return dial() },
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
 		}
 	}
 	grpcBody := []byte("\x00\x00\x00\x00\x07\x0a\x05world") // gRPC length-prefixed HelloRequest{name: "world"}
@@ -150,7 +130,7 @@ func TestCaptureHTTP(t *testing.T) {
 		{"curl-upgrade-h2c.bin", curl("--http2", "--resolve", "up.example.com:$PORT:$HOST", "http://up.example.com:$PORT/")},
 		{"go-get.bin", goClient(h1, "GET", "http://go.example.com:$PORT/", "", nil)},
 	} {
-		write(http1CaptureDir, c.name, httpCaptureOne(t, false, c.client))
+		http1Out.write(c.name, httpCaptureOne(t, false, c.client))
 	}
 
 	bigCookie := "Cookie: big=" + strings.Repeat("x", 20000)
@@ -164,8 +144,45 @@ func TestCaptureHTTP(t *testing.T) {
 		{"curl-prior-knowledge-mixed-case.bin", curl("--http2-prior-knowledge", "http://$ADDR/", "-H", "Host: Mixed.Example.COM.")},
 		{"curl-prior-knowledge-big-cookie.bin", curl("--http2-prior-knowledge", "--resolve", "big.example.com:$PORT:$HOST", "-H", bigCookie, "http://big.example.com:$PORT/")},
 	} {
-		write(h2cCaptureDir, c.name, httpCaptureOne(t, true, c.client))
+		h2cOut.write(c.name, httpCaptureOne(t, true, c.client))
 	}
+
+	// The comparisons TestParseHTTP1Captures and TestParseH2CCaptures make
+	// on testdata/http1 and testdata/h2c.
+	names := make([]string, len(http1Captures))
+	for i, c := range http1Captures {
+		names[i] = c.file
+	}
+	t.Run("http1", func(t *testing.T) {
+		http1Out.check(t, names, func(t *testing.T, i int, b []byte) {
+			c := http1Captures[i]
+			res, err := ParseHTTP1(b)
+			if got := httpSentinel(err); got != c.err {
+				t.Fatalf("ParseHTTP1 error = %v; want %v", err, c.err)
+			}
+			want := Result{Protocol: HTTP, Name: c.name, Class: c.class}
+			if res != want {
+				t.Errorf("ParseHTTP1 = %+v; want %+v", res, want)
+			}
+		})
+	})
+	names = make([]string, len(h2cCaptures))
+	for i, c := range h2cCaptures {
+		names[i] = c.file
+	}
+	t.Run("h2c", func(t *testing.T) {
+		h2cOut.check(t, names, func(t *testing.T, i int, b []byte) {
+			c := h2cCaptures[i]
+			res, err := ParseH2C(b)
+			if got := httpSentinel(err); got != c.err {
+				t.Fatalf("ParseH2C error = %v; want %v", err, c.err)
+			}
+			want := Result{Protocol: H2C, Name: c.name, Class: c.class}
+			if res != want {
+				t.Errorf("ParseH2C = %+v; want %+v", res, want)
+			}
+		})
+	})
 }
 
 // httpCaptureOne runs client against a loopback listener and returns what
@@ -174,22 +191,15 @@ func TestCaptureHTTP(t *testing.T) {
 // answers 204. The client's error is expected for h2 and only logged.
 func httpCaptureOne(t *testing.T, h2 bool, client func(addr string) error) []byte {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := captureListen(t)
 	clientErr := make(chan error, 1)
 	go func() { clientErr <- client(ln.Addr().String()) }()
 
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := captureAccept(t, ln, clientErr)
 	defer c.Close()
 	var got bytes.Buffer
 	if h2 {
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		c.SetReadDeadline(time.Now().Add(captureClientTimeout))
 		if _, err := io.CopyN(&got, c, int64(len(http2.ClientPreface))); err != nil {
 			t.Fatalf("reading client preface: %v", err)
 		}
@@ -198,7 +208,10 @@ func httpCaptureOne(t *testing.T, h2 bool, client func(addr string) error) []byt
 		}
 	}
 	buf := make([]byte, 64<<10)
-	for {
+	for end := time.Now().Add(captureClientTimeout); ; {
+		if time.Now().After(end) {
+			t.Fatalf("client still sending after %v", captureClientTimeout)
+		}
 		c.SetReadDeadline(time.Now().Add(httpCaptureIdle))
 		n, err := c.Read(buf)
 		got.Write(buf[:n])

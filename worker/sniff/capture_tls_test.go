@@ -10,15 +10,12 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"math/big"
 	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -32,30 +29,26 @@ var updateTLS = flag.Bool("update-tls", false, "regenerate testdata/tls from rea
 // ClientHello. The golden expectations are tlsCaptures in tls_test.go.
 const tlsCaptureDir = "testdata/tls"
 
-// TestCaptureTLS regenerates testdata/tls. It needs openssl and curl in PATH:
+// TestCaptureTLS captures ClientHellos from real TLS clients (crypto/tls,
+// openssl s_client, curl) over 127.0.0.1 and checks each one against
+// tlsCaptures with ParseTLS. It needs openssl and curl in PATH. The captures
+// go to a temporary directory unless -update-tls is given, which regenerates
+// testdata/tls instead (the package must come before the flag):
 //
-//	go test -run TestCaptureTLS -update-tls ./worker/sniff/
+//	go test ./worker/sniff/ -run TestCaptureTLS -update-tls
 //
 // Captures are not byte-for-byte reproducible (randoms, key shares); the
-// golden table must still hold after a run.
+// golden table must still hold after a run, and this test checks that it
+// does.
 func TestCaptureTLS(t *testing.T) {
-	if !*updateTLS {
-		t.Skip("regenerates testdata/tls; run with -update-tls")
-	}
-	if err := os.MkdirAll(tlsCaptureDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	write := func(name string, b []byte) {
-		t.Helper()
-		if err := os.WriteFile(filepath.Join(tlsCaptureDir, name), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("wrote %s (%d bytes)", name, len(b))
-	}
+	captureNeedTools(t, "openssl", "curl")
+	out := newCaptureOut(t, *updateTLS, tlsCaptureDir)
 
 	goClient := func(cfg *tls.Config) func(addr string) error {
 		return func(addr string) error {
-			c, err := tls.Dial("tcp", addr, cfg)
+			ctx, cancel := context.WithTimeout(context.Background(), captureClientTimeout)
+			defer cancel()
+			c, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", addr)
 			if err == nil {
 				c.Close()
 			}
@@ -64,30 +57,13 @@ func TestCaptureTLS(t *testing.T) {
 	}
 	command := func(name string, args ...string) func(addr string) error {
 		return func(addr string) error {
-			host, port, _ := net.SplitHostPort(addr)
-			expanded := make([]string, len(args))
-			for i, a := range args {
-				expanded[i] = os.Expand(a, func(k string) string {
-					return map[string]string{"HOST": host, "PORT": port}[k]
-				})
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			cmd := exec.CommandContext(ctx, name, expanded...)
-			cmd.Stdin = nil // openssl s_client reads stdin: give it EOF
-			out, err := cmd.CombinedOutput()
-			if err != nil {
-				// The last line says why; s_client prints its session above.
-				lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-				return fmt.Errorf("%s: %v: %s", name, err, lines[len(lines)-1])
-			}
-			return nil
+			return captureRun(name, captureExpand(addr, args)...)
 		}
 	}
 
 	defaultHello := tlsCaptureOne(t, goClient(&tls.Config{ServerName: "www.example.com"}))
-	write("go-tls13-default.bin", defaultHello)
-	write("go-tls12-only.bin", tlsCaptureOne(t, goClient(&tls.Config{
+	out.write("go-tls13-default.bin", defaultHello)
+	out.write("go-tls12-only.bin", tlsCaptureOne(t, goClient(&tls.Config{
 		ServerName: "tls12.example.com",
 		MaxVersion: tls.VersionTLS12,
 	})))
@@ -95,14 +71,14 @@ func TestCaptureTLS(t *testing.T) {
 		ServerName: "h2.example.com",
 		NextProtos: []string{"h2", "http/1.1"},
 	}))
-	write("go-tls13-alpn-h2-http11.bin", alpnHello)
-	write("go-no-sni.bin", tlsCaptureOne(t, goClient(&tls.Config{InsecureSkipVerify: true})))
-	write("go-tls13-ech-outer.bin", tlsCaptureOne(t, goClient(&tls.Config{
+	out.write("go-tls13-alpn-h2-http11.bin", alpnHello)
+	out.write("go-no-sni.bin", tlsCaptureOne(t, goClient(&tls.Config{InsecureSkipVerify: true})))
+	out.write("go-tls13-ech-outer.bin", tlsCaptureOne(t, goClient(&tls.Config{
 		ServerName:                     "secret.example.com",
 		MinVersion:                     tls.VersionTLS13,
 		EncryptedClientHelloConfigList: tlsTestECHConfigList(t, "public.example.com"),
 	})))
-	write("go-tls13-resumption-psk.bin", tlsCaptureResumption(t, "resume.example.com"))
+	out.write("go-tls13-resumption-psk.bin", tlsCaptureResumption(t, "resume.example.com"))
 
 	// A real ClientHello re-framed into two records, split in the middle of
 	// the host name so that the SNI spans the record boundary.
@@ -111,18 +87,36 @@ func TestCaptureTLS(t *testing.T) {
 	if i < 0 {
 		t.Fatal("host name not found in the ALPN capture")
 	}
-	write("go-tls13-alpn-two-records-split-sni.bin", tlsFrame(vers, msg, i+len("h2.exa")))
+	out.write("go-tls13-alpn-two-records-split-sni.bin", tlsFrame(vers, msg, i+len("h2.exa")))
 
-	write("openssl-s_client.bin", tlsCaptureOne(t, command("openssl",
+	out.write("openssl-s_client.bin", tlsCaptureOne(t, command("openssl",
 		"s_client", "-connect", "$HOST:$PORT", "-servername", "www.example.org")))
-	write("openssl-s_client-alpn-mixed-case.bin", tlsCaptureOne(t, command("openssl",
+	out.write("openssl-s_client-alpn-mixed-case.bin", tlsCaptureOne(t, command("openssl",
 		"s_client", "-connect", "$HOST:$PORT", "-servername", "API.Example.COM", "-alpn", "h2,http/1.1")))
-	write("openssl-s_client-tls12.bin", tlsCaptureOne(t, command("openssl",
+	out.write("openssl-s_client-tls12.bin", tlsCaptureOne(t, command("openssl",
 		"s_client", "-connect", "$HOST:$PORT", "-servername", "legacy.example.org", "-tls1_2")))
-	write("curl.bin", tlsCaptureOne(t, command("curl",
-		"-sS", "-k", "--max-time", "5", "--resolve", "curl.example.net:$PORT:$HOST", "https://curl.example.net:$PORT/")))
-	write("curl-http11.bin", tlsCaptureOne(t, command("curl",
-		"-sS", "-k", "--http1.1", "--max-time", "5", "--resolve", "curl.example.net:$PORT:$HOST", "https://curl.example.net:$PORT/")))
+	// -q, which must come first, keeps any ~/.curlrc out of the captures.
+	out.write("curl.bin", tlsCaptureOne(t, command("curl",
+		"-q", "-sS", "-k", "--max-time", "5", "--resolve", "curl.example.net:$PORT:$HOST", "https://curl.example.net:$PORT/")))
+	out.write("curl-http11.bin", tlsCaptureOne(t, command("curl",
+		"-q", "-sS", "-k", "--http1.1", "--max-time", "5", "--resolve", "curl.example.net:$PORT:$HOST", "https://curl.example.net:$PORT/")))
+
+	// The comparison TestParseTLSCaptures makes on testdata/tls.
+	names := make([]string, len(tlsCaptures))
+	for i, c := range tlsCaptures {
+		names[i] = c.file
+	}
+	out.check(t, names, func(t *testing.T, i int, b []byte) {
+		tt := tlsCaptures[i]
+		res, err := ParseTLS(b)
+		if !errors.Is(err, tt.err) { // errors.Is(err, nil) means err == nil
+			t.Fatalf("ParseTLS: got error %v; want %v", err, tt.err)
+		}
+		want := Result{Protocol: TLS, Name: tt.name, ALPN: tt.alpn, ECH: tt.ech}
+		if res != want {
+			t.Fatalf("ParseTLS: got %+v; want %+v", res, want)
+		}
+	})
 }
 
 // tlsCaptureOne runs client against a loopback listener and returns the bytes
@@ -130,23 +124,16 @@ func TestCaptureTLS(t *testing.T) {
 // right after, so client's error is expected and only logged.
 func tlsCaptureOne(t *testing.T, client func(addr string) error) []byte {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := captureListen(t)
 	clientErr := make(chan error, 1)
 	go func() { clientErr <- client(ln.Addr().String()) }()
 
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c := captureAccept(t, ln, clientErr)
+	c.SetDeadline(time.Now().Add(captureClientTimeout))
 	hello, err := tlsReadHelloRecords(c)
 	c.Close()
 	if err != nil {
-		t.Fatalf("reading client hello: %v", err)
+		t.Fatalf("reading client hello: %v (client ended with: %v)", err, <-clientErr)
 	}
 	t.Logf("client ended with: %v", <-clientErr)
 	return hello
@@ -189,11 +176,7 @@ func tlsCaptureResumption(t *testing.T, name string) []byte {
 		ClientSessionCache: tls.NewLRUClientSessionCache(1),
 	}
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := captureListen(t)
 	served := make(chan error, 1)
 	go func() {
 		c, err := ln.Accept()
@@ -202,6 +185,7 @@ func tlsCaptureResumption(t *testing.T, name string) []byte {
 			return
 		}
 		defer c.Close()
+		c.SetDeadline(time.Now().Add(captureClientTimeout))
 		s := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{cert}})
 		if err := s.Handshake(); err != nil {
 			served <- err
@@ -213,10 +197,16 @@ func tlsCaptureResumption(t *testing.T, name string) []byte {
 		s.Close()
 		served <- err
 	}()
-	c, err := tls.Dial("tcp", ln.Addr().String(), cfg)
-	if err != nil {
-		t.Fatal(err)
+	dial := func(addr string) (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), captureClientTimeout)
+		defer cancel()
+		return (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", addr)
 	}
+	c, err := dial(ln.Addr().String())
+	if err != nil {
+		t.Fatalf("first connection: %v (server ended with: %v)", err, <-served)
+	}
+	c.SetDeadline(time.Now().Add(captureClientTimeout))
 	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
 		t.Fatal(err)
 	}
@@ -226,7 +216,7 @@ func tlsCaptureResumption(t *testing.T, name string) []byte {
 	}
 
 	hello := tlsCaptureOne(t, func(addr string) error {
-		c, err := tls.Dial("tcp", addr, cfg)
+		c, err := dial(addr)
 		if err == nil {
 			c.Close()
 		}

@@ -59,7 +59,7 @@ func TestParseH2CCaptures(t *testing.T) {
 		t.Run(c.file, func(t *testing.T) {
 			b, ok := files[c.file]
 			if !ok {
-				t.Skip("capture missing; reported above")
+				t.Fatal("capture missing; reported above")
 			}
 			res, err := ParseH2C(b)
 			if got := httpSentinel(err); got != c.err {

@@ -105,7 +105,7 @@ func TestParseHTTP1Captures(t *testing.T) {
 		t.Run(c.file, func(t *testing.T) {
 			b, ok := files[c.file]
 			if !ok {
-				t.Skip("capture missing; reported above")
+				t.Fatal("capture missing; reported above")
 			}
 			res, err := ParseHTTP1(b)
 			if got := httpSentinel(err); got != c.err {
