@@ -74,7 +74,9 @@ func (m *Master) status() Status {
 	return st
 }
 
-// controlHandler serves the control socket: GET /status.
+// controlHandler serves the control socket: GET /status, and POST /reload,
+// which answers once the new generation is ready (its PID and generation)
+// or the reload failed (the reason).
 func (m *Master) controlHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
@@ -82,6 +84,25 @@ func (m *Master) controlHandler() http.Handler {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		enc.Encode(m.status())
+	})
+	mux.HandleFunc("POST /reload", func(w http.ResponseWriter, r *http.Request) {
+		req := reloadRequest{reply: make(chan reloadResult, 1)}
+		var res reloadResult
+		select {
+		case m.reloads <- req:
+			select {
+			case res = <-req.reply:
+			case <-r.Context().Done():
+				return
+			}
+		case <-time.After(10 * time.Second):
+			res.Error = "master is busy (stopping or draining)"
+		}
+		w.Header().Set("Content-Type", "application/json")
+		if res.Error != "" {
+			w.WriteHeader(http.StatusInternalServerError)
+		}
+		json.NewEncoder(w).Encode(res)
 	})
 	return mux
 }

@@ -8,8 +8,11 @@
 package master
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -43,10 +46,28 @@ type Options struct {
 	Executable string
 	// ReadyTimeout bounds the wait for every worker to accept; 0 means 30s.
 	ReadyTimeout time.Duration
-	// ReplaceDeadSockets makes the master close a dead worker's reuseport
-	// sockets and bind new ones: wrong on purpose (queued connections are
-	// reset), for the tests' negative control only.
+	// ConfigPath is the file a reload reads ("" = the embedded default).
+	ConfigPath string
+	// LoadConfig loads the config for a reload; nil means config.Load.
+	LoadConfig func(path string) (*config.Config, error)
+	// UpgradeTimeout bounds a reload: a successor not ready by then is
+	// killed and the reload fails; 0 means one minute.
+	UpgradeTimeout time.Duration
+
+	// Test-only switches, wrong on purpose, for the negative controls of
+	// the e2e tests (they must produce failures, so that a zero means
+	// something); and a hook to make a successor hang.
+
+	// ReplaceDeadSockets makes the master shut down a dead worker's
+	// reuseport sockets and bind new ones: queued connections are reset.
 	ReplaceDeadSockets bool
+	// FreshSockets makes the master bind new reuseport sockets instead of
+	// inheriting its parent's, which are closed under their queues when
+	// the parent's workers stop.
+	FreshSockets bool
+	// HangBeforeReady, if it returns true, makes a successor hang instead
+	// of signalling readiness.
+	HangBeforeReady func() bool
 }
 
 // Crash policy: a worker that dies within crashWindow of its start crashed.
@@ -86,14 +107,40 @@ type Master struct {
 	start      time.Time
 	events     chan *child // a child exited and its messages are drained
 
-	mu           sync.Mutex
-	children     []*child // by slot; nil while a slot restarts
-	totals       stats.Snapshot
-	restarts     uint64
-	slotRestarts []uint64 // by slot
-	nextHolder   int
-	stopping     bool
-	crashes      []time.Time
+	reloads chan reloadRequest
+	servers []*http.Server // metrics and control
+
+	// parent is the handover to the previous generation while it drains;
+	// nil for a first master or once the parent is gone.
+	parent *handover
+	// parentActive is the parent's live connections, reserved in the pool.
+	parentActive int64
+	// successor is the handover to the next generation once upgraded.
+	successor *handover
+
+	mu            sync.Mutex
+	children      []*child // by slot; nil while a slot restarts
+	totals        stats.Snapshot
+	restarts      uint64
+	slotRestarts  []uint64 // by slot
+	reloadsOK     uint64
+	reloadsFailed uint64
+	nextHolder    int
+	stopping      bool
+	crashes       []time.Time
+}
+
+// reloadRequest asks the master's loop for a reload; the result comes back
+// on reply.
+type reloadRequest struct {
+	reply chan reloadResult
+}
+
+// reloadResult is the outcome of a reload.
+type reloadResult struct {
+	PID        int    `json:"pid,omitempty"`
+	Generation int    `json:"generation,omitempty"`
+	Error      string `json:"error,omitempty"`
 }
 
 // Run starts the master and its workers and serves until stopped by
@@ -110,6 +157,13 @@ func Run(opts Options) error {
 		start:      time.Now(),
 		events:     make(chan *child, 16),
 		pool:       lease.NewPool(cfg.MaxConnections),
+		reloads:    make(chan reloadRequest),
+	}
+	if opts.LoadConfig == nil {
+		m.opts.LoadConfig = func(path string) (*config.Config, error) { return config.Load(path, nil) }
+	}
+	if m.opts.UpgradeTimeout <= 0 {
+		m.opts.UpgradeTimeout = time.Minute
 	}
 	if m.n <= 0 {
 		m.n = runtime.NumCPU()
@@ -118,25 +172,30 @@ func Run(opts Options) error {
 	if m.exe == "" {
 		m.exe = "/proc/self/exe"
 	}
-	upg, err := tableflip.New(tableflip.Options{PIDFile: cfg.PIDFile, UpgradeTimeout: time.Minute})
+	upg, err := tableflip.New(tableflip.Options{PIDFile: cfg.PIDFile, UpgradeTimeout: m.opts.UpgradeTimeout})
 	if err != nil {
 		return fmt.Errorf("master: %w", err)
 	}
 	defer upg.Stop()
 	m.upg = upg
+	if err := m.takeHandover(); err != nil {
+		return err
+	}
+	if m.parent != nil {
+		defer m.parent.close()
+	}
 
-	m.socks, err = openSockets(upg, cfg, m.n)
+	suffix := ""
+	if opts.FreshSockets {
+		suffix = fmt.Sprintf("@%d", m.generation)
+	}
+	m.socks, err = openSockets(upg, cfg, m.n, suffix)
 	if err != nil {
 		return err
 	}
 	defer m.socks.close()
 
-	var servers []*http.Server
-	defer func() {
-		for _, s := range servers {
-			s.Close()
-		}
-	}()
+	defer m.closeServers()
 	if cfg.Metrics.Enabled {
 		ln, err := upg.Listen("tcp", cfg.Metrics.Address)
 		if err != nil {
@@ -144,16 +203,16 @@ func Run(opts Options) error {
 		}
 		col := stats.NewCollector(m.snapshot, m.process, opts.Version, runtime.Version())
 		s := &http.Server{Handler: stats.Handler(col, m.healthy), ReadHeaderTimeout: 5 * time.Second}
-		servers = append(servers, s)
+		m.servers = append(m.servers, s)
 		go s.Serve(ln)
 	}
 	ctlPath := ControlSocketPath(cfg)
-	ctl, err := upg.Listen("unix", ctlPath)
+	ctl, err := upg.ListenWithCallback("unix", ctlPath, listenControl)
 	if err != nil {
 		return fmt.Errorf("master: control socket %s: %w", ctlPath, err)
 	}
 	cs := &http.Server{Handler: m.controlHandler(), ReadHeaderTimeout: 5 * time.Second}
-	servers = append(servers, cs)
+	m.servers = append(m.servers, cs)
 	go cs.Serve(ctl)
 
 	m.children = make([]*child, m.n)
@@ -168,13 +227,119 @@ func Run(opts Options) error {
 		m.stopAll(time.Now())
 		return err
 	}
+	if m.parent != nil {
+		if opts.HangBeforeReady != nil && opts.HangBeforeReady() {
+			m.log.Warn("test hook: hanging before ready")
+			select {}
+		}
+		m.mu.Lock()
+		m.reloadsOK++
+		m.mu.Unlock()
+		// The parent answers `sniproxy reload` with this.
+		m.parent.send(handoverMsg{Ready: &readyInfo{PID: os.Getpid(), Generation: m.generation}})
+	}
+	// Ready writes the PID file, then tells the parent.
 	if err := upg.Ready(); err != nil {
 		m.stopAll(time.Now())
 		return fmt.Errorf("master: %w", err)
 	}
+	if err := sdNotify(fmt.Sprintf("MAINPID=%d\nREADY=1", os.Getpid())); err != nil {
+		m.log.Warn("telling systemd we are ready failed", "err", err)
+	}
 	m.log.Info("sniproxy started", "version", opts.Version, "config", cfg.Source, "pid", os.Getpid(),
-		"workers", m.n, "listeners", m.socks.order, "control_socket", ctlPath)
+		"generation", m.generation, "workers", m.n, "listeners", m.socks.order, "control_socket", ctlPath)
 	return m.loop()
+}
+
+// takeHandover picks up the parent's state when this master is an upgrade.
+func (m *Master) takeHandover() error {
+	f, err := m.upg.File(handoverName)
+	if err != nil {
+		return fmt.Errorf("master: %w", err)
+	}
+	if f == nil {
+		return nil
+	}
+	h, err := newHandover(f)
+	if err != nil {
+		return err
+	}
+	msg, err := h.recv()
+	if err != nil || msg.State == nil {
+		h.close()
+		return fmt.Errorf("master: no state from the previous generation: %v", err)
+	}
+	st := msg.State
+	m.parent = h
+	m.generation = st.Generation + 1
+	m.totals = st.Totals
+	m.parentActive = st.Totals.Active
+	m.restarts, m.reloadsOK, m.reloadsFailed = st.Restarts, st.ReloadsOK, st.ReloadsFailed
+	m.pool.SetReserve(int(m.parentActive))
+	go m.readParent(h)
+	return nil
+}
+
+// readParent applies the draining parent's deltas until it exits; its
+// connections still count against max_connections until they close.
+func (m *Master) readParent(h *handover) {
+	for {
+		msg, err := h.recv()
+		if err != nil {
+			break
+		}
+		if msg.Delta != nil {
+			m.mu.Lock()
+			m.totals.Add(*msg.Delta)
+			m.parentActive += msg.Delta.Active
+			reserve := m.parentActive
+			m.mu.Unlock()
+			m.pool.SetReserve(int(reserve))
+		}
+	}
+	// The parent is gone, and its connections with it.
+	m.mu.Lock()
+	m.totals.Active -= m.parentActive
+	m.parentActive = 0
+	m.mu.Unlock()
+	m.pool.SetReserve(0)
+	m.log.Info("previous generation exited")
+}
+
+// listenControl binds the control socket. A socket file left by a master
+// that died (kill -9) would block the bind: when nothing answers on it, it
+// is removed first. A live master's socket is never touched.
+func listenControl(network, path string) (net.Listener, error) {
+	ln, err := net.Listen(network, path)
+	if err == nil || !errors.Is(err, syscall.EADDRINUSE) {
+		return ln, err
+	}
+	c, derr := net.DialTimeout(network, path, time.Second)
+	if derr == nil {
+		c.Close()
+		return nil, fmt.Errorf("%w (another master is running there)", err)
+	}
+	if !errors.Is(derr, syscall.ECONNREFUSED) {
+		return nil, err
+	}
+	if rerr := os.Remove(path); rerr != nil {
+		return nil, fmt.Errorf("%w; removing the stale socket: %w", err, rerr)
+	}
+	return net.Listen(network, path)
+}
+
+// closeServers closes the metrics and control servers, letting requests
+// under way finish (a `sniproxy reload` waits for its answer) for at most
+// five seconds.
+func (m *Master) closeServers() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, s := range m.servers {
+		if s.Shutdown(ctx) != nil {
+			s.Close()
+		}
+	}
+	m.servers = nil
 }
 
 // spawn starts the worker of slot.
@@ -260,7 +425,12 @@ func (m *Master) serveChild(c *child) {
 		case ipc.Stats:
 			m.mu.Lock()
 			m.totals.Add(b.Delta)
+			succ := m.successor
 			m.mu.Unlock()
+			if succ != nil {
+				d := b.Delta
+				succ.send(handoverMsg{Delta: &d})
+			}
 			c.mu.Lock()
 			c.totals.Add(b.Delta)
 			c.mu.Unlock()
@@ -283,7 +453,11 @@ func (m *Master) reap(c *child) {
 	if m.children[c.slot] == c {
 		m.children[c.slot] = nil
 	}
+	succ := m.successor
 	m.mu.Unlock()
+	if succ != nil && lost != 0 {
+		succ.send(handoverMsg{Delta: &stats.Snapshot{Active: -lost}})
+	}
 	if m.opts.ReplaceDeadSockets && !m.isStopping() {
 		if err := m.socks.rebind(m.upg, c.slot, m.n); err != nil {
 			m.log.Error("negative control: rebinding sockets failed", "err", err)
@@ -294,20 +468,58 @@ func (m *Master) reap(c *child) {
 	}
 }
 
-// loop runs until stopped.
+// loop runs until stopped, or until a reload succeeded and this
+// generation has drained.
 func (m *Master) loop() error {
-	var respawn = make(chan int, m.n)
+	respawn := make(chan int, m.n)
+	upgraded := make(chan upgradeOutcome, 1)
+	var pending []reloadRequest // waiting for the reload under way
+	reload := func(req *reloadRequest) {
+		if req != nil {
+			pending = append(pending, *req)
+		}
+		if len(pending) > 1 || (req == nil && len(pending) > 0) {
+			return // one is under way; its result answers this one too
+		}
+		if err := m.startReload(upgraded); err != nil {
+			m.failReload(err)
+			for _, p := range pending {
+				p.reply <- reloadResult{Error: err.Error()}
+			}
+			pending = nil
+		}
+	}
 	for {
 		select {
 		case sig := <-m.opts.Signals:
 			switch sig {
 			case syscall.SIGHUP:
-				m.log.Warn("SIGHUP received: reload is not available in this build; restart to apply a new config")
+				m.log.Info("SIGHUP: reloading")
+				if len(pending) == 0 {
+					// A signal has nobody to answer: a placeholder.
+					reload(&reloadRequest{reply: make(chan reloadResult, 1)})
+				}
 			default:
 				m.log.Info("stopping: draining workers", "signal", sig.String(), "active", m.snapshot().Active, "shutdown_timeout", m.cfg.ShutdownTimeout)
+				sdNotify("STOPPING=1")
 				m.stopAll(time.Now().Add(m.cfg.ShutdownTimeout))
 				m.log.Info("sniproxy stopped")
 				return nil
+			}
+		case req := <-m.reloads:
+			reload(&req)
+		case out := <-upgraded:
+			res := reloadResult{PID: out.ready.PID, Generation: out.ready.Generation}
+			if out.err != nil {
+				m.failReload(out.err)
+				res = reloadResult{Error: out.err.Error()}
+			}
+			for _, p := range pending {
+				p.reply <- res
+			}
+			pending = nil
+			if out.err == nil {
+				return m.drainAsParent(out)
 			}
 		case c := <-m.events:
 			m.reap(c)
@@ -330,6 +542,129 @@ func (m *Master) loop() error {
 			}
 		}
 	}
+}
+
+// upgradeOutcome is what a reload attempt came to.
+type upgradeOutcome struct {
+	err   error
+	ready readyInfo
+	h     *handover
+}
+
+// startReload validates the config on disk and starts the upgrade in the
+// background; the outcome arrives on done. A reload while the previous
+// generation still drains first hurries it: tableflip cannot start a new
+// successor while this master's parent lives, and there are never more than
+// two generations.
+func (m *Master) startReload(done chan<- upgradeOutcome) error {
+	cfg, err := m.opts.LoadConfig(m.opts.ConfigPath)
+	if err != nil {
+		return fmt.Errorf("new config is invalid, nothing changed: %w", err)
+	}
+	m.log.Info("new config is valid; starting the next generation", "config", cfg.Source)
+	parent := m.parent
+	go func() {
+		out := upgradeOutcome{}
+		defer func() { done <- out }()
+		if parent != nil {
+			// Hurry the draining parent: it closes what it still has.
+			m.log.Info("previous generation still draining: hurrying it before upgrading")
+			parent.send(handoverMsg{Hurry: true})
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			err := m.upg.WaitForParent(ctx)
+			cancel()
+			if err != nil {
+				out.err = fmt.Errorf("previous generation did not exit: %w", err)
+				return
+			}
+		}
+		h, err := newHandoverPair(m.upg)
+		if err != nil {
+			out.err = err
+			return
+		}
+		// From the snapshot on, every delta goes to the successor too:
+		// under m.mu, so none is counted twice or lost, and the State goes
+		// first.
+		m.mu.Lock()
+		st := handoverState{Generation: m.generation, Totals: m.totals, Restarts: m.restarts, ReloadsOK: m.reloadsOK, ReloadsFailed: m.reloadsFailed}
+		err = h.send(handoverMsg{State: &st})
+		if err == nil {
+			m.successor = h
+		}
+		m.mu.Unlock()
+		if err != nil {
+			h.close()
+			out.err = err
+			return
+		}
+		// The successor's Ready message arrives before Upgrade returns.
+		readyc := make(chan readyInfo, 1)
+		go func() {
+			for {
+				msg, err := h.recv()
+				if err != nil {
+					return
+				}
+				if msg.Ready != nil {
+					readyc <- *msg.Ready
+				}
+				if msg.Hurry {
+					m.hurry()
+				}
+			}
+		}()
+		if err := m.upg.Upgrade(); err != nil {
+			m.mu.Lock()
+			m.successor = nil
+			m.mu.Unlock()
+			h.close()
+			out.err = fmt.Errorf("new generation failed, old one keeps serving: %w", err)
+			return
+		}
+		select {
+		case out.ready = <-readyc:
+		case <-time.After(5 * time.Second):
+		}
+		out.h = h
+	}()
+	return nil
+}
+
+// failReload records a failed reload.
+func (m *Master) failReload(err error) {
+	m.mu.Lock()
+	m.reloadsFailed++
+	m.mu.Unlock()
+	m.log.Error("reload failed", "err", err)
+}
+
+// hurry tells this (old) generation's workers to close what they have.
+func (m *Master) hurry() {
+	m.log.Warn("next generation needs to upgrade again: closing the remaining connections now")
+	m.mu.Lock()
+	kids := append([]*child(nil), m.children...)
+	m.mu.Unlock()
+	for _, c := range kids {
+		if c != nil {
+			c.conn.SendBody(ipc.Stop{})
+		}
+	}
+}
+
+// drainAsParent runs after a successful upgrade: the new generation
+// serves; this one stops accepting, forwards its counts while its
+// connections drain (at most shutdown_timeout), and exits.
+func (m *Master) drainAsParent(out upgradeOutcome) error {
+	m.log.Info("new generation ready; draining this one", "new_pid", out.ready.PID, "new_generation", out.ready.Generation,
+		"active", m.snapshot().Active, "shutdown_timeout", m.cfg.ShutdownTimeout)
+	// The new generation serves metrics and the control socket now; they
+	// share the listening sockets, so closing ours refuses nobody.
+	m.closeServers()
+	m.stopAll(time.Now().Add(m.cfg.ShutdownTimeout))
+	out.h.close()
+	m.log.Info("generation drained; exiting", "generation", m.generation)
+	return nil
 }
 
 // crashed records a worker death and returns how long to wait before the
@@ -435,7 +770,7 @@ func (m *Master) snapshot() stats.Snapshot {
 func (m *Master) process() stats.Process {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	p := stats.Process{WorkerRestarts: m.restarts, WorkerActive: make([]int64, len(m.children))}
+	p := stats.Process{WorkerRestarts: m.restarts, ReloadsOK: m.reloadsOK, ReloadsFailed: m.reloadsFailed, WorkerActive: make([]int64, len(m.children))}
 	for i, c := range m.children {
 		if c != nil && c.isReady() {
 			p.Workers++

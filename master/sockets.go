@@ -29,10 +29,13 @@ type socketSet struct {
 // openSockets gets every proxy socket from the Upgrader, inherited from the
 // previous generation when it had it, else bound now. A reuseport listener
 // gets count sockets in one SO_REUSEPORT group; a shared one gets one.
+// suffix is appended to reuseport socket names: "" always, except in the
+// FreshSockets negative control, where it keeps names from matching the
+// parent's.
 //
 // Every socket comes from tableflip's Fds so that it survives an upgrade: a
 // socket bound any other way would get EADDRINUSE in the next generation.
-func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int) (*socketSet, error) {
+func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int, suffix string) (*socketSet, error) {
 	set := &socketSet{byAddr: map[string][]socket{}}
 	for _, l := range cfg.Listeners {
 		set.order = append(set.order, l.Address)
@@ -47,7 +50,7 @@ func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int) (*socke
 			continue
 		}
 		for i := range count {
-			name := fmt.Sprintf("reuseport/%s/%d", l.Address, i)
+			name := fmt.Sprintf("reuseport/%s/%d%s", l.Address, i, suffix)
 			f, err := fileSocket(upg, name, l.Address, true)
 			if err != nil {
 				set.close()
@@ -59,7 +62,7 @@ func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int) (*socke
 		// group. Closing one would reset the connections queued on it, so
 		// keep them all; forSlot spreads them over the workers.
 		for i := count; ; i++ {
-			name := fmt.Sprintf("reuseport/%s/%d", l.Address, i)
+			name := fmt.Sprintf("reuseport/%s/%d%s", l.Address, i, suffix)
 			f, err := upg.File(name)
 			if err != nil {
 				set.close()

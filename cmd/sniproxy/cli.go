@@ -20,6 +20,8 @@ var version = "dev"
 const usage = `usage:
   sniproxy [run] [-c FILE]   run in the foreground
   sniproxy check [-c FILE]   validate the config and print the effective config
+  sniproxy reload [-c FILE] [--pid-file F]
+                             upgrade the running master with no downtime and wait
   sniproxy status [-c FILE] [--json]
                              ask the running master for its workers and totals
   sniproxy version           print version, commit and Go version
@@ -41,6 +43,8 @@ func run(args []string, sigs <-chan os.Signal, stdout, stderr io.Writer) int {
 		return cmdCheck(args, stdout, stderr)
 	case "status":
 		return cmdStatus(args, stdout, stderr)
+	case "reload":
+		return cmdReload(args, stdout, stderr)
 	case "worker":
 		return cmdWorker(args, stderr)
 	case "version":

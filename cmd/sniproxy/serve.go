@@ -8,7 +8,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
+	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/ipc"
 	"github.com/sniproxy/sniproxy/logging"
 	"github.com/sniproxy/sniproxy/master"
@@ -27,8 +29,16 @@ func cmdRun(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 	}
 	log, _ := newLogger(cfg, stderr)
 	opts := master.Options{Config: cfg, Log: log, Signals: sigs, Version: version,
-		// Negative control for the e2e tests only; see master.Options.
+		ConfigPath: config.Resolve(path, nil, nil),
+		// Switches for the e2e tests only; see master.Options.
 		ReplaceDeadSockets: os.Getenv("SNIPROXYTEST_REPLACE_DEAD_SOCKETS") == "1",
+		FreshSockets:       os.Getenv("SNIPROXYTEST_FRESH_SOCKETS") == "1",
+	}
+	if d, err := time.ParseDuration(os.Getenv("SNIPROXYTEST_UPGRADE_TIMEOUT")); err == nil {
+		opts.UpgradeTimeout = d
+	}
+	if f := os.Getenv("SNIPROXYTEST_HANG_IF_FILE"); f != "" {
+		opts.HangBeforeReady = func() bool { _, err := os.Stat(f); return err == nil }
 	}
 	if err := master.Run(opts); err != nil {
 		log.Error("sniproxy stopped", "err", err)

@@ -1,0 +1,133 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sniproxy/sniproxy/master"
+)
+
+// reloadTimeout bounds the wait for a reload: the master's upgrade timeout
+// (a minute) plus the time to validate and hurry a draining generation.
+const reloadTimeout = 2 * time.Minute
+
+// cmdReload asks the running master to upgrade itself (the binary and the
+// config now on disk) and waits for the new generation or the error. Without
+// a control socket it falls back to SIGHUP to the PID in the PID file and
+// waits for the file to name a new master.
+func cmdReload(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("reload", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("c", "", "config file (to find the control socket and PID file)")
+	fs.StringVar(path, "config", "", "same as -c")
+	pidFile := fs.String("pid-file", "", "PID file of the master (default: the config's pid_file)")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		fmt.Fprintf(stderr, "sniproxy: config is invalid, not reloading:\n%s\n", indentErrors(err))
+		return 1
+	}
+	if *pidFile == "" {
+		*pidFile = cfg.PIDFile
+	}
+	sock := master.ControlSocketPath(cfg)
+	res, sent, err := postReload(sock)
+	if err != nil && !sent && *pidFile != "" {
+		// Only when the request never reached a master: a second reload
+		// must not follow one that is under way.
+		fmt.Fprintf(stderr, "sniproxy: %v; signalling the PID in %s instead\n", err, *pidFile)
+		res, err = hupAndWait(*pidFile)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "sniproxy: reload failed: %v\n", err)
+		return 1
+	}
+	if res.Generation > 0 {
+		fmt.Fprintf(stdout, "reloaded: new master pid %d, generation %d\n", res.PID, res.Generation)
+	} else {
+		fmt.Fprintf(stdout, "reloaded: new master pid %d\n", res.PID)
+	}
+	return 0
+}
+
+type reloadAnswer struct {
+	PID        int    `json:"pid"`
+	Generation int    `json:"generation"`
+	Error      string `json:"error"`
+}
+
+// postReload asks the master on the control socket to reload. sent says
+// whether the request reached a master (then it must not be retried by
+// other means).
+func postReload(sock string) (ans reloadAnswer, sent bool, err error) {
+	d := net.Dialer{Timeout: 5 * time.Second}
+	c := &http.Client{
+		Timeout: reloadTimeout,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return d.DialContext(ctx, "unix", sock)
+		}},
+	}
+	resp, err := c.Post("http://sniproxy/reload", "application/json", nil)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "dial" {
+			return ans, false, fmt.Errorf("no master answers on %s: %w", sock, err)
+		}
+		return ans, true, fmt.Errorf("asking the master on %s: %w (see its log; `sniproxy status` shows the generation)", sock, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return ans, true, fmt.Errorf("reading the answer: %w", err)
+	}
+	if err := json.Unmarshal(body, &ans); err != nil {
+		return ans, true, fmt.Errorf("bad answer %q: %w", strings.TrimSpace(string(body)), err)
+	}
+	if ans.Error != "" {
+		return ans, true, fmt.Errorf("%s", ans.Error)
+	}
+	return ans, true, nil
+}
+
+// hupAndWait sends SIGHUP to the master in pidFile and waits until the file
+// names another live process.
+func hupAndWait(pidFile string) (reloadAnswer, error) {
+	read := func() (int, error) {
+		b, err := os.ReadFile(pidFile)
+		if err != nil {
+			return 0, err
+		}
+		return strconv.Atoi(strings.TrimSpace(string(b)))
+	}
+	old, err := read()
+	if err != nil {
+		return reloadAnswer{}, fmt.Errorf("PID file: %w", err)
+	}
+	if err := syscall.Kill(old, syscall.SIGHUP); err != nil {
+		return reloadAnswer{}, fmt.Errorf("signal master %d: %w", old, err)
+	}
+	deadline := time.Now().Add(reloadTimeout)
+	for time.Now().Before(deadline) {
+		if pid, err := read(); err == nil && pid != old && syscall.Kill(pid, 0) == nil {
+			return reloadAnswer{PID: pid}, nil
+		}
+		if syscall.Kill(old, 0) != nil {
+			return reloadAnswer{}, fmt.Errorf("master %d exited and %s names no new one", old, pidFile)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return reloadAnswer{}, fmt.Errorf("no new master within %v (see the master's log)", reloadTimeout)
+}
