@@ -5,7 +5,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -23,7 +22,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -61,22 +59,13 @@ func freePort(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
-// syncBuffer is a bytes.Buffer safe for a process's output and a test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
+// logFile is the path of a process's output file.
+type logFile string
 
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+// String returns the output so far.
+func (f logFile) String() string {
+	b, _ := os.ReadFile(string(f))
+	return string(b)
 }
 
 // proxyProc is a running sniproxy.
@@ -85,9 +74,22 @@ type proxyProc struct {
 	cmd     *exec.Cmd
 	addr    string // first listener
 	metrics string
-	logs    *syncBuffer
+	logs    logFile
 	done    chan struct{}
 	err     error
+	cfgPath string
+	pidFile string
+	bin     string
+}
+
+// pid returns the master PID in the PID file, or 0.
+func (p *proxyProc) pid() int {
+	b, err := os.ReadFile(p.pidFile)
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return n
 }
 
 // startProxy writes cfg (YAML; "LISTEN" and "METRICS" are replaced by free
@@ -101,20 +103,38 @@ func startProxy(t *testing.T, cfg string) *proxyProc {
 // startProxyEnv is startProxy with extra environment variables.
 func startProxyEnv(t *testing.T, cfg string, env ...string) *proxyProc {
 	t.Helper()
+	return startProxyBin(t, binary, cfg, env...)
+}
+
+// startProxyBin is startProxyEnv running the binary at bin. "PIDFILE" in
+// cfg becomes a path in the test's directory; after reloads the master
+// named there is the one stopped at the end.
+func startProxyBin(t *testing.T, bin, cfg string, env ...string) *proxyProc {
+	t.Helper()
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	cfg = strings.ReplaceAll(cfg, "LISTEN", listen)
 	cfg = strings.ReplaceAll(cfg, "METRICS", metrics)
 	dir := t.TempDir()
 	cfg = strings.ReplaceAll(cfg, "CTLSOCK", filepath.Join(dir, "ctl.sock"))
+	pidFile := filepath.Join(dir, "sniproxy.pid")
+	cfg = strings.ReplaceAll(cfg, "PIDFILE", pidFile)
 	path := filepath.Join(dir, "config.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p := &proxyProc{t: t, addr: listen, metrics: metrics, logs: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd = exec.Command(binary, "-c", path)
+	// Output goes to a file, not a pipe: upgraded masters inherit it, and
+	// Wait would otherwise wait for the last of them to close the pipe.
+	logPath := filepath.Join(dir, "sniproxy.log")
+	lf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	p := &proxyProc{t: t, addr: listen, metrics: metrics, logs: logFile(logPath), done: make(chan struct{}), cfgPath: path, pidFile: pidFile, bin: bin}
+	p.cmd = exec.Command(bin, "-c", path)
 	p.cmd.Env = append(append(os.Environ(), "SNIPROXY_LOG_FORMAT=json"), env...)
-	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
+	p.cmd.Stdout, p.cmd.Stderr = lf, lf
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -124,13 +144,32 @@ func startProxyEnv(t *testing.T, cfg string, env ...string) *proxyProc {
 	}()
 	t.Cleanup(func() {
 		// Graceful first, so workers are drained and reaped by the master;
-		// then by force.
+		// then by force. After a reload the master is another process:
+		// the one the PID file names.
 		p.cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-p.done:
 		case <-time.After(15 * time.Second):
 			p.cmd.Process.Kill()
 			<-p.done
+		}
+		if pid := p.pid(); pid > 0 && pid != p.cmd.Process.Pid {
+			kids := children(t, pid)
+			syscall.Kill(pid, syscall.SIGTERM)
+			for deadline := time.Now().Add(15 * time.Second); alive(pid); {
+				if time.Now().After(deadline) {
+					syscall.Kill(pid, syscall.SIGKILL)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			for _, k := range kids {
+				for deadline := time.Now().Add(10 * time.Second); alive(k); {
+					if time.Now().After(deadline) {
+						syscall.Kill(k, syscall.SIGKILL)
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
 		}
 		if t.Failed() {
 			t.Logf("sniproxy output:\n%s", p.logs.String())

@@ -30,7 +30,10 @@ type handoverMsg struct {
 	State *handoverState  `json:"state,omitempty"`
 	Delta *stats.Snapshot `json:"delta,omitempty"`
 	Ready *readyInfo      `json:"ready,omitempty"`
-	Hurry bool            `json:"hurry,omitempty"`
+	// Reserve is the permits the parent's workers still hold: exact, from
+	// its lease pool, so the successor never grants them twice.
+	Reserve *int `json:"reserve,omitempty"`
+	Hurry   bool `json:"hurry,omitempty"`
 }
 
 // handoverState is what survives an upgrade.
@@ -40,6 +43,7 @@ type handoverState struct {
 	Restarts      uint64         `json:"restarts"`
 	ReloadsOK     uint64         `json:"reloads_ok"`
 	ReloadsFailed uint64         `json:"reloads_failed"`
+	Reserve       int            `json:"reserve"`
 }
 
 // readyInfo names a new generation.

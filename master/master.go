@@ -275,7 +275,7 @@ func (m *Master) takeHandover() error {
 	m.totals = st.Totals
 	m.parentActive = st.Totals.Active
 	m.restarts, m.reloadsOK, m.reloadsFailed = st.Restarts, st.ReloadsOK, st.ReloadsFailed
-	m.pool.SetReserve(int(m.parentActive))
+	m.pool.SetReserve(st.Reserve)
 	go m.readParent(h)
 	return nil
 }
@@ -292,9 +292,10 @@ func (m *Master) readParent(h *handover) {
 			m.mu.Lock()
 			m.totals.Add(*msg.Delta)
 			m.parentActive += msg.Delta.Active
-			reserve := m.parentActive
 			m.mu.Unlock()
-			m.pool.SetReserve(int(reserve))
+		}
+		if msg.Reserve != nil {
+			m.pool.SetReserve(*msg.Reserve)
 		}
 	}
 	// The parent is gone, and its connections with it.
@@ -418,10 +419,14 @@ func (m *Master) serveChild(c *child) {
 		case ipc.LeaseRequest:
 			n := m.pool.Grant(c.holder, b.Want)
 			c.conn.SendBody(ipc.LeaseGrant{N: n})
+			if n > 0 {
+				m.sendReserve()
+			}
 		case ipc.LeaseReturn:
 			if err := m.pool.Return(c.holder, b.N); err != nil {
 				m.log.Error("worker returned permits it does not hold", "slot", c.slot, "err", err)
 			}
+			m.sendReserve()
 		case ipc.Stats:
 			m.mu.Lock()
 			m.totals.Add(b.Delta)
@@ -445,6 +450,7 @@ func (m *Master) serveChild(c *child) {
 // connections are gone with it.
 func (m *Master) reap(c *child) {
 	freed := m.pool.Drop(c.holder)
+	m.sendReserve()
 	c.mu.Lock()
 	lost := c.totals.Active
 	c.mu.Unlock()
@@ -465,6 +471,18 @@ func (m *Master) reap(c *child) {
 	}
 	if lost != 0 || freed != 0 {
 		m.log.Debug("worker accounted", "slot", c.slot, "connections_lost", lost, "permits_freed", freed)
+	}
+}
+
+// sendReserve tells the successor, if any, how many permits this
+// generation still holds.
+func (m *Master) sendReserve() {
+	m.mu.Lock()
+	succ := m.successor
+	m.mu.Unlock()
+	if succ != nil {
+		held, _ := m.pool.Held()
+		succ.send(handoverMsg{Reserve: &held})
 	}
 }
 
@@ -587,7 +605,8 @@ func (m *Master) startReload(done chan<- upgradeOutcome) error {
 		// under m.mu, so none is counted twice or lost, and the State goes
 		// first.
 		m.mu.Lock()
-		st := handoverState{Generation: m.generation, Totals: m.totals, Restarts: m.restarts, ReloadsOK: m.reloadsOK, ReloadsFailed: m.reloadsFailed}
+		held, _ := m.pool.Held()
+		st := handoverState{Generation: m.generation, Totals: m.totals, Restarts: m.restarts, ReloadsOK: m.reloadsOK, ReloadsFailed: m.reloadsFailed, Reserve: held}
 		err = h.send(handoverMsg{State: &st})
 		if err == nil {
 			m.successor = h
