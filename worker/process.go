@@ -61,12 +61,16 @@ type Process struct {
 
 // Request implements lease.Transport: it asks the master for permits and
 // waits for the grant. Grants come back in request order.
+//
+// Once the master is gone the worker only drains: its listeners are closing,
+// and a connection it accepted in that instant is served rather than reset,
+// with a permit granted locally (the global count cannot be consulted).
 func (p *Process) Request(want int) (int, error) {
 	ch := make(chan int, 1)
 	p.mu.Lock()
 	if p.dead {
 		p.mu.Unlock()
-		return 0, net.ErrClosed
+		return 1, nil
 	}
 	p.waiters = append(p.waiters, ch)
 	// Sent under the lock so the order of sends is the order of waiters.
@@ -80,7 +84,7 @@ func (p *Process) Request(want int) (int, error) {
 	}
 	n, ok := <-ch
 	if !ok {
-		return 0, net.ErrClosed
+		return 1, nil // the master went away meanwhile: see above
 	}
 	return n, nil
 }
@@ -138,6 +142,10 @@ func (p *Process) Run() error {
 	if err != nil {
 		return err
 	}
+	if os.Getenv("SNIPROXYTEST_FRESH_SOCKETS") == "1" {
+		// The reload negative control (see master.Options.FreshSockets).
+		srv.LingerOnStop = 300 * time.Millisecond
+	}
 	ctx, stopAccepting := context.WithCancel(context.Background())
 	defer stopAccepting()
 	served := make(chan error, 1)
@@ -156,7 +164,9 @@ func (p *Process) Run() error {
 
 	// Read the master's messages until drain, stop or EOF.
 	drainBy, err := p.loop(srv)
-	p.failWaiters()
+	if err != nil {
+		p.failWaiters()
+	}
 	stopAccepting()
 	if serr := <-served; serr != nil {
 		p.Log.Error("serving failed", "err", serr)
@@ -279,7 +289,11 @@ func (p *Process) loop(srv *Server) (time.Time, error) {
 // whileDraining reads the master's messages during a drain: Stop cancels
 // the drain at once; losing the master ends it within limit from then
 // (sooner if the master's deadline comes first).
+//
+// Permits are still granted while draining: a connection accepted just
+// before the listeners closed may need one.
 func (p *Process) whileDraining(cancel context.CancelFunc, limit time.Duration) {
+	defer p.failWaiters()
 	for {
 		m, err := p.Conn.Recv()
 		if err != nil {
@@ -287,14 +301,19 @@ func (p *Process) whileDraining(cancel context.CancelFunc, limit time.Duration) 
 			return
 		}
 		m.CloseFiles()
-		switch m.Type {
-		case ipc.TypeStop:
+		b, err := ipc.Decode(m)
+		if err != nil {
+			time.AfterFunc(limit, cancel)
+			return
+		}
+		switch b := b.(type) {
+		case ipc.Stop:
 			cancel()
 			return
-		case ipc.TypePing:
-			if b, err := ipc.Decode(m); err == nil {
-				p.Conn.SendBody(ipc.Pong{Seq: b.(ipc.Ping).Seq})
-			}
+		case ipc.LeaseGrant:
+			p.grant(b.N)
+		case ipc.Ping:
+			p.Conn.SendBody(ipc.Pong{Seq: b.Seq})
 		}
 	}
 }

@@ -58,7 +58,8 @@ type Listener struct {
 	Ln     *net.TCPListener
 }
 
-// keepAlive is the TCP keepalive idle time set on both sides of a pair.
+// keepAlive is the TCP keepalive idle time of backend connections (client
+// connections get the listener default, 15s).
 const keepAlive = 60 * time.Second
 
 // Server serves connections. Create it with New.
@@ -70,6 +71,10 @@ type Server struct {
 	table   *route.Table
 	// Dialer dials backends; a seam for tests (its Resolver).
 	Dialer *route.Dialer
+	// LingerOnStop, for the reload test's negative control only, keeps
+	// the listeners open (not accepting) this long after StopAccepting, so
+	// that connections queue on sockets about to be closed.
+	LingerOnStop time.Duration
 
 	// sniffLimit bounds the connections of this server still in the sniff
 	// phase, so slow or silent clients cannot hold the whole connection
@@ -207,10 +212,31 @@ func (s *Server) StopAccepting() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true
-	for _, ln := range s.lns {
-		ln.Close()
+	if d := s.LingerOnStop; d > 0 {
+		// Test-only negative control: stop accepting but keep the sockets
+		// open a while, so that connections queue, then close them.
+		lns := s.lns
+		for _, ln := range lns {
+			ln.SetDeadline(time.Now())
+		}
+		time.AfterFunc(d, func() {
+			for _, ln := range lns {
+				ln.Close()
+			}
+		})
+	} else {
+		for _, ln := range s.lns {
+			ln.Close()
+		}
 	}
 	s.lns = nil
+}
+
+// stopped reports whether StopAccepting was called.
+func (s *Server) stopped() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
 }
 
 // Active returns the number of connections being served.
@@ -251,7 +277,7 @@ func (s *Server) acceptLoop(l Listener) error {
 	for {
 		c, err := l.Ln.AcceptTCP()
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
+			if errors.Is(err, net.ErrClosed) || (errors.Is(err, os.ErrDeadlineExceeded) && s.stopped()) {
 				return nil
 			}
 			if isTemporary(err) {
@@ -346,29 +372,38 @@ type outcome struct {
 	err     error
 }
 
+// serve sniffs, routes and dials; then it hands the pair to proxy.Start
+// and returns, so that its goroutine (whose stack grew while sniffing and
+// dialling) does not stay parked for the life of an idle connection. Who
+// finishes the connection (access log, permit, counters) is whoever ends
+// last: serve itself on every early exit, else the pipe.
 func (c *conn) serve() {
 	s := c.srv
-	defer s.untrack(c)
-	defer s.rec.Closed()
-	o := outcome{rule: -1, source: c.client.RemoteAddr()}
-	defer func() { c.logDone(&o) }()
+	o := &outcome{rule: -1, source: c.client.RemoteAddr()}
+	permit, handedOff := false, false
+	defer func() {
+		if !handedOff {
+			c.finish(o, permit)
+		}
+	}()
 
 	if s.limiter != nil {
 		if !s.limiter.Acquire() {
 			c.client.Close()
 			s.rec.Protocol(sniff.Unknown)
-			c.reject(&o, stats.Limit, errors.New("worker: max_connections reached"))
+			c.reject(o, stats.Limit, errors.New("worker: max_connections reached"))
 			return
 		}
-		defer s.limiter.Release()
+		permit = true
 	}
-	c.client.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: keepAlive})
+	// Accepted connections already have TCP keepalive (Go's default for a
+	// listener, 15s); backends get it from the dialer.
 
 	if s.sniffing.Add(1) > s.sniffLimit {
 		s.sniffing.Add(-1)
 		c.client.Close()
 		s.rec.Protocol(sniff.Unknown)
-		c.reject(&o, stats.Limit, errors.New("worker: too many connections in the sniff phase"))
+		c.reject(o, stats.Limit, errors.New("worker: too many connections in the sniff phase"))
 		return
 	}
 	sniffDone := false
@@ -392,7 +427,7 @@ func (c *conn) serve() {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				reason = stats.SniffTimeout
 			}
-			c.reject(&o, reason, err)
+			c.reject(o, reason, err)
 			return
 		}
 		hdr, start = h, rest
@@ -414,7 +449,7 @@ func (c *conn) serve() {
 		if reason == stats.SniffError {
 			err = fmt.Errorf("%w (first bytes %s)", err, sniff.HexPrefix(buf.Bytes(), 32))
 		}
-		c.reject(&o, reason, err)
+		c.reject(o, reason, err)
 		return
 	}
 
@@ -423,7 +458,7 @@ func (c *conn) serve() {
 	o.rule = dec.Rule
 	if err != nil {
 		c.client.Close()
-		c.reject(&o, routeReason(err), err)
+		c.reject(o, routeReason(err), err)
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.Connect)
@@ -433,7 +468,7 @@ func (c *conn) serve() {
 	o.backend = addr
 	if err != nil {
 		c.client.Close()
-		c.reject(&o, routeReason(err), err)
+		c.reject(o, routeReason(err), err)
 		return
 	}
 	s.rec.BackendConnect(time.Since(t0))
@@ -464,20 +499,34 @@ func (c *conn) serve() {
 	s.rec.Bytes(int64(len(buf.Bytes())), 0)
 	buf.Release()
 
-	_, err = proxy.Pipe(c.client, backend, s.cfg.Timeouts.Idle, c.count)
-	o.err = err
-	switch {
-	case errors.Is(err, proxy.ErrIdle):
-		o.reason = "idle"
-	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ENOTCONN):
-		// A peer that closes without reading everything, or resets: an
-		// ordinary end for a proxy, not an operator's problem.
-		o.reason = "reset"
-	case err != nil:
-		o.reason = "error"
-	default:
-		o.reason = "ok"
+	endSniff()
+	handedOff = true
+	proxy.Start(c.client, backend, s.cfg.Timeouts.Idle, c.count, func(_ proxy.Result, err error) {
+		o.err = err
+		switch {
+		case errors.Is(err, proxy.ErrIdle):
+			o.reason = "idle"
+		case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ENOTCONN):
+			// A peer that closes without reading everything, or resets:
+			// an ordinary end for a proxy, not an operator's problem.
+			o.reason = "reset"
+		case err != nil:
+			o.reason = "error"
+		default:
+			o.reason = "ok"
+		}
+		c.finish(o, permit)
+	})
+}
+
+// finish writes the access log and gives back what the connection held.
+func (c *conn) finish(o *outcome, permit bool) {
+	c.logDone(o)
+	if permit {
+		c.srv.limiter.Release()
 	}
+	c.srv.rec.Closed()
+	c.srv.untrack(c)
 }
 
 // writeProxyHeader sends a PROXY header naming the client (or, behind a

@@ -23,6 +23,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -49,38 +50,67 @@ type Result struct {
 // caller can report progress of long connections; it must be cheap and safe
 // for concurrent use.
 func Pipe(client, backend *net.TCPConn, idle time.Duration, count func(in, out int64)) (Result, error) {
-	p := &pair{client: client, backend: backend, idle: idle}
+	type outcome struct {
+		r   Result
+		err error
+	}
+	ch := make(chan outcome, 1)
+	Start(client, backend, idle, count, func(r Result, err error) { ch <- outcome{r, err} })
+	o := <-ch
+	return o.r, o.err
+}
+
+// Start is Pipe without the wait: it starts the two directions on their own
+// goroutines and returns at once; done is called (on one of them) when both
+// have ended and both connections are closed.
+//
+// This is what a server holding many idle connections wants: the caller's
+// goroutine, whose stack grew while it sniffed and dialled, can exit, and an
+// idle pair costs two goroutines with small stacks, parked in the poller.
+func Start(client, backend *net.TCPConn, idle time.Duration, count func(in, out int64), done func(Result, error)) {
+	p := &pair{client: client, backend: backend, idle: idle, done: done}
 	p.touch()
+	p.left.Store(2)
 	if idle > 0 {
 		// Armed after the assignment, so checkIdle always sees p.timer.
 		p.timer = time.AfterFunc(math.MaxInt64, p.checkIdle)
 		p.timer.Reset(idle)
-		defer p.timer.Stop()
 	}
-	up := direction{p: p, name: "client to backend", src: client, dst: backend, up: true, count: count}
-	down := direction{p: p, name: "backend to client", src: backend, dst: client, count: count}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		copyDown(&down)
-	}()
-	up.run()
-	wg.Wait()
-	client.Close()
-	backend.Close()
-	err := up.err
+	p.up = direction{p: p, name: "client to backend", src: client, dst: backend, up: true, count: count}
+	p.down = direction{p: p, name: "backend to client", src: backend, dst: client, count: count}
+	for _, d := range []*direction{&p.up, &p.down} {
+		rc, err := d.src.SyscallConn()
+		if err != nil {
+			// Only a closed conn has none: end that direction now.
+			d.err = fmt.Errorf("proxy: %s: %w", d.name, err)
+			p.abort()
+			p.finish()
+			continue
+		}
+		d.rc, d.lr, d.waitFn = rc, &io.LimitedReader{R: d.src}, d.peek
+		go wait(d)
+	}
+}
+
+// finish runs when a direction ends; the last one closes up and reports.
+func (p *pair) finish() {
+	if p.left.Add(-1) != 0 {
+		return
+	}
+	if p.timer != nil {
+		p.timer.Stop()
+	}
+	p.client.Close()
+	p.backend.Close()
+	err := p.up.err
 	if err == nil {
-		err = down.err
+		err = p.down.err
 	}
 	if p.idled.Load() {
 		err = ErrIdle
 	}
-	return Result{In: up.n, Out: down.n}, err
+	p.done(Result{In: p.up.n, Out: p.down.n}, err)
 }
-
-// copyDown runs the backend-to-client direction; named for stack dumps.
-func copyDown(d *direction) { d.run() }
 
 // pair is the state both directions share.
 type pair struct {
@@ -97,6 +127,10 @@ type pair struct {
 	last      atomic.Int64
 	idled     atomic.Bool
 	closeOnce sync.Once
+
+	up, down direction
+	left     atomic.Int32 // directions still running
+	done     func(Result, error)
 }
 
 func (p *pair) touch() { p.last.Store(time.Now().UnixNano()) }
@@ -129,73 +163,84 @@ type direction struct {
 	up       bool
 	count    func(in, out int64)
 	n        int64
-	err      error
+
+	// Copy state, used by one goroutine at a time.
+	rc      syscall.RawConn
+	lr      *io.LimitedReader
+	waitFn  func(fd uintptr) bool
+	avail   int
+	eof     bool
+	peekErr error
+	one     [1]byte
+	err     error
 }
 
-func (d *direction) run() {
-	err := d.copy()
+// run copies, starting from the result of the wait that woke it, until
+// the direction ends (true), or until it would wait again: then a fresh
+// goroutine waits (see copy) and run returns false.
+func (d *direction) run(woke error) (finished bool) {
+	err, handedOff := d.copy(woke)
+	if handedOff {
+		return false
+	}
 	if err != nil {
 		if !errors.Is(err, net.ErrClosed) {
 			d.err = fmt.Errorf("proxy: %s: %w", d.name, err)
 		}
 		d.p.abort()
-		return
+		return true
 	}
 	// Clean EOF from src: pass the FIN on; the other direction goes on.
 	if err := d.dst.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
 		d.err = fmt.Errorf("proxy: %s: close write: %w", d.name, err)
 		d.p.abort()
 	}
+	return true
 }
 
-// copy moves bytes until EOF (nil) or an error.
-func (d *direction) copy() error {
-	rc, err := d.src.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var (
-		avail   int
-		eof     bool
-		peekErr error
-		one     [1]byte
-	)
-	// wait is called by the runtime poller: false means "not yet, wait for
-	// readability". MSG_PEEK consumes nothing; SIOCINQ says how much is
-	// queued so the splice below never waits holding a pipe.
-	wait := func(fd uintptr) bool {
-		n, _, err := unix.Recvfrom(int(fd), one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		switch {
-		case err == unix.EAGAIN || err == unix.EINTR:
-			return false
-		case err != nil:
-			peekErr = err
-		case n == 0:
-			eof = true
-		default:
-			q, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
-			if err != nil || q < 1 {
-				q = 1
-			}
-			avail = q
+// peek reports what src holds, without consuming it: the number of bytes
+// queued (SIOCINQ), or EOF, or an error; ok is false when nothing is there
+// yet. It is the callback of syscall.RawConn.Read (false means "wait for
+// readability") and of RawConn.Control (no waiting).
+func (d *direction) peek(fd uintptr) (ok bool) {
+	n, _, err := unix.Recvfrom(int(fd), d.one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	switch {
+	case err == unix.EAGAIN || err == unix.EINTR:
+		return false
+	case err != nil:
+		d.peekErr = err
+	case n == 0:
+		d.eof = true
+	default:
+		q, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+		if err != nil || q < 1 {
+			q = 1
 		}
-		return true
+		d.avail = q
 	}
-	lr := &io.LimitedReader{R: d.src}
+	return true
+}
+
+// copy moves bytes until EOF (nil), an error, or until nothing is queued
+// after a transfer (handedOff): the goroutine's stack grew in the splice
+// path, so rather than park with it, copy starts a fresh goroutine (2 KiB
+// of stack) to wait for the next bytes and returns. An idle pair thus holds
+// two small parked goroutines and no pipe or buffer. woke is the error of
+// the wait that found the first bytes (their state is in d).
+func (d *direction) copy(woke error) (err error, handedOff bool) {
+	err = woke
 	for {
-		avail, eof, peekErr = 0, false, nil
-		err := rc.Read(wait)
-		if err == nil && peekErr != nil {
-			err = os.NewSyscallError("recvfrom", peekErr)
+		if err == nil && d.peekErr != nil {
+			err = os.NewSyscallError("recvfrom", d.peekErr)
 		}
 		if err != nil {
-			return err
+			return err, false
 		}
-		if eof {
-			return nil
+		if d.eof {
+			return nil, false
 		}
-		lr.N = int64(avail)
-		n, err := d.dst.ReadFrom(lr)
+		d.lr.N = int64(d.avail)
+		n, err := d.dst.ReadFrom(d.lr)
 		if n > 0 {
 			d.n += n
 			if d.count != nil {
@@ -208,7 +253,25 @@ func (d *direction) copy() error {
 			d.p.touch()
 		}
 		if err != nil {
-			return err
+			return err, false
 		}
+		d.avail, d.eof, d.peekErr = 0, false, nil
+		ready := false
+		err = d.rc.Control(func(fd uintptr) { ready = d.peek(fd) })
+		if err == nil && !ready {
+			go wait(d)
+			return nil, true
+		}
+	}
+}
+
+// wait is where every goroutine of a direction starts: it parks, with the
+// shallowest stack possible, until src is readable, then copies. Named for
+// stack dumps.
+func wait(d *direction) {
+	d.avail, d.eof, d.peekErr = 0, false, nil
+	err := d.rc.Read(d.waitFn)
+	if d.run(err) {
+		d.p.finish()
 	}
 }
