@@ -113,8 +113,10 @@ type Master struct {
 	// parent is the handover to the previous generation while it drains;
 	// nil for a first master or once the parent is gone.
 	parent *handover
-	// parentActive is the parent's live connections, reserved in the pool.
+	// parentActive is the parent's live connections, as counted.
 	parentActive int64
+	// parentDone is closed once every message of the parent is applied.
+	parentDone chan struct{}
 	// successor is the handover to the next generation once upgraded.
 	successor *handover
 
@@ -276,6 +278,7 @@ func (m *Master) takeHandover() error {
 	m.parentActive = st.Totals.Active
 	m.restarts, m.reloadsOK, m.reloadsFailed = st.Restarts, st.ReloadsOK, st.ReloadsFailed
 	m.pool.SetReserve(st.Reserve)
+	m.parentDone = make(chan struct{})
 	go m.readParent(h)
 	return nil
 }
@@ -304,6 +307,7 @@ func (m *Master) readParent(h *handover) {
 	m.parentActive = 0
 	m.mu.Unlock()
 	m.pool.SetReserve(0)
+	close(m.parentDone)
 	m.log.Info("previous generation exited")
 }
 
@@ -594,6 +598,11 @@ func (m *Master) startReload(done chan<- upgradeOutcome) error {
 			if err != nil {
 				out.err = fmt.Errorf("previous generation did not exit: %w", err)
 				return
+			}
+			// Its last counts must be in the totals handed on.
+			select {
+			case <-m.parentDone:
+			case <-time.After(5 * time.Second):
 			}
 		}
 		h, err := newHandoverPair(m.upg)
