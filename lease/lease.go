@@ -146,56 +146,79 @@ type Client struct {
 	block int
 
 	mu       sync.Mutex
-	spare    int // held, not in use
+	cond     *sync.Cond // signalled when a request for permits completes
+	spare    int        // held, not in use
 	inUse    int
-	fetching bool // an asynchronous refill is under way
+	fetching bool   // a request to the Pool is under way
+	fetches  uint64 // completed requests
+	empty    bool   // the last request got nothing
 }
 
 // NewClient returns a Client that leases blocks of block permits through t.
 func NewClient(t Transport, block int) *Client {
-	return &Client{t: t, block: max(block, 1)}
+	c := &Client{t: t, block: max(block, 1)}
+	c.cond = sync.NewCond(&c.mu)
+	return c
 }
 
 // Acquire takes a permit for a new connection. It answers from the local
 // spares when it can; otherwise it asks the Pool for a block and waits for
-// the answer (one IPC round trip per block, not per connection). When the
-// spares run low it refills in the background so the next connections do
-// not wait.
+// the answer (one IPC round trip per block, not per connection). Only one
+// request is in flight at a time: connections arriving meanwhile wait for
+// its answer rather than each asking (a burst would otherwise drain the
+// Pool into spares and be refused). When the spares run low it refills in
+// the background so the next connections do not wait.
 func (c *Client) Acquire() bool {
 	c.mu.Lock()
-	if c.spare > 0 {
-		c.spare--
-		c.inUse++
-		refill := c.spare < c.block/2 && !c.fetching
-		if refill {
-			c.fetching = true
+	defer c.mu.Unlock()
+	for {
+		if c.spare > 0 {
+			c.spare--
+			c.inUse++
+			if c.spare < c.block/2 && !c.fetching {
+				c.fetching = true
+				go c.refill()
+			}
+			return true
 		}
+		if c.fetching {
+			seen := c.fetches
+			for c.fetching && c.fetches == seen {
+				c.cond.Wait()
+			}
+			if c.empty && c.spare == 0 {
+				return false // the Pool had nothing: the limit is reached
+			}
+			continue
+		}
+		c.fetching = true
 		c.mu.Unlock()
-		if refill {
-			go c.refill()
+		n, err := c.t.Request(c.block)
+		c.mu.Lock()
+		c.landed(n, err)
+		if c.empty && c.spare == 0 {
+			return false
 		}
-		return true
 	}
-	c.mu.Unlock()
-	n, err := c.t.Request(c.block)
-	if err != nil || n == 0 {
-		return false
+}
+
+// landed records the answer to a request; c.mu is held.
+func (c *Client) landed(n int, err error) {
+	if err != nil {
+		n = 0
 	}
-	c.mu.Lock()
-	c.spare += n - 1
-	c.inUse++
-	c.mu.Unlock()
-	return true
+	c.spare += n
+	c.empty = n == 0
+	c.fetching = false
+	c.fetches++
+	c.cond.Broadcast()
 }
 
 // refill asks for a block in the background.
 func (c *Client) refill() {
 	n, err := c.t.Request(c.block)
 	c.mu.Lock()
-	c.fetching = false
-	if err == nil {
-		c.spare += n
-	}
+	c.landed(n, err)
 	c.mu.Unlock()
 }
 

@@ -167,3 +167,35 @@ func BenchmarkAcquireRelease(b *testing.B) {
 		}
 	})
 }
+
+// slow is a Transport whose requests take a while, like an IPC round trip
+// under load.
+type slow struct{ direct }
+
+func (s slow) Request(want int) (int, error) {
+	time.Sleep(2 * time.Millisecond)
+	return s.direct.Request(want)
+}
+
+func TestBurstDoesNotStarve(t *testing.T) {
+	// 3000 connections at once against a limit of 4020 with blocks of 64:
+	// concurrent requests must not drain the pool into spares and refuse
+	// connections while permits are there.
+	p := NewPool(4020)
+	c := NewClient(slow{direct{p, 1}}, BlockSize(4020, 1))
+	var wg sync.WaitGroup
+	var refused atomic.Int64
+	for range 3000 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if !c.Acquire() {
+				refused.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := refused.Load(); n != 0 {
+		t.Errorf("%d of 3000 refused under a limit of 4020", n)
+	}
+}
