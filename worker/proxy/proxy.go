@@ -5,9 +5,9 @@
 // hands *net.TCPConn to (*net.TCPConn).ReadFrom, never a wrapper that would
 // force a user-space copy. An idle connection holds no pipe and no buffer:
 // each direction first waits for readability on the socket itself (through
-// syscall.RawConn), asks the kernel how many bytes are queued, and only then
-// splices exactly that many, so Go's splice pipe is borrowed only while data
-// moves.
+// syscall.RawConn, peeking one byte), and only then splices, with a read
+// deadline that ends the splice's own wait for more data after holdPipe, so
+// Go's splice pipe is borrowed only while data moves.
 //
 // A FIN from one side is passed on as a half-close (CloseWrite) and the
 // other direction keeps flowing. The idle timeout counts silence in both
@@ -28,6 +28,10 @@ import (
 
 	"golang.org/x/sys/unix"
 )
+
+// holdPipe bounds how long a direction may wait for more bytes while it
+// holds a splice pipe (two fds) in the middle of a stream.
+const holdPipe = 20 * time.Millisecond
 
 // ErrIdle is returned by Pipe when neither side sent a byte for the idle
 // timeout.
@@ -168,7 +172,6 @@ type direction struct {
 	rc      syscall.RawConn
 	lr      *io.LimitedReader
 	waitFn  func(fd uintptr) bool
-	avail   int
 	eof     bool
 	peekErr error
 	one     [1]byte
@@ -198,10 +201,10 @@ func (d *direction) run(woke error) (finished bool) {
 	return true
 }
 
-// peek reports what src holds, without consuming it: the number of bytes
-// queued (SIOCINQ), or EOF, or an error; ok is false when nothing is there
-// yet. It is the callback of syscall.RawConn.Read (false means "wait for
-// readability") and of RawConn.Control (no waiting).
+// peek reports whether src has something to read, without consuming it:
+// bytes (ok), EOF (d.eof) or an error (d.peekErr); ok is false when nothing
+// is there yet. It is the callback of syscall.RawConn.Read (false means
+// "wait for readability") and of RawConn.Control (no waiting).
 func (d *direction) peek(fd uintptr) (ok bool) {
 	n, _, err := unix.Recvfrom(int(fd), d.one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
 	switch {
@@ -211,12 +214,6 @@ func (d *direction) peek(fd uintptr) (ok bool) {
 		d.peekErr = err
 	case n == 0:
 		d.eof = true
-	default:
-		q, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
-		if err != nil || q < 1 {
-			q = 1
-		}
-		d.avail = q
 	}
 	return true
 }
@@ -239,8 +236,23 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 		if d.eof {
 			return nil, false
 		}
-		d.lr.N = int64(d.avail)
+		// Splice what is queued and whatever follows, letting Go's splice
+		// loop wait for more while the stream flows; the read deadline
+		// ends that wait holdPipe after it began, so a pipe is held at most
+		// that long past the last byte. A read deadline is safe here: it
+		// can only end a wait for src with the pipe empty, never a write
+		// of bytes already spliced in.
+		d.lr.N = 1 << 62
+		d.src.SetReadDeadline(time.Now().Add(holdPipe))
 		n, err := d.dst.ReadFrom(d.lr)
+		d.src.SetReadDeadline(time.Time{})
+		switch {
+		case err == nil:
+			// ReadFrom ends without error only at EOF: N is unreachable.
+			d.eof = true
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			err = nil
+		}
 		if n > 0 {
 			d.n += n
 			if d.count != nil {
@@ -255,7 +267,10 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 		if err != nil {
 			return err, false
 		}
-		d.avail, d.eof, d.peekErr = 0, false, nil
+		if d.eof {
+			return nil, false
+		}
+		d.eof, d.peekErr = false, nil
 		ready := false
 		err = d.rc.Control(func(fd uintptr) { ready = d.peek(fd) })
 		if err == nil && !ready {
@@ -269,7 +284,7 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 // shallowest stack possible, until src is readable, then copies. Named for
 // stack dumps.
 func wait(d *direction) {
-	d.avail, d.eof, d.peekErr = 0, false, nil
+	d.eof, d.peekErr = false, nil
 	err := d.rc.Read(d.waitFn)
 	if d.run(err) {
 		d.p.finish()
