@@ -269,7 +269,7 @@ func (p *Process) loop(srv *Server) (time.Time, error) {
 				return time.Time{}, err
 			}
 		case ipc.Ping:
-			p.Conn.SendBody(ipc.Pong{Seq: b.Seq})
+			p.Conn.SendBody(ipc.Pong(b))
 		case ipc.Drain:
 			p.Log.Info("draining", "slot", p.Slot, "active", srv.Active(), "deadline", b.Deadline)
 			if b.Deadline.IsZero() {
@@ -313,7 +313,7 @@ func (p *Process) whileDraining(cancel context.CancelFunc, limit time.Duration) 
 		case ipc.LeaseGrant:
 			p.grant(b.N)
 		case ipc.Ping:
-			p.Conn.SendBody(ipc.Pong{Seq: b.Seq})
+			p.Conn.SendBody(ipc.Pong(b))
 		}
 	}
 }

@@ -291,14 +291,12 @@ func TestSniffLimit(t *testing.T) {
 	if got := ts.srv.sniffLimit; got != 30 {
 		t.Fatalf("sniff limit %d; want 30", got)
 	}
-	var silent []net.Conn
 	for range 30 {
 		c, err := net.Dial("tcp", ts.addr)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		silent = append(silent, c)
 	}
 	waitFor(t, "30 sniffing", func() bool { return ts.srv.sniffing.Load() == 30 })
 	over, err := net.Dial("tcp", ts.addr)
