@@ -82,6 +82,10 @@ type Server struct {
 	sniffLimit int64
 	sniffing   atomic.Int64
 
+	// poller parks idle pairs without goroutines; nil if it could not be
+	// made (pairs then park on goroutines).
+	poller *proxy.Poller
+
 	nextID atomic.Uint64
 	wg     sync.WaitGroup // one per connection handler
 	mu     sync.Mutex
@@ -108,7 +112,13 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 			}
 		}
 	}
+	poller, err := proxy.NewPoller()
+	if err != nil {
+		log.Warn("idle connections will hold a goroutine each", "err", err)
+		poller = nil
+	}
 	return &Server{
+		poller:  poller,
 		cfg:     cfg,
 		log:     log,
 		rec:     rec,
@@ -255,18 +265,21 @@ func (s *Server) Drain(ctx context.Context) int {
 		s.wg.Wait()
 		close(done)
 	}()
+	n := 0
 	select {
 	case <-done:
-		return 0
 	case <-ctx.Done():
+		s.mu.Lock()
+		n = len(s.conns)
+		for c := range s.conns {
+			c.close()
+		}
+		s.mu.Unlock()
+		<-done
 	}
-	s.mu.Lock()
-	n := len(s.conns)
-	for c := range s.conns {
-		c.close()
+	if s.poller != nil && s.stopped() {
+		s.poller.Close()
 	}
-	s.mu.Unlock()
-	<-done
 	return n
 }
 
@@ -334,6 +347,7 @@ type conn struct {
 
 	mu      sync.Mutex
 	backend *net.TCPConn
+	pipe    *proxy.Pair
 	closed  bool
 
 	in, out atomic.Int64
@@ -344,6 +358,11 @@ func (c *conn) close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.closed = true
+	if c.pipe != nil {
+		// Through the pair, which wakes a direction parked in the poller.
+		c.pipe.Close()
+		return
+	}
 	c.client.Close()
 	if c.backend != nil {
 		c.backend.Close()
@@ -501,7 +520,9 @@ func (c *conn) serve() {
 
 	endSniff()
 	handedOff = true
-	proxy.Start(c.client, backend, s.cfg.Timeouts.Idle, c.count, func(_ proxy.Result, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock() // held until the Pair is recorded: close must see it
+	c.pipe = proxy.Start(c.client, backend, s.cfg.Timeouts.Idle, s.poller, c.count, func(_ proxy.Result, err error) {
 		o.err = err
 		switch {
 		case errors.Is(err, proxy.ErrIdle):

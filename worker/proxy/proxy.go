@@ -59,7 +59,7 @@ func Pipe(client, backend *net.TCPConn, idle time.Duration, count func(in, out i
 		err error
 	}
 	ch := make(chan outcome, 1)
-	Start(client, backend, idle, count, func(r Result, err error) { ch <- outcome{r, err} })
+	Start(client, backend, idle, nil, count, func(r Result, err error) { ch <- outcome{r, err} })
 	o := <-ch
 	return o.r, o.err
 }
@@ -71,7 +71,11 @@ func Pipe(client, backend *net.TCPConn, idle time.Duration, count func(in, out i
 // This is what a server holding many idle connections wants: the caller's
 // goroutine, whose stack grew while it sniffed and dialled, can exit, and an
 // idle pair costs two goroutines with small stacks, parked in the poller.
-func Start(client, backend *net.TCPConn, idle time.Duration, count func(in, out int64), done func(Result, error)) {
+//
+// With a Poller, a direction that has nothing to read parks there instead of
+// on a goroutine of its own (see Poller); poller may be nil. The returned
+// Pair may be closed at any time (a drain deadline).
+func Start(client, backend *net.TCPConn, idle time.Duration, poller *Poller, count func(in, out int64), done func(Result, error)) *Pair {
 	p := &pair{client: client, backend: backend, idle: idle, done: done}
 	p.touch()
 	p.left.Store(2)
@@ -91,10 +95,21 @@ func Start(client, backend *net.TCPConn, idle time.Duration, count func(in, out 
 			p.finish()
 			continue
 		}
-		d.rc, d.lr, d.waitFn = rc, &io.LimitedReader{R: d.src}, d.peek
-		go wait(d)
+		d.rc, d.lr, d.waitFn, d.poller = rc, &io.LimitedReader{R: d.src}, d.peek, poller
+		if poller == nil || !poller.park(d) {
+			go wait(d)
+		}
 	}
+	return &Pair{p: p}
 }
+
+// Pair is a running pair started by Start.
+type Pair struct{ p *pair }
+
+// Close closes both connections at once; the pair then finishes as on any
+// error, and done is called. It is safe to call at any time, more than
+// once.
+func (h *Pair) Close() { h.p.abort() }
 
 // finish runs when a direction ends; the last one closes up and reports.
 func (p *pair) finish() {
@@ -151,11 +166,18 @@ func (p *pair) checkIdle() {
 	p.abort()
 }
 
-// abort closes both connections, which ends both directions.
+// abort closes both connections, which ends both directions; a direction
+// parked in a Poller is resumed to find its socket closed.
 func (p *pair) abort() {
 	p.closeOnce.Do(func() {
 		p.client.Close()
 		p.backend.Close()
+		for _, d := range []*direction{&p.up, &p.down} {
+			if d.poller != nil && d.state.Load() == parked {
+				d.poller.unpark(d)
+				d.resumeFrom(parked)
+			}
+		}
 	})
 }
 
@@ -169,6 +191,9 @@ type direction struct {
 	n        int64
 
 	// Copy state, used by one goroutine at a time.
+	poller  *Poller
+	state   atomic.Int32 // running or parked
+	parkID  uint64
 	rc      syscall.RawConn
 	lr      *io.LimitedReader
 	waitFn  func(fd uintptr) bool
@@ -274,7 +299,9 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 		ready := false
 		err = d.rc.Control(func(fd uintptr) { ready = d.peek(fd) })
 		if err == nil && !ready {
-			go wait(d)
+			if d.poller == nil || !d.poller.park(d) {
+				go wait(d)
+			}
 			return nil, true
 		}
 	}

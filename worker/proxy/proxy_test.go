@@ -325,3 +325,75 @@ func BenchmarkPipe(b *testing.B) {
 		})
 	}
 }
+
+func TestPollerParksIdlePairs(t *testing.T) {
+	poller, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer poller.Close()
+	base := runtime.NumGoroutine()
+	const pairs = 40
+	type live struct {
+		client, backend *net.TCPConn
+		h               *Pair
+		done            chan error
+	}
+	var ls []live
+	for range pairs {
+		client, proxyC := tcpPair(t)
+		proxyB, backend := tcpPair(t)
+		l := live{client: client, backend: backend, done: make(chan error, 1)}
+		l.h = Start(proxyC, proxyB, time.Minute, poller, nil, func(_ Result, err error) { l.done <- err })
+		ls = append(ls, l)
+		defer client.Close()
+		defer backend.Close()
+	}
+	// Traffic both ways wakes them; then they park again.
+	buf := make([]byte, 4)
+	for _, l := range ls {
+		l.client.Write([]byte("ping"))
+		l.backend.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(l.backend, buf); err != nil || string(buf) != "ping" {
+			t.Fatalf("up: %q %v", buf, err)
+		}
+		l.backend.Write([]byte("pong"))
+		l.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(l.client, buf); err != nil || string(buf) != "pong" {
+			t.Fatalf("down: %q %v", buf, err)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > base+2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines with %d idle pairs parked in the poller (base %d); want none per pair", runtime.NumGoroutine(), pairs, base)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// Closing a parked pair (a drain deadline) finishes it.
+	for _, l := range ls[:pairs/2] {
+		l.h.Close()
+		select {
+		case <-l.done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("closed parked pair did not finish")
+		}
+	}
+	// A half-close on a parked pair is passed on and the pair finishes.
+	for _, l := range ls[pairs/2:] {
+		l.client.CloseWrite()
+		l.backend.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := l.backend.Read(buf); err != io.EOF {
+			t.Fatalf("backend read after client FIN: %v; want EOF", err)
+		}
+		l.backend.CloseWrite()
+		select {
+		case err := <-l.done:
+			if err != nil {
+				t.Errorf("pair ended with %v", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("half-closed parked pair did not finish")
+		}
+	}
+}

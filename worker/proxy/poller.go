@@ -1,0 +1,174 @@
+package proxy
+
+import (
+	"fmt"
+	"os"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// Direction states, for parking in a Poller.
+const (
+	running int32 = iota // a goroutine owns the direction
+	parked               // registered in the Poller, no goroutine
+)
+
+// Poller parks idle directions without a goroutine: a direction with
+// nothing to read registers its socket in the Poller's own epoll instance
+// (one per Poller, shared by every pair) and its goroutine exits; when the
+// socket becomes readable, or the pair is aborted, a fresh goroutine resumes
+// it. An idle pair then costs its heap objects only: no goroutine, no stack,
+// no pipe, no buffer.
+//
+// The epoll descriptor itself is waited on through Go's poller, so the
+// Poller needs no thread of its own. The zero value is not usable; create
+// one with NewPoller and Close it when no pair uses it any more.
+type Poller struct {
+	ep     *os.File
+	epfd   int
+	mu     sync.Mutex
+	parked map[uint64]*direction
+	nextID uint64
+	closed chan struct{}
+	done   chan struct{}
+}
+
+// NewPoller creates a Poller and starts its wait loop.
+func NewPoller() (*Poller, error) {
+	fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: epoll_create1: %w", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("proxy: epoll nonblock: %w", err)
+	}
+	p := &Poller{
+		ep:     os.NewFile(uintptr(fd), "idle-epoll"),
+		epfd:   fd,
+		parked: map[uint64]*direction{},
+		closed: make(chan struct{}),
+		done:   make(chan struct{}),
+	}
+	go p.loop()
+	return p, nil
+}
+
+// Close stops the wait loop. Directions still parked are resumed (they
+// find their sockets as they are) so that no pair is left unfinished.
+func (p *Poller) Close() error {
+	select {
+	case <-p.closed:
+		return nil
+	default:
+	}
+	close(p.closed)
+	err := p.ep.Close() // ends the wait loop
+	<-p.done
+	p.mu.Lock()
+	ds := make([]*direction, 0, len(p.parked))
+	for id, d := range p.parked {
+		delete(p.parked, id)
+		ds = append(ds, d)
+	}
+	p.mu.Unlock()
+	for _, d := range ds {
+		d.resumeFrom(parked)
+	}
+	return err
+}
+
+// park registers d's source socket and reports whether d is now parked;
+// false means the caller must wait itself (the Poller is closed or the
+// socket could not be registered). The caller's goroutine must not touch d
+// after a true result.
+func (p *Poller) park(d *direction) bool {
+	select {
+	case <-p.closed:
+		return false
+	default:
+	}
+	var fd int
+	if err := d.rc.Control(func(s uintptr) { fd = int(s) }); err != nil {
+		return false
+	}
+	p.mu.Lock()
+	p.nextID++
+	id := p.nextID
+	p.parked[id] = d
+	p.mu.Unlock()
+	d.parkID = id
+	d.state.Store(parked)
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(id), Pad: int32(id >> 32)}
+	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		// Not parked after all: take it back if nobody else did.
+		p.mu.Lock()
+		delete(p.parked, id)
+		p.mu.Unlock()
+		if d.state.CompareAndSwap(parked, running) {
+			return false
+		}
+		return true // an abort already resumed it
+	}
+	return true
+}
+
+// unpark removes d from the Poller (when it is resumed by an abort).
+func (p *Poller) unpark(d *direction) {
+	p.mu.Lock()
+	delete(p.parked, d.parkID)
+	p.mu.Unlock()
+	var fd int
+	if d.rc.Control(func(s uintptr) { fd = int(s) }) == nil {
+		unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+	}
+}
+
+// loop waits for parked sockets to become readable and resumes their
+// directions.
+func (p *Poller) loop() {
+	defer close(p.done)
+	rc, err := p.ep.SyscallConn()
+	if err != nil {
+		return
+	}
+	events := make([]unix.EpollEvent, 128)
+	var ready []*direction
+	for {
+		n := 0
+		werr := rc.Read(func(fd uintptr) bool {
+			var err error
+			n, err = unix.EpollWait(int(fd), events, 0)
+			return n > 0 || (err != nil && err != unix.EINTR)
+		})
+		if werr != nil {
+			return // closed
+		}
+		ready = ready[:0]
+		p.mu.Lock()
+		for _, ev := range events[:n] {
+			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+			if d, ok := p.parked[id]; ok {
+				delete(p.parked, id)
+				ready = append(ready, d)
+			}
+		}
+		p.mu.Unlock()
+		for _, d := range ready {
+			var fd int
+			if d.rc.Control(func(s uintptr) { fd = int(s) }) == nil {
+				unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+			}
+			d.resumeFrom(parked)
+		}
+	}
+}
+
+// resumeFrom starts a goroutine for d if d is in state from; it is how a
+// parked direction is woken, by the Poller or by an abort, exactly once.
+func (d *direction) resumeFrom(from int32) {
+	if d.state.CompareAndSwap(from, running) {
+		go wait(d)
+	}
+}
