@@ -89,10 +89,11 @@ func startChild(exe string, slot, generation, holder int, socks []socket, log co
 	return c, nil
 }
 
-// wait reaps the process; the only place its Wait is called.
+// wait reaps the process; the only place its Wait is called. It leaves
+// the IPC connection alone: the worker's last frames (its final counts) may
+// still be unread, and serveChild reads them up to EOF, then closes it.
 func (c *child) wait() {
 	c.waitErr = c.cmd.Wait()
-	c.conn.Close()
 	close(c.exited)
 }
 
