@@ -246,7 +246,7 @@ func TestReloadUnderLoad(t *testing.T) {
 			if f := res.failed(); f != 0 {
 				t.Errorf("%d connections failed during 10 reloads: %s", f, res)
 			}
-			if res.ok < 500 {
+			if res.ok < 200 {
 				t.Errorf("only %d connections succeeded; the load proved little", res.ok)
 			}
 			// Counters carried over every generation.
