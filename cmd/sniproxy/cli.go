@@ -70,12 +70,24 @@ func commit() string {
 	return "unknown"
 }
 
-// configFlags parses -c for a subcommand.
-func configFlags(name string, args []string, stderr io.Writer) (string, error) {
+// configFlagSet returns a subcommand's flag set with -c (and --config),
+// whose value the returned pointer receives; purpose says what the config
+// is used for.
+func configFlagSet(name, purpose string, stderr io.Writer) (*flag.FlagSet, *string) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	path := fs.String("c", "", "config file (default: $SNIPROXY_CONFIG, /etc/sniproxy/config.yaml, embedded)")
+	usage := "config file"
+	if purpose != "" {
+		usage += " " + purpose
+	}
+	path := fs.String("c", "", usage+" (default: $SNIPROXY_CONFIG, /etc/sniproxy/config.yaml, embedded)")
 	fs.StringVar(path, "config", "", "same as -c")
+	return fs, path
+}
+
+// configFlags parses -c for a subcommand that takes nothing else.
+func configFlags(name string, args []string, stderr io.Writer) (string, error) {
+	fs, path := configFlagSet(name, "", stderr)
 	if err := fs.Parse(args); err != nil {
 		return "", err
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -27,10 +26,7 @@ const reloadTimeout = 2 * time.Minute
 // a control socket it falls back to SIGHUP to the PID in the PID file and
 // waits for the file to name a new master.
 func cmdReload(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("reload", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	path := fs.String("c", "", "config file (to find the control socket and PID file)")
-	fs.StringVar(path, "config", "", "same as -c")
+	fs, path := configFlagSet("reload", "(to find the control socket and PID file)", stderr)
 	pidFile := fs.String("pid-file", "", "PID file of the master (default: the config's pid_file)")
 	if err := fs.Parse(args); err != nil {
 		return 2
