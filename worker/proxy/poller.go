@@ -111,18 +111,37 @@ func (p *Poller) park(d *direction) bool {
 		}
 		return true // an abort already resumed it
 	}
+	if d.p.detach.Load() {
+		// Detach may have looked for parked directions before this one
+		// was parked: resume it so it sees the flag (unless Detach or an
+		// abort already did).
+		if d.state.CompareAndSwap(parked, running) {
+			p.unparkFD(d, fd)
+			return false
+		}
+	}
 	return true
 }
 
-// unpark removes d from the Poller (when it is resumed by an abort).
+// unpark removes d from the Poller (when it is resumed by an abort or a
+// detach).
 func (p *Poller) unpark(d *direction) {
+	var fd int
+	if d.rc.Control(func(s uintptr) { fd = int(s) }) == nil {
+		p.unparkFD(d, fd)
+		return
+	}
 	p.mu.Lock()
 	delete(p.parked, d.parkID)
 	p.mu.Unlock()
-	var fd int
-	if d.rc.Control(func(s uintptr) { fd = int(s) }) == nil {
-		unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
-	}
+}
+
+// unparkFD removes d, whose socket is fd, from the Poller.
+func (p *Poller) unparkFD(d *direction, fd int) {
+	p.mu.Lock()
+	delete(p.parked, d.parkID)
+	p.mu.Unlock()
+	unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
 }
 
 // loop waits for parked sockets to become readable and resumes their

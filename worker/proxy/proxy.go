@@ -12,9 +12,17 @@
 // A FIN from one side is passed on as a half-close (CloseWrite) and the
 // other direction keeps flowing. The idle timeout counts silence in both
 // directions together: a long one-way download is not idle.
+//
+// A running pair can be detached (Pair.Detach) at a point where no byte is
+// in flight in this process: every byte is either still in a socket's
+// receive queue or already written to the other socket. Its sockets can
+// then move to another process (over SCM_RIGHTS), which resumes the pair
+// with Resume. That is how a reload moves long-lived connections from a
+// generation that must exit to the next one.
 package proxy
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -33,9 +41,21 @@ import (
 // holds a splice pipe (two fds) in the middle of a stream.
 const holdPipe = 20 * time.Millisecond
 
-// ErrIdle is returned by Pipe when neither side sent a byte for the idle
-// timeout.
-var ErrIdle = errors.New("proxy: idle timeout")
+// Sentinel errors.
+var (
+	// ErrIdle is returned by Pipe when neither side sent a byte for the
+	// idle timeout.
+	ErrIdle = errors.New("proxy: idle timeout")
+	// ErrDetached is passed to a pair's done callback when the pair was
+	// detached (Pair.Detach): its sockets were handed out, not closed.
+	ErrDetached = errors.New("proxy: detached")
+	// ErrClosed is returned by Pair.Detach for a pair that had already
+	// ended or was closed before it could be detached.
+	ErrClosed = errors.New("proxy: pair closed")
+)
+
+// longAgo is a deadline in the past: it wakes a goroutine waiting to read.
+var longAgo = time.Unix(1, 0)
 
 // Result says what a Pipe moved.
 type Result struct {
@@ -76,17 +96,55 @@ func Pipe(client, backend *net.TCPConn, idle time.Duration, count func(in, out i
 // on a goroutine of its own (see Poller); poller may be nil. The returned
 // Pair may be closed at any time (a drain deadline).
 func Start(client, backend *net.TCPConn, idle time.Duration, poller *Poller, count func(in, out int64), done func(Result, error)) *Pair {
+	return Resume(client, backend, State{}, idle, poller, count, done)
+}
+
+// State is what a detached pair had done: enough for Resume to go on where
+// it stopped.
+type State struct {
+	// In and Out count the bytes moved so far, client to backend and
+	// backend to client.
+	In, Out int64
+	// UpDone and DownDone report a direction that had ended: its source
+	// sent a FIN, which was passed on (CloseWrite). Resume does not start
+	// it again.
+	UpDone, DownDone bool
+	// Last is when a byte last moved either way (zero: now). The idle
+	// timeout goes on counting from it.
+	Last time.Time
+}
+
+// Resume is Start for a pair detached elsewhere (see Pair.Detach): client
+// and backend are its sockets, st what it had done. The Result passed to
+// done counts from st.In and st.Out.
+func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *Poller, count func(in, out int64), done func(Result, error)) *Pair {
 	p := &pair{client: client, backend: backend, idle: idle, done: done}
-	p.touch()
-	p.left.Store(2)
+	if st.Last.IsZero() {
+		p.touch()
+	} else {
+		p.last.Store(st.Last.UnixNano())
+	}
+	p.up = direction{p: p, name: "client to backend", src: client, dst: backend, up: true, count: count, n: st.In, ended: st.UpDone}
+	p.down = direction{p: p, name: "backend to client", src: backend, dst: client, count: count, n: st.Out, ended: st.DownDone}
+	var live []*direction
+	for _, d := range []*direction{&p.up, &p.down} {
+		if !d.ended {
+			live = append(live, d)
+		}
+	}
+	if len(live) == 0 {
+		// Both ways had ended: nothing to do but close.
+		p.left.Store(1)
+		p.finish()
+		return &Pair{p: p}
+	}
+	p.left.Store(int32(len(live)))
 	if idle > 0 {
 		// Armed after the assignment, so checkIdle always sees p.timer.
 		p.timer = time.AfterFunc(math.MaxInt64, p.checkIdle)
-		p.timer.Reset(idle)
+		p.timer.Reset(max(time.Until(time.Unix(0, p.last.Load()).Add(idle)), 0))
 	}
-	p.up = direction{p: p, name: "client to backend", src: client, dst: backend, up: true, count: count}
-	p.down = direction{p: p, name: "backend to client", src: backend, dst: client, count: count}
-	for _, d := range []*direction{&p.up, &p.down} {
+	for _, d := range live {
 		rc, err := d.src.SyscallConn()
 		if err != nil {
 			// Only a closed conn has none: end that direction now.
@@ -103,7 +161,7 @@ func Start(client, backend *net.TCPConn, idle time.Duration, poller *Poller, cou
 	return &Pair{p: p}
 }
 
-// Pair is a running pair started by Start.
+// Pair is a running pair started by Start or Resume.
 type Pair struct{ p *pair }
 
 // Close closes both connections at once; the pair then finishes as on any
@@ -111,13 +169,91 @@ type Pair struct{ p *pair }
 // once.
 func (h *Pair) Close() { h.p.abort() }
 
-// finish runs when a direction ends; the last one closes up and reports.
+// Detached is a pair stopped by Detach: its two sockets, as files the
+// caller owns, and what it had done.
+type Detached struct {
+	Client, Backend *os.File
+	State
+}
+
+// Close closes both files.
+func (d *Detached) Close() {
+	d.Client.Close()
+	d.Backend.Close()
+}
+
+// Detach stops the pair where no byte is in flight here and hands its
+// sockets out instead of closing them: each direction stops when it would
+// next wait for its source (at once if it is waiting or parked), never in
+// the middle of a splice, so every byte is either still queued in a socket
+// or already written to the other one. A direction that ended before (a FIN
+// passed on) stays ended and is reported in the State.
+//
+// Done is called with ErrDetached before Detach returns the sockets. If a
+// direction cannot stop before ctx is done (it is blocked writing to a peer
+// that does not read), or the pair ends or is closed meanwhile, the pair is
+// closed as by Close and Detach returns an error (ctx's, or ErrClosed).
+func (h *Pair) Detach(ctx context.Context) (*Detached, error) {
+	p := h.p
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil, ErrClosed
+	}
+	if p.stopped == nil {
+		p.stopped = make(chan struct{})
+	}
+	stopped := p.stopped
+	p.detach.Store(true)
+	p.mu.Unlock()
+	// Wake every waiting direction: a parked one is resumed and sees the
+	// flag; one waiting on a goroutine gets a read deadline in the past.
+	// One mid-splice sees the flag when the splice returns (within
+	// holdPipe of its start, unless it is blocked writing).
+	p.resumeParked()
+	p.client.SetReadDeadline(longAgo)
+	p.backend.SetReadDeadline(longAgo)
+	select {
+	case <-stopped:
+	case <-ctx.Done():
+		p.abort()
+		<-stopped
+	}
+	if p.detached == nil {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		return nil, ErrClosed
+	}
+	return p.detached, nil
+}
+
+// finish runs when a direction ends; the last one closes up and reports,
+// or, when the pair is being detached and no direction failed, hands the
+// sockets out.
 func (p *pair) finish() {
 	if p.left.Add(-1) != 0 {
 		return
 	}
 	if p.timer != nil {
 		p.timer.Stop()
+	}
+	res := Result{In: p.up.n, Out: p.down.n}
+	p.mu.Lock()
+	detach := p.detach.Load() && !p.closed && (p.up.stopped || p.down.stopped) &&
+		p.up.err == nil && p.down.err == nil
+	p.closed = true // no abort may close the sockets under us now
+	stopped := p.stopped
+	p.mu.Unlock()
+	if detach {
+		d, err := p.takeFiles()
+		if err == nil {
+			p.detached = d
+			p.done(res, ErrDetached)
+			close(stopped)
+			return
+		}
+		p.up.err = err
 	}
 	p.client.Close()
 	p.backend.Close()
@@ -128,7 +264,57 @@ func (p *pair) finish() {
 	if p.idled.Load() {
 		err = ErrIdle
 	}
-	p.done(Result{In: p.up.n, Out: p.down.n}, err)
+	p.done(res, err)
+	if stopped != nil {
+		close(stopped)
+	}
+}
+
+// takeFiles duplicates both sockets into files, then closes the
+// connections (the sockets live on in the files), and returns them with
+// the pair's state.
+func (p *pair) takeFiles() (*Detached, error) {
+	// The deadlines that woke the directions are kept per descriptor by
+	// Go, not by the socket; clear them anyway, nothing waits any more.
+	p.client.SetReadDeadline(time.Time{})
+	p.backend.SetReadDeadline(time.Time{})
+	c, err := dupFile(p.client, "client")
+	if err != nil {
+		return nil, err
+	}
+	b, err := dupFile(p.backend, "backend")
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	p.client.Close()
+	p.backend.Close()
+	return &Detached{Client: c, Backend: b, State: State{
+		In: p.up.n, Out: p.down.n,
+		UpDone: !p.up.stopped, DownDone: !p.down.stopped,
+		Last: time.Unix(0, p.last.Load()),
+	}}, nil
+}
+
+// dupFile returns a close-on-exec duplicate of c's descriptor, leaving the
+// socket as it is (unlike (*net.TCPConn).File, which documents no such
+// promise).
+func dupFile(c *net.TCPConn, name string) (*os.File, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("proxy: detach %s: %w", name, err)
+	}
+	nfd := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) {
+		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return nil, fmt.Errorf("proxy: detach %s: %w", name, err)
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("proxy: detach %s: dup: %w", name, derr)
+	}
+	return os.NewFile(uintptr(nfd), name), nil
 }
 
 // pair is the state both directions share.
@@ -143,9 +329,19 @@ type pair struct {
 	// last is the time of the last byte moved in either direction, in
 	// UnixNano. A direction blocked writing to a peer that does not read
 	// does not move it, so such a pair is idle too.
-	last      atomic.Int64
-	idled     atomic.Bool
-	closeOnce sync.Once
+	last  atomic.Int64
+	idled atomic.Bool
+
+	// detach is set by Detach; a direction that sees it stops instead of
+	// waiting for its source again.
+	detach atomic.Bool
+	// mu guards closed (the sockets were closed, or are being handed out)
+	// and stopped (closed once the pair has finished either way; made by
+	// Detach). detached is set before stopped is closed.
+	mu       sync.Mutex
+	closed   bool
+	stopped  chan struct{}
+	detached *Detached
 
 	up, down direction
 	left     atomic.Int32 // directions still running
@@ -169,16 +365,26 @@ func (p *pair) checkIdle() {
 // abort closes both connections, which ends both directions; a direction
 // parked in a Poller is resumed to find its socket closed.
 func (p *pair) abort() {
-	p.closeOnce.Do(func() {
-		p.client.Close()
-		p.backend.Close()
-		for _, d := range []*direction{&p.up, &p.down} {
-			if d.poller != nil && d.state.Load() == parked {
-				d.poller.unpark(d)
-				d.resumeFrom(parked)
-			}
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.closed = true
+	p.mu.Unlock()
+	p.client.Close()
+	p.backend.Close()
+	p.resumeParked()
+}
+
+// resumeParked resumes the directions parked in a Poller.
+func (p *pair) resumeParked() {
+	for _, d := range []*direction{&p.up, &p.down} {
+		if d.poller != nil && d.state.Load() == parked {
+			d.poller.unpark(d)
+			d.resumeFrom(parked)
 		}
-	})
+	}
 }
 
 // direction is one half of a pair.
@@ -189,6 +395,11 @@ type direction struct {
 	up       bool
 	count    func(in, out int64)
 	n        int64
+	// ended is set for a direction that had ended before a Resume.
+	ended bool
+	// stopped is set when the direction stopped for a detach rather
+	// than ended.
+	stopped bool
 
 	// Copy state, used by one goroutine at a time.
 	poller  *Poller
@@ -210,6 +421,9 @@ func (d *direction) run(woke error) (finished bool) {
 	err, handedOff := d.copy(woke)
 	if handedOff {
 		return false
+	}
+	if d.stopped {
+		return true
 	}
 	if err != nil {
 		if !errors.Is(err, net.ErrClosed) {
@@ -259,6 +473,11 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 			return err, false
 		}
 		if d.eof {
+			return nil, false
+		}
+		if d.p.detach.Load() {
+			// A safe point: whatever is queued stays in src.
+			d.stopped = true
 			return nil, false
 		}
 		// Splice what is queued and whatever follows, letting Go's splice
@@ -311,8 +530,18 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 // shallowest stack possible, until src is readable, then copies. Named for
 // stack dumps.
 func wait(d *direction) {
+	if d.p.detach.Load() {
+		d.stopped = true
+		d.p.finish()
+		return
+	}
 	d.eof, d.peekErr = false, nil
 	err := d.rc.Read(d.waitFn)
+	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && d.p.detach.Load() {
+		d.stopped = true
+		d.p.finish()
+		return
+	}
 	if d.run(err) {
 		d.p.finish()
 	}

@@ -1,0 +1,325 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"testing"
+	"time"
+)
+
+// moving is a pair that can be detached and resumed over and over, as a
+// reload moves it from process to process (here within one process: the
+// files are what would cross SCM_RIGHTS).
+type moving struct {
+	t      *testing.T
+	poller *Poller
+	idle   time.Duration
+	mu     sync.Mutex
+	h      *Pair
+	ends   chan error // done's error, one per Start/Resume
+	in     int64      // bytes counted by count, across every resume
+	out    int64
+}
+
+func (m *moving) count(in, out int64) {
+	m.mu.Lock()
+	m.in += in
+	m.out += out
+	m.mu.Unlock()
+}
+
+func (m *moving) start(client, backend *net.TCPConn, st State) {
+	m.ends = make(chan error, 1)
+	ends := m.ends
+	m.h = Resume(client, backend, st, m.idle, m.poller, m.count, func(r Result, err error) {
+		if r.In < st.In || r.Out < st.Out {
+			m.t.Errorf("result %+v counts less than the resumed state %+v", r, st)
+		}
+		ends <- err
+	})
+}
+
+// move detaches the pair and resumes it from the files.
+func (m *moving) move() State {
+	m.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	d, err := m.h.Detach(ctx)
+	if err != nil {
+		m.t.Fatalf("detach: %v", err)
+	}
+	select {
+	case err := <-m.ends:
+		if !errors.Is(err, ErrDetached) {
+			m.t.Fatalf("done after detach: %v; want ErrDetached", err)
+		}
+	default:
+		m.t.Fatal("done not called before Detach returned")
+	}
+	client, backend := fileTCP(m.t, d.Client), fileTCP(m.t, d.Backend)
+	m.start(client, backend, d.State)
+	return d.State
+}
+
+// fileTCP turns a detached socket back into a connection.
+func fileTCP(t *testing.T, f *os.File) *net.TCPConn {
+	t.Helper()
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.(*net.TCPConn)
+}
+
+// pattern writes n bytes of a known sequence in random-sized chunks.
+func pattern(w io.Writer, n int) error {
+	buf := make([]byte, 64<<10)
+	for off := 0; off < n; {
+		k := min(len(buf), n-off, 1+(off*7919)%len(buf))
+		for i := range k {
+			buf[i] = byte((off + i) % 251)
+		}
+		if _, err := w.Write(buf[:k]); err != nil {
+			return err
+		}
+		off += k
+	}
+	return nil
+}
+
+// checkPattern reads until EOF and checks the sequence and length.
+func checkPattern(r io.Reader, n int) error {
+	buf := make([]byte, 32<<10)
+	got := 0
+	for {
+		k, err := r.Read(buf)
+		for i := range k {
+			if buf[i] != byte((got+i)%251) {
+				return fmt.Errorf("byte %d is %d, want %d", got+i, buf[i], byte((got+i)%251))
+			}
+		}
+		got += k
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("after %d bytes: %w", got, err)
+		}
+	}
+	if got != n {
+		return fmt.Errorf("got %d bytes, want %d", got, n)
+	}
+	return nil
+}
+
+func TestDetachMidStreamLosesNothing(t *testing.T) {
+	for _, withPoller := range []bool{true, false} {
+		t.Run(fmt.Sprintf("poller=%v", withPoller), func(t *testing.T) {
+			m := &moving{t: t, idle: time.Minute}
+			if withPoller {
+				p, err := NewPoller()
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer p.Close()
+				m.poller = p
+			}
+			client, proxyC := tcpPair(t)
+			proxyB, backend := tcpPair(t)
+			defer client.Close()
+			defer backend.Close()
+			m.start(proxyC, proxyB, State{})
+
+			// Both ways at once, while the pair moves ten times.
+			const n = 48 << 20
+			errs := make(chan error, 4)
+			go func() { errs <- pattern(client, n); client.CloseWrite() }()
+			go func() { errs <- pattern(backend, n); backend.CloseWrite() }()
+			go func() { errs <- checkPattern(backend, n) }()
+			go func() { errs <- checkPattern(client, n) }()
+			var last State
+			for range 10 {
+				time.Sleep(10 * time.Millisecond)
+				last = m.move()
+			}
+			if last.In == 0 || last.Out == 0 {
+				t.Errorf("state after moves %+v; want bytes counted both ways", last)
+			}
+			client.SetDeadline(time.Now().Add(60 * time.Second))
+			backend.SetDeadline(time.Now().Add(60 * time.Second))
+			for range 4 {
+				select {
+				case err := <-errs:
+					if err != nil {
+						t.Fatal(err)
+					}
+				case <-time.After(60 * time.Second):
+					t.Fatal("transfer did not finish")
+				}
+			}
+			select {
+			case err := <-m.ends:
+				if err != nil {
+					t.Errorf("pair ended with %v", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("pair did not finish")
+			}
+			m.mu.Lock()
+			defer m.mu.Unlock()
+			if m.in != n || m.out != n {
+				t.Errorf("counted %d in, %d out across moves; want %d each", m.in, m.out, n)
+			}
+		})
+	}
+}
+
+func TestDetachIdleAndHalfClosed(t *testing.T) {
+	p, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	m := &moving{t: t, poller: p, idle: time.Minute}
+	client, proxyC := tcpPair(t)
+	proxyB, backend := tcpPair(t)
+	defer client.Close()
+	defer backend.Close()
+	m.start(proxyC, proxyB, State{})
+
+	echo := func() {
+		t.Helper()
+		buf := make([]byte, 4)
+		client.Write([]byte("ping"))
+		backend.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(backend, buf); err != nil || string(buf) != "ping" {
+			t.Fatalf("up: %q %v", buf, err)
+		}
+		backend.Write([]byte("pong"))
+		client.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(client, buf); err != nil || string(buf) != "pong" {
+			t.Fatalf("down: %q %v", buf, err)
+		}
+	}
+	echo()
+	time.Sleep(20 * time.Millisecond) // both directions park
+	m.move()
+	echo()
+
+	// Bytes sent while nothing runs wait in the socket for the resumed pair.
+	client.Write([]byte("queued"))
+	m.move()
+	buf := make([]byte, 6)
+	backend.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(backend, buf); err != nil || string(buf) != "queued" {
+		t.Fatalf("queued bytes: %q %v", buf, err)
+	}
+
+	// The client's FIN has passed; the backend still answers after moves.
+	client.CloseWrite()
+	backend.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := backend.Read(buf); err != io.EOF {
+		t.Fatalf("backend read after client FIN: %v", err)
+	}
+	st := m.move()
+	if !st.UpDone || st.DownDone {
+		t.Fatalf("state %+v; want only the up direction done", st)
+	}
+	st = m.move()
+	if !st.UpDone {
+		t.Fatalf("a resumed ended direction came back: %+v", st)
+	}
+	backend.Write([]byte("late"))
+	backend.CloseWrite()
+	if got := readAll(t, client); got != "late" {
+		t.Fatalf("client read %q after moves; want \"late\"", got)
+	}
+	select {
+	case err := <-m.ends:
+		if err != nil {
+			t.Errorf("pair ended with %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("pair did not finish")
+	}
+}
+
+func TestDetachBlockedWriterTimesOut(t *testing.T) {
+	m := &moving{t: t, idle: time.Minute}
+	client, proxyC := tcpPair(t)
+	proxyB, backend := tcpPair(t)
+	defer client.Close()
+	defer backend.Close()
+	m.start(proxyC, proxyB, State{})
+	// The backend reads nothing: the up direction ends up blocked writing.
+	go pattern(client, 64<<20)
+	time.Sleep(200 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	d, err := m.h.Detach(ctx)
+	if err == nil {
+		d.Close()
+		t.Fatal("detached a pair blocked writing; want the deadline's error")
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("detach: %v; want context.DeadlineExceeded", err)
+	}
+	select {
+	case err := <-m.ends:
+		// Closed as by Close: no error of its own, but not detached.
+		if errors.Is(err, ErrDetached) {
+			t.Errorf("done after a failed detach: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("pair did not finish after a failed detach")
+	}
+	expectEOF(t, client)
+}
+
+func TestDetachEndedPair(t *testing.T) {
+	m := &moving{t: t, idle: time.Minute}
+	client, proxyC := tcpPair(t)
+	proxyB, backend := tcpPair(t)
+	defer client.Close()
+	defer backend.Close()
+	m.start(proxyC, proxyB, State{})
+	m.h.Close()
+	<-m.ends
+	if _, err := m.h.Detach(context.Background()); !errors.Is(err, ErrClosed) {
+		t.Fatalf("detach of a closed pair: %v; want ErrClosed", err)
+	}
+}
+
+func TestResumeKeepsIdleClock(t *testing.T) {
+	m := &moving{t: t, idle: time.Minute}
+	client, proxyC := tcpPair(t)
+	proxyB, backend := tcpPair(t)
+	defer client.Close()
+	defer backend.Close()
+	// Silent for 59.7 s already: the resumed pair idles out in 0.3 s.
+	m.start(proxyC, proxyB, State{Last: time.Now().Add(-time.Minute + 300*time.Millisecond)})
+	select {
+	case err := <-m.ends:
+		if !errors.Is(err, ErrIdle) {
+			t.Fatalf("resumed pair ended with %v; want ErrIdle", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("resumed pair did not idle out")
+	}
+}
+
+// expectEOF reads until the connection ends, which it must within 5 s.
+func expectEOF(t *testing.T, c net.Conn) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := io.Copy(io.Discard, c)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("connection still open")
+	}
+}
