@@ -71,6 +71,7 @@ func bodies() []Body {
 		Ping{Seq: 1<<64 - 1},
 		Pong{Seq: 1<<64 - 1},
 		Listeners{},
+		Migrate{},
 	}
 }
 
@@ -226,6 +227,50 @@ func TestFilePassing(t *testing.T) {
 	n, err := m.Files[1].Read(buf)
 	if err != nil || string(buf[:n]) != "through the pipe" {
 		t.Fatalf("pipe read %q, %v; want %q", buf[:n], err, "through the pipe")
+	}
+}
+
+func TestConnectionPassing(t *testing.T) {
+	master, worker := pair(t)
+	// Two pipes stand for the client and backend sockets: what matters
+	// is that each arrives, in order, with its frame.
+	var reads, writes []*os.File
+	for range 2 {
+		pr, pw, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pr.Close()
+		defer pw.Close()
+		reads, writes = append(reads, pr), append(writes, pw)
+	}
+	state := []byte(`{"listener":"127.0.0.1:443","in":12}`)
+	if err := worker.SendBody(Connection{State: state}, reads...); err != nil {
+		t.Fatalf("Send: %v", err)
+	}
+	if err := worker.SendBody(Connection{State: state}, reads[0]); !errors.Is(err, ErrBadPayload) {
+		t.Fatalf("Send with one file: %v; want ErrBadPayload", err)
+	}
+	m, err := master.Recv()
+	if err != nil {
+		t.Fatalf("Recv: %v", err)
+	}
+	defer m.CloseFiles()
+	b, err := Decode(m)
+	if err != nil {
+		t.Fatalf("Decode: %v", err)
+	}
+	if got := b.(Connection).State; !bytes.Equal(got, state) {
+		t.Fatalf("state %q; want %q", got, state)
+	}
+	for i, w := range writes {
+		msg := fmt.Sprintf("file %d", i)
+		w.Write([]byte(msg))
+		buf := make([]byte, 16)
+		n, err := m.Files[i].Read(buf)
+		if err != nil || string(buf[:n]) != msg {
+			t.Fatalf("file %d read %q, %v", i, buf[:n], err)
+		}
 	}
 }
 
@@ -402,10 +447,10 @@ func TestRecvGarbage(t *testing.T) {
 		{name: "http request", sends: [][]byte{[]byte("GET / HTTP/1.1\r\n\r\n")}, want: ErrBadFrame},
 		{name: "bad magic", sends: [][]byte{hdr("SNIQ", Version, byte(TypePing), 0, 0, 8)}, want: ErrBadFrame},
 		{name: "bad magic after a frame", sends: [][]byte{ping, hdr("XNIP", Version, byte(TypePing), 0, 0, 8)}, msgs: 1, want: ErrBadFrame},
-		{name: "version 2, peer still open", sends: [][]byte{[]byte("SNIP\x02")}, want: ErrVersion},
+		{name: "next version, peer still open", sends: [][]byte{[]byte("SNIP" + string(rune(Version+1)))}, want: ErrVersion},
 		{name: "version 0", sends: [][]byte{hdr("SNIP", 0, byte(TypeHello), 0, 0, 32)}, want: ErrVersion},
 		{name: "type 0", sends: [][]byte{hdr("SNIP", Version, 0, 0, 0, 0)}, want: ErrBadFrame},
-		{name: "type 13", sends: [][]byte{hdr("SNIP", Version, byte(numTypes), 0, 0, 0)}, want: ErrBadFrame},
+		{name: "first invalid type", sends: [][]byte{hdr("SNIP", Version, byte(numTypes), 0, 0, 0)}, want: ErrBadFrame},
 		{name: "type 255", sends: [][]byte{hdr("SNIP", Version, 255, 0, 0, 0)}, want: ErrBadFrame},
 		{name: "reserved byte", sends: [][]byte{hdr("SNIP", Version, byte(TypeStop), 0, 1, 0)}, want: ErrBadFrame},
 		{name: "length over cap by one, tiny body, peer open", sends: [][]byte{append(hdr("SNIP", Version, byte(TypeConfig), 0, 0, MaxPayload+1), 'x')}, want: ErrTooLarge},

@@ -6,7 +6,12 @@
 // Config (a worker never reads the config file), connection-permit leases
 // (LeaseRequest, LeaseGrant, LeaseReturn), counter deltas (Stats, about once
 // a second and a final flush), Drain and Stop, Ping and Pong, and listening
-// sockets (Listeners, with their descriptors).
+// sockets (Listeners, with their descriptors). During a reload that must
+// retire a draining generation early, Migrate asks its workers to hand their
+// proxied connections back as Connection frames (client and backend
+// sockets and an opaque state); the old master passes them to the new one
+// over a pair of the same protocol, and the new master to one of its
+// workers, which goes on serving them.
 //
 // # Setting up
 //
@@ -54,10 +59,10 @@
 //	 8       9       10      11      12
 //
 //	bytes 0-3   magic "SNIP" (0x53 0x4e 0x49 0x50)
-//	byte  4     protocol version: Version (1)
-//	byte  5     message type: TypeHello (1) ... TypeListeners (12)
+//	byte  4     protocol version: Version (2)
+//	byte  5     message type: TypeHello (1) ... TypeConnection (14)
 //	byte  6     number of file descriptors sent with the frame, 0..253;
-//	            non-zero only for TypeListeners
+//	            non-zero only for TypeListeners and TypeConnection (2)
 //	byte  7     reserved, 0
 //	bytes 8-11  payload length, uint32, at most MaxPayload (4 MiB)
 //
@@ -87,7 +92,11 @@
 // worker. Refusal is the only policy needed because a master and its
 // workers are always the same binary: during a binary upgrade the new
 // binary runs as a new master generation (a tableflip successor) with its
-// own new workers; old and new generations never talk over this protocol.
+// own new workers. The one place two generations talk over this protocol
+// is the pair that moves connections between masters (Connection frames):
+// across an upgrade that changes Version, the new master refuses them and
+// the old generation closes those connections, as it would without
+// migration.
 // To keep that true, a master must start its workers from its own
 // executable (/proc/self/exe), not from the path on disk, which a package
 // upgrade may have replaced. A version mismatch therefore means a bug or a
@@ -96,7 +105,8 @@
 // # File descriptors
 //
 // Only TypeListeners frames carry descriptors, one per name, in order
-// (MaxFiles at most; send more in several frames). Send attaches them with
+// (MaxFiles at most; send more in several frames), and TypeConnection
+// frames, exactly two. Send attaches them with
 // SCM_RIGHTS to the first byte of the frame's header. The kernel delivers
 // them to the recvmsg that reads that byte, and never delivers two frames'
 // descriptors in one recvmsg, so Recv can tell which frame they belong to;

@@ -12,7 +12,7 @@ import (
 // the Proto of every Hello. Any change a peer built from other sources could
 // misread (a new message type, a changed payload layout, a changed header)
 // increments it; there are no minor versions. See the package doc.
-const Version = 1
+const Version = 2
 
 // Frame limits.
 const (
@@ -83,8 +83,15 @@ const (
 	// TypePong (either way): Pong.
 	TypePong
 	// TypeListeners (master → worker): listening sockets, one file
-	// descriptor per name: Listeners. The only type that carries files.
+	// descriptor per name: Listeners.
 	TypeListeners
+	// TypeMigrate (master → worker): hand every proxied connection back
+	// to the master as Connection frames, close the rest and exit: Migrate.
+	TypeMigrate
+	// TypeConnection (worker → master, master → master, master →
+	// worker): one proxied connection moving to another process, with its
+	// client and backend sockets: Connection.
+	TypeConnection
 
 	numTypes // first invalid type
 )
@@ -102,6 +109,8 @@ var typeNames = [numTypes]string{
 	TypePing:         "ping",
 	TypePong:         "pong",
 	TypeListeners:    "listeners",
+	TypeMigrate:      "migrate",
+	TypeConnection:   "connection",
 }
 
 // String returns the snake_case name of t, or "type(N)" for an unknown t.
@@ -115,7 +124,7 @@ func (t Type) String() string {
 func (t Type) valid() bool { return t > 0 && t < numTypes }
 
 // carriesFiles reports whether frames of type t may carry descriptors.
-func (t Type) carriesFiles() bool { return t == TypeListeners }
+func (t Type) carriesFiles() bool { return t == TypeListeners || t == TypeConnection }
 
 // Message is one frame: its type, its payload and the descriptors that came
 // with it.
@@ -123,7 +132,8 @@ func (t Type) carriesFiles() bool { return t == TypeListeners }
 // Ownership: Send neither keeps nor closes m.Payload or m.Files (it sends
 // duplicates of the descriptors). Recv returns a Payload and Files that
 // belong to the caller, who must close every one of Files, used or not
-// (CloseFiles does that); only TypeListeners messages ever have Files.
+// (CloseFiles does that); only TypeListeners and TypeConnection messages
+// ever have Files.
 type Message struct {
 	Type    Type
 	Payload []byte
@@ -151,7 +161,7 @@ func (m Message) check() error {
 		return fmt.Errorf("ipc: send %v: %d files, limit %d: %w", m.Type, len(m.Files), MaxFiles, ErrTooLarge)
 	}
 	if len(m.Files) > 0 && !m.Type.carriesFiles() {
-		return fmt.Errorf("ipc: send %v: only %v frames carry files: %w", m.Type, TypeListeners, ErrBadFrame)
+		return fmt.Errorf("ipc: send %v: only %v and %v frames carry files: %w", m.Type, TypeListeners, TypeConnection, ErrBadFrame)
 	}
 	for i, f := range m.Files {
 		if f == nil {

@@ -111,7 +111,7 @@ func checkMessage(t *testing.T, m Message) {
 	if len(m.Payload) > MaxPayload {
 		t.Fatalf("Recv returned a %d-byte payload", len(m.Payload))
 	}
-	if len(m.Files) > 0 && m.Type != TypeListeners {
+	if len(m.Files) > 0 && !m.Type.carriesFiles() {
 		t.Fatalf("Recv returned %d files with a %v", len(m.Files), m.Type)
 	}
 	for i, f := range m.Files {

@@ -26,7 +26,8 @@ type Body interface {
 }
 
 // Encode returns the message that carries b, with files attached. Only a
-// Listeners body takes files, exactly one per name.
+// Listeners body takes files, exactly one per name, and a Connection body,
+// exactly two (client, backend).
 func Encode(b Body, files ...*os.File) (Message, error) {
 	p, err := b.AppendBinary(nil)
 	if err != nil {
@@ -35,6 +36,9 @@ func Encode(b Body, files ...*os.File) (Message, error) {
 	m := Message{Type: b.Type(), Payload: p, Files: files}
 	if l, ok := b.(Listeners); ok && len(l.Names) != len(files) {
 		return Message{}, fmt.Errorf("ipc: encode %v: %d names, %d files: %w", m.Type, len(l.Names), len(files), ErrBadPayload)
+	}
+	if _, ok := b.(Connection); ok && len(files) != 2 {
+		return Message{}, fmt.Errorf("ipc: encode %v: %d files, want 2: %w", m.Type, len(files), ErrBadPayload)
 	}
 	if err := m.check(); err != nil {
 		return Message{}, err
@@ -77,6 +81,13 @@ func Decode(m Message) (Body, error) {
 			err = fmt.Errorf("ipc: decode %v: %d names, %d files: %w", m.Type, len(l.Names), len(m.Files), ErrBadPayload)
 		}
 		b = l
+	case TypeMigrate:
+		b, err = decode[Migrate](m.Payload)
+	case TypeConnection:
+		b, err = decode[Connection](m.Payload)
+		if err == nil && len(m.Files) != 2 {
+			err = fmt.Errorf("ipc: decode %v: %d files, want 2: %w", m.Type, len(m.Files), ErrBadPayload)
+		}
 	default:
 		return nil, fmt.Errorf("ipc: decode: unknown message type %d: %w", m.Type, ErrBadFrame)
 	}
@@ -522,3 +533,49 @@ var (
 	_ encoding.BinaryUnmarshaler = (*Hello)(nil)
 	_ encoding.BinaryUnmarshaler = (*Listeners)(nil)
 )
+
+// Migrate tells a draining worker to hand each of its proxied connections
+// to the master (a Connection frame each), to close the connections it
+// cannot hand over (not yet proxied, or stuck), and to exit. Empty payload.
+type Migrate struct{}
+
+// Type returns TypeMigrate.
+func (Migrate) Type() Type { return TypeMigrate }
+
+// AppendBinary implements encoding.BinaryAppender.
+func (Migrate) AppendBinary(b []byte) ([]byte, error) { return b, nil }
+
+// UnmarshalBinary implements encoding.BinaryUnmarshaler.
+func (*Migrate) UnmarshalBinary(p []byte) error { return empty(TypeMigrate, p) }
+
+// MaxConnectionState bounds a Connection's State.
+const MaxConnectionState = 64 << 10
+
+// Connection is one proxied connection on its way to another process: the
+// frame carries exactly two descriptors, the client socket then the
+// backend socket, and State, what the worker package needs to go on
+// serving it (opaque here; at most MaxConnectionState bytes). Masters pass
+// it on without looking inside.
+type Connection struct {
+	State []byte
+}
+
+// Type returns TypeConnection.
+func (Connection) Type() Type { return TypeConnection }
+
+// AppendBinary implements encoding.BinaryAppender.
+func (c Connection) AppendBinary(b []byte) ([]byte, error) {
+	if len(c.State) > MaxConnectionState {
+		return nil, fmt.Errorf("ipc: encode %v: %d bytes, limit %d: %w", TypeConnection, len(c.State), MaxConnectionState, ErrTooLarge)
+	}
+	return append(b, c.State...), nil
+}
+
+// UnmarshalBinary implements encoding.BinaryUnmarshaler.
+func (c *Connection) UnmarshalBinary(p []byte) error {
+	if len(p) > MaxConnectionState {
+		return fmt.Errorf("ipc: decode %v: %d bytes, limit %d: %w", TypeConnection, len(p), MaxConnectionState, ErrBadPayload)
+	}
+	c.State = append([]byte(nil), p...)
+	return nil
+}

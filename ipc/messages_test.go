@@ -20,7 +20,7 @@ func TestDecodeRejects(t *testing.T) {
 	statsLayout := bytes.Clone(statsOK)
 	statsLayout[0]++
 	helloV2, _ := Hello{Proto: Version}.AppendBinary(nil)
-	helloV2[7] = 2
+	helloV2[7] = Version + 1
 	tests := []struct {
 		name string
 		m    Message
@@ -29,7 +29,7 @@ func TestDecodeRejects(t *testing.T) {
 		{"hello short", Message{Type: TypeHello, Payload: make([]byte, 31)}, ErrBadPayload},
 		{"hello long", Message{Type: TypeHello, Payload: make([]byte, 33)}, ErrBadPayload},
 		{"hello version 0", Message{Type: TypeHello, Payload: make([]byte, 32)}, ErrVersion},
-		{"hello version 2", Message{Type: TypeHello, Payload: helloV2}, ErrVersion},
+		{"hello next version", Message{Type: TypeHello, Payload: helloV2}, ErrVersion},
 		{"ready with payload", Message{Type: TypeReady, Payload: []byte{0}}, ErrBadPayload},
 		{"stop with payload", Message{Type: TypeStop, Payload: []byte{0}}, ErrBadPayload},
 		{"lease request empty", Message{Type: TypeLeaseRequest}, ErrBadPayload},
@@ -52,6 +52,10 @@ func TestDecodeRejects(t *testing.T) {
 		{"listeners trailing byte", Message{Type: TypeListeners, Payload: []byte{0, 1, 0, 1, 'a', 'b'}, Files: []*os.File{pr}}, ErrBadPayload},
 		{"listeners count over MaxFiles", Message{Type: TypeListeners, Payload: []byte{0xff, 0xff}}, ErrBadPayload},
 		{"files on a ping", Message{Type: TypePing, Payload: make([]byte, 8), Files: []*os.File{pr}}, ErrBadFrame},
+		{"migrate with payload", Message{Type: TypeMigrate, Payload: []byte{0}}, ErrBadPayload},
+		{"connection without files", Message{Type: TypeConnection, Payload: []byte("{}")}, ErrBadPayload},
+		{"connection with one file", Message{Type: TypeConnection, Files: []*os.File{pr}}, ErrBadPayload},
+		{"connection state over the cap", Message{Type: TypeConnection, Payload: make([]byte, MaxConnectionState+1), Files: []*os.File{pr, pw}}, ErrBadPayload},
 		{"unknown type", Message{Type: numTypes}, ErrBadFrame},
 	}
 	for _, tt := range tests {
