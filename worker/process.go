@@ -163,7 +163,7 @@ func (p *Process) Run() error {
 	p.Log.Debug("worker ready", "slot", p.Slot, "listeners", len(lns))
 
 	// Read the master's messages until drain, stop or EOF.
-	drainBy, err := p.loop(srv)
+	drainBy, migrate, err := p.loop(srv)
 	if err != nil {
 		p.failWaiters()
 	}
@@ -179,12 +179,17 @@ func (p *Process) Run() error {
 		}
 		drainBy = time.Now().Add(cfg.ShutdownTimeout)
 	}
+	if migrate {
+		p.migrate(srv, drainBy)
+		drainBy = time.Now()
+	}
 	dctx, cancel := context.WithDeadline(context.Background(), drainBy)
-	if err == nil {
+	if err == nil && !migrate {
 		// Keep listening to the master while draining: a Stop (a second
-		// signal) ends the drain at once; if the master dies, the drain
-		// lasts at most shutdown_timeout more.
-		go p.whileDraining(cancel, cfg.ShutdownTimeout)
+		// signal) ends the drain at once, a Migrate after the handover;
+		// if the master dies, the drain lasts at most shutdown_timeout
+		// more.
+		go p.whileDraining(srv, cancel, drainBy, cfg.ShutdownTimeout)
 	}
 	closed := srv.Drain(dctx)
 	cancel()
@@ -250,35 +255,47 @@ func (p *Process) listeners(cfg *config.Config) ([]Listener, error) {
 	return lns, nil
 }
 
+// noDeadline stands for a drain without deadline (shutdown_timeout 0).
+const noDeadline = 100 * 365 * 24 * time.Hour
+
 // loop handles the master's messages. It returns the drain deadline when
-// told to drain or stop, or an error when the connection ends.
-func (p *Process) loop(srv *Server) (time.Time, error) {
+// told to drain or stop (and migrate, when told to hand its connections
+// over first), or an error when the connection ends.
+func (p *Process) loop(srv *Server) (drainBy time.Time, migrate bool, err error) {
 	for {
 		m, err := p.Conn.Recv()
 		if err != nil {
-			return time.Time{}, err
+			return time.Time{}, false, err
 		}
 		b, err := ipc.Decode(m)
 		if err != nil {
 			m.CloseFiles()
-			return time.Time{}, err
+			return time.Time{}, false, err
 		}
 		switch b := b.(type) {
 		case ipc.LeaseGrant:
 			if err := p.grant(b.N); err != nil {
-				return time.Time{}, err
+				return time.Time{}, false, err
 			}
 		case ipc.Ping:
 			p.Conn.SendBody(ipc.Pong(b))
+		case ipc.Connection:
+			// Inline, not on a goroutine: the connection must be tracked
+			// before a Drain that follows it is handled.
+			if err := srv.Adopt(b.State, m.Files[0], m.Files[1]); err != nil {
+				p.Log.Warn("could not take over a connection", "err", err)
+			}
 		case ipc.Drain:
 			p.Log.Info("draining", "slot", p.Slot, "active", srv.Active(), "deadline", b.Deadline)
 			if b.Deadline.IsZero() {
 				// No deadline: until the connections end or a Stop.
-				return time.Now().Add(100 * 365 * 24 * time.Hour), nil
+				return time.Now().Add(noDeadline), false, nil
 			}
-			return b.Deadline, nil
+			return b.Deadline, false, nil
+		case ipc.Migrate:
+			return time.Now().Add(srv.cfg.ShutdownTimeout), true, nil
 		case ipc.Stop:
-			return time.Now(), nil
+			return time.Now(), false, nil
 		default:
 			m.CloseFiles()
 			p.Log.Warn("unexpected message from master", "type", m.Type.String())
@@ -286,13 +303,35 @@ func (p *Process) loop(srv *Server) (time.Time, error) {
 	}
 }
 
+// migrateTimeout bounds how long a worker tries to hand its connections
+// over: the next generation waits for this one to exit.
+const migrateTimeout = 5 * time.Second
+
+// migrate hands every proxied connection to the master, which passes it to
+// the next generation (see Server.Migrate).
+func (p *Process) migrate(srv *Server, drainBy time.Time) {
+	if time.Until(drainBy) > noDeadline/2 {
+		drainBy = time.Time{}
+	}
+	active := srv.Active()
+	t0 := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), migrateTimeout)
+	defer cancel()
+	moved, closed := srv.Migrate(ctx, drainBy, func(state []byte, client, backend *os.File) error {
+		return p.Conn.SendBody(ipc.Connection{State: state}, client, backend)
+	})
+	p.Log.Info("handed connections to the next generation", "slot", p.Slot, "active", active,
+		"moved", moved, "closed", closed, "took", time.Since(t0))
+}
+
 // whileDraining reads the master's messages during a drain: Stop cancels
-// the drain at once; losing the master ends it within limit from then
-// (sooner if the master's deadline comes first).
+// the drain at once; Migrate hands the connections over, then ends it;
+// losing the master ends it within limit from then (sooner if the master's
+// deadline comes first).
 //
 // Permits are still granted while draining: a connection accepted just
 // before the listeners closed may need one.
-func (p *Process) whileDraining(cancel context.CancelFunc, limit time.Duration) {
+func (p *Process) whileDraining(srv *Server, cancel context.CancelFunc, drainBy time.Time, limit time.Duration) {
 	defer p.failWaiters()
 	for {
 		m, err := p.Conn.Recv()
@@ -300,13 +339,19 @@ func (p *Process) whileDraining(cancel context.CancelFunc, limit time.Duration) 
 			time.AfterFunc(limit, cancel)
 			return
 		}
-		m.CloseFiles()
 		b, err := ipc.Decode(m)
+		m.CloseFiles() // a Connection now would come too late: Drain may be done
 		if err != nil {
 			time.AfterFunc(limit, cancel)
 			return
 		}
 		switch b := b.(type) {
+		case ipc.Connection:
+			p.Log.Warn("a connection handed over to a draining worker was closed")
+		case ipc.Migrate:
+			p.migrate(srv, drainBy)
+			cancel()
+			return
 		case ipc.Stop:
 			cancel()
 			return

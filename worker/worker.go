@@ -345,10 +345,22 @@ type conn struct {
 	lcfg   config.Listener
 	start  time.Time
 
+	// o is what the access log will say; written by serve before the
+	// pair starts, then by the pair's done callback.
+	o *outcome
+	// moves counts the reloads this connection was handed over in.
+	moves int
+	// deadline, if set, is when an earlier generation's drain ends for
+	// this connection (it came in a handover): it is closed then.
+	deadline time.Time
+
 	mu      sync.Mutex
 	backend *net.TCPConn
 	pipe    *proxy.Pair
 	closed  bool
+	// timer closes the connection at deadline (not under mu: a pair may
+	// finish within Start, while serve holds mu).
+	timer atomic.Pointer[time.Timer]
 
 	in, out atomic.Int64
 }
@@ -384,8 +396,8 @@ func (c *conn) setBackend(b *net.TCPConn) bool {
 // outcome is what the access log says of a connection.
 type outcome struct {
 	res     sniff.Result
-	source  net.Addr
-	rule    int
+	source  string // the client, or the one a PROXY header named
+	rule    string // the matching route's pattern, if one matched
 	backend netip.AddrPort
 	reason  string
 	err     error
@@ -398,7 +410,8 @@ type outcome struct {
 // last: serve itself on every early exit, else the pipe.
 func (c *conn) serve() {
 	s := c.srv
-	o := &outcome{rule: -1, source: c.client.RemoteAddr()}
+	o := &outcome{source: addrString(c.client.RemoteAddr())}
+	c.o = o
 	permit, handedOff := false, false
 	defer func() {
 		if !handedOff {
@@ -451,7 +464,7 @@ func (c *conn) serve() {
 		}
 		hdr, start = h, rest
 		if h.SourceAddr != nil {
-			o.source = h.SourceAddr
+			o.source = h.SourceAddr.String()
 		}
 	}
 
@@ -474,7 +487,9 @@ func (c *conn) serve() {
 
 	endSniff()
 	dec, err := s.table.Decide(res.Name, c.lcfg.BackendPort)
-	o.rule = dec.Rule
+	if dec.Rule >= 0 {
+		o.rule = s.cfg.Routes[dec.Rule].Match
+	}
 	if err != nil {
 		c.client.Close()
 		c.reject(o, routeReason(err), err)
@@ -522,9 +537,17 @@ func (c *conn) serve() {
 	handedOff = true
 	c.mu.Lock()
 	defer c.mu.Unlock() // held until the Pair is recorded: close must see it
-	c.pipe = proxy.Start(c.client, backend, s.cfg.Timeouts.Idle, s.poller, c.count, func(_ proxy.Result, err error) {
+	c.pipe = proxy.Start(c.client, backend, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(permit))
+}
+
+// pipeDone returns the done callback of c's pair.
+func (c *conn) pipeDone(permit bool) func(proxy.Result, error) {
+	return func(_ proxy.Result, err error) {
+		o := c.o
 		o.err = err
 		switch {
+		case errors.Is(err, proxy.ErrDetached):
+			o.reason, o.err = "moved", nil
 		case errors.Is(err, proxy.ErrIdle):
 			o.reason = "idle"
 		case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ENOTCONN):
@@ -536,8 +559,11 @@ func (c *conn) serve() {
 		default:
 			o.reason = "ok"
 		}
+		if t := c.timer.Load(); t != nil {
+			t.Stop()
+		}
 		c.finish(o, permit)
-	})
+	}
 }
 
 // finish writes the access log and gives back what the connection held.
@@ -593,19 +619,23 @@ func routeReason(err error) stats.Reason {
 	}
 }
 
-// logDone writes the access-log line.
+// logDone writes the access-log line. A connection handed to the next
+// generation gets its line there, when it ends; here only a debug line.
 func (c *conn) logDone(o *outcome) {
 	log := c.srv.log
 	level := slog.LevelInfo
-	if o.reason == "error" || o.reason == "backend_error" || o.reason == stats.DialError.String() {
+	switch o.reason {
+	case "error", "backend_error", stats.DialError.String():
 		level = slog.LevelWarn
+	case "moved":
+		level = slog.LevelDebug
 	}
 	if !log.Enabled(context.Background(), level) {
 		return
 	}
 	attrs := []slog.Attr{
 		slog.Uint64("conn", c.id),
-		slog.String("client", addrString(o.source)),
+		slog.String("client", o.source),
 		slog.String("listener", c.lcfg.Address),
 		slog.String("protocol", o.res.Protocol.String()),
 	}
@@ -621,8 +651,8 @@ func (c *conn) logDone(o *outcome) {
 	if o.res.ECH {
 		attrs = append(attrs, slog.Bool("ech", true))
 	}
-	if o.rule >= 0 {
-		attrs = append(attrs, slog.String("rule", c.srv.cfg.Routes[o.rule].Match))
+	if o.rule != "" {
+		attrs = append(attrs, slog.String("rule", o.rule))
 	}
 	if o.backend.IsValid() {
 		attrs = append(attrs, slog.String("backend", o.backend.String()))
@@ -633,6 +663,9 @@ func (c *conn) logDone(o *outcome) {
 		slog.Duration("duration", time.Since(c.start)),
 		slog.String("result", o.reason),
 	)
+	if c.moves > 0 {
+		attrs = append(attrs, slog.Int("moves", c.moves))
+	}
 	if o.err != nil {
 		attrs = append(attrs, slog.String("err", o.err.Error()))
 	}

@@ -1,0 +1,200 @@
+package worker
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// echoBackend answers each connection's HTTP request head with "hello",
+// then echoes every line.
+func echoBackend(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if line == "\r\n" {
+						break
+					}
+				}
+				io.WriteString(c, "hello\n")
+				io.Copy(c, r)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// echoLine sends line and expects it back.
+func echoLine(t *testing.T, r *bufio.Reader, c net.Conn, line string) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, line+"\n"); err != nil {
+		t.Fatalf("write %q: %v", line, err)
+	}
+	got, err := r.ReadString('\n')
+	if err != nil || got != line+"\n" {
+		t.Fatalf("echo of %q: %q, %v", line, got, err)
+	}
+}
+
+// stop ends a test server's accepting, as a drain does.
+func (ts *testServer) stop() {
+	ts.cancel()
+	<-ts.served
+}
+
+func TestMigrateMovesConnections(t *testing.T) {
+	backend := echoBackend(t)
+	routes := fmt.Sprintf("routes: [{match: echo.test, backend: %q}]\n", backend)
+	a := startServer(t, routes, nil, "")
+	b := startServer(t, routes, NewLocalLimiter(1), "")
+	c := startServer(t, routes, nil, "")
+
+	conn := dialHTTP(t, a.addr, "echo.test")
+	r := bufio.NewReader(conn)
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if hello, err := r.ReadString('\n'); err != nil || hello != "hello\n" {
+		t.Fatalf("first answer %q, %v", hello, err)
+	}
+	echoLine(t, r, conn, "one")
+	// A client still silent (sniff phase) cannot be moved: it is closed.
+	silent, err := net.Dial("tcp", a.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	waitFor(t, "two connections on a", func() bool { return a.srv.Active() == 2 })
+
+	move := func(from, to *testServer, drainBy time.Time) (int, int) {
+		t.Helper()
+		from.stop()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return from.srv.Migrate(ctx, drainBy, func(state []byte, cl, be *os.File) error {
+			// In-process, the receiver gets duplicates, as SCM_RIGHTS
+			// would give it.
+			return to.srv.Adopt(state, dup(t, cl), dup(t, be))
+		})
+	}
+	moved, closed := move(a, b, time.Time{})
+	if moved != 1 || closed != 1 {
+		t.Fatalf("moved %d, closed %d; want 1 and 1", moved, closed)
+	}
+	expectEOF(t, silent)
+	echoLine(t, r, conn, "two")
+	waitFor(t, "a empty", func() bool { return a.srv.Active() == 0 && a.counters.Active() == 0 })
+	if got := b.counters.Active(); got != 1 {
+		t.Errorf("b counts %d active; want the adopted one", got)
+	}
+	// The adopted connection holds b's only permit.
+	refused := dialHTTP(t, b.addr, "echo.test")
+	expectEOF(t, refused)
+	waitFor(t, "the refused connection to finish", func() bool { return b.srv.Active() == 1 })
+
+	before := c.counters.Snapshot()
+	moved, closed = move(b, c, time.Now().Add(700*time.Millisecond))
+	if moved != 1 || closed != 0 {
+		t.Fatalf("second move: moved %d, closed %d; want 1 and 0", moved, closed)
+	}
+	echoLine(t, r, conn, "three")
+	// Counts land when a splice returns, up to holdPipe after the bytes.
+	waitFor(t, "c to count the echo", func() bool { return c.counters.Snapshot().Sub(before).BytesOut >= 6 })
+	if got := c.counters.Snapshot().Sub(before); got.BytesIn != 6 || got.BytesOut != 6 || got.Active != 1 {
+		t.Errorf("c counted %+v; want only the bytes it moved (6 each way) and one active", got)
+	}
+	// The deadline of b's drain came along: c closes it then.
+	start := time.Now()
+	expectEOF(t, conn)
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("closed %v after the move; want at the 700ms deadline", d)
+	}
+	waitFor(t, "c empty", func() bool { return c.srv.Active() == 0 && c.counters.Active() == 0 })
+}
+
+func TestAdoptRejectsBadState(t *testing.T) {
+	s := startServer(t, "", nil, "")
+	cl, pe := tcpFiles(t)
+	if err := s.srv.Adopt([]byte("{not json"), cl, pe); err == nil || !strings.Contains(err.Error(), "state") {
+		t.Fatalf("Adopt with a bad state: %v", err)
+	}
+	if s.srv.Active() != 0 || s.counters.Active() != 0 {
+		t.Fatal("a refused adoption counted")
+	}
+}
+
+// tcpFiles returns the two ends of a loopback TCP connection as files.
+func tcpFiles(t *testing.T) (*os.File, *os.File) {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	d, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	a, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	df, err := d.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	af, err := a.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return df, af
+}
+
+// dup returns a duplicate of f.
+func dup(t *testing.T, f *os.File) *os.File {
+	t.Helper()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nfd, derr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil || derr != nil {
+		t.Fatal(err, derr)
+	}
+	return os.NewFile(uintptr(nfd), f.Name())
+}
+
+// expectEOF reads until c ends, which it must within 5 s.
+func expectEOF(t *testing.T, c net.Conn) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.Copy(io.Discard, c); err != nil && strings.Contains(err.Error(), "timeout") {
+		t.Fatal("connection still open")
+	}
+}
