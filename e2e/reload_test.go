@@ -310,28 +310,172 @@ func TestReloadKeepsLongConnection(t *testing.T) {
 	p.waitMetric(t, "sniproxy_connections_active", 0)
 }
 
-func TestReloadWhileDrainingHurries(t *testing.T) {
-	// The documented policy: a reload while the previous generation still
-	// drains first hurries that generation (its remaining connections are
-	// closed), so that never more than two generations live.
+// echoer echoes numbered lines through a connection.
+type echoer struct {
+	c net.Conn
+	n int
+}
+
+func (e *echoer) echo(t *testing.T, what string) {
+	t.Helper()
+	e.n++
+	msg := fmt.Sprintf("%d %s\n", e.n, what)
+	e.c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := e.c.Write([]byte(msg)); err != nil {
+		t.Fatalf("%s: write: %v", what, err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(e.c, buf); err != nil || string(buf) != msg {
+		t.Fatalf("%s: echo %q, %v", what, buf, err)
+	}
+}
+
+func TestReloadMovesLongConnections(t *testing.T) {
+	// A reload while the previous generation still drains hurries it: its
+	// connections move to the current generation's workers and it exits,
+	// so never more than two generations live and a long connection
+	// echoes through every reload.
 	echo := echoBackend(t)
 	cfg := strings.Replace(reloadCfg(echo, 2, true), `"load.test"`, `"echo.test"`, 1)
+	cfg = strings.Replace(cfg, "shutdown_timeout: 10", "shutdown_timeout: 120", 1)
+	p := startProxy(t, cfg)
+	masters := []int{p.cmd.Process.Pid}
+	var longs []*echoer
+	for range 3 {
+		c, err := openEcho(p.addr, "echo.test", 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		longs = append(longs, &echoer{c: c})
+	}
+	// One more streams all the time, reloads or not.
+	busy, err := openEcho(p.addr, "echo.test", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	stop, streamed := make(chan struct{}), make(chan error, 1)
+	lines := 0
+	go func() {
+		e := &echoer{c: busy}
+		for {
+			select {
+			case <-stop:
+				streamed <- nil
+				return
+			default:
+			}
+			e.n++
+			msg := fmt.Sprintf("%d busy\n", e.n)
+			busy.SetDeadline(time.Now().Add(10 * time.Second))
+			if _, err := busy.Write([]byte(msg)); err != nil {
+				streamed <- fmt.Errorf("busy line %d: %w", e.n, err)
+				return
+			}
+			buf := make([]byte, len(msg))
+			if _, err := io.ReadFull(busy, buf); err != nil || string(buf) != msg {
+				streamed <- fmt.Errorf("busy line %d: %q, %v", e.n, buf, err)
+				return
+			}
+			lines = e.n
+		}
+	}()
+
+	const reloads = 6
+	for i := 1; i <= reloads; i++ {
+		if i%2 == 0 {
+			p.setWorkers(t, 1+i%3) // 1, 3, 2 ...
+		}
+		pid, gen := p.reload(t)
+		masters = append(masters, pid)
+		if gen != i+1 {
+			t.Fatalf("reload %d made generation %d", i, gen)
+		}
+		for j, e := range longs {
+			e.echo(t, fmt.Sprintf("long %d after reload %d", j, i))
+		}
+		// The generation before the previous one handed its connections
+		// over and exited before this one started: two generations.
+		if i >= 2 {
+			waitGone(t, masters[i-2], fmt.Sprintf("generation %d after reload %d", i-1, i))
+		}
+		if !alive(masters[i-1]) {
+			t.Fatalf("after reload %d, generation %d (holding the long connections) exited", i, i)
+		}
+	}
+	close(stop)
+	select {
+	case err := <-streamed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("busy connection stuck")
+	}
+	t.Logf("%d lines echoed on the busy connection across %d reloads", lines, reloads)
+	p.waitMetric(t, "sniproxy_connections_active", 4)
+
+	// Once they close, the last draining generation exits.
+	for _, e := range longs {
+		e.c.Close()
+	}
+	busy.Close()
+	waitGone(t, masters[reloads-1], "the draining generation after its connections closed")
+	p.waitMetric(t, "sniproxy_connections_active", 0)
+	var moved []float64
+	for _, l := range p.logLines("connection") {
+		if m, ok := l["moves"].(float64); ok {
+			moved = append(moved, m)
+		}
+	}
+	if len(moved) != 4 {
+		t.Fatalf("access log has %d lines with moves for the 4 moved connections: %v", len(moved), moved)
+	}
+	for _, m := range moved {
+		if m != reloads-1 {
+			t.Errorf("a connection logged %v moves; want %d", m, reloads-1)
+		}
+	}
+}
+
+// waitGone waits up to 20 s for the process pid to exit.
+func waitGone(t *testing.T, pid int, what string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for alive(pid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s (pid %d) still alive", what, pid)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestReloadMovedConnectionKeepsDeadline(t *testing.T) {
+	// Moving does not extend a drain: a connection handed over is closed
+	// at the deadline of the reload that first retired it.
+	echo := echoBackend(t)
+	cfg := strings.Replace(reloadCfg(echo, 1, true), "shutdown_timeout: 10", "shutdown_timeout: 3", 1)
+	cfg = strings.Replace(cfg, `"load.test"`, `"echo.test"`, 1)
 	p := startProxy(t, cfg)
 	c, err := openEcho(p.addr, "echo.test", 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	e := &echoer{c: c}
+	start := time.Now()
 	p.reload(t)
+	time.Sleep(time.Second)
 	p.reload(t)
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Errorf("oldest generation's connection still open after a second reload: %v", err)
+	e.echo(t, "after the move")
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("moved connection not closed at the first drain's deadline: %v", err)
 	}
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("oldest generation alive after being hurried")
+	if d := time.Since(start); d < 2500*time.Millisecond || d > 7*time.Second {
+		t.Errorf("closed %v after the first reload; want about shutdown_timeout (3s)", d)
 	}
 }
 

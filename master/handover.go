@@ -11,6 +11,7 @@ import (
 
 	"github.com/cloudflare/tableflip"
 
+	"github.com/sniproxy/sniproxy/ipc"
 	"github.com/sniproxy/sniproxy/stats"
 )
 
@@ -114,4 +115,27 @@ func newHandoverPair(upg *tableflip.Upgrader) (*handover, error) {
 		return nil, fmt.Errorf("master: handover: %w", err)
 	}
 	return newHandover(mine)
+}
+
+// migrateName is the tableflip file name of the migration socket: an
+// ipc pair over which a parent hurried by its successor hands over its
+// proxied connections (ipc.Connection frames, each with its two sockets).
+// It is separate from the handover socket, a JSON stream that cannot carry
+// descriptors.
+const migrateName = "migrate"
+
+// newMigratePair makes the migration pair, registers the successor's end
+// with the Upgrader and returns this master's end.
+func newMigratePair(upg *tableflip.Upgrader) (*ipc.Conn, error) {
+	mine, theirs, err := ipc.Pair()
+	if err != nil {
+		return nil, fmt.Errorf("master: migration socket: %w", err)
+	}
+	err = upg.AddFile(migrateName, theirs)
+	theirs.Close()
+	if err != nil {
+		mine.Close()
+		return nil, fmt.Errorf("master: migration socket: %w", err)
+	}
+	return mine, nil
 }

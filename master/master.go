@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -65,6 +66,9 @@ type Options struct {
 	// inheriting its parent's, which are closed under their queues when
 	// the parent's workers stop.
 	FreshSockets bool
+	// NoMigration makes a hurried generation close its connections
+	// instead of handing them over (the policy before migration).
+	NoMigration bool
 	// HangBeforeReady, if it returns true, makes a successor hang instead
 	// of signalling readiness.
 	HangBeforeReady func() bool
@@ -119,6 +123,14 @@ type Master struct {
 	parentDone chan struct{}
 	// successor is the handover to the next generation once upgraded.
 	successor *handover
+	// successorMig carries this generation's connections to the next
+	// one when it hurries this one (see hurry); set with successor.
+	successorMig *ipc.Conn
+	// parentMigDone is closed once every connection the parent handed
+	// over has been passed to a worker (or the parent sent none).
+	parentMigDone chan struct{}
+	// nextAdopter is the slot the next handed-over connection goes to.
+	nextAdopter int
 
 	mu            sync.Mutex
 	children      []*child // by slot; nil while a slot restarts
@@ -280,7 +292,72 @@ func (m *Master) takeHandover() error {
 	m.pool.SetReserve(st.Reserve)
 	m.parentDone = make(chan struct{})
 	go m.readParent(h)
+	m.parentMigDone = make(chan struct{})
+	mf, err := m.upg.File(migrateName)
+	if err != nil || mf == nil {
+		// A parent of an older build: it has no connections to hand over.
+		close(m.parentMigDone)
+		return nil
+	}
+	mc, err := ipc.FileConn(mf)
+	mf.Close()
+	if err != nil {
+		close(m.parentMigDone)
+		m.log.Warn("previous generation's migration socket is unusable", "err", err)
+		return nil
+	}
+	go m.readMigrations(mc)
 	return nil
+}
+
+// readMigrations passes each connection the hurried parent hands over to
+// one of this generation's workers, until the parent exits.
+func (m *Master) readMigrations(mc *ipc.Conn) {
+	defer close(m.parentMigDone)
+	defer mc.Close()
+	n := 0
+	for {
+		msg, err := mc.Recv()
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				m.log.Warn("receiving connections from the previous generation failed", "err", err)
+			}
+			break
+		}
+		if _, err := ipc.Decode(msg); err != nil || msg.Type != ipc.TypeConnection {
+			msg.CloseFiles()
+			m.log.Warn("unexpected message on the migration socket", "type", msg.Type.String(), "err", err)
+			continue
+		}
+		if m.adopt(msg) {
+			n++
+		}
+		msg.CloseFiles()
+	}
+	if n > 0 {
+		m.log.Info("took over the previous generation's connections", "connections", n)
+	}
+}
+
+// adopt sends a handed-over connection to a ready worker, round robin; false
+// if none took it (the connection is then closed).
+func (m *Master) adopt(msg ipc.Message) bool {
+	m.mu.Lock()
+	kids := append([]*child(nil), m.children...)
+	start := m.nextAdopter
+	m.nextAdopter++
+	m.mu.Unlock()
+	for i := range kids {
+		c := kids[(start+i)%len(kids)]
+		if c == nil || !c.isReady() {
+			continue
+		}
+		if err := c.conn.Send(msg); err == nil {
+			return true
+		}
+	}
+	m.log.Warn("no worker could take over a connection from the previous generation; it is closed")
+	return false
 }
 
 // readParent applies the draining parent's deltas until it exits; its
@@ -407,12 +484,16 @@ func (m *Master) serveChild(c *child) {
 			return
 		}
 		body, err := ipc.Decode(msg)
-		msg.CloseFiles()
 		if err != nil {
+			msg.CloseFiles()
 			m.log.Error("bad message from worker; killing it", "slot", c.slot, "pid", c.pid(), "err", err)
 			c.cmd.Process.Kill()
 			continue
 		}
+		if msg.Type == ipc.TypeConnection {
+			m.passOn(msg)
+		}
+		msg.CloseFiles()
 		switch b := body.(type) {
 		case ipc.Hello:
 			if err := c.conn.SendBody(ipc.Config{YAML: cfgYAML}); err != nil {
@@ -443,7 +524,7 @@ func (m *Master) serveChild(c *child) {
 			c.mu.Lock()
 			c.totals.Add(b.Delta)
 			c.mu.Unlock()
-		case ipc.Pong:
+		case ipc.Pong, ipc.Connection:
 		default:
 			m.log.Warn("unexpected message from worker", "slot", c.slot, "type", msg.Type.String())
 		}
@@ -475,6 +556,21 @@ func (m *Master) reap(c *child) {
 	}
 	if lost != 0 || freed != 0 {
 		m.log.Debug("worker accounted", "slot", c.slot, "connections_lost", lost, "permits_freed", freed)
+	}
+}
+
+// passOn sends a connection a worker handed over (after a hurry) to the
+// successor, which gives it to one of its workers.
+func (m *Master) passOn(msg ipc.Message) {
+	m.mu.Lock()
+	mig := m.successorMig
+	m.mu.Unlock()
+	err := errors.New("no successor")
+	if mig != nil {
+		err = mig.Send(msg)
+	}
+	if err != nil {
+		m.log.Warn("handing a connection to the next generation failed; it is closed", "err", err)
 	}
 }
 
@@ -575,9 +671,10 @@ type upgradeOutcome struct {
 
 // startReload validates the config on disk and starts the upgrade in the
 // background; the outcome arrives on done. A reload while the previous
-// generation still drains first hurries it: tableflip cannot start a new
-// successor while this master's parent lives, and there are never more than
-// two generations.
+// generation still drains first hurries it (see hurry): its connections
+// move to this generation's workers and it exits, since tableflip cannot
+// start a new successor while this master's parent lives, and there are
+// never more than two generations.
 func (m *Master) startReload(done chan<- upgradeOutcome) error {
 	cfg, err := m.opts.LoadConfig(m.opts.ConfigPath)
 	if err != nil {
@@ -599,14 +696,26 @@ func (m *Master) startReload(done chan<- upgradeOutcome) error {
 				out.err = fmt.Errorf("previous generation did not exit: %w", err)
 				return
 			}
-			// Its last counts must be in the totals handed on.
+			// Its last counts must be in the totals handed on, and the
+			// connections it handed over must be with our workers before
+			// they are told to drain.
 			select {
 			case <-m.parentDone:
+			case <-time.After(5 * time.Second):
+			}
+			select {
+			case <-m.parentMigDone:
 			case <-time.After(5 * time.Second):
 			}
 		}
 		h, err := newHandoverPair(m.upg)
 		if err != nil {
+			out.err = err
+			return
+		}
+		mig, err := newMigratePair(m.upg)
+		if err != nil {
+			h.close()
 			out.err = err
 			return
 		}
@@ -618,11 +727,12 @@ func (m *Master) startReload(done chan<- upgradeOutcome) error {
 		st := handoverState{Generation: m.generation, Totals: m.totals, Restarts: m.restarts, ReloadsOK: m.reloadsOK, ReloadsFailed: m.reloadsFailed, Reserve: held}
 		err = h.send(handoverMsg{State: &st})
 		if err == nil {
-			m.successor = h
+			m.successor, m.successorMig = h, mig
 		}
 		m.mu.Unlock()
 		if err != nil {
 			h.close()
+			mig.Close()
 			out.err = err
 			return
 		}
@@ -644,9 +754,10 @@ func (m *Master) startReload(done chan<- upgradeOutcome) error {
 		}()
 		if err := m.upg.Upgrade(); err != nil {
 			m.mu.Lock()
-			m.successor = nil
+			m.successor, m.successorMig = nil, nil
 			m.mu.Unlock()
 			h.close()
+			mig.Close()
 			out.err = fmt.Errorf("new generation failed, old one keeps serving: %w", err)
 			return
 		}
@@ -667,15 +778,24 @@ func (m *Master) failReload(err error) {
 	m.log.Error("reload failed", "err", err)
 }
 
-// hurry tells this (old) generation's workers to close what they have.
+// hurry runs when the next generation must upgrade again while this one
+// still drains: tableflip allows no upgrade while a parent lives, and there
+// are never more than two generations. The workers hand their proxied
+// connections over (they go to the next generation's workers through
+// successorMig) and exit; the rest are closed.
 func (m *Master) hurry() {
-	m.log.Warn("next generation needs to upgrade again: closing the remaining connections now")
 	m.mu.Lock()
 	kids := append([]*child(nil), m.children...)
+	mig := m.successorMig
 	m.mu.Unlock()
+	var body ipc.Body = ipc.Migrate{}
+	if mig == nil || m.opts.NoMigration {
+		body = ipc.Stop{}
+	}
+	m.log.Info("next generation upgrades again: handing the remaining connections over", "active", m.snapshot().Active)
 	for _, c := range kids {
 		if c != nil {
-			c.conn.SendBody(ipc.Stop{})
+			c.conn.SendBody(body)
 		}
 	}
 }
@@ -691,6 +811,11 @@ func (m *Master) drainAsParent(out upgradeOutcome) error {
 	m.closeServers()
 	m.stopAll(time.Now().Add(m.cfg.ShutdownTimeout))
 	out.h.close()
+	m.mu.Lock()
+	if m.successorMig != nil {
+		m.successorMig.Close()
+	}
+	m.mu.Unlock()
 	m.log.Info("generation drained; exiting", "generation", m.generation)
 	return nil
 }
