@@ -439,6 +439,30 @@ func TestReloadMovesLongConnections(t *testing.T) {
 	}
 }
 
+func TestReloadMoveNegativeControl(t *testing.T) {
+	// Without migration (the test switch restores the old policy), the
+	// second reload hurries the first generation by closing its
+	// connections: the long connection must die, or the test above proves
+	// nothing.
+	echo := echoBackend(t)
+	cfg := strings.Replace(reloadCfg(echo, 2, true), `"load.test"`, `"echo.test"`, 1)
+	p := startProxyEnv(t, cfg, "SNIPROXYTEST_NO_MIGRATION=1")
+	c, err := openEcho(p.addr, "echo.test", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	e := &echoer{c: c}
+	p.reload(t)
+	e.echo(t, "after the first reload")
+	p.reload(t)
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	c.Write([]byte("after the second reload\n"))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("without migration, the connection survived the hurry: %v", err)
+	}
+}
+
 // waitGone waits up to 20 s for the process pid to exit.
 func waitGone(t *testing.T, pid int, what string) {
 	t.Helper()

@@ -33,6 +33,7 @@ func cmdRun(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 		// Switches for the e2e tests only; see master.Options.
 		ReplaceDeadSockets: os.Getenv("SNIPROXYTEST_REPLACE_DEAD_SOCKETS") == "1",
 		FreshSockets:       os.Getenv("SNIPROXYTEST_FRESH_SOCKETS") == "1",
+		NoMigration:        os.Getenv("SNIPROXYTEST_NO_MIGRATION") == "1",
 	}
 	if d, err := time.ParseDuration(os.Getenv("SNIPROXYTEST_UPGRADE_TIMEOUT")); err == nil {
 		opts.UpgradeTimeout = d
