@@ -170,21 +170,22 @@ func (s *Server) Adopt(state []byte, client, backend *os.File) error {
 	c.out.Store(st.Pair.Out)
 	s.rec.Opened()
 	s.track(c)
-	// A permit may take a round trip to the master: not on the caller's
-	// goroutine, which may be the one that reads the master's answer.
-	go func() {
-		permit := s.limiter != nil && s.limiter.Acquire()
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if !c.deadline.IsZero() {
-			c.timer.Store(time.AfterFunc(time.Until(c.deadline), c.close))
-		}
-		c.pipe = proxy.Resume(cc, bc, st.Pair, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(permit))
-		if c.closed {
-			// Drain's deadline came first.
-			c.pipe.Close()
-		}
-	}()
+	c.mu.Lock()
+	// Set before Adopt returns, so a Migrate right after finds the pair.
+	c.pipe = proxy.Resume(cc, bc, st.Pair, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(false))
+	if !c.deadline.IsZero() {
+		c.timer.Store(time.AfterFunc(time.Until(c.deadline), c.close))
+	}
+	c.mu.Unlock()
+	if s.limiter != nil {
+		// A permit may take a round trip to the master: not on the
+		// caller's goroutine, which may be the one that reads the answer.
+		go func() {
+			if s.limiter.Acquire() && !c.permit.CompareAndSwap(permitNone, permitHeld) {
+				s.limiter.Release() // the connection ended meanwhile
+			}
+		}()
+	}
 	return nil
 }
 

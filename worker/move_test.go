@@ -72,7 +72,8 @@ func TestMigrateMovesConnections(t *testing.T) {
 	backend := echoBackend(t)
 	routes := fmt.Sprintf("routes: [{match: echo.test, backend: %q}]\n", backend)
 	a := startServer(t, routes, nil, "")
-	b := startServer(t, routes, NewLocalLimiter(1), "")
+	lim := NewLocalLimiter(1)
+	b := startServer(t, routes, lim, "")
 	c := startServer(t, routes, nil, "")
 
 	conn := dialHTTP(t, a.addr, "echo.test")
@@ -111,7 +112,8 @@ func TestMigrateMovesConnections(t *testing.T) {
 	if got := b.counters.Active(); got != 1 {
 		t.Errorf("b counts %d active; want the adopted one", got)
 	}
-	// The adopted connection holds b's only permit.
+	// The adopted connection takes b's only permit.
+	waitFor(t, "the adopted connection's permit", func() bool { return lim.used.Load() == 1 })
 	refused := dialHTTP(t, b.addr, "echo.test")
 	expectEOF(t, refused)
 	waitFor(t, "the refused connection to finish", func() bool { return b.srv.Active() == 1 })
@@ -123,7 +125,10 @@ func TestMigrateMovesConnections(t *testing.T) {
 	}
 	echoLine(t, r, conn, "three")
 	// Counts land when a splice returns, up to holdPipe after the bytes.
-	waitFor(t, "c to count the echo", func() bool { return c.counters.Snapshot().Sub(before).BytesOut >= 6 })
+	waitFor(t, "c to count the echo", func() bool {
+		d := c.counters.Snapshot().Sub(before)
+		return d.BytesIn >= 6 && d.BytesOut >= 6
+	})
 	if got := c.counters.Snapshot().Sub(before); got.BytesIn != 6 || got.BytesOut != 6 || got.Active != 1 {
 		t.Errorf("c counted %+v; want only the bytes it moved (6 each way) and one active", got)
 	}

@@ -361,6 +361,10 @@ type conn struct {
 	// timer closes the connection at deadline (not under mu: a pair may
 	// finish within Start, while serve holds mu).
 	timer atomic.Pointer[time.Timer]
+	// permit is the state of a permit taken after the pair started (an
+	// adopted connection): permitNone, permitHeld, or permitDone once the
+	// connection finished.
+	permit atomic.Int32
 
 	in, out atomic.Int64
 }
@@ -540,7 +544,15 @@ func (c *conn) serve() {
 	c.pipe = proxy.Start(c.client, backend, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(permit))
 }
 
-// pipeDone returns the done callback of c's pair.
+// States of conn.permit.
+const (
+	permitNone int32 = iota
+	permitHeld
+	permitDone
+)
+
+// pipeDone returns the done callback of c's pair; permit says whether c
+// holds a permit already.
 func (c *conn) pipeDone(permit bool) func(proxy.Result, error) {
 	return func(_ proxy.Result, err error) {
 		o := c.o
@@ -561,6 +573,9 @@ func (c *conn) pipeDone(permit bool) func(proxy.Result, error) {
 		}
 		if t := c.timer.Load(); t != nil {
 			t.Stop()
+		}
+		if c.permit.Swap(permitDone) == permitHeld {
+			permit = true
 		}
 		c.finish(o, permit)
 	}
