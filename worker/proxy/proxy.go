@@ -144,19 +144,30 @@ func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *
 		p.timer = time.AfterFunc(math.MaxInt64, p.checkIdle)
 		p.timer.Reset(max(time.Until(time.Unix(0, p.last.Load()).Add(idle)), 0))
 	}
+	// Every direction is set up before either starts: a started one may
+	// abort the pair at once, which looks at both.
+	var failed []*direction
 	for _, d := range live {
 		rc, err := d.src.SyscallConn()
 		if err != nil {
 			// Only a closed conn has none: end that direction now.
 			d.err = fmt.Errorf("proxy: %s: %w", d.name, err)
-			p.abort()
-			p.finish()
+			failed = append(failed, d)
 			continue
 		}
 		d.rc, d.lr, d.waitFn, d.poller = rc, &io.LimitedReader{R: d.src}, d.peek, poller
+	}
+	for _, d := range live {
+		if d.rc == nil {
+			continue
+		}
 		if poller == nil || !poller.park(d) {
 			go wait(d)
 		}
+	}
+	for range failed {
+		p.abort()
+		p.finish()
 	}
 	return &Pair{p: p}
 }
