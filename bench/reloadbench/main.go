@@ -303,4 +303,3 @@ func raiseNoFile() {
 		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l)
 	}
 }
-
