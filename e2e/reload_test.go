@@ -241,10 +241,33 @@ func TestReloadUnderLoad(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := startTLSBackend(t, "B", "load.test")
-			p := startProxy(t, reloadCfg(b.addr, 2, tc.reuse))
+			// Two long connections are handed over at every reload after
+			// the first, while the short ones come and go.
+			cfg := strings.Replace(reloadCfg(b.addr, 2, tc.reuse), `routes: [`,
+				fmt.Sprintf(`routes: [{match: "echo.test", backend: %q}, `, echoBackend(t)), 1)
+			p := startProxy(t, cfg)
+			var longs []*echoer
+			for range 2 {
+				c, err := openEcho(p.addr, "echo.test", 5*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				longs = append(longs, &echoer{c: c})
+			}
 			res := reloadUnderLoad(t, p, b, 10, tc.workers)
 			if f := res.failed(); f != 0 {
 				t.Errorf("%d connections failed during 10 reloads: %s", f, res)
+			}
+			for i, e := range longs {
+				e.echo(t, fmt.Sprintf("long %d after 10 reloads", i))
+				e.c.Close()
+			}
+			waitFor(t, "both long connections in the access log", func() bool { return len(movedLines(p)) == 2 })
+			for _, m := range movedLines(p) {
+				if m != 9 {
+					t.Errorf("a long connection moved %v times in 10 reloads; want 9", m)
+				}
 			}
 			if res.ok < 200 {
 				t.Errorf("only %d connections succeeded; the load proved little", res.ok)
@@ -423,12 +446,7 @@ func TestReloadMovesLongConnections(t *testing.T) {
 	busy.Close()
 	waitGone(t, masters[reloads-1], "the draining generation after its connections closed")
 	p.waitMetric(t, "sniproxy_connections_active", 0)
-	var moved []float64
-	for _, l := range p.logLines("connection") {
-		if m, ok := l["moves"].(float64); ok {
-			moved = append(moved, m)
-		}
-	}
+	moved := movedLines(p)
 	if len(moved) != 4 {
 		t.Fatalf("access log has %d lines with moves for the 4 moved connections: %v", len(moved), moved)
 	}
@@ -461,6 +479,29 @@ func TestReloadMoveNegativeControl(t *testing.T) {
 	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("without migration, the connection survived the hurry: %v", err)
 	}
+}
+
+// waitFor polls cond for up to 10 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// movedLines returns the moves of every access-log line that has them.
+func movedLines(p *proxyProc) []float64 {
+	var moved []float64
+	for _, l := range p.logLines("connection") {
+		if m, ok := l["moves"].(float64); ok {
+			moved = append(moved, m)
+		}
+	}
+	return moved
 }
 
 // waitGone waits up to 20 s for the process pid to exit.
