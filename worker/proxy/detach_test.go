@@ -323,3 +323,100 @@ func expectEOF(t *testing.T, c net.Conn) {
 		t.Fatal("connection still open")
 	}
 }
+
+func TestResumeAlreadyIdle(t *testing.T) {
+	// The idle timer fires at once and aborts while Resume sets up: with
+	// -race this checks that setup is done first.
+	p, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	for range 50 {
+		client, proxyC := tcpPair(t)
+		proxyB, backend := tcpPair(t)
+		done := make(chan error, 1)
+		Resume(proxyC, proxyB, State{Last: time.Now().Add(-time.Hour)}, time.Millisecond, p, nil, func(_ Result, err error) { done <- err })
+		select {
+		case err := <-done:
+			if !errors.Is(err, ErrIdle) {
+				t.Fatalf("long-idle resumed pair ended with %v; want ErrIdle", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("long-idle resumed pair did not end")
+		}
+		client.Close()
+		backend.Close()
+	}
+}
+
+func TestBeginDetachMany(t *testing.T) {
+	// Stopping many pairs at once: the idle ones stop at once even when
+	// one is blocked writing, and a stopped pair is handed out by Detach
+	// even after its deadline passed.
+	p, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	const idle = 20
+	stopped := make(chan int, idle+1)
+	var pairs []*Pair
+	var ends []chan error
+	for i := range idle + 1 {
+		client, proxyC := tcpPair(t)
+		proxyB, backend := tcpPair(t)
+		defer client.Close()
+		defer backend.Close()
+		end := make(chan error, 1)
+		ends = append(ends, end)
+		pairs = append(pairs, Start(proxyC, proxyB, time.Minute, p, nil, func(_ Result, err error) { end <- err }))
+		if i == idle {
+			// The last one's backend reads nothing: it blocks writing.
+			go pattern(client, 64<<20)
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	for i, h := range pairs {
+		if !h.BeginDetach(func() { stopped <- i }) {
+			t.Fatalf("pair %d: BeginDetach refused a live pair", i)
+		}
+	}
+	for range idle {
+		select {
+		case i := <-stopped:
+			if i == idle {
+				t.Fatal("the blocked pair reported stopped")
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("idle pairs did not stop while one was blocked")
+		}
+	}
+	expired, cancel := context.WithCancel(context.Background())
+	cancel()
+	for i, h := range pairs[:idle] {
+		d, err := h.Detach(expired)
+		if err != nil {
+			t.Fatalf("pair %d stopped, yet Detach with a done context: %v", i, err)
+		}
+		d.Close()
+	}
+	_, err = pairs[idle].Detach(expired)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("blocked pair: Detach %v; want context.Canceled", err)
+	}
+	select {
+	case i := <-stopped:
+		if i != idle {
+			t.Fatalf("pair %d reported twice", i)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the blocked pair did not report after it was closed")
+	}
+	if err := <-ends[idle]; err == nil || errors.Is(err, ErrDetached) {
+		t.Errorf("blocked pair closed by the deadline ended with %v; want the detach error", err)
+	}
+	if pairs[0].BeginDetach(func() { t.Error("stopped called for a detached pair") }) {
+		t.Error("BeginDetach accepted a pair already detached")
+	}
+}

@@ -114,9 +114,9 @@ func (p *Poller) park(d *direction) bool {
 	if d.p.detach.Load() {
 		// Detach may have looked for parked directions before this one
 		// was parked: resume it so it sees the flag (unless Detach or an
-		// abort already did).
+		// abort already did; then d is theirs: only id and fd are used).
 		if d.state.CompareAndSwap(parked, running) {
-			p.unparkFD(d, fd)
+			p.unparkFD(id, fd)
 			return false
 		}
 	}
@@ -128,7 +128,7 @@ func (p *Poller) park(d *direction) bool {
 func (p *Poller) unpark(d *direction) {
 	var fd int
 	if d.rc.Control(func(s uintptr) { fd = int(s) }) == nil {
-		p.unparkFD(d, fd)
+		p.unparkFD(d.parkID, fd)
 		return
 	}
 	p.mu.Lock()
@@ -136,10 +136,10 @@ func (p *Poller) unpark(d *direction) {
 	p.mu.Unlock()
 }
 
-// unparkFD removes d, whose socket is fd, from the Poller.
-func (p *Poller) unparkFD(d *direction, fd int) {
+// unparkFD removes the direction parked as id, whose socket is fd.
+func (p *Poller) unparkFD(id uint64, fd int) {
 	p.mu.Lock()
-	delete(p.parked, d.parkID)
+	delete(p.parked, id)
 	p.mu.Unlock()
 	unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
 }

@@ -139,11 +139,6 @@ func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *
 		return &Pair{p: p}
 	}
 	p.left.Store(int32(len(live)))
-	if idle > 0 {
-		// Armed after the assignment, so checkIdle always sees p.timer.
-		p.timer = time.AfterFunc(math.MaxInt64, p.checkIdle)
-		p.timer.Reset(max(time.Until(time.Unix(0, p.last.Load()).Add(idle)), 0))
-	}
 	// Every direction is set up before either starts: a started one may
 	// abort the pair at once, which looks at both.
 	var failed []*direction
@@ -156,6 +151,13 @@ func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *
 			continue
 		}
 		d.rc, d.lr, d.waitFn, d.poller = rc, &io.LimitedReader{R: d.src}, d.peek, poller
+	}
+	if idle > 0 {
+		// Armed once both directions are set up (a resumed pair may be
+		// idle already: the timer fires at once and aborts), and after
+		// the assignment, so checkIdle always sees p.timer.
+		p.timer = time.AfterFunc(math.MaxInt64, p.checkIdle)
+		p.timer.Reset(max(time.Until(time.Unix(0, p.last.Load()).Add(idle)), 0))
 	}
 	for _, d := range live {
 		if d.rc == nil {
@@ -203,40 +205,77 @@ func (d *Detached) Close() {
 // Done is called with ErrDetached before Detach returns the sockets. If a
 // direction cannot stop before ctx is done (it is blocked writing to a peer
 // that does not read), or the pair ends or is closed meanwhile, the pair is
-// closed as by Close and Detach returns an error (ctx's, or ErrClosed).
+// closed as by Close and Detach returns an error (ctx's, ErrClosed, or why
+// the sockets could not be taken). After BeginDetach, Detach waits for that
+// detach; a pair that stopped already is returned even if ctx is done.
 func (h *Pair) Detach(ctx context.Context) (*Detached, error) {
 	p := h.p
-	p.mu.Lock()
-	if p.closed {
-		p.mu.Unlock()
+	stopped, ok := p.beginDetach(nil)
+	if !ok {
 		return nil, ErrClosed
+	}
+	select {
+	case <-stopped:
+	default:
+		select {
+		case <-stopped:
+		case <-ctx.Done():
+			p.abortWith(fmt.Errorf("proxy: could not detach in time: %w", ctx.Err()))
+			<-stopped
+		}
+	}
+	if p.detached != nil {
+		return p.detached, nil
+	}
+	if p.detachErr != nil {
+		return nil, p.detachErr
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return nil, ErrClosed
+}
+
+// BeginDetach starts a Detach without waiting: stopped is called once,
+// from one of the pair's goroutines, when the pair has stopped (or ended,
+// or been closed); Detach then returns at once. It reports false, and
+// never calls stopped, when the pair had already ended or was closed
+// (detached included).
+// This lets a caller stop many pairs at once and collect them as they
+// stop.
+func (h *Pair) BeginDetach(stopped func()) bool {
+	_, ok := h.p.beginDetach(stopped)
+	return ok
+}
+
+// beginDetach sets the detach flag and wakes every waiting direction; it
+// returns the channel closed once the pair has stopped, or false if the
+// pair ended before any detach began.
+func (p *pair) beginDetach(onStop func()) (<-chan struct{}, bool) {
+	p.mu.Lock()
+	if (p.stopped == nil && p.closed) || (onStop != nil && p.finished) {
+		p.mu.Unlock()
+		return nil, false
 	}
 	if p.stopped == nil {
 		p.stopped = make(chan struct{})
 	}
 	stopped := p.stopped
-	p.detach.Store(true)
+	if onStop != nil {
+		p.onStop = onStop
+	}
+	again := p.detach.Swap(true)
 	p.mu.Unlock()
-	// Wake every waiting direction: a parked one is resumed and sees the
-	// flag; one waiting on a goroutine gets a read deadline in the past.
-	// One mid-splice sees the flag when the splice returns (within
-	// holdPipe of its start, unless it is blocked writing).
-	p.resumeParked()
-	p.client.SetReadDeadline(longAgo)
-	p.backend.SetReadDeadline(longAgo)
-	select {
-	case <-stopped:
-	case <-ctx.Done():
-		p.abort()
-		<-stopped
+	if !again {
+		// Wake every waiting direction: a parked one is resumed and sees
+		// the flag; one waiting on a goroutine gets a read deadline in
+		// the past. One mid-splice sees the flag when the splice returns
+		// (within holdPipe of its start, unless it is blocked writing).
+		p.resumeParked()
+		p.client.SetReadDeadline(longAgo)
+		p.backend.SetReadDeadline(longAgo)
 	}
-	if p.detached == nil {
-		if err := ctx.Err(); err != nil {
-			return nil, err
-		}
-		return nil, ErrClosed
-	}
-	return p.detached, nil
+	return stopped, true
 }
 
 // finish runs when a direction ends; the last one closes up and reports,
@@ -254,7 +293,8 @@ func (p *pair) finish() {
 	detach := p.detach.Load() && !p.closed && (p.up.stopped || p.down.stopped) &&
 		p.up.err == nil && p.down.err == nil
 	p.closed = true // no abort may close the sockets under us now
-	stopped := p.stopped
+	p.finished = true
+	stopped, onStop, abortErr := p.stopped, p.onStop, p.abortErr
 	p.mu.Unlock()
 	if detach {
 		d, err := p.takeFiles()
@@ -262,8 +302,12 @@ func (p *pair) finish() {
 			p.detached = d
 			p.done(res, ErrDetached)
 			close(stopped)
+			if onStop != nil {
+				onStop()
+			}
 			return
 		}
+		p.detachErr = err
 		p.up.err = err
 	}
 	p.client.Close()
@@ -272,12 +316,18 @@ func (p *pair) finish() {
 	if err == nil {
 		err = p.down.err
 	}
+	if err == nil {
+		err = abortErr
+	}
 	if p.idled.Load() {
 		err = ErrIdle
 	}
 	p.done(res, err)
 	if stopped != nil {
 		close(stopped)
+	}
+	if onStop != nil {
+		onStop()
 	}
 }
 
@@ -351,8 +401,14 @@ type pair struct {
 	// Detach). detached is set before stopped is closed.
 	mu       sync.Mutex
 	closed   bool
+	finished bool // finish has run (or is running)
 	stopped  chan struct{}
-	detached *Detached
+	onStop   func()
+	abortErr error // why the pair was closed, if not by Close
+	// detached, or detachErr when taking the sockets failed, is set
+	// before stopped is closed.
+	detached  *Detached
+	detachErr error
 
 	up, down direction
 	left     atomic.Int32 // directions still running
@@ -375,13 +431,18 @@ func (p *pair) checkIdle() {
 
 // abort closes both connections, which ends both directions; a direction
 // parked in a Poller is resumed to find its socket closed.
-func (p *pair) abort() {
+func (p *pair) abort() { p.abortWith(nil) }
+
+// abortWith is abort with the error done gets when the directions end
+// without one of their own (a closed socket is not one).
+func (p *pair) abortWith(err error) {
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
 		return
 	}
 	p.closed = true
+	p.abortErr = err
 	p.mu.Unlock()
 	p.client.Close()
 	p.backend.Close()
