@@ -8,8 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/sniproxy/sniproxy/config"
@@ -34,24 +32,26 @@ type movedState struct {
 	Moves    int       `json:"moves"`
 }
 
-// maxMoving bounds the pairs being detached at once by Migrate.
-const maxMoving = 64
-
 // Migrate hands every proxied connection to send, for another process to
 // go on serving it (see Adopt), and closes the connections still being
 // sniffed or dialled. It is for a draining server whose generation must
 // exit before its connections end: it returns once each connection is
-// handed over or closed, with the counts of each.
+// handed over or closed, with the counts of each. Only the first call does
+// anything.
 //
-// Each pair is detached (proxy.Pair.Detach) within ctx; one that cannot
-// stop in time (blocked writing to a peer that does not read) is closed.
-// drainBy is this server's drain deadline (zero: none); the connection
-// keeps the earlier of it and the one it came with. send gets the state
-// and both sockets; it must not keep the files, which are closed after it
-// returns. Once sent, a connection is finished here (its permit returned,
-// Active decremented) with result "moved" in a debug log line; the
-// receiving server logs it when it ends.
+// Every pair is asked to stop at once (proxy.Pair.BeginDetach) and is sent
+// as soon as it has stopped, so a pair slow to stop (a direction blocked
+// writing to a peer that does not read) delays no other; one still not
+// stopped when ctx is done is closed. drainBy is this server's drain
+// deadline (zero: none); the connection keeps the earlier of it and the
+// one it came with. send gets the state and both sockets; it must not keep
+// the files, which are closed after it returns. Once sent, a connection is
+// finished here (its permit returned, Active decremented) with result
+// "moved" in a debug log line; the receiving server logs it when it ends.
 func (s *Server) Migrate(ctx context.Context, drainBy time.Time, send func(state []byte, client, backend *os.File) error) (moved, closed int) {
+	if !s.migrating.CompareAndSwap(false, true) {
+		return 0, 0
+	}
 	s.mu.Lock()
 	if len(s.conns) == 0 {
 		s.mu.Unlock()
@@ -67,47 +67,68 @@ func (s *Server) Migrate(ctx context.Context, drainBy time.Time, send func(state
 	}
 	s.mu.Unlock()
 
-	var nMoved, nClosed atomic.Int64
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, maxMoving)
+	stopped := make(chan *conn, len(cs))
+	var pending []*conn
 	for _, c := range cs {
 		c.mu.Lock()
 		pipe := c.pipe
+		if pipe == nil {
+			// Not proxied yet: nothing another process could go on
+			// with. Closed under the same lock, so serve cannot start a
+			// pair in between.
+			c.closeLocked()
+		}
 		c.mu.Unlock()
 		if pipe == nil {
-			// Not proxied yet: nothing another process could go on with.
-			c.close()
-			nClosed.Add(1)
+			closed++
 			continue
 		}
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			d, err := pipe.Detach(ctx)
-			if err != nil {
-				if !errors.Is(err, proxy.ErrClosed) {
-					// It ended by itself meanwhile otherwise.
-					nClosed.Add(1)
-					s.log.Info("a connection could not be handed over; closed", "conn", c.id, "err", err)
-				}
-				return
-			}
-			defer d.Close()
-			state, err := json.Marshal(c.movedState(d.State, drainBy))
-			if err == nil {
-				err = send(state, d.Client, d.Backend)
-			}
-			if err != nil {
-				nClosed.Add(1)
-				s.log.Warn("handing a connection over failed; closed", "conn", c.id, "err", err)
-				return
-			}
-			nMoved.Add(1)
-		}()
+		if pipe.BeginDetach(func() { stopped <- c }) {
+			pending = append(pending, c)
+		}
 	}
-	wg.Wait()
-	return int(nMoved.Load()), int(nClosed.Load())
+	done := ctx.Done()
+	for left := len(pending); left > 0; {
+		select {
+		case c := <-stopped:
+			left--
+			if s.handOver(ctx, c, drainBy, send) {
+				moved++
+			} else {
+				closed++
+			}
+		case <-done:
+			// Those still running are blocked writing: close them; they
+			// report stopped as they end.
+			for _, c := range pending {
+				c.pipe.Close()
+			}
+			done = nil
+		}
+	}
+	return moved, closed
+}
+
+// handOver sends a stopped connection; false if it could not (it is
+// closed then, or it had ended by itself).
+func (s *Server) handOver(ctx context.Context, c *conn, drainBy time.Time, send func(state []byte, client, backend *os.File) error) bool {
+	d, err := c.pipe.Detach(ctx) // stopped already: returns at once
+	if err != nil {
+		if !errors.Is(err, proxy.ErrClosed) {
+			s.log.Info("a connection could not be handed over; closed", "conn", c.id, "err", err)
+		}
+		return false
+	}
+	defer d.Close()
+	state, err := json.Marshal(c.movedState(d.State, drainBy))
+	if err == nil {
+		err = send(state, d.Client, d.Backend)
+	}
+	if err != nil {
+		s.log.Warn("handing a connection over failed; closed", "conn", c.id, "err", err)
+		return false
+	}
+	return true
 }
 
 // movedState returns what c carries to the next process.
@@ -116,6 +137,8 @@ func (c *conn) movedState(ps proxy.State, drainBy time.Time) movedState {
 	if !c.deadline.IsZero() && (deadline.IsZero() || c.deadline.Before(deadline)) {
 		deadline = c.deadline
 	}
+	// The log counts the sniffed bytes replayed to the backend too.
+	ps.In, ps.Out = c.in.Load(), c.out.Load()
 	st := movedState{
 		Listener: c.lcfg.Address,
 		Client:   c.o.source,
@@ -171,22 +194,37 @@ func (s *Server) Adopt(state []byte, client, backend *os.File) error {
 	s.rec.Opened()
 	s.track(c)
 	c.mu.Lock()
-	// Set before Adopt returns, so a Migrate right after finds the pair.
-	c.pipe = proxy.Resume(cc, bc, st.Pair, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(false))
 	if !c.deadline.IsZero() {
+		// Armed first: pipeDone stops it, even if the pair ends at once.
 		c.timer.Store(time.AfterFunc(time.Until(c.deadline), c.close))
 	}
+	// Set before Adopt returns, so a Migrate right after finds the pair.
+	c.pipe = proxy.Resume(cc, bc, st.Pair, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(false))
 	c.mu.Unlock()
 	if s.limiter != nil {
-		// A permit may take a round trip to the master: not on the
-		// caller's goroutine, which may be the one that reads the answer.
-		go func() {
-			if s.limiter.Acquire() && !c.permit.CompareAndSwap(permitNone, permitHeld) {
-				s.limiter.Release() // the connection ended meanwhile
-			}
-		}()
+		go c.acquireLate()
 	}
 	return nil
+}
+
+// acquireLate takes a permit for an adopted connection, which is served
+// without one until then. When none is free (the previous generation's
+// connections still count), it tries again, backing off to once a second,
+// for as long as the connection lasts: a permit freed is then taken by it
+// before new connections, and the global count is right again. It runs
+// off the caller's goroutine: a permit may take a round trip to the
+// master, whose answer the caller may be the one to read.
+func (c *conn) acquireLate() {
+	lim := c.srv.limiter
+	for delay := 10 * time.Millisecond; c.permit.Load() == permitNone; delay = min(2*delay, time.Second) {
+		if lim.Acquire() {
+			if !c.permit.CompareAndSwap(permitNone, permitHeld) {
+				lim.Release() // the connection ended meanwhile
+			}
+			return
+		}
+		time.Sleep(delay)
+	}
 }
 
 // fileTCP returns the TCP connection of a socket file, leaving f open.

@@ -3,6 +3,7 @@ package worker
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -201,5 +202,103 @@ func expectEOF(t *testing.T, c net.Conn) {
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.Copy(io.Discard, c); err != nil && strings.Contains(err.Error(), "timeout") {
 		t.Fatal("connection still open")
+	}
+}
+
+// floodBackend writes without end to every connection once it has read
+// the request head.
+func floodBackend(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil || line == "\r\n" {
+						break
+					}
+				}
+				buf := make([]byte, 1<<16)
+				for {
+					if _, err := c.Write(buf); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+func TestMigrateStuckPairsDelayNoOther(t *testing.T) {
+	// Downloads to clients that read nothing cannot stop (their pairs are
+	// blocked writing): they are closed at the deadline, and every idle
+	// connection is moved regardless of how many are stuck.
+	flood := floodBackend(t)
+	echo := echoBackend(t)
+	routes := fmt.Sprintf("routes: [{match: flood.test, backend: %q}, {match: echo.test, backend: %q}]\n", flood, echo)
+	a := startServer(t, routes, nil, "")
+	b := startServer(t, routes, nil, "")
+	const stuck, idle = 80, 8
+	for range stuck {
+		dialHTTP(t, a.addr, "flood.test")
+	}
+	type held struct {
+		c net.Conn
+		r *bufio.Reader
+	}
+	var idles []held
+	for range idle {
+		c := dialHTTP(t, a.addr, "echo.test")
+		r := bufio.NewReader(c)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if s, err := r.ReadString('\n'); err != nil || s != "hello\n" {
+			t.Fatal(s, err)
+		}
+		idles = append(idles, held{c, r})
+	}
+	waitFor(t, "every connection proxied", func() bool { return a.srv.Active() == stuck+idle })
+	time.Sleep(500 * time.Millisecond) // the floods fill every buffer
+	a.stop()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var ins []int64
+	start := time.Now()
+	moved, closed := a.srv.Migrate(ctx, time.Time{}, func(state []byte, cl, be *os.File) error {
+		var st movedState
+		if err := json.Unmarshal(state, &st); err != nil {
+			return err
+		}
+		ins = append(ins, st.Pair.In)
+		return b.srv.Adopt(state, dup(t, cl), dup(t, be))
+	})
+	if moved != idle || closed != stuck {
+		t.Fatalf("moved %d, closed %d; want the %d idle moved and the %d stuck closed", moved, closed, idle, stuck)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("Migrate took %v with a 1s deadline", d)
+	}
+	head := int64(len("GET / HTTP/1.1\r\nHost: echo.test\r\n\r\n"))
+	for _, in := range ins {
+		if in != head {
+			t.Errorf("moved state counts %d bytes in; want the replayed request head (%d)", in, head)
+		}
+	}
+	for i, h := range idles {
+		echoLine(t, h.r, h.c, fmt.Sprintf("idle %d after the move", i))
+	}
+	if a.srv.Migrate(ctx, time.Time{}, nil); a.srv.Active() != 0 {
+		t.Errorf("a still has %d connections", a.srv.Active())
 	}
 }

@@ -179,17 +179,19 @@ func (p *Process) Run() error {
 		}
 		drainBy = time.Now().Add(cfg.ShutdownTimeout)
 	}
-	if migrate {
-		p.migrate(srv, drainBy)
-		drainBy = time.Now()
-	}
 	dctx, cancel := context.WithDeadline(context.Background(), drainBy)
-	if err == nil && !migrate {
+	if err == nil {
 		// Keep listening to the master while draining: a Stop (a second
 		// signal) ends the drain at once, a Migrate after the handover;
 		// if the master dies, the drain lasts at most shutdown_timeout
-		// more.
+		// more. Lease grants still come: a connection accepted just
+		// before the listeners closed may be waiting for one.
 		go p.whileDraining(srv, cancel, drainBy, cfg.ShutdownTimeout)
+	}
+	if migrate {
+		// Told to hand over while still serving.
+		p.migrate(srv, drainBy)
+		cancel()
 	}
 	closed := srv.Drain(dctx)
 	cancel()
@@ -317,6 +319,10 @@ func (p *Process) migrate(srv *Server, drainBy time.Time) {
 	t0 := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), migrateTimeout)
 	defer cancel()
+	// A master that stops reading must not hold this worker past the
+	// time its successor waits for this generation to exit.
+	p.Conn.SetWriteDeadline(time.Now().Add(migrateTimeout + time.Second))
+	defer p.Conn.SetWriteDeadline(time.Time{})
 	moved, closed := srv.Migrate(ctx, drainBy, func(state []byte, client, backend *os.File) error {
 		return p.Conn.SendBody(ipc.Connection{State: state}, client, backend)
 	})

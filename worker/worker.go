@@ -85,6 +85,8 @@ type Server struct {
 	// poller parks idle pairs without goroutines; nil if it could not be
 	// made (pairs then park on goroutines).
 	poller *proxy.Poller
+	// migrating is set by the first Migrate.
+	migrating atomic.Bool
 
 	nextID atomic.Uint64
 	wg     sync.WaitGroup // one per connection handler
@@ -373,6 +375,11 @@ type conn struct {
 func (c *conn) close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.closeLocked()
+}
+
+// closeLocked is close with c.mu held.
+func (c *conn) closeLocked() {
 	c.closed = true
 	if c.pipe != nil {
 		// Through the pair, which wakes a direction parked in the poller.
