@@ -131,6 +131,13 @@ type Master struct {
 	parentMigDone chan struct{}
 	// nextAdopter is the slot the next handed-over connection goes to.
 	nextAdopter int
+	// adoptMu orders handed-over connections against Drain: once stopAll
+	// has set stopping under it, no worker gets one (it could arrive
+	// after the worker's last read).
+	adoptMu sync.Mutex
+	// serving counts the serveChild loops still reading a worker, which
+	// may pass connections on to the successor.
+	serving sync.WaitGroup
 
 	mu            sync.Mutex
 	children      []*child // by slot; nil while a slot restarts
@@ -342,7 +349,14 @@ func (m *Master) readMigrations(mc *ipc.Conn) {
 // adopt sends a handed-over connection to a ready worker, round robin; false
 // if none took it (the connection is then closed).
 func (m *Master) adopt(msg ipc.Message) bool {
+	m.adoptMu.Lock()
+	defer m.adoptMu.Unlock()
 	m.mu.Lock()
+	if m.stopping {
+		m.mu.Unlock()
+		m.log.Warn("a connection from the previous generation came after this one began to stop; it is closed")
+		return false
+	}
 	kids := append([]*child(nil), m.children...)
 	start := m.nextAdopter
 	m.nextAdopter++
@@ -438,6 +452,7 @@ func (m *Master) spawn(slot int) error {
 	m.children[slot] = c
 	m.mu.Unlock()
 	m.log.Debug("worker started", "slot", slot, "pid", c.pid())
+	m.serving.Add(1)
 	go m.serveChild(c)
 	return nil
 }
@@ -471,6 +486,7 @@ func (m *Master) serveChild(c *child) {
 		<-c.exited
 		m.events <- c
 	}()
+	defer m.serving.Done() // first: the loop has ended
 	cfgYAML, err := m.cfg.YAML()
 	if err != nil {
 		m.log.Error("cannot encode config for workers", "err", err)
@@ -503,10 +519,12 @@ func (m *Master) serveChild(c *child) {
 			close(c.ready)
 		case ipc.LeaseRequest:
 			n := m.pool.Grant(c.holder, b.Want)
-			c.conn.SendBody(ipc.LeaseGrant{N: n})
 			if n > 0 {
+				// The successor, if any, learns of it before the worker
+				// can use it.
 				m.sendReserve()
 			}
+			c.conn.SendBody(ipc.LeaseGrant{N: n})
 		case ipc.LeaseReturn:
 			if err := m.pool.Return(c.holder, b.N); err != nil {
 				m.log.Error("worker returned permits it does not hold", "slot", c.slot, "err", err)
@@ -632,12 +650,21 @@ func (m *Master) loop() error {
 				m.failReload(out.err)
 				res = reloadResult{Error: out.err.Error()}
 			}
+			var kids []*child
+			deadline := time.Now().Add(m.cfg.ShutdownTimeout)
+			if out.err == nil {
+				// The workers stop accepting before `sniproxy reload`
+				// returns: a client that connects after it reaches the
+				// new generation, whose permits do not yet know of a
+				// connection an old worker would take.
+				kids = m.beginStop(deadline)
+			}
 			for _, p := range pending {
 				p.reply <- res
 			}
 			pending = nil
 			if out.err == nil {
-				return m.drainAsParent(out)
+				return m.drainAsParent(out, kids, deadline)
 			}
 		case c := <-m.events:
 			m.reap(c)
@@ -703,9 +730,12 @@ func (m *Master) startReload(done chan<- upgradeOutcome) error {
 			case <-m.parentDone:
 			case <-time.After(5 * time.Second):
 			}
+			// The parent has exited, so the migration socket ends
+			// (EOF) as soon as what it sent is read.
 			select {
 			case <-m.parentMigDone:
-			case <-time.After(5 * time.Second):
+			case <-time.After(30 * time.Second):
+				m.log.Error("connections from the previous generation still arriving after 30s; upgrading anyway")
 			}
 		}
 		h, err := newHandoverPair(m.upg)
@@ -803,14 +833,26 @@ func (m *Master) hurry() {
 // drainAsParent runs after a successful upgrade: the new generation
 // serves; this one stops accepting, forwards its counts while its
 // connections drain (at most shutdown_timeout), and exits.
-func (m *Master) drainAsParent(out upgradeOutcome) error {
+func (m *Master) drainAsParent(out upgradeOutcome, kids []*child, deadline time.Time) error {
 	m.log.Info("new generation ready; draining this one", "new_pid", out.ready.PID, "new_generation", out.ready.Generation,
 		"active", m.snapshot().Active, "shutdown_timeout", m.cfg.ShutdownTimeout)
 	// The new generation serves metrics and the control socket now; they
 	// share the listening sockets, so closing ours refuses nobody.
 	m.closeServers()
-	m.stopAll(time.Now().Add(m.cfg.ShutdownTimeout))
+	m.finishStop(kids, deadline)
 	out.h.close()
+	// Every connection a worker handed over must be passed on before the
+	// migration socket closes.
+	served := make(chan struct{})
+	go func() {
+		m.serving.Wait()
+		close(served)
+	}()
+	select {
+	case <-served:
+	case <-time.After(10 * time.Second):
+		m.log.Error("workers' messages still being read 10s after they exited")
+	}
 	m.mu.Lock()
 	if m.successorMig != nil {
 		m.successorMig.Close()
@@ -851,6 +893,12 @@ func (m *Master) crashed(c *child) (time.Duration, error) {
 // second signal makes them stop at once), and kills any left a few seconds
 // after the deadline.
 func (m *Master) stopAll(deadline time.Time) {
+	m.finishStop(m.beginStop(deadline), deadline)
+}
+
+// beginStop tells every worker to drain until deadline and returns them.
+func (m *Master) beginStop(deadline time.Time) []*child {
+	m.adoptMu.Lock()
 	m.mu.Lock()
 	m.stopping = true
 	var kids []*child
@@ -860,9 +908,16 @@ func (m *Master) stopAll(deadline time.Time) {
 		}
 	}
 	m.mu.Unlock()
+	m.adoptMu.Unlock()
 	for _, c := range kids {
 		c.conn.SendBody(ipc.Drain{Deadline: deadline})
 	}
+	return kids
+}
+
+// finishStop closes this master's sockets and waits for the workers
+// beginStop told to drain.
+func (m *Master) finishStop(kids []*child, deadline time.Time) {
 	// Stop listening for good: with the master's and tableflip's copies
 	// closed, the sockets close once the workers close theirs, so new
 	// clients are refused rather than queued where nobody will accept.
