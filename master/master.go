@@ -782,7 +782,15 @@ func (m *Master) startReload(done chan<- upgradeOutcome) error {
 				}
 			}
 		}()
-		if err := m.upg.Upgrade(); err != nil {
+		err = m.upg.Upgrade()
+		for i := 0; parent != nil && err != nil && err.Error() == "parent hasn't exited" && i < 100; i++ {
+			// tableflip learns of the parent's exit in its own goroutine,
+			// a moment after WaitForParent returns (it selects between
+			// that and our request at random): ask again.
+			time.Sleep(5 * time.Millisecond)
+			err = m.upg.Upgrade()
+		}
+		if err != nil {
 			m.mu.Lock()
 			m.successor, m.successorMig = nil, nil
 			m.mu.Unlock()
