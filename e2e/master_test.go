@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -448,4 +449,57 @@ func TestGracefulStop(t *testing.T) {
 			}
 		}
 	})
+}
+
+func TestLimitSparePermitsComeBack(t *testing.T) {
+	// A worker keeps a few spare permits when its connections close; at
+	// the limit, a sibling that needs one gets it back (Revoke) instead
+	// of refusing. Rounds of exactly max_connections connections, spread
+	// over the workers however the kernel likes, must all get through.
+	var live atomic.Int64
+	echo := rawBackend(t, func(c net.Conn) {
+		live.Add(1)
+		defer live.Add(-1)
+		io.Copy(c, c)
+	})
+	p := startProxy(t, strings.ReplaceAll(masterConfig, "ECHO", echo)+"max_connections: 6\n")
+	p.workers(t, 2)
+	for round := range 20 {
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		var held []net.Conn
+		var errs []error
+		for range 6 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c, err := openEcho(p.addr, "echo.test", 5*time.Second)
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					errs = append(errs, err)
+					return
+				}
+				held = append(held, c)
+			}()
+		}
+		wg.Wait()
+		for _, c := range held {
+			c.Close()
+		}
+		if len(errs) > 0 {
+			t.Fatalf("round %d: %d of 6 connections refused under max_connections 6: %v", round, len(errs), errs[0])
+		}
+		// The round is over once the proxy has closed every backend
+		// connection (it releases the permit right after), not when
+		// /metrics says so: it lags by up to a stats interval.
+		deadline := time.Now().Add(5 * time.Second)
+		for live.Load() > 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: %d backend connections still open", round, live.Load())
+			}
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -72,6 +72,7 @@ func bodies() []Body {
 		Pong{Seq: 1<<64 - 1},
 		Listeners{},
 		Migrate{},
+		Revoke{},
 	}
 }
 

@@ -4,7 +4,8 @@
 //
 // Over a pair flow the worker's Hello and Ready, the master's validated
 // Config (a worker never reads the config file), connection-permit leases
-// (LeaseRequest, LeaseGrant, LeaseReturn), counter deltas (Stats, about once
+// (LeaseRequest, LeaseGrant, LeaseReturn, and Revoke when a sibling needs
+// the spares), counter deltas (Stats, about once
 // a second and a final flush), Drain and Stop, Ping and Pong, and listening
 // sockets (Listeners, with their descriptors). During a reload that must
 // retire a draining generation early, Migrate asks its workers to hand their
@@ -60,7 +61,7 @@
 //
 //	bytes 0-3   magic "SNIP" (0x53 0x4e 0x49 0x50)
 //	byte  4     protocol version: Version (2)
-//	byte  5     message type: TypeHello (1) ... TypeConnection (14)
+//	byte  5     message type: TypeHello (1) ... TypeRevoke (15)
 //	byte  6     number of file descriptors sent with the frame, 0..253;
 //	            non-zero only for TypeListeners and TypeConnection (2)
 //	byte  7     reserved, 0

@@ -92,6 +92,9 @@ const (
 	// worker): one proxied connection moving to another process, with its
 	// client and backend sockets: Connection.
 	TypeConnection
+	// TypeRevoke (master → worker): the global pool ran dry; give spare
+	// permits back now (LeaseReturn): Revoke.
+	TypeRevoke
 
 	numTypes // first invalid type
 )
@@ -111,6 +114,7 @@ var typeNames = [numTypes]string{
 	TypeListeners:    "listeners",
 	TypeMigrate:      "migrate",
 	TypeConnection:   "connection",
+	TypeRevoke:       "revoke",
 }
 
 // String returns the snake_case name of t, or "type(N)" for an unknown t.

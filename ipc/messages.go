@@ -83,6 +83,8 @@ func Decode(m Message) (Body, error) {
 		b = l
 	case TypeMigrate:
 		b, err = decode[Migrate](m.Payload)
+	case TypeRevoke:
+		b, err = decode[Revoke](m.Payload)
 	case TypeConnection:
 		b, err = decode[Connection](m.Payload)
 		if err == nil && len(m.Files) != 2 {
@@ -579,3 +581,17 @@ func (c *Connection) UnmarshalBinary(p []byte) error {
 	c.State = append([]byte(nil), p...)
 	return nil
 }
+
+// Revoke asks a worker to give its spare permits back to the master's pool
+// at once (a LeaseReturn), because a sibling needs one and the pool has
+// none. Empty payload.
+type Revoke struct{}
+
+// Type returns TypeRevoke.
+func (Revoke) Type() Type { return TypeRevoke }
+
+// AppendBinary implements encoding.BinaryAppender.
+func (Revoke) AppendBinary(b []byte) ([]byte, error) { return b, nil }
+
+// UnmarshalBinary implements encoding.BinaryUnmarshaler.
+func (*Revoke) UnmarshalBinary(p []byte) error { return empty(TypeRevoke, p) }

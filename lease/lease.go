@@ -9,8 +9,10 @@
 // every worker can never exceed the limit. The price is that a worker's
 // spare permits are not available to its siblings: near the limit a worker
 // may refuse a connection while a sibling holds spares. Blocks are kept small
-// relative to the limit (see BlockSize) and the Pool asks holders to give
-// spares back (Revoke) when it runs dry, so that window is small and short.
+// relative to the limit (see BlockSize), and when a request finds the Pool
+// dry the master asks the siblings to give their spares back (Client.Revoke,
+// on an ipc Revoke message) and grants from what returns, so that window is
+// small and short.
 //
 // Permits held by a dead worker return to the Pool with Drop; permits held
 // by an older generation during a reload are a Reserve that shrinks as its

@@ -519,6 +519,18 @@ func (m *Master) serveChild(c *child) {
 			close(c.ready)
 		case ipc.LeaseRequest:
 			n := m.pool.Grant(c.holder, b.Want)
+			if n == 0 && b.Want > 0 && m.revokeFor(c) {
+				// Siblings give their spares back; the grant waits a
+				// moment for them (off this loop, which must read on).
+				go func() {
+					n := m.grantAfterRevoke(c.holder, b.Want)
+					if n > 0 {
+						m.sendReserve()
+					}
+					c.conn.SendBody(ipc.LeaseGrant{N: n})
+				}()
+				continue
+			}
 			if n > 0 {
 				// The successor, if any, learns of it before the worker
 				// can use it.
@@ -574,6 +586,45 @@ func (m *Master) reap(c *child) {
 	}
 	if lost != 0 || freed != 0 {
 		m.log.Debug("worker accounted", "slot", c.slot, "connections_lost", lost, "permits_freed", freed)
+	}
+}
+
+// revokeWait bounds how long a request that found the pool dry waits for
+// the spares revokeFor asked back.
+const revokeWait = 50 * time.Millisecond
+
+// revokeFor asks every other ready worker holding permits to give its
+// spares back, and reports whether it asked any. A worker's spares are
+// invisible to its siblings: without this, one worker could refuse
+// connections at the limit while another sits on permits it does not use.
+// (Which ones are spares the master cannot tell: its connection counts are
+// up to a stats interval old.)
+func (m *Master) revokeFor(c *child) bool {
+	_, held := m.pool.Held()
+	m.mu.Lock()
+	kids := append([]*child(nil), m.children...)
+	m.mu.Unlock()
+	asked := false
+	for _, k := range kids {
+		if k == nil || k == c || !k.isReady() || held[k.holder] == 0 {
+			continue
+		}
+		if k.conn.SendBody(ipc.Revoke{}) == nil {
+			asked = true
+		}
+	}
+	return asked
+}
+
+// grantAfterRevoke retries a grant until permits come back or revokeWait
+// passes.
+func (m *Master) grantAfterRevoke(holder, want int) int {
+	deadline := time.Now().Add(revokeWait)
+	for {
+		if n := m.pool.Grant(holder, want); n > 0 || time.Now().After(deadline) {
+			return n
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 

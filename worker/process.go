@@ -57,6 +57,7 @@ type Process struct {
 	mu      sync.Mutex
 	waiters []chan int // lease requests awaiting a grant, in order
 	dead    bool
+	lease   *lease.Client
 }
 
 // Request implements lease.Transport: it asks the master for permits and
@@ -138,6 +139,7 @@ func (p *Process) Run() error {
 	var counters stats.Counters
 	workers := max(cfg.Workers, 1)
 	client := lease.NewClient(p, lease.BlockSize(cfg.MaxConnections, workers))
+	p.lease = client
 	srv, err := New(cfg, p.Log, &counters, client)
 	if err != nil {
 		return err
@@ -281,6 +283,8 @@ func (p *Process) loop(srv *Server) (drainBy time.Time, migrate bool, err error)
 			}
 		case ipc.Ping:
 			p.Conn.SendBody(ipc.Pong(b))
+		case ipc.Revoke:
+			p.revoke()
 		case ipc.Connection:
 			// Inline, not on a goroutine: the connection must be tracked
 			// before a Drain that follows it is handled.
@@ -302,6 +306,14 @@ func (p *Process) loop(srv *Server) (drainBy time.Time, migrate bool, err error)
 			m.CloseFiles()
 			p.Log.Warn("unexpected message from master", "type", m.Type.String())
 		}
+	}
+}
+
+// revoke gives every spare permit back to the master's pool, for a
+// sibling that found it dry.
+func (p *Process) revoke() {
+	if p.lease != nil {
+		p.lease.Revoke(p.lease.Spare())
 	}
 }
 
@@ -363,6 +375,8 @@ func (p *Process) whileDraining(srv *Server, cancel context.CancelFunc, drainBy 
 			return
 		case ipc.LeaseGrant:
 			p.grant(b.N)
+		case ipc.Revoke:
+			p.revoke()
 		case ipc.Ping:
 			p.Conn.SendBody(ipc.Pong(b))
 		}
