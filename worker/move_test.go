@@ -15,9 +15,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// echoBackend answers each connection's HTTP request head with "hello",
-// then echoes every line.
-func echoBackend(t *testing.T) string {
+// headBackend reads each connection's HTTP request head, then hands the
+// connection and the rest of its input to serve.
+func headBackend(t *testing.T, serve func(c net.Conn, r *bufio.Reader)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -42,12 +42,33 @@ func echoBackend(t *testing.T) string {
 						break
 					}
 				}
-				io.WriteString(c, "hello\n")
-				io.Copy(c, r)
+				serve(c, r)
 			}()
 		}
 	}()
 	return ln.Addr().String()
+}
+
+// echoBackend answers each connection's HTTP request head with "hello",
+// then echoes every line.
+func echoBackend(t *testing.T) string {
+	return headBackend(t, func(c net.Conn, r *bufio.Reader) {
+		io.WriteString(c, "hello\n")
+		io.Copy(c, r)
+	})
+}
+
+// floodBackend writes without end to every connection once it has read
+// the request head.
+func floodBackend(t *testing.T) string {
+	return headBackend(t, func(c net.Conn, _ *bufio.Reader) {
+		buf := make([]byte, 1<<16)
+		for {
+			if _, err := c.Write(buf); err != nil {
+				return
+			}
+		}
+	})
 }
 
 // echoLine sends line and expects it back.
@@ -203,42 +224,6 @@ func expectEOF(t *testing.T, c net.Conn) {
 	if _, err := io.Copy(io.Discard, c); err != nil && strings.Contains(err.Error(), "timeout") {
 		t.Fatal("connection still open")
 	}
-}
-
-// floodBackend writes without end to every connection once it has read
-// the request head.
-func floodBackend(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					line, err := r.ReadString('\n')
-					if err != nil || line == "\r\n" {
-						break
-					}
-				}
-				buf := make([]byte, 1<<16)
-				for {
-					if _, err := c.Write(buf); err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
-	return ln.Addr().String()
 }
 
 func TestMigrateStuckPairsDelayNoOther(t *testing.T) {
