@@ -293,31 +293,13 @@ func TestKillMasterWorkersExit(t *testing.T) {
 func TestMaxConnectionsAcrossWorkers(t *testing.T) {
 	p := startProxy(t, strings.ReplaceAll(masterConfig, "ECHO", echoBackend(t))+"max_connections: 10\n")
 	p.workers(t, 2)
-	var held []net.Conn
+	held, errs := openMany(p.addr, 20)
 	defer func() {
 		for _, c := range held {
 			c.Close()
 		}
 	}()
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	refused := 0
-	for range 20 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c, err := openEcho(p.addr, "echo.test", 5*time.Second)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				refused++
-				return
-			}
-			held = append(held, c)
-		}()
-	}
-	wg.Wait()
-	if len(held) != 10 || refused != 10 {
+	if refused := len(errs); len(held) != 10 || refused != 10 {
 		t.Errorf("%d connections reached the backend, %d refused; want exactly 10 and 10", len(held), refused)
 	}
 	p.waitMetric(t, `sniproxy_connections_rejected_total{reason="limit"}`, 10)
@@ -451,6 +433,31 @@ func TestGracefulStop(t *testing.T) {
 	})
 }
 
+// openMany opens n echo connections through proxy at once; it returns
+// those that reached the backend and the errors of the others.
+func openMany(proxy string, n int) ([]net.Conn, []error) {
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	var held []net.Conn
+	var errs []error
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := openEcho(proxy, "echo.test", 5*time.Second)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+				return
+			}
+			held = append(held, c)
+		}()
+	}
+	wg.Wait()
+	return held, errs
+}
+
 func TestLimitSparePermitsComeBack(t *testing.T) {
 	// A worker keeps a few spare permits when its connections close; at
 	// the limit, a sibling that needs one gets it back (Revoke) instead
@@ -465,25 +472,7 @@ func TestLimitSparePermitsComeBack(t *testing.T) {
 	p := startProxy(t, strings.ReplaceAll(masterConfig, "ECHO", echo)+"max_connections: 6\n")
 	p.workers(t, 2)
 	for round := range 20 {
-		var mu sync.Mutex
-		var wg sync.WaitGroup
-		var held []net.Conn
-		var errs []error
-		for range 6 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				c, err := openEcho(p.addr, "echo.test", 5*time.Second)
-				mu.Lock()
-				defer mu.Unlock()
-				if err != nil {
-					errs = append(errs, err)
-					return
-				}
-				held = append(held, c)
-			}()
-		}
-		wg.Wait()
+		held, errs := openMany(p.addr, 6)
 		for _, c := range held {
 			c.Close()
 		}

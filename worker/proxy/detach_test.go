@@ -123,12 +123,7 @@ func TestDetachMidStreamLosesNothing(t *testing.T) {
 		t.Run(fmt.Sprintf("poller=%v", withPoller), func(t *testing.T) {
 			m := &moving{t: t, idle: time.Minute}
 			if withPoller {
-				p, err := NewPoller()
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer p.Close()
-				m.poller = p
+				m.poller = newPoller(t)
 			}
 			client, proxyC := tcpPair(t)
 			proxyB, backend := tcpPair(t)
@@ -181,11 +176,7 @@ func TestDetachMidStreamLosesNothing(t *testing.T) {
 }
 
 func TestDetachIdleAndHalfClosed(t *testing.T) {
-	p, err := NewPoller()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newPoller(t)
 	m := &moving{t: t, poller: p, idle: time.Minute}
 	client, proxyC := tcpPair(t)
 	proxyB, backend := tcpPair(t)
@@ -327,11 +318,7 @@ func expectEOF(t *testing.T, c net.Conn) {
 func TestResumeAlreadyIdle(t *testing.T) {
 	// The idle timer fires at once and aborts while Resume sets up: with
 	// -race this checks that setup is done first.
-	p, err := NewPoller()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newPoller(t)
 	for range 50 {
 		client, proxyC := tcpPair(t)
 		proxyB, backend := tcpPair(t)
@@ -354,11 +341,7 @@ func TestBeginDetachMany(t *testing.T) {
 	// Stopping many pairs at once: the idle ones stop at once even when
 	// one is blocked writing, and a stopped pair is handed out by Detach
 	// even after its deadline passed.
-	p, err := NewPoller()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newPoller(t)
 	const idle = 20
 	stopped := make(chan int, idle+1)
 	var pairs []*Pair
@@ -401,7 +384,7 @@ func TestBeginDetachMany(t *testing.T) {
 		}
 		d.Close()
 	}
-	_, err = pairs[idle].Detach(expired)
+	_, err := pairs[idle].Detach(expired)
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("blocked pair: Detach %v; want context.Canceled", err)
 	}
@@ -419,4 +402,15 @@ func TestBeginDetachMany(t *testing.T) {
 	if pairs[0].BeginDetach(func() { t.Error("stopped called for a detached pair") }) {
 		t.Error("BeginDetach accepted a pair already detached")
 	}
+}
+
+// newPoller returns a Poller closed when the test ends.
+func newPoller(t *testing.T) *Poller {
+	t.Helper()
+	p, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
 }
