@@ -59,6 +59,7 @@ func bodies() []Body {
 		Config{YAML: big},
 		LeaseRequest{Want: 64},
 		LeaseRequest{Want: 0},
+		LeaseRequest{Want: 8, Urgent: true},
 		LeaseGrant{N: 64},
 		LeaseGrant{N: 1<<31 - 1},
 		LeaseReturn{N: 17},

@@ -240,11 +240,16 @@ func count(t Type, p []byte) (int, error) {
 	return int(n), nil
 }
 
-// LeaseRequest asks the master for Want more connection permits.
+// LeaseRequest asks the master for Want more connection permits. Urgent
+// says a connection is waiting with no spare permit left: if the pool is
+// dry, the master asks the siblings for their spares (Revoke) before it
+// answers.
 //
-// Encoding: uint32, 0 ≤ Want ≤ MaxInt32.
+// Encoding: uint32, 0 ≤ Want ≤ MaxInt32, then one byte: 1 if Urgent, 0 if
+// not.
 type LeaseRequest struct {
-	Want int
+	Want   int
+	Urgent bool
 }
 
 // Type returns TypeLeaseRequest.
@@ -252,12 +257,26 @@ func (LeaseRequest) Type() Type { return TypeLeaseRequest }
 
 // AppendBinary implements encoding.BinaryAppender.
 func (l LeaseRequest) AppendBinary(b []byte) ([]byte, error) {
-	return appendCount(b, TypeLeaseRequest, l.Want)
+	b, err := appendCount(b, TypeLeaseRequest, l.Want)
+	if err != nil {
+		return nil, err
+	}
+	if l.Urgent {
+		return append(b, 1), nil
+	}
+	return append(b, 0), nil
 }
 
 // UnmarshalBinary implements encoding.BinaryUnmarshaler.
 func (l *LeaseRequest) UnmarshalBinary(p []byte) (err error) {
-	l.Want, err = count(TypeLeaseRequest, p)
+	if len(p) != 5 {
+		return badLength(TypeLeaseRequest, len(p), 5)
+	}
+	if p[4] > 1 {
+		return fmt.Errorf("ipc: decode %v: urgent byte %d: %w", TypeLeaseRequest, p[4], ErrBadPayload)
+	}
+	l.Want, err = count(TypeLeaseRequest, p[:4])
+	l.Urgent = p[4] == 1
 	return err
 }
 

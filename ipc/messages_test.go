@@ -33,6 +33,8 @@ func TestDecodeRejects(t *testing.T) {
 		{"ready with payload", Message{Type: TypeReady, Payload: []byte{0}}, ErrBadPayload},
 		{"stop with payload", Message{Type: TypeStop, Payload: []byte{0}}, ErrBadPayload},
 		{"lease request empty", Message{Type: TypeLeaseRequest}, ErrBadPayload},
+		{"lease request urgent byte 2", Message{Type: TypeLeaseRequest, Payload: []byte{0, 0, 0, 1, 2}}, ErrBadPayload},
+		{"lease request without urgent byte", Message{Type: TypeLeaseRequest, Payload: []byte{0, 0, 0, 1}}, ErrBadPayload},
 		{"lease grant 3 bytes", Message{Type: TypeLeaseGrant, Payload: []byte{0, 0, 1}}, ErrBadPayload},
 		{"lease grant 8 bytes", Message{Type: TypeLeaseGrant, Payload: make([]byte, 8)}, ErrBadPayload},
 		{"lease grant negative", Message{Type: TypeLeaseGrant, Payload: []byte{0x80, 0, 0, 0}}, ErrBadPayload},

@@ -135,8 +135,10 @@ func (p *Pool) freeLocked() int {
 // Transport carries a Client's requests to its Pool, usually over IPC.
 type Transport interface {
 	// Request asks for want permits and waits for the answer: how many
-	// were granted (possibly 0).
-	Request(want int) (int, error)
+	// were granted (possibly 0). urgent says a connection waits for the
+	// answer with no spare left (the master may then ask siblings for
+	// theirs); a background refill is not urgent.
+	Request(want int, urgent bool) (int, error)
 	// Return gives n permits back without waiting.
 	Return(n int)
 }
@@ -154,6 +156,7 @@ type Client struct {
 	fetching bool   // a request to the Pool is under way
 	fetches  uint64 // completed requests
 	empty    bool   // the last request got nothing
+	draining bool   // keep no spares (see Drain)
 }
 
 // NewClient returns a Client that leases blocks of block permits through t.
@@ -195,13 +198,35 @@ func (c *Client) Acquire() bool {
 		}
 		c.fetching = true
 		c.mu.Unlock()
-		n, err := c.t.Request(c.block)
+		n, err := c.t.Request(c.block, true)
 		c.mu.Lock()
 		c.landed(n, err)
 		if c.empty && c.spare == 0 {
 			return false
 		}
 	}
+}
+
+// TryAcquire takes a permit if one comes without making anybody wait: a
+// spare, or the answer to a request that is not urgent (see Transport).
+// It is for a connection served already, without a permit, that should
+// count again (a connection handed over by a reload).
+func (c *Client) TryAcquire() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.spare == 0 && !c.fetching && !c.draining {
+		c.fetching = true
+		c.mu.Unlock()
+		n, err := c.t.Request(c.block, false)
+		c.mu.Lock()
+		c.landed(n, err)
+	}
+	if c.spare == 0 {
+		return false
+	}
+	c.spare--
+	c.inUse++
+	return true
 }
 
 // landed records the answer to a request; c.mu is held.
@@ -218,26 +243,44 @@ func (c *Client) landed(n int, err error) {
 
 // refill asks for a block in the background.
 func (c *Client) refill() {
-	n, err := c.t.Request(c.block)
+	n, err := c.t.Request(c.block, false)
 	c.mu.Lock()
 	c.landed(n, err)
 	c.mu.Unlock()
 }
 
 // Release gives back the permit of a connection that ended. Spares beyond
-// two blocks go back to the Pool.
+// two blocks go back to the Pool (all of them once draining).
 func (c *Client) Release() {
 	c.mu.Lock()
 	c.inUse--
 	c.spare++
 	extra := 0
-	if c.spare > 2*c.block {
+	switch {
+	case c.draining:
+		extra, c.spare = c.spare, 0
+	case c.spare > 2*c.block:
 		extra = c.spare - c.block
 		c.spare = c.block
 	}
 	c.mu.Unlock()
 	if extra > 0 {
 		c.t.Return(extra)
+	}
+}
+
+// Drain gives every spare permit back and keeps none from now on: a
+// draining worker accepts no new connections, and its spares would only
+// stand in the way of the next generation's workers (they count in its
+// reserve) for as long as the drain lasts.
+func (c *Client) Drain() {
+	c.mu.Lock()
+	c.draining = true
+	n := c.spare
+	c.spare = 0
+	c.mu.Unlock()
+	if n > 0 {
+		c.t.Return(n)
 	}
 }
 

@@ -13,7 +13,7 @@ type direct struct {
 	id int
 }
 
-func (d direct) Request(want int) (int, error) { return d.p.Grant(d.id, want), nil }
+func (d direct) Request(want int, _ bool) (int, error) { return d.p.Grant(d.id, want), nil }
 func (d direct) Return(n int) {
 	if err := d.p.Return(d.id, n); err != nil {
 		panic(err)
@@ -153,6 +153,23 @@ func TestRevokeReturnsSpares(t *testing.T) {
 	}
 }
 
+func TestDrainKeepsNoSpares(t *testing.T) {
+	p := NewPool(64)
+	a := NewClient(direct{p, 1}, 16)
+	for range 3 {
+		a.Acquire() // one block: 13 spare
+	}
+	a.Drain()
+	if got, free := a.Spare(), p.Free(); got != 0 || free != 61 {
+		t.Fatalf("after Drain: spare %d, pool free %d; want 0 and 61 (3 in use)", got, free)
+	}
+	a.Release()
+	a.Release()
+	if got, free := a.Spare(), p.Free(); got != 0 || free != 63 {
+		t.Fatalf("released twice while draining: spare %d, pool free %d; want 0 and 63", got, free)
+	}
+}
+
 // BenchmarkAcquireRelease is the per-connection cost of the global limit on
 // a worker's accept path: no IPC unless a block runs out.
 func BenchmarkAcquireRelease(b *testing.B) {
@@ -172,9 +189,9 @@ func BenchmarkAcquireRelease(b *testing.B) {
 // under load.
 type slow struct{ direct }
 
-func (s slow) Request(want int) (int, error) {
+func (s slow) Request(want int, urgent bool) (int, error) {
 	time.Sleep(2 * time.Millisecond)
-	return s.direct.Request(want)
+	return s.direct.Request(want, urgent)
 }
 
 func TestBurstDoesNotStarve(t *testing.T) {

@@ -138,6 +138,8 @@ type Master struct {
 	// serving counts the serveChild loops still reading a worker, which
 	// may pass connections on to the successor.
 	serving sync.WaitGroup
+	// reserveMu makes reading and sending the reserve one step.
+	reserveMu sync.Mutex
 
 	mu            sync.Mutex
 	children      []*child // by slot; nil while a slot restarts
@@ -519,11 +521,20 @@ func (m *Master) serveChild(c *child) {
 			close(c.ready)
 		case ipc.LeaseRequest:
 			n := m.pool.Grant(c.holder, b.Want)
-			if n == 0 && b.Want > 0 && m.revokeFor(c) {
+			if n == 0 && b.Want > 0 && b.Urgent && m.revokeFor(c) {
 				// Siblings give their spares back; the grant waits a
 				// moment for them (off this loop, which must read on).
 				go func() {
 					n := m.grantAfterRevoke(c.holder, b.Want)
+					select {
+					case <-c.exited:
+						// reap may have dropped its permits already.
+						if n > 0 {
+							m.pool.Return(c.holder, n)
+						}
+						return
+					default:
+					}
 					if n > 0 {
 						m.sendReserve()
 					}
@@ -644,12 +655,16 @@ func (m *Master) passOn(msg ipc.Message) {
 }
 
 // sendReserve tells the successor, if any, how many permits this
-// generation still holds.
+// generation still holds. Reading the count and sending it is one step
+// (reserveMu): two callers must not send their readings out of order, or
+// the successor would be left with a count already too low.
 func (m *Master) sendReserve() {
 	m.mu.Lock()
 	succ := m.successor
 	m.mu.Unlock()
 	if succ != nil {
+		m.reserveMu.Lock()
+		defer m.reserveMu.Unlock()
 		held, _ := m.pool.Held()
 		succ.send(handoverMsg{Reserve: &held})
 	}
@@ -873,10 +888,15 @@ func (m *Master) failReload(err error) {
 // connections over (they go to the next generation's workers through
 // successorMig) and exit; the rest are closed.
 func (m *Master) hurry() {
+	// After every connection adopt is passing on: a Connection frame
+	// that reached a worker after its Migrate would be closed.
+	m.adoptMu.Lock()
 	m.mu.Lock()
+	m.stopping = true
 	kids := append([]*child(nil), m.children...)
 	mig := m.successorMig
 	m.mu.Unlock()
+	m.adoptMu.Unlock()
 	var body ipc.Body = ipc.Migrate{}
 	if mig == nil || m.opts.NoMigration {
 		body = ipc.Stop{}

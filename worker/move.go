@@ -101,7 +101,7 @@ func (s *Server) Migrate(ctx context.Context, drainBy time.Time, send func(state
 			// Those still running are blocked writing: close them; they
 			// report stopped as they end.
 			for _, c := range pending {
-				c.pipe.Close()
+				c.pipe.CloseWith(fmt.Errorf("worker: not handed over in time: %w", ctx.Err()))
 			}
 			done = nil
 		}
@@ -210,14 +210,20 @@ func (s *Server) Adopt(state []byte, client, backend *os.File) error {
 // acquireLate takes a permit for an adopted connection, which is served
 // without one until then. When none is free (the previous generation's
 // connections still count), it tries again, backing off to once a second,
-// for as long as the connection lasts: a permit freed is then taken by it
-// before new connections, and the global count is right again. It runs
-// off the caller's goroutine: a permit may take a round trip to the
-// master, whose answer the caller may be the one to read.
+// for as long as the connection lasts, so that the global count is right
+// again once permits free up. It runs off the caller's goroutine: a
+// permit may take a round trip to the master, whose answer the caller may
+// be the one to read.
 func (c *conn) acquireLate() {
 	lim := c.srv.limiter
+	try := lim.Acquire
+	if t, ok := lim.(interface{ TryAcquire() bool }); ok {
+		// Without pressing siblings for their spares: this connection
+		// is served already.
+		try = t.TryAcquire
+	}
 	for delay := 10 * time.Millisecond; c.permit.Load() == permitNone; delay = min(2*delay, time.Second) {
-		if lim.Acquire() {
+		if try() {
 			if !c.permit.CompareAndSwap(permitNone, permitHeld) {
 				lim.Release() // the connection ended meanwhile
 			}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sniproxy/sniproxy/config"
@@ -54,10 +55,11 @@ type Process struct {
 	Generation int
 	Files      []NamedFile
 
-	mu      sync.Mutex
-	waiters []chan int // lease requests awaiting a grant, in order
-	dead    bool
-	lease   *lease.Client
+	mu       sync.Mutex
+	waiters  []chan int // lease requests awaiting a grant, in order
+	dead     bool
+	lease    *lease.Client
+	migrated atomic.Bool // set by the first migrate
 }
 
 // Request implements lease.Transport: it asks the master for permits and
@@ -66,7 +68,7 @@ type Process struct {
 // Once the master is gone the worker only drains: its listeners are closing,
 // and a connection it accepted in that instant is served rather than reset,
 // with a permit granted locally (the global count cannot be consulted).
-func (p *Process) Request(want int) (int, error) {
+func (p *Process) Request(want int, urgent bool) (int, error) {
 	ch := make(chan int, 1)
 	p.mu.Lock()
 	if p.dead {
@@ -75,7 +77,7 @@ func (p *Process) Request(want int) (int, error) {
 	}
 	p.waiters = append(p.waiters, ch)
 	// Sent under the lock so the order of sends is the order of waiters.
-	err := p.Conn.SendBody(ipc.LeaseRequest{Want: want})
+	err := p.Conn.SendBody(ipc.LeaseRequest{Want: want, Urgent: urgent})
 	if err != nil {
 		p.waiters = p.waiters[:len(p.waiters)-1]
 	}
@@ -90,8 +92,16 @@ func (p *Process) Request(want int) (int, error) {
 	return n, nil
 }
 
-// Return implements lease.Transport.
+// Return implements lease.Transport. Once requests fail (the master is
+// gone, or told this worker to stop), permits are local and nothing goes
+// back: the master takes back what it granted when this worker exits.
 func (p *Process) Return(n int) {
+	p.mu.Lock()
+	dead := p.dead
+	p.mu.Unlock()
+	if dead {
+		return
+	}
 	if err := p.Conn.SendBody(ipc.LeaseReturn{N: n}); err != nil {
 		p.Log.Debug("returning permits failed", "n", n, "err", err)
 	}
@@ -173,6 +183,8 @@ func (p *Process) Run() error {
 	if serr := <-served; serr != nil {
 		p.Log.Error("serving failed", "err", serr)
 	}
+	// Accepting no more: spare permits go back for the next generation.
+	client.Drain()
 	if err != nil {
 		// The master is gone: drain on our own within the configured
 		// limit, as a graceful stop would.
@@ -324,6 +336,9 @@ const migrateTimeout = 5 * time.Second
 // migrate hands every proxied connection to the master, which passes it to
 // the next generation (see Server.Migrate).
 func (p *Process) migrate(srv *Server, drainBy time.Time) {
+	if !p.migrated.CompareAndSwap(false, true) {
+		return // under way (its write deadline must stand)
+	}
 	if time.Until(drainBy) > noDeadline/2 {
 		drainBy = time.Time{}
 	}

@@ -182,6 +182,10 @@ type Pair struct{ p *pair }
 // once.
 func (h *Pair) Close() { h.p.abort() }
 
+// CloseWith is Close, with err passed to done when the directions end
+// without an error of their own (a closed socket is not one).
+func (h *Pair) CloseWith(err error) { h.p.abortWith(err) }
+
 // Detached is a pair stopped by Detach: its two sockets, as files the
 // caller owns, and what it had done.
 type Detached struct {
@@ -452,9 +456,11 @@ func (p *pair) abortWith(err error) {
 // resumeParked resumes the directions parked in a Poller.
 func (p *pair) resumeParked() {
 	for _, d := range []*direction{&p.up, &p.down} {
-		if d.poller != nil && d.state.Load() == parked {
+		// Taken first: once it is ours, nobody parks it again (with a
+		// new parkID) while unpark reads it.
+		if d.poller != nil && d.state.CompareAndSwap(parked, running) {
 			d.poller.unpark(d)
-			d.resumeFrom(parked)
+			go wait(d)
 		}
 	}
 }
