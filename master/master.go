@@ -348,6 +348,9 @@ func (m *Master) readMigrations(mc *ipc.Conn) {
 	}
 }
 
+// adoptSendTimeout bounds handing one connection to a worker.
+const adoptSendTimeout = 5 * time.Second
+
 // adopt sends a handed-over connection to a ready worker, round robin; false
 // if none took it (the connection is then closed).
 func (m *Master) adopt(msg ipc.Message) bool {
@@ -368,9 +371,18 @@ func (m *Master) adopt(msg ipc.Message) bool {
 		if c == nil || !c.isReady() {
 			continue
 		}
-		if err := c.conn.Send(msg); err == nil {
+		// Bounded: adoptMu is held, and a Drain waits for it. A worker
+		// that reads nothing for that long is broken: its IPC is closed,
+		// so it drains and exits as on a lost master and is replaced, and
+		// the next worker gets the connection.
+		c.conn.SetWriteDeadline(time.Now().Add(adoptSendTimeout))
+		err := c.conn.Send(msg)
+		c.conn.SetWriteDeadline(time.Time{})
+		if err == nil {
 			return true
 		}
+		m.log.Error("a worker did not take a connection from the previous generation; cutting it off", "slot", c.slot, "pid", c.pid(), "err", err)
+		c.conn.Close()
 	}
 	m.log.Warn("no worker could take over a connection from the previous generation; it is closed")
 	return false
