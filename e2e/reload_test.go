@@ -244,7 +244,10 @@ func TestReloadUnderLoad(t *testing.T) {
 			// Two long connections are handed over at every reload after
 			// the first, while the short ones come and go.
 			cfg := strings.Replace(reloadCfg(b.addr, 2, tc.reuse), `routes: [`,
-				fmt.Sprintf(`routes: [{match: "echo.test", backend: %q}, `, echoBackend(t)), 1)
+				fmt.Sprintf(`routes: [{match: "echo.test", backend: %q}, `, longEchoBackend(t)), 1)
+			// Moved connections keep the first drain's deadline: long
+			// enough for 10 reloads on a slow machine.
+			cfg = strings.Replace(cfg, "shutdown_timeout: 10", "shutdown_timeout: 300", 1)
 			p := startProxy(t, cfg)
 			var longs []*echoer
 			for range 2 {
@@ -353,12 +356,22 @@ func (e *echoer) echo(t *testing.T, what string) {
 	}
 }
 
+// longEchoBackend echoes every connection until EOF, however long it
+// lasts (echoBackend's connections end after 30 s).
+func longEchoBackend(t *testing.T) string {
+	return rawBackend(t, func(c net.Conn) {
+		c.SetDeadline(time.Time{})
+		io.Copy(c, c)
+		c.(*net.TCPConn).CloseWrite()
+	})
+}
+
 func TestReloadMovesLongConnections(t *testing.T) {
 	// A reload while the previous generation still drains hurries it: its
 	// connections move to the current generation's workers and it exits,
 	// so never more than two generations live and a long connection
 	// echoes through every reload.
-	echo := echoBackend(t)
+	echo := longEchoBackend(t)
 	cfg := strings.Replace(reloadCfg(echo, 2, true), `"load.test"`, `"echo.test"`, 1)
 	cfg = strings.Replace(cfg, "shutdown_timeout: 10", "shutdown_timeout: 120", 1)
 	p := startProxy(t, cfg)
@@ -527,7 +540,7 @@ func TestReloadDrainDeadline(t *testing.T) {
 		reloads int
 	}{
 		{"drained", 2 * time.Second, 1},
-		{"moved by a second reload", 3 * time.Second, 2},
+		{"moved by a second reload", 6 * time.Second, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			echo := echoBackend(t)
@@ -543,7 +556,7 @@ func TestReloadDrainDeadline(t *testing.T) {
 			start := time.Now()
 			for i := range tc.reloads {
 				if i > 0 {
-					time.Sleep(time.Second)
+					time.Sleep(500 * time.Millisecond)
 				}
 				p.reload(t)
 				e.echo(t, fmt.Sprintf("after reload %d", i+1))

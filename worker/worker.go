@@ -371,6 +371,9 @@ type conn struct {
 	in, out atomic.Int64
 }
 
+// errDeadline closes a connection at a drain deadline.
+var errDeadline = errors.New("worker: closed at the drain deadline")
+
 // close closes both sockets; used by Drain at its deadline.
 func (c *conn) close() {
 	c.mu.Lock()
@@ -383,7 +386,7 @@ func (c *conn) closeLocked() {
 	c.closed = true
 	if c.pipe != nil {
 		// Through the pair, which wakes a direction parked in the poller.
-		c.pipe.Close()
+		c.pipe.CloseWith(errDeadline)
 		return
 	}
 	c.client.Close()
@@ -567,6 +570,8 @@ func (c *conn) pipeDone(permit bool) func(proxy.Result, error) {
 		switch {
 		case errors.Is(err, proxy.ErrDetached):
 			o.reason, o.err = "moved", nil
+		case errors.Is(err, errDeadline):
+			o.reason = "deadline"
 		case errors.Is(err, proxy.ErrIdle):
 			o.reason = "idle"
 		case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ENOTCONN):
