@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -515,6 +516,70 @@ func movedLines(p *proxyProc) []float64 {
 		}
 	}
 	return moved
+}
+
+func TestReloadAnsweredAfterOldWorkersStop(t *testing.T) {
+	// Once `sniproxy reload` has answered, only the new generation
+	// accepts: every connection opened right after it is served by one
+	// of the new workers, though the old ones are still alive (draining
+	// a long connection). The old workers are made slow to stop
+	// accepting (200 ms, a test switch), so a reload answered before
+	// they have would show.
+	echo := longEchoBackend(t)
+	cfg := strings.Replace(reloadCfg(echo, 2, true), `"load.test"`, `"echo.test"`, 1)
+	cfg = strings.Replace(cfg, "shutdown_timeout: 10", "shutdown_timeout: 120", 1)
+	p := startProxyEnv(t, cfg, "SNIPROXYTEST_STOP_DELAY=200ms")
+	long, err := openEcho(p.addr, "echo.test", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer long.Close()
+	type probe struct {
+		client string
+		want   []int // the new generation's workers
+	}
+	var probes []probe
+	for i := range 5 {
+		pid, _ := p.reload(t)
+		var batch []string
+		for range 20 {
+			c, err := openEcho(p.addr, "echo.test", 5*time.Second)
+			if err != nil {
+				t.Fatalf("after reload %d: %v", i+1, err)
+			}
+			batch = append(batch, c.LocalAddr().String())
+			c.Close()
+		}
+		kids := p.workersOf(t, pid, 2)
+		for _, b := range batch {
+			probes = append(probes, probe{b, kids})
+		}
+	}
+	served := map[string]int{}
+	waitFor(t, "an access-log line for every probe", func() bool {
+		for _, l := range p.logLines("connection") {
+			if c, ok := l["client"].(string); ok {
+				if pid, ok := l["pid"].(float64); ok {
+					served[c] = int(pid)
+				}
+			}
+		}
+		for _, pr := range probes {
+			if _, ok := served[pr.client]; !ok {
+				return false
+			}
+		}
+		return true
+	})
+	old := 0
+	for _, pr := range probes {
+		if !slices.Contains(pr.want, served[pr.client]) {
+			old++
+		}
+	}
+	if old > 0 {
+		t.Errorf("%d of %d connections opened right after a reload were served by an older generation", old, len(probes))
+	}
 }
 
 // waitGone waits up to 20 s for the process pid to exit.

@@ -74,6 +74,7 @@ func bodies() []Body {
 		Listeners{},
 		Migrate{},
 		Revoke{},
+		Stopped{},
 	}
 }
 

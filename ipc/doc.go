@@ -61,7 +61,7 @@
 //
 //	bytes 0-3   magic "SNIP" (0x53 0x4e 0x49 0x50)
 //	byte  4     protocol version: Version (2)
-//	byte  5     message type: TypeHello (1) ... TypeRevoke (15)
+//	byte  5     message type: TypeHello (1) ... TypeStopped (16)
 //	byte  6     number of file descriptors sent with the frame, 0..253;
 //	            non-zero only for TypeListeners and TypeConnection (2)
 //	byte  7     reserved, 0

@@ -95,6 +95,9 @@ const (
 	// TypeRevoke (master → worker): the global pool ran dry; give spare
 	// permits back now (LeaseReturn): Revoke.
 	TypeRevoke
+	// TypeStopped (worker → master): told to drain or migrate, the worker
+	// has closed its listeners and accepts no more: Stopped.
+	TypeStopped
 
 	numTypes // first invalid type
 )
@@ -115,6 +118,7 @@ var typeNames = [numTypes]string{
 	TypeMigrate:      "migrate",
 	TypeConnection:   "connection",
 	TypeRevoke:       "revoke",
+	TypeStopped:      "stopped",
 }
 
 // String returns the snake_case name of t, or "type(N)" for an unknown t.

@@ -85,6 +85,8 @@ func Decode(m Message) (Body, error) {
 		b, err = decode[Migrate](m.Payload)
 	case TypeRevoke:
 		b, err = decode[Revoke](m.Payload)
+	case TypeStopped:
+		b, err = decode[Stopped](m.Payload)
 	case TypeConnection:
 		b, err = decode[Connection](m.Payload)
 		if err == nil && len(m.Files) != 2 {
@@ -614,3 +616,16 @@ func (Revoke) AppendBinary(b []byte) ([]byte, error) { return b, nil }
 
 // UnmarshalBinary implements encoding.BinaryUnmarshaler.
 func (*Revoke) UnmarshalBinary(p []byte) error { return empty(TypeRevoke, p) }
+
+// Stopped tells the master that the worker, told to drain or migrate, has
+// closed its listeners: it accepts no more connections. Empty payload.
+type Stopped struct{}
+
+// Type returns TypeStopped.
+func (Stopped) Type() Type { return TypeStopped }
+
+// AppendBinary implements encoding.BinaryAppender.
+func (Stopped) AppendBinary(b []byte) ([]byte, error) { return b, nil }
+
+// UnmarshalBinary implements encoding.BinaryUnmarshaler.
+func (*Stopped) UnmarshalBinary(p []byte) error { return empty(TypeStopped, p) }

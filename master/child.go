@@ -43,8 +43,12 @@ type child struct {
 	conn    *ipc.Conn
 	started time.Time
 	ready   chan struct{} // closed on Ready
-	exited  chan struct{} // closed when the process has been reaped
-	waitErr error
+	// stopped is closed when the worker, told to drain, says it accepts no
+	// more.
+	stopped     chan struct{}
+	stoppedOnce sync.Once
+	exited      chan struct{} // closed when the process has been reaped
+	waitErr     error
 
 	mu     sync.Mutex
 	totals stats.Snapshot // everything this process reported
@@ -83,7 +87,7 @@ func startChild(exe string, slot, generation, holder int, socks []socket, log co
 	wf.Close()
 	c := &child{
 		slot: slot, holder: holder, cmd: cmd, conn: conn, started: time.Now(),
-		ready: make(chan struct{}), exited: make(chan struct{}),
+		ready: make(chan struct{}), exited: make(chan struct{}), stopped: make(chan struct{}),
 	}
 	go c.wait()
 	return c, nil

@@ -529,6 +529,8 @@ func (m *Master) serveChild(c *child) {
 			if err := c.conn.SendBody(ipc.Config{YAML: cfgYAML}); err != nil {
 				m.log.Warn("sending config to worker failed", "slot", c.slot, "err", err)
 			}
+		case ipc.Stopped:
+			c.stoppedOnce.Do(func() { close(c.stopped) })
 		case ipc.Ready:
 			close(c.ready)
 		case ipc.LeaseRequest:
@@ -1003,8 +1005,25 @@ func (m *Master) beginStop(deadline time.Time) []*child {
 	for _, c := range kids {
 		c.conn.SendBody(ipc.Drain{Deadline: deadline})
 	}
+	// Until each has closed its listeners (or died), briefly: after a
+	// reload is answered, only the new generation accepts.
+	wait := time.NewTimer(stopAckTimeout)
+	defer wait.Stop()
+	for _, c := range kids {
+		select {
+		case <-c.stopped:
+		case <-c.exited:
+		case <-wait.C:
+			m.log.Warn("workers slow to stop accepting", "slot", c.slot, "pid", c.pid())
+			return kids
+		}
+	}
 	return kids
 }
+
+// stopAckTimeout bounds the wait for workers told to drain to stop
+// accepting.
+const stopAckTimeout = 2 * time.Second
 
 // finishStop closes this master's sockets and waits for the workers
 // beginStop told to drain.

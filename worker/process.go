@@ -179,12 +179,22 @@ func (p *Process) Run() error {
 	if err != nil {
 		p.failWaiters()
 	}
+	if d, perr := time.ParseDuration(os.Getenv("SNIPROXYTEST_STOP_DELAY")); perr == nil && err == nil {
+		// Test-only: a worker slow to stop accepting, so that the e2e
+		// test can show a reload is answered only after it has.
+		time.Sleep(d)
+	}
 	stopAccepting()
 	if serr := <-served; serr != nil {
 		p.Log.Error("serving failed", "err", serr)
 	}
-	// Accepting no more: spare permits go back for the next generation.
+	// Accepting no more: spare permits go back for the next generation,
+	// and the master hears it (a reload is answered once the old workers
+	// have stopped accepting).
 	client.Drain()
+	if err == nil {
+		p.Conn.SendBody(ipc.Stopped{})
+	}
 	if err != nil {
 		// The master is gone: drain on our own within the configured
 		// limit, as a graceful stop would.
