@@ -174,15 +174,8 @@ func TestFilePassing(t *testing.T) {
 		t.Fatal("after Send, the listener's description is blocking")
 	}
 
-	m, err := worker.Recv()
-	if err != nil {
-		t.Fatalf("Recv: %v", err)
-	}
+	m, b := recvDecoded(t, worker)
 	defer m.CloseFiles()
-	b, err := Decode(m)
-	if err != nil {
-		t.Fatalf("Decode: %v", err)
-	}
 	if got := b.(Listeners).Names; !reflect.DeepEqual(got, names) {
 		t.Fatalf("names = %q; want %q", got, names)
 	}
@@ -233,6 +226,22 @@ func TestFilePassing(t *testing.T) {
 	}
 }
 
+// recvDecoded receives one message and decodes it; the caller closes its
+// files.
+func recvDecoded(t *testing.T, c *Conn) (Message, Body) {
+	t.Helper()
+	m, err := c.Recv()
+	if err != nil {
+		t.Fatalf("Recv: %v", err)
+	}
+	b, err := Decode(m)
+	if err != nil {
+		m.CloseFiles()
+		t.Fatalf("Decode: %v", err)
+	}
+	return m, b
+}
+
 func TestConnectionPassing(t *testing.T) {
 	master, worker := pair(t)
 	// Two pipes stand for the client and backend sockets: what matters
@@ -254,15 +263,8 @@ func TestConnectionPassing(t *testing.T) {
 	if err := worker.SendBody(Connection{State: state}, reads[0]); !errors.Is(err, ErrBadPayload) {
 		t.Fatalf("Send with one file: %v; want ErrBadPayload", err)
 	}
-	m, err := master.Recv()
-	if err != nil {
-		t.Fatalf("Recv: %v", err)
-	}
+	m, b := recvDecoded(t, master)
 	defer m.CloseFiles()
-	b, err := Decode(m)
-	if err != nil {
-		t.Fatalf("Decode: %v", err)
-	}
 	if got := b.(Connection).State; !bytes.Equal(got, state) {
 		t.Fatalf("state %q; want %q", got, state)
 	}

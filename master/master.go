@@ -471,6 +471,14 @@ func (m *Master) spawn(slot int) error {
 	return nil
 }
 
+// childList returns a copy of the children by slot (nil where a slot
+// restarts).
+func (m *Master) childList() []*child {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([]*child(nil), m.children...)
+}
+
 // waitReady waits until every worker has said Ready.
 func (m *Master) waitReady() error {
 	timeout := m.opts.ReadyTimeout
@@ -478,9 +486,7 @@ func (m *Master) waitReady() error {
 		timeout = 30 * time.Second
 	}
 	deadline := time.After(timeout)
-	m.mu.Lock()
-	kids := append([]*child(nil), m.children...)
-	m.mu.Unlock()
+	kids := m.childList()
 	for _, c := range kids {
 		select {
 		case <-c.ready:
@@ -626,9 +632,7 @@ const revokeWait = 50 * time.Millisecond
 // up to a stats interval old.)
 func (m *Master) revokeFor(c *child) bool {
 	_, held := m.pool.Held()
-	m.mu.Lock()
-	kids := append([]*child(nil), m.children...)
-	m.mu.Unlock()
+	kids := m.childList()
 	asked := false
 	for _, k := range kids {
 		if k == nil || k == c || !k.isReady() || held[k.holder] == 0 {
