@@ -30,7 +30,7 @@ import (
 	"github.com/spf13/viper"
 	"go.yaml.in/yaml/v3"
 
-	"github.com/sniproxy/sniproxy/worker/route"
+	"github.com/sniproxy/sniproxy/internal/hostname"
 )
 
 // DefaultYAML is the embedded default configuration, used when no file is
@@ -432,21 +432,21 @@ func (c *Config) validate() error {
 		bad("max_connections", "must be positive (got %d)", c.MaxConnections)
 	}
 	for i, p := range c.Allowlist {
-		if _, err := route.ParsePattern(p); err != nil {
+		if _, err := hostname.ParsePattern(p); err != nil {
 			bad(fmt.Sprintf("allowlist[%d]", i), "%v", err)
 		}
 	}
 	for i, p := range c.Denylist {
-		if _, err := route.ParsePattern(p); err != nil {
+		if _, err := hostname.ParsePattern(p); err != nil {
 			bad(fmt.Sprintf("denylist[%d]", i), "%v", err)
 		}
 	}
 	for i, r := range c.Routes {
 		key := fmt.Sprintf("routes[%d]", i)
-		if _, err := route.ParsePattern(r.Match); err != nil {
+		if _, err := hostname.ParsePattern(r.Match); err != nil {
 			bad(key+".match", "%v", err)
 		}
-		if _, _, err := route.ParseBackend(r.Backend); err != nil {
+		if _, _, err := hostname.ParseBackend(r.Backend); err != nil {
 			bad(key+".backend", "%v", err)
 		}
 	}

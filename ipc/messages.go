@@ -8,7 +8,7 @@ import (
 	"os"
 	"time"
 
-	"github.com/sniproxy/sniproxy/stats"
+	"github.com/sniproxy/sniproxy/internal/stats"
 )
 
 // Body is the typed content of a message. Every message type has one Body

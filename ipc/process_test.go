@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sniproxy/sniproxy/stats"
+	"github.com/sniproxy/sniproxy/internal/stats"
 )
 
 // workerEnv makes the test binary act as a worker (testWorker).

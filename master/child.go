@@ -11,8 +11,8 @@ import (
 	"time"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/ipc"
-	"github.com/sniproxy/sniproxy/stats"
 )
 
 // scrubbed are environment variables a worker must not inherit: tableflip's

@@ -6,7 +6,7 @@ import (
 	"os"
 	"time"
 
-	"github.com/sniproxy/sniproxy/stats"
+	"github.com/sniproxy/sniproxy/internal/stats"
 )
 
 // Status is what the control socket's GET /status answers, and what

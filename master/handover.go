@@ -11,8 +11,8 @@ import (
 
 	"github.com/cloudflare/tableflip"
 
+	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/ipc"
-	"github.com/sniproxy/sniproxy/stats"
 )
 
 // handoverName is the tableflip file name of the handover socket.

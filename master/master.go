@@ -25,9 +25,9 @@ import (
 	"github.com/cloudflare/tableflip"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/lease"
+	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/ipc"
-	"github.com/sniproxy/sniproxy/lease"
-	"github.com/sniproxy/sniproxy/stats"
 )
 
 // Options configure a master.

@@ -14,9 +14,9 @@ import (
 	"time"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/lease"
+	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/ipc"
-	"github.com/sniproxy/sniproxy/lease"
-	"github.com/sniproxy/sniproxy/stats"
 )
 
 // StatsInterval is how often a worker process pushes counter deltas.

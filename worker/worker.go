@@ -27,7 +27,8 @@ import (
 	"github.com/pires/go-proxyproto"
 
 	"github.com/sniproxy/sniproxy/config"
-	"github.com/sniproxy/sniproxy/stats"
+	"github.com/sniproxy/sniproxy/internal/hostname"
+	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/worker/proxy"
 	"github.com/sniproxy/sniproxy/worker/route"
 	"github.com/sniproxy/sniproxy/worker/sniff"
@@ -38,7 +39,7 @@ import (
 type Recorder interface {
 	Opened()
 	Closed()
-	Protocol(sniff.Protocol)
+	Protocol(stats.Protocol)
 	Rejected(stats.Reason)
 	Bytes(in, out int64)
 	BackendConnect(time.Duration)
@@ -154,25 +155,25 @@ func SniffLimit(cfg *config.Config) int {
 func NewTable(cfg *config.Config) (*route.Table, error) {
 	var t route.Table
 	for i, s := range cfg.Denylist {
-		p, err := route.ParsePattern(s)
+		p, err := hostname.ParsePattern(s)
 		if err != nil {
 			return nil, fmt.Errorf("worker: denylist[%d]: %w", i, err)
 		}
 		t.Deny = append(t.Deny, p)
 	}
 	for i, s := range cfg.Allowlist {
-		p, err := route.ParsePattern(s)
+		p, err := hostname.ParsePattern(s)
 		if err != nil {
 			return nil, fmt.Errorf("worker: allowlist[%d]: %w", i, err)
 		}
 		t.Allow = append(t.Allow, p)
 	}
 	for i, r := range cfg.Routes {
-		p, err := route.ParsePattern(r.Match)
+		p, err := hostname.ParsePattern(r.Match)
 		if err != nil {
 			return nil, fmt.Errorf("worker: routes[%d].match: %w", i, err)
 		}
-		host, port, err := route.ParseBackend(r.Backend)
+		host, port, err := hostname.ParseBackend(r.Backend)
 		if err != nil {
 			return nil, fmt.Errorf("worker: routes[%d].backend: %w", i, err)
 		}
@@ -436,7 +437,7 @@ func (c *conn) serve() {
 	if s.limiter != nil {
 		if !s.limiter.Acquire() {
 			c.client.Close()
-			s.rec.Protocol(sniff.Unknown)
+			s.rec.Protocol(stats.ProtoUnknown)
 			c.reject(o, stats.Limit, errors.New("worker: max_connections reached"))
 			return
 		}
@@ -448,7 +449,7 @@ func (c *conn) serve() {
 	if s.sniffing.Add(1) > s.sniffLimit {
 		s.sniffing.Add(-1)
 		c.client.Close()
-		s.rec.Protocol(sniff.Unknown)
+		s.rec.Protocol(stats.ProtoUnknown)
 		c.reject(o, stats.Limit, errors.New("worker: too many connections in the sniff phase"))
 		return
 	}
@@ -468,7 +469,7 @@ func (c *conn) serve() {
 		h, rest, err := readProxyHeader(c.client, deadline)
 		if err != nil {
 			c.client.Close()
-			s.rec.Protocol(sniff.Unknown)
+			s.rec.Protocol(stats.ProtoUnknown)
 			reason := stats.SniffError
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				reason = stats.SniffTimeout
@@ -485,7 +486,7 @@ func (c *conn) serve() {
 	res, buf, err := sniff.Read(c.client, start, deadline)
 	defer buf.Release()
 	o.res = res
-	s.rec.Protocol(res.Protocol)
+	s.rec.Protocol(statsProtocol(res.Protocol))
 	if err != nil && !errors.Is(err, sniff.ErrNoName) {
 		c.client.Close()
 		reason := stats.SniffError
@@ -704,4 +705,18 @@ func addrString(a net.Addr) string {
 		return ""
 	}
 	return a.String()
+}
+
+// statsProtocol maps what package sniff recognised to its counter.
+func statsProtocol(p sniff.Protocol) stats.Protocol {
+	switch p {
+	case sniff.TLS:
+		return stats.ProtoTLS
+	case sniff.HTTP:
+		return stats.ProtoHTTP
+	case sniff.H2C:
+		return stats.ProtoH2C
+	default:
+		return stats.ProtoUnknown
+	}
 }

@@ -17,7 +17,7 @@ import (
 	"github.com/pires/go-proxyproto"
 
 	"github.com/sniproxy/sniproxy/config"
-	"github.com/sniproxy/sniproxy/stats"
+	"github.com/sniproxy/sniproxy/internal/stats"
 )
 
 // testServer runs a Server on one loopback listener with the config body

@@ -38,7 +38,7 @@ import (
 
 	"github.com/sniproxy/sniproxy/bench/internal/clienthello"
 	"github.com/sniproxy/sniproxy/config"
-	"github.com/sniproxy/sniproxy/stats"
+	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/worker"
 )
 

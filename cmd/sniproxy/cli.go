@@ -11,7 +11,7 @@ import (
 	"strings"
 
 	"github.com/sniproxy/sniproxy/config"
-	"github.com/sniproxy/sniproxy/logging"
+	"github.com/sniproxy/sniproxy/internal/logging"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".

@@ -11,8 +11,8 @@ import (
 	"time"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/logging"
 	"github.com/sniproxy/sniproxy/ipc"
-	"github.com/sniproxy/sniproxy/logging"
 	"github.com/sniproxy/sniproxy/master"
 	"github.com/sniproxy/sniproxy/worker"
 )

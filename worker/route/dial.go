@@ -9,6 +9,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/sniproxy/sniproxy/internal/hostname"
 )
 
 // minAttempt is the least time one address gets when the dial phase is split
@@ -101,7 +103,7 @@ func (d *Dialer) Dial(ctx context.Context, dec Decision) (*net.TCPConn, netip.Ad
 	if dec.Port < 1 || dec.Port > 65535 {
 		return nil, netip.AddrPort{}, fmt.Errorf("dial %q: port %d out of range: %w", dec.Host, dec.Port, ErrNoRoute)
 	}
-	if dnsRouted && isAddressName(dec.Host) {
+	if dnsRouted && hostname.IsAddress(dec.Host) {
 		// Decide refuses these already; repeat it for hand-made Decisions.
 		return nil, netip.AddrPort{}, fmt.Errorf("dial %q: an IP address is not routed through DNS: %w", dec.Host, ErrDenied)
 	}
@@ -199,7 +201,7 @@ func count(n int) string {
 // resolve returns the addresses of host, unmapped and without duplicates, in
 // the resolver's order, at most maxAddrs of them.
 func (d *Dialer) resolve(ctx context.Context, host string, dnsRouted bool) ([]netip.Addr, error) {
-	if a, ok := parseIPLiteral(host); ok {
+	if a, ok := hostname.ParseIPLiteral(host); ok {
 		return []netip.Addr{a.Unmap()}, nil
 	}
 	sentinel := ErrDial

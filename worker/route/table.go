@@ -3,10 +3,9 @@ package route
 import (
 	"errors"
 	"fmt"
-	"net"
-	"net/netip"
-	"strconv"
 	"strings"
+
+	"github.com/sniproxy/sniproxy/internal/hostname"
 )
 
 // Sentinel errors. Every error this package returns wraps exactly one of them
@@ -59,7 +58,7 @@ func ReasonOf(err error) Reason {
 // Rule is one explicit route: names matching Match go to Host:Port.
 type Rule struct {
 	// Match selects the names this rule routes.
-	Match Pattern
+	Match hostname.Pattern
 	// Host is the backend: an IP address (canonical form, IPv6 without
 	// brackets, possibly with a zone) or a lowercased host name that the
 	// Dialer resolves.
@@ -68,93 +67,16 @@ type Rule struct {
 	Port int
 }
 
-// ParseRule builds a Rule from the config's match and backend strings. The
-// error names the bad part and why.
-func ParseRule(match, backend string) (Rule, error) {
-	p, err := ParsePattern(match)
-	if err != nil {
-		return Rule{}, err
-	}
-	host, port, err := ParseBackend(backend)
-	if err != nil {
-		return Rule{}, err
-	}
-	return Rule{Match: p, Host: host, Port: port}, nil
-}
-
-// ParseBackend parses a route's backend: "10.0.0.5:8443", "[::1]:443",
-// "::1", "host" or "backend.internal:8443". The port, when present, must be
-// 1..65535; port is 0 when s has none. The host is returned in canonical
-// form: an IP address as netip formats it (IPv6 without brackets), a name
-// lowercased without its trailing dot. A name whose last label is numeric
-// ("10.1") is refused as an ambiguous IP address.
-func ParseBackend(s string) (host string, port int, err error) {
-	fail := func(reason string) (string, int, error) {
-		return "", 0, fmt.Errorf("backend %q: %s", s, reason)
-	}
-	if s == "" {
-		return fail("empty")
-	}
-	if strings.TrimSpace(s) != s {
-		return fail("leading or trailing space")
-	}
-	if a, err := netip.ParseAddr(s); err == nil { // IPv6 without brackets, no port
-		return a.String(), 0, nil
-	}
-	h := s
-	if a, ok := parseIPLiteral(s); ok { // "[::1]"
-		return a.String(), 0, nil
-	}
-	if strings.Contains(s, ":") {
-		var p string
-		h, p, err = net.SplitHostPort(s)
-		if err != nil {
-			var ae *net.AddrError
-			if errors.As(err, &ae) {
-				return fail(ae.Err)
-			}
-			return fail(err.Error())
-		}
-		if strings.HasPrefix(s, "[") && !strings.Contains(h, ":") {
-			return fail("brackets are for IPv6 addresses")
-		}
-		if p == "" {
-			return fail("empty port")
-		}
-		if strings.Trim(p, "0123456789") != "" {
-			return fail(fmt.Sprintf("port %q is not a number", p))
-		}
-		port, err = strconv.Atoi(p)
-		if err != nil || port < 1 || port > 65535 {
-			return fail(fmt.Sprintf("port %s out of range 1-65535", p))
-		}
-	}
-	if h == "" {
-		return fail("empty host")
-	}
-	if a, err := netip.ParseAddr(h); err == nil {
-		return a.String(), port, nil
-	}
-	n := strings.ToLower(strings.TrimSuffix(h, "."))
-	if why := nameProblem(n); why != "" {
-		return fail("host " + why)
-	}
-	if isAddressName(n) {
-		return fail(fmt.Sprintf("host %q is neither an IP address nor a host name", h))
-	}
-	return n, port, nil
-}
-
 // Table holds the routing policy. Build it once, then do not modify it: it is
 // safe for concurrent use by any number of goroutines after that. The zero
 // Table (and a nil *Table) routes every valid name through DNS.
 type Table struct {
 	// Deny is checked first; a match refuses the name.
-	Deny []Pattern
+	Deny []hostname.Pattern
 	// Routes are explicit backends; the first match wins.
 	Routes []Rule
 	// Allow, when non-empty, lists the only names DNS routing may dial.
-	Allow []Pattern
+	Allow []hostname.Pattern
 }
 
 // Decision says how a name is routed.
@@ -193,8 +115,8 @@ func (t *Table) Decide(name string, backendPort int) (Decision, error) {
 	if name == "" {
 		return refuse(ReasonNoRoute, fmt.Errorf("no name: %w", ErrNoRoute))
 	}
-	if _, ok := parseIPLiteral(name); !ok {
-		if why := nameProblem(name); why != "" {
+	if _, ok := hostname.ParseIPLiteral(name); !ok {
+		if why := hostname.Problem(name); why != "" {
 			return refuse(ReasonNoRoute, fmt.Errorf("name %q: %s: %w", name, why, ErrNoRoute))
 		}
 	}
@@ -231,7 +153,7 @@ func (t *Table) Decide(name string, backendPort int) (Decision, error) {
 			return refuse(ReasonDenied, fmt.Errorf("name %q: not in allowlist: %w", name, ErrDenied))
 		}
 	}
-	if isAddressName(name) {
+	if hostname.IsAddress(name) {
 		return refuse(ReasonDenied, fmt.Errorf("name %q: an IP address is not routed through DNS: %w", name, ErrDenied))
 	}
 	if backendPort < 1 || backendPort > 65535 {

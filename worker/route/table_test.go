@@ -3,25 +3,30 @@ package route
 import (
 	"errors"
 	"fmt"
-	"strings"
 	"testing"
+
+	"github.com/sniproxy/sniproxy/internal/hostname"
 )
 
-func patterns(ss ...string) []Pattern {
-	ps := make([]Pattern, len(ss))
+func patterns(ss ...string) []hostname.Pattern {
+	ps := make([]hostname.Pattern, len(ss))
 	for i, s := range ss {
-		ps[i] = MustParsePattern(s)
+		ps[i] = hostname.MustParsePattern(s)
 	}
 	return ps
 }
 
 func mustRule(t testing.TB, match, backend string) Rule {
 	t.Helper()
-	r, err := ParseRule(match, backend)
+	p, err := hostname.ParsePattern(match)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return r
+	host, port, err := hostname.ParseBackend(backend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Rule{Match: p, Host: host, Port: port}
 }
 
 func TestDecide(t *testing.T) {
@@ -121,78 +126,6 @@ func TestDecideEmptyTable(t *testing.T) {
 	}
 }
 
-func TestParseBackend(t *testing.T) {
-	tests := []struct {
-		in       string
-		wantHost string
-		wantPort int
-		wantErr  string // substring; "" = success
-	}{
-		{"10.0.0.5:8443", "10.0.0.5", 8443, ""},
-		{"10.0.0.5", "10.0.0.5", 0, ""},
-		{"[::1]:443", "::1", 443, ""},
-		{"[::1]", "::1", 0, ""},
-		{"::1", "::1", 0, ""},
-		{"2001:DB8::1", "2001:db8::1", 0, ""},
-		{"[fe80::1%eth0]:443", "fe80::1%eth0", 443, ""},
-		{"host", "host", 0, ""},
-		{"Backend.Internal:8443", "backend.internal", 8443, ""},
-		{"backend.internal.:1", "backend.internal", 1, ""},
-		{"backend.internal:65535", "backend.internal", 65535, ""},
-		{"", "", 0, "empty"},
-		{" host", "", 0, "space"},
-		{"host:", "", 0, "empty port"},
-		{":443", "", 0, "empty host"},
-		{"host:0", "", 0, "out of range"},
-		{"host:65536", "", 0, "out of range"},
-		{"host:99999999999999999999", "", 0, "out of range"},
-		{"host:-1", "", 0, "not a number"},
-		{"host:+1", "", 0, "not a number"},
-		{"host:https", "", 0, "not a number"},
-		{"a:b:c", "", 0, "too many colons"},
-		{"[::1]:", "", 0, "empty port"},
-		{"[host]:443", "", 0, "brackets"},
-		{"ho st:443", "", 0, "invalid character"},
-		{"a..b", "", 0, "empty label"},
-		{"10.1:443", "", 0, "neither an IP address nor a host name"},
-		{"1.2.3.4.5", "", 0, "neither an IP address nor a host name"},
-		{"http://host", "", 0, "not a number"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.in, func(t *testing.T) {
-			host, port, err := ParseBackend(tt.in)
-			if tt.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("ParseBackend(%q): got %q, %d, %v; want error containing %q", tt.in, host, port, err, tt.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatalf("ParseBackend(%q): got error %v; want nil", tt.in, err)
-			}
-			if host != tt.wantHost || port != tt.wantPort {
-				t.Errorf("ParseBackend(%q): got %q, %d; want %q, %d", tt.in, host, port, tt.wantHost, tt.wantPort)
-			}
-		})
-	}
-}
-
-func TestParseRule(t *testing.T) {
-	r, err := ParseRule("*.Example.com", "[::1]:8443")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if r.Match.String() != "*.example.com" || r.Host != "::1" || r.Port != 8443 {
-		t.Errorf("ParseRule: got %s → %s:%d; want *.example.com → ::1:8443", r.Match, r.Host, r.Port)
-	}
-	if _, err := ParseRule("*", "host"); err == nil || !strings.Contains(err.Error(), "pattern") {
-		t.Errorf("ParseRule(*, host): got error %v; want a pattern error", err)
-	}
-	if _, err := ParseRule("x", "host:0"); err == nil || !strings.Contains(err.Error(), "backend") {
-		t.Errorf("ParseRule(x, host:0): got error %v; want a backend error", err)
-	}
-}
-
 func TestReasonOf(t *testing.T) {
 	tests := []struct {
 		err  error
@@ -218,7 +151,7 @@ func FuzzDecide(f *testing.F) {
 	}
 	table := &Table{
 		Deny:   patterns("evil.example.com"),
-		Routes: []Rule{{Match: MustParsePattern("*.example.com"), Host: "backend"}},
+		Routes: []Rule{{Match: hostname.MustParsePattern("*.example.com"), Host: "backend"}},
 		Allow:  patterns("*.allowed.test", "*.example.com", "example.com"),
 	}
 	f.Fuzz(func(t *testing.T, name string, port int) {
@@ -232,10 +165,10 @@ func FuzzDecide(f *testing.F) {
 		if dec.Reason != "" || dec.Host == "" || dec.Port < 1 || dec.Port > 65535 {
 			t.Fatalf("Decide(%q, %d): bad decision %+v", name, port, dec)
 		}
-		if MustParsePattern("evil.example.com").Match(dec.Name) {
+		if hostname.MustParsePattern("evil.example.com").Match(dec.Name) {
 			t.Fatalf("Decide(%q): denied name routed: %+v", name, dec)
 		}
-		if dec.Rule == -1 && (nameProblem(dec.Host) != "" || isAddressName(dec.Host)) {
+		if dec.Rule == -1 && (hostname.Problem(dec.Host) != "" || hostname.IsAddress(dec.Host)) {
 			t.Fatalf("Decide(%q): DNS-routed host %q is not a DNS name", name, dec.Host)
 		}
 	})

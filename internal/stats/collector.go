@@ -4,8 +4,6 @@ import (
 	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/sniproxy/sniproxy/worker/sniff"
 )
 
 // Process holds the master-level values exported beside the connection
@@ -75,7 +73,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	p := c.process()
 	ch <- prometheus.MustNewConstMetric(c.active, prometheus.GaugeValue, float64(max(s.Active, 0)))
 	for i := range s.Conns {
-		ch <- prometheus.MustNewConstMetric(c.conns, prometheus.CounterValue, float64(s.Conns[i]), sniff.Protocol(i).String())
+		ch <- prometheus.MustNewConstMetric(c.conns, prometheus.CounterValue, float64(s.Conns[i]), Protocol(i).String())
 	}
 	for i := range s.Rejected {
 		ch <- prometheus.MustNewConstMetric(c.rejected, prometheus.CounterValue, float64(s.Rejected[i]), Reason(i).String())

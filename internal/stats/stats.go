@@ -10,8 +10,6 @@ package stats
 import (
 	"sync/atomic"
 	"time"
-
-	"github.com/sniproxy/sniproxy/worker/sniff"
 )
 
 // Reason is why a connection was closed without being proxied. Its String
@@ -39,8 +37,29 @@ func (r Reason) String() string {
 	return "unknown"
 }
 
-// NumProtocols is the number of sniff.Protocol values counted.
-const NumProtocols = int(sniff.H2C) + 1
+// Protocol is what a connection was recognised as. Its String is the value
+// of the "protocol" label. The zero value is ProtoUnknown.
+type Protocol uint8
+
+// The protocols of SPEC's sniproxy_connections_total.
+const (
+	ProtoUnknown Protocol = iota
+	ProtoTLS
+	ProtoHTTP
+	ProtoH2C
+	// NumProtocols is the number of protocols counted.
+	NumProtocols
+)
+
+var protocolNames = [NumProtocols]string{"unknown", "tls", "http", "h2c"}
+
+// String returns the metric label value of p.
+func (p Protocol) String() string {
+	if p < NumProtocols {
+		return protocolNames[p]
+	}
+	return "unknown"
+}
 
 // ConnectBuckets are the upper bounds, in seconds, of the
 // sniproxy_backend_connect_seconds histogram.
@@ -123,9 +142,9 @@ func (c *Counters) Closed() { c.active.Add(-1) }
 func (c *Counters) Active() int64 { return c.active.Load() }
 
 // Protocol counts a connection recognised as p.
-func (c *Counters) Protocol(p sniff.Protocol) {
-	if int(p) >= NumProtocols {
-		p = sniff.Unknown
+func (c *Counters) Protocol(p Protocol) {
+	if p >= NumProtocols {
+		p = ProtoUnknown
 	}
 	c.conns[p].Add(1)
 }

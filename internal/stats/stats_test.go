@@ -7,19 +7,17 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/sniproxy/sniproxy/worker/sniff"
 )
 
 func TestSnapshotSubAdd(t *testing.T) {
 	var c Counters
 	c.Opened()
-	c.Protocol(sniff.TLS)
+	c.Protocol(ProtoTLS)
 	c.Bytes(10, 20)
 	first := c.Snapshot()
 	c.Opened()
 	c.Closed()
-	c.Protocol(sniff.HTTP)
+	c.Protocol(ProtoHTTP)
 	c.Rejected(Denied)
 	c.Bytes(5, 0)
 	c.BackendConnect(3 * time.Millisecond)
@@ -32,7 +30,7 @@ func TestSnapshotSubAdd(t *testing.T) {
 		t.Errorf("first + (second - first) = %+v; want %+v", total, second)
 	}
 	d := second.Sub(first)
-	if d.Active != 0 || d.Conns[sniff.HTTP] != 1 || d.Rejected[Denied] != 1 || d.BytesIn != 5 || d.ConnectCount != 1 {
+	if d.Active != 0 || d.Conns[ProtoHTTP] != 1 || d.Rejected[Denied] != 1 || d.BytesIn != 5 || d.ConnectCount != 1 {
 		t.Errorf("delta %+v", d)
 	}
 	// 3ms falls in the 0.005 bucket (index 3).
@@ -64,7 +62,7 @@ func TestCountersConcurrent(t *testing.T) {
 
 func TestHandlerExposesSpecMetrics(t *testing.T) {
 	var c Counters
-	c.Protocol(sniff.H2C)
+	c.Protocol(ProtoH2C)
 	c.Rejected(SniffTimeout)
 	c.BackendConnect(time.Second)
 	col := NewCollector(c.Snapshot, func() Process {

@@ -1,4 +1,4 @@
-package route
+package hostname
 
 import (
 	"strings"
@@ -135,8 +135,64 @@ func TestIsAddressName(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := isAddressName(tt.name); got != tt.want {
-				t.Errorf("isAddressName(%q): got %v; want %v", tt.name, got, tt.want)
+			if got := IsAddress(tt.name); got != tt.want {
+				t.Errorf("IsAddress(%q): got %v; want %v", tt.name, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseBackend(t *testing.T) {
+	tests := []struct {
+		in       string
+		wantHost string
+		wantPort int
+		wantErr  string // substring; "" = success
+	}{
+		{"10.0.0.5:8443", "10.0.0.5", 8443, ""},
+		{"10.0.0.5", "10.0.0.5", 0, ""},
+		{"[::1]:443", "::1", 443, ""},
+		{"[::1]", "::1", 0, ""},
+		{"::1", "::1", 0, ""},
+		{"2001:DB8::1", "2001:db8::1", 0, ""},
+		{"[fe80::1%eth0]:443", "fe80::1%eth0", 443, ""},
+		{"host", "host", 0, ""},
+		{"Backend.Internal:8443", "backend.internal", 8443, ""},
+		{"backend.internal.:1", "backend.internal", 1, ""},
+		{"backend.internal:65535", "backend.internal", 65535, ""},
+		{"", "", 0, "empty"},
+		{" host", "", 0, "space"},
+		{"host:", "", 0, "empty port"},
+		{":443", "", 0, "empty host"},
+		{"host:0", "", 0, "out of range"},
+		{"host:65536", "", 0, "out of range"},
+		{"host:99999999999999999999", "", 0, "out of range"},
+		{"host:-1", "", 0, "not a number"},
+		{"host:+1", "", 0, "not a number"},
+		{"host:https", "", 0, "not a number"},
+		{"a:b:c", "", 0, "too many colons"},
+		{"[::1]:", "", 0, "empty port"},
+		{"[host]:443", "", 0, "brackets"},
+		{"ho st:443", "", 0, "invalid character"},
+		{"a..b", "", 0, "empty label"},
+		{"10.1:443", "", 0, "neither an IP address nor a host name"},
+		{"1.2.3.4.5", "", 0, "neither an IP address nor a host name"},
+		{"http://host", "", 0, "not a number"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			host, port, err := ParseBackend(tt.in)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("ParseBackend(%q): got %q, %d, %v; want error containing %q", tt.in, host, port, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("ParseBackend(%q): got error %v; want nil", tt.in, err)
+			}
+			if host != tt.wantHost || port != tt.wantPort {
+				t.Errorf("ParseBackend(%q): got %q, %d; want %q, %d", tt.in, host, port, tt.wantHost, tt.wantPort)
 			}
 		})
 	}

@@ -1,8 +1,15 @@
-package route
+// Package hostname holds the syntax of the host names, name patterns and
+// backend addresses that sniproxy's config is written in. It is shared by
+// package config, which validates them, and package route, which matches and
+// dials them; it imports nothing of sniproxy's own.
+package hostname
 
 import (
+	"errors"
 	"fmt"
+	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 )
 
@@ -45,7 +52,7 @@ func ParsePattern(s string) (Pattern, error) {
 	if n == "" {
 		return fail("empty")
 	}
-	if a, ok := parseIPLiteral(n); ok {
+	if a, ok := ParseIPLiteral(n); ok {
 		if a.Zone() != "" {
 			return fail("IP address with a zone")
 		}
@@ -58,7 +65,7 @@ func ParsePattern(s string) (Pattern, error) {
 	if strings.Contains(rest, "*") {
 		return fail(`"*" may only be the whole first label, as in "*.example.com"`)
 	}
-	if why := nameProblem(rest); why != "" {
+	if why := Problem(rest); why != "" {
 		return fail(why)
 	}
 	if wildcard {
@@ -85,7 +92,7 @@ func (p Pattern) Match(name string) bool {
 	case p.s == "":
 		return false
 	case p.ip.IsValid():
-		a, ok := parseIPLiteral(name)
+		a, ok := ParseIPLiteral(name)
 		return ok && a == p.ip
 	case p.suffix != "":
 		return len(name) > len(p.suffix) && strings.HasSuffix(name, p.suffix)
@@ -99,9 +106,9 @@ func (p Pattern) Match(name string) bool {
 // Pattern.
 func (p Pattern) String() string { return p.s }
 
-// parseIPLiteral parses s as an IP address, IPv6 optionally in brackets as in
+// ParseIPLiteral parses s as an IP address, IPv6 optionally in brackets as in
 // a URL or Host header.
-func parseIPLiteral(s string) (netip.Addr, bool) {
+func ParseIPLiteral(s string) (netip.Addr, bool) {
 	bracketed := len(s) > 2 && s[0] == '[' && s[len(s)-1] == ']'
 	if bracketed {
 		s = s[1 : len(s)-1]
@@ -113,12 +120,12 @@ func parseIPLiteral(s string) (netip.Addr, bool) {
 	return a, true
 }
 
-// nameProblem says what makes s, lowercased and without a trailing dot, not a
+// Problem says what makes s, lowercased and without a trailing dot, not a
 // host name, or returns "" when it is one. Labels are letters, digits, '-'
 // and '_' (seen in real names though not in RFC 952 host names); anything
 // else, including non-ASCII, is refused: international names arrive in
 // punycode ("xn--...").
-func nameProblem(s string) string {
+func Problem(s string) string {
 	if s == "" {
 		return "empty name"
 	}
@@ -152,14 +159,14 @@ func nameProblem(s string) string {
 	return ""
 }
 
-// isAddressName reports whether name, lowercased and without a trailing dot,
+// IsAddress reports whether name, lowercased and without a trailing dot,
 // denotes an IP address rather than a DNS name: an address net/netip parses
 // (IPv6 also in brackets), or a name whose last label is a number in the
 // sense of the WHATWG URL host parser (decimal digits, or "0x" and hex
 // digits). The C library's inet_aton reads "127.1", "2130706433" and
 // "0x7f.0.0.1" as 127.0.0.1, and no top-level domain is numeric.
-func isAddressName(name string) bool {
-	if _, ok := parseIPLiteral(name); ok {
+func IsAddress(name string) bool {
+	if _, ok := ParseIPLiteral(name); ok {
 		return true
 	}
 	last := name[strings.LastIndexByte(name, '.')+1:]
@@ -170,4 +177,67 @@ func isAddressName(name string) bool {
 		return strings.Trim(hex, "0123456789abcdef") == ""
 	}
 	return strings.Trim(last, "0123456789") == ""
+}
+
+// ParseBackend parses a route's backend: "10.0.0.5:8443", "[::1]:443",
+// "::1", "host" or "backend.internal:8443". The port, when present, must be
+// 1..65535; port is 0 when s has none. The host is returned in canonical
+// form: an IP address as netip formats it (IPv6 without brackets), a name
+// lowercased without its trailing dot. A name whose last label is numeric
+// ("10.1") is refused as an ambiguous IP address.
+func ParseBackend(s string) (host string, port int, err error) {
+	fail := func(reason string) (string, int, error) {
+		return "", 0, fmt.Errorf("backend %q: %s", s, reason)
+	}
+	if s == "" {
+		return fail("empty")
+	}
+	if strings.TrimSpace(s) != s {
+		return fail("leading or trailing space")
+	}
+	if a, err := netip.ParseAddr(s); err == nil { // IPv6 without brackets, no port
+		return a.String(), 0, nil
+	}
+	h := s
+	if a, ok := ParseIPLiteral(s); ok { // "[::1]"
+		return a.String(), 0, nil
+	}
+	if strings.Contains(s, ":") {
+		var p string
+		h, p, err = net.SplitHostPort(s)
+		if err != nil {
+			var ae *net.AddrError
+			if errors.As(err, &ae) {
+				return fail(ae.Err)
+			}
+			return fail(err.Error())
+		}
+		if strings.HasPrefix(s, "[") && !strings.Contains(h, ":") {
+			return fail("brackets are for IPv6 addresses")
+		}
+		if p == "" {
+			return fail("empty port")
+		}
+		if strings.Trim(p, "0123456789") != "" {
+			return fail(fmt.Sprintf("port %q is not a number", p))
+		}
+		port, err = strconv.Atoi(p)
+		if err != nil || port < 1 || port > 65535 {
+			return fail(fmt.Sprintf("port %s out of range 1-65535", p))
+		}
+	}
+	if h == "" {
+		return fail("empty host")
+	}
+	if a, err := netip.ParseAddr(h); err == nil {
+		return a.String(), port, nil
+	}
+	n := strings.ToLower(strings.TrimSuffix(h, "."))
+	if why := Problem(n); why != "" {
+		return fail("host " + why)
+	}
+	if IsAddress(n) {
+		return fail(fmt.Sprintf("host %q is neither an IP address nor a host name", h))
+	}
+	return n, port, nil
 }
