@@ -37,7 +37,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binary = filepath.Join(dir, "sniproxy")
-	build := exec.Command("go", "build", "-o", binary, "../cmd/sniproxy")
+	build := exec.Command("go", "build", "-tags", "sniproxytest", "-o", binary, "../cmd/sniproxy")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "building sniproxy:", err)

@@ -773,7 +773,7 @@ func TestBinaryUpgrade(t *testing.T) {
 	bin := filepath.Join(dir, "sniproxy")
 	build := func(version string) {
 		tmp := bin + ".new"
-		out, err := exec.Command("go", "build", "-o", tmp, "-ldflags", "-X main.version="+version, "../cmd/sniproxy").CombinedOutput()
+		out, err := exec.Command("go", "build", "-tags", "sniproxytest", "-o", tmp, "-ldflags", "-X main.version="+version, "../cmd/sniproxy").CombinedOutput()
 		if err != nil {
 			t.Fatalf("build %s: %v\n%s", version, err, out)
 		}

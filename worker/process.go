@@ -16,6 +16,7 @@ import (
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/lease"
 	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/internal/testswitch"
 	"github.com/sniproxy/sniproxy/ipc"
 )
 
@@ -54,6 +55,9 @@ type Process struct {
 	Slot       int
 	Generation int
 	Files      []NamedFile
+	// Switches are the e2e tests' switches (package testswitch); the zero
+	// value in production.
+	Switches testswitch.Switches
 
 	mu       sync.Mutex
 	waiters  []chan int // lease requests awaiting a grant, in order
@@ -154,7 +158,7 @@ func (p *Process) Run() error {
 	if err != nil {
 		return err
 	}
-	if os.Getenv("SNIPROXYTEST_FRESH_SOCKETS") == "1" {
+	if p.Switches.FreshSockets {
 		// The reload negative control (see master.Options.FreshSockets).
 		srv.LingerOnStop = 300 * time.Millisecond
 	}
@@ -179,7 +183,7 @@ func (p *Process) Run() error {
 	if err != nil {
 		p.failWaiters()
 	}
-	if d, perr := time.ParseDuration(os.Getenv("SNIPROXYTEST_STOP_DELAY")); perr == nil && err == nil {
+	if d := p.Switches.StopDelay; d > 0 && err == nil {
 		// Test-only: a worker slow to stop accepting, so that the e2e
 		// test can show a reload is answered only after it has.
 		time.Sleep(d)

@@ -8,10 +8,10 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/logging"
+	"github.com/sniproxy/sniproxy/internal/testswitch"
 	"github.com/sniproxy/sniproxy/ipc"
 	"github.com/sniproxy/sniproxy/master"
 	"github.com/sniproxy/sniproxy/worker"
@@ -28,17 +28,16 @@ func cmdRun(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 		return 1
 	}
 	log, _ := newLogger(cfg, stderr)
+	sw := testswitch.Read() // the zero value unless built for the e2e tests
 	opts := master.Options{Config: cfg, Log: log, Signals: sigs, Version: version,
 		ConfigPath: config.Resolve(path, nil, nil),
 		// Switches for the e2e tests only; see master.Options.
-		ReplaceDeadSockets: os.Getenv("SNIPROXYTEST_REPLACE_DEAD_SOCKETS") == "1",
-		FreshSockets:       os.Getenv("SNIPROXYTEST_FRESH_SOCKETS") == "1",
-		NoMigration:        os.Getenv("SNIPROXYTEST_NO_MIGRATION") == "1",
+		ReplaceDeadSockets: sw.ReplaceDeadSockets,
+		FreshSockets:       sw.FreshSockets,
+		NoMigration:        sw.NoMigration,
+		UpgradeTimeout:     sw.UpgradeTimeout,
 	}
-	if d, err := time.ParseDuration(os.Getenv("SNIPROXYTEST_UPGRADE_TIMEOUT")); err == nil {
-		opts.UpgradeTimeout = d
-	}
-	if f := os.Getenv("SNIPROXYTEST_HANG_IF_FILE"); f != "" {
+	if f := sw.HangIfFile; f != "" {
 		opts.HangBeforeReady = func() bool { _, err := os.Stat(f); return err == nil }
 	}
 	if err := master.Run(opts); err != nil {
@@ -83,7 +82,8 @@ func cmdWorker(args []string, stderr io.Writer) int {
 			files = append(files, worker.NamedFile{Name: name, File: os.NewFile(uintptr(4+i), "socket-"+strconv.Itoa(i))})
 		}
 	}
-	p := &worker.Process{Log: log, Conn: conn, Slot: *slot, Generation: *generation, Files: files}
+	p := &worker.Process{Log: log, Conn: conn, Slot: *slot, Generation: *generation, Files: files,
+		Switches: testswitch.Read()}
 	if err := p.Run(); err != nil {
 		log.Error("worker failed", "err", err)
 		return 1
