@@ -11,10 +11,6 @@ import (
 // TestSystemdUnitVerifies checks systemd/sniproxy.service with
 // systemd-analyze verify, pointing it at the binary just built.
 func TestSystemdUnitVerifies(t *testing.T) {
-	analyze, err := exec.LookPath("systemd-analyze")
-	if err != nil {
-		t.Fatal("systemd-analyze is not installed; .ci/run installs systemd")
-	}
 	unit, err := os.ReadFile("../systemd/sniproxy.service")
 	if err != nil {
 		t.Fatal(err)
@@ -32,9 +28,20 @@ func TestSystemdUnitVerifies(t *testing.T) {
 	if strings.Contains(text, "~@resources") {
 		t.Error("unit filters @resources: the Go runtime calls setrlimit at start")
 	}
+	verifyUnit(t, strings.ReplaceAll(text, "/usr/local/bin/sniproxy", binary))
+}
+
+// verifyUnit runs systemd-analyze verify on a unit file with the given
+// text, named sniproxy.service, and fails on any complaint about it.
+func verifyUnit(t *testing.T, text string) {
+	t.Helper()
+	analyze, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Fatal("systemd-analyze is not installed; .ci/run installs systemd")
+	}
 	dir := t.TempDir()
 	path := filepath.Join(dir, "sniproxy.service")
-	if err := os.WriteFile(path, []byte(strings.ReplaceAll(text, "/usr/local/bin/sniproxy", binary)), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	out, err := exec.Command(analyze, "verify", path).CombinedOutput()
