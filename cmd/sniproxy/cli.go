@@ -1,14 +1,17 @@
 package main
 
 import (
-	"flag"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"runtime"
 	"runtime/debug"
+	"strconv"
 	"strings"
+
+	"github.com/spf13/cobra"
 
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/logging"
@@ -17,45 +20,205 @@ import (
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-const usage = `usage:
-  sniproxy [run] [-c FILE]   run in the foreground
-  sniproxy check [-c FILE]   validate the config and print the effective config
-  sniproxy reload [-c FILE] [--pid-file F]
-                             upgrade the running master with no downtime and wait
-  sniproxy status [-c FILE] [--json]
-                             ask the running master for its workers and totals
-  sniproxy version           print version, commit and Go version
+// configHelp is the part of every command's help that says where the config
+// comes from. Long texts are Markdown too (the man pages are made from
+// them): names with underscores or angle brackets go in backquotes.
+const configHelp = "Without -c the config is `$SNIPROXY_CONFIG`, else `/etc/sniproxy/config.yaml`,\n" +
+	"else the embedded default. `SNIPROXY_<KEY>` variables override keys\n" +
+	"(`SNIPROXY_MAX_CONNECTIONS=500`, `SNIPROXY_TIMEOUTS_CONNECT=3s`)."
 
-Without -c the config is $SNIPROXY_CONFIG, else /etc/sniproxy/config.yaml,
-else the embedded default. SNIPROXY_<KEY> variables override keys.
-`
+// exitStatus is the error a command returns when it failed and has already
+// said why on stderr: run exits with it and prints nothing more. Every
+// other error out of the command tree is a usage error (exit 2).
+type exitStatus int
 
-// run executes the command line args and returns the exit status.
+func (e exitStatus) Error() string { return "exit status " + strconv.Itoa(int(e)) }
+
+// codeErr turns a command's exit code into its error: nil for 0.
+func codeErr(code int) error {
+	if code == 0 {
+		return nil
+	}
+	return exitStatus(code)
+}
+
+// run executes the command line args and returns the exit status: 0 on
+// success, 1 when the command failed, 2 for a usage error (unknown command
+// or flag, wrong arguments). sigs are the signals main subscribed to; only
+// the proxy itself (sniproxy run) acts on them.
 func run(args []string, sigs <-chan os.Signal, stdout, stderr io.Writer) int {
-	cmd := "run"
-	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
-		cmd, args = args[0], args[1:]
+	root := newRootCmd(sigs, stdout, stderr)
+	if args == nil {
+		args = []string{} // nil would make cobra read os.Args
 	}
-	switch cmd {
-	case "run":
-		return cmdRun(args, sigs, stderr)
-	case "check":
-		return cmdCheck(args, stdout, stderr)
-	case "status":
-		return cmdStatus(args, stdout, stderr)
-	case "reload":
-		return cmdReload(args, stdout, stderr)
-	case "worker":
-		return cmdWorker(args, stderr)
-	case "version":
-		fmt.Fprintf(stdout, "sniproxy %s (commit %s, %s)\n", version, commit(), runtime.Version())
+	root.SetArgs(args)
+	cmd, err := root.ExecuteC()
+	var es exitStatus
+	switch {
+	case err == nil:
 		return 0
-	case "help":
-		fmt.Fprint(stdout, usage)
-		return 0
+	case errors.As(err, &es):
+		return int(es)
 	}
-	fmt.Fprintf(stderr, "sniproxy: unknown command %q\n%s", cmd, usage)
+	hint := root.CommandPath()
+	if cmd != nil && cmd.Name() != "help" {
+		hint = cmd.CommandPath()
+	}
+	fmt.Fprintf(stderr, "sniproxy: %v\nRun '%s --help' for usage.\n", err, hint)
 	return 2
+}
+
+// newRootCmd builds the command tree. Help and usage go to stdout, errors
+// to stderr (run prints usage errors; commands print their own failures).
+func newRootCmd(sigs <-chan os.Signal, stdout, stderr io.Writer) *cobra.Command {
+	var path string
+	var showVersion bool
+	root := &cobra.Command{
+		Use:   "sniproxy",
+		Short: "Route TCP connections by TLS SNI, HTTP Host or h2c :authority",
+		Long: `sniproxy routes TCP connections by the name they ask for: the TLS ClientHello
+server_name, the HTTP/1.x Host header or the h2c :authority, without
+terminating TLS. Without a command it runs the proxy in the foreground, as
+` + "`sniproxy run`" + ` does.
+
+` + configHelp + `
+
+Signals to the master: HUP reloads with no downtime (as ` + "`sniproxy reload`" + `
+does); TERM or INT stops (stop accepting, drain for at most
+` + "`shutdown_timeout`" + `, close the rest, exit 0); a second TERM or INT stops
+at once.`,
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		// One completion command of our own (completionCmd): exactly the
+		// shells we support, and a usage error for any other.
+		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
+		RunE: func(*cobra.Command, []string) error {
+			if showVersion {
+				printVersion(stdout)
+				return nil
+			}
+			return codeErr(cmdRun(path, sigs, stderr))
+		},
+	}
+	addConfigFlag(root, &path)
+	// Our own --version rather than cobra's: cobra's prints "sniproxy
+	// version X" and a custom version template would bring text/template,
+	// whose reflection keeps every exported method in the binary (+4 MB).
+	root.Flags().BoolVarP(&showVersion, "version", "v", false, "print the version, as the version command does")
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.SetHelpCommand(helpCmd())
+	root.AddCommand(runCmd(sigs, stderr), checkCmd(stdout, stderr), reloadCmd(stdout, stderr),
+		statusCmd(stdout, stderr), versionCmd(stdout), completionCmd(stdout), manCmd(),
+		workerCmd(stderr))
+	return root
+}
+
+// addConfigFlag gives cmd the -c/--config flag, stored in path.
+func addConfigFlag(cmd *cobra.Command, path *string) {
+	cmd.Flags().StringVarP(path, "config", "c", "",
+		"config `FILE` (default: $SNIPROXY_CONFIG, else /etc/sniproxy/config.yaml, else the embedded one)")
+}
+
+// noArgs is cobra.NoArgs with a message that does not call an argument a
+// command. (The root has no Args: cobra's own check there reports an
+// unknown command and suggests the nearest one.)
+func noArgs(_ *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return fmt.Errorf("unexpected argument %q", args[0])
+	}
+	return nil
+}
+
+// helpCmd is cobra's help command, except that help for a command that does
+// not exist is a usage error instead of the root's help and exit 0.
+func helpCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "help [COMMAND]",
+		Short: "Help about any command",
+		Long:  `Help prints the help of COMMAND (or of sniproxy), as COMMAND --help does.`,
+		ValidArgsFunction: func(c *cobra.Command, args []string, toComplete string) ([]cobra.Completion, cobra.ShellCompDirective) {
+			if len(args) > 0 {
+				return nil, cobra.ShellCompDirectiveNoFileComp
+			}
+			var names []cobra.Completion
+			for _, sub := range c.Root().Commands() {
+				if sub.IsAvailableCommand() && strings.HasPrefix(sub.Name(), toComplete) {
+					names = append(names, cobra.CompletionWithDesc(sub.Name(), sub.Short))
+				}
+			}
+			return names, cobra.ShellCompDirectiveNoFileComp
+		},
+		RunE: func(c *cobra.Command, args []string) error {
+			cmd, rest, err := c.Root().Find(args)
+			if err != nil {
+				return err
+			}
+			if len(rest) > 0 {
+				return fmt.Errorf("unknown command %q for %q", rest[0], cmd.CommandPath())
+			}
+			cmd.InitDefaultHelpFlag()
+			return cmd.Help()
+		},
+	}
+}
+
+func runCmd(sigs <-chan os.Signal, stderr io.Writer) *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the proxy in the foreground (the default command)",
+		Long: `Run starts the master, which holds the listening sockets, starts the worker
+processes that accept and proxy, and serves /metrics, /healthz and the
+control socket. It runs in the foreground until it is stopped; the exit
+status is 0 after a stop and 1 when the config is invalid or the master
+failed.
+
+` + configHelp,
+		Args: noArgs,
+		RunE: func(*cobra.Command, []string) error {
+			return codeErr(cmdRun(path, sigs, stderr))
+		},
+	}
+	addConfigFlag(cmd, &path)
+	return cmd
+}
+
+func checkCmd(stdout, stderr io.Writer) *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "check",
+		Short: "Validate the config and print the effective config",
+		Long: `Check loads the config as ` + "`sniproxy run`" + ` would, prints the effective config
+(defaults and ` + "`SNIPROXY_<KEY>`" + ` overrides applied) and exits 0. When the
+config is invalid it prints every problem (key and reason) and exits 1.
+
+` + configHelp,
+		Args: noArgs,
+		RunE: func(*cobra.Command, []string) error {
+			return codeErr(cmdCheck(path, stdout, stderr))
+		},
+	}
+	addConfigFlag(cmd, &path)
+	return cmd
+}
+
+func versionCmd(stdout io.Writer) *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print version, commit and Go version",
+		Long:  "Version prints the version, the commit and the Go version the binary was built with, as `sniproxy --version` does.",
+		Args:  noArgs,
+		RunE: func(*cobra.Command, []string) error {
+			printVersion(stdout)
+			return nil
+		},
+	}
+}
+
+// printVersion prints the version line of version and --version.
+func printVersion(w io.Writer) {
+	fmt.Fprintf(w, "sniproxy %s (commit %s, %s)\n", version, commit(), runtime.Version())
 }
 
 // commit returns the VCS revision the binary was built from, if recorded.
@@ -70,43 +233,12 @@ func commit() string {
 	return "unknown"
 }
 
-// configFlagSet returns a subcommand's flag set with -c (and --config),
-// whose value the returned pointer receives; purpose says what the config
-// is used for.
-func configFlagSet(name, purpose string, stderr io.Writer) (*flag.FlagSet, *string) {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	usage := "config file"
-	if purpose != "" {
-		usage += " " + purpose
-	}
-	path := fs.String("c", "", usage+" (default: $SNIPROXY_CONFIG, /etc/sniproxy/config.yaml, embedded)")
-	fs.StringVar(path, "config", "", "same as -c")
-	return fs, path
-}
-
-// configFlags parses -c for a subcommand that takes nothing else.
-func configFlags(name string, args []string, stderr io.Writer) (string, error) {
-	fs, path := configFlagSet(name, "", stderr)
-	if err := fs.Parse(args); err != nil {
-		return "", err
-	}
-	if fs.NArg() > 0 {
-		return "", fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	return *path, nil
-}
-
 // loadConfig resolves and loads the config for a subcommand.
 func loadConfig(path string) (*config.Config, error) {
 	return config.Load(config.Resolve(path, nil, nil), nil)
 }
 
-func cmdCheck(args []string, stdout, stderr io.Writer) int {
-	path, err := configFlags("check", args, stderr)
-	if err != nil {
-		return 2
-	}
+func cmdCheck(path string, stdout, stderr io.Writer) int {
 	cfg, err := loadConfig(path)
 	if err != nil {
 		fmt.Fprintf(stderr, "sniproxy: config is invalid:\n%s\n", indentErrors(err))

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/sniproxy/sniproxy/master"
 )
 
@@ -21,31 +23,52 @@ import (
 // (a minute) plus the time to validate and hurry a draining generation.
 const reloadTimeout = 2 * time.Minute
 
+func reloadCmd(stdout, stderr io.Writer) *cobra.Command {
+	var path, pidFile string
+	cmd := &cobra.Command{
+		Use:   "reload",
+		Short: "Reload the running master with no downtime and wait",
+		Long: `Reload asks the running master, over its control socket, to reload: a
+successor master starts from the binary and the config now on disk,
+inherits the listening sockets and takes over; the predecessor retires.
+Reload waits and prints the new master's pid and generation (exit 0), or
+the error (exit 1). When no master answers on the control socket it sends
+SIGHUP to the pid in the PID file and waits for the file to name a new
+master.
+
+The control socket and PID file are those the config names.
+
+` + configHelp,
+		Args: noArgs,
+		RunE: func(*cobra.Command, []string) error {
+			return codeErr(cmdReload(path, pidFile, stdout, stderr))
+		},
+	}
+	addConfigFlag(cmd, &path)
+	cmd.Flags().StringVar(&pidFile, "pid-file", "", "PID `FILE` of the master (default: the config's pid_file)")
+	return cmd
+}
+
 // cmdReload asks the running master to upgrade itself (the binary and the
 // config now on disk) and waits for the new generation or the error. Without
 // a control socket it falls back to SIGHUP to the PID in the PID file and
 // waits for the file to name a new master.
-func cmdReload(args []string, stdout, stderr io.Writer) int {
-	fs, path := configFlagSet("reload", "(to find the control socket and PID file)", stderr)
-	pidFile := fs.String("pid-file", "", "PID file of the master (default: the config's pid_file)")
-	if err := fs.Parse(args); err != nil {
-		return 2
-	}
-	cfg, err := loadConfig(*path)
+func cmdReload(path, pidFile string, stdout, stderr io.Writer) int {
+	cfg, err := loadConfig(path)
 	if err != nil {
 		fmt.Fprintf(stderr, "sniproxy: config is invalid, not reloading:\n%s\n", indentErrors(err))
 		return 1
 	}
-	if *pidFile == "" {
-		*pidFile = cfg.PIDFile
+	if pidFile == "" {
+		pidFile = cfg.PIDFile
 	}
 	sock := master.ControlSocketPath(cfg)
 	res, sent, err := postReload(sock)
-	if err != nil && !sent && *pidFile != "" {
+	if err != nil && !sent && pidFile != "" {
 		// Only when the request never reached a master: a second reload
 		// must not follow one that is under way.
-		fmt.Fprintf(stderr, "sniproxy: %v; signalling the PID in %s instead\n", err, *pidFile)
-		res, err = hupAndWait(*pidFile)
+		fmt.Fprintf(stderr, "sniproxy: %v; signalling the PID in %s instead\n", err, pidFile)
+		res, err = hupAndWait(pidFile)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "sniproxy: reload failed: %v\n", err)

@@ -1,13 +1,14 @@
 package main
 
 import (
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/spf13/cobra"
 
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/logging"
@@ -17,11 +18,8 @@ import (
 	"github.com/sniproxy/sniproxy/worker"
 )
 
-func cmdRun(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
-	path, err := configFlags("run", args, stderr)
-	if err != nil {
-		return 2
-	}
+// cmdRun runs the master until it stops.
+func cmdRun(path string, sigs <-chan os.Signal, stderr io.Writer) int {
 	cfg, err := loadConfig(path)
 	if err != nil {
 		fmt.Fprintf(stderr, "sniproxy: config is invalid:\n%s\n", indentErrors(err))
@@ -47,26 +45,43 @@ func cmdRun(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 	return 0
 }
 
+// workerArgs are the flags a master starts a worker with (master/child.go).
+type workerArgs struct {
+	slot, generation       int
+	sockets, level, format string
+}
+
+// workerCmd is the hidden worker command: not in help, completion or the
+// man pages, since only a master runs it.
+func workerCmd(stderr io.Writer) *cobra.Command {
+	var a workerArgs
+	cmd := &cobra.Command{
+		Use:    "worker",
+		Short:  "A worker process (started by the master, not by hand)",
+		Hidden: true,
+		RunE: func(*cobra.Command, []string) error {
+			return codeErr(cmdWorker(a, stderr))
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&a.slot, "slot", 0, "worker slot")
+	f.IntVar(&a.generation, "generation", 0, "master generation")
+	f.StringVar(&a.sockets, "sockets", "", "comma-separated names of the sockets at fds 4 on")
+	f.StringVar(&a.level, "log-level", "info", "log level")
+	f.StringVar(&a.format, "log-format", "auto", "log format")
+	return cmd
+}
+
 // cmdWorker is the worker process a master starts: fd 3 is its IPC pair,
 // fds 4 on are its listening sockets, named by --sockets in order. It is not
 // meant to be run by hand. Signals are left to the master: a worker drains
 // when the master says so or when the master is gone.
-func cmdWorker(args []string, stderr io.Writer) int {
-	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	slot := fs.Int("slot", 0, "worker slot")
-	generation := fs.Int("generation", 0, "master generation")
-	sockets := fs.String("sockets", "", "comma-separated names of the sockets at fds 4 on")
-	level := fs.String("log-level", "info", "log level")
-	format := fs.String("log-format", "auto", "log format")
-	if err := fs.Parse(args); err != nil {
-		return 2
-	}
+func cmdWorker(a workerArgs, stderr io.Writer) int {
 	lv := new(slog.LevelVar)
-	if l, err := logging.ParseLevel(*level); err == nil {
+	if l, err := logging.ParseLevel(a.level); err == nil {
 		lv.Set(l)
 	}
-	log := logging.New(stderr, *format, lv).With("worker", *slot, "pid", os.Getpid())
+	log := logging.New(stderr, a.format, lv).With("worker", a.slot, "pid", os.Getpid())
 
 	f := os.NewFile(3, "ipc")
 	conn, err := ipc.FileConn(f)
@@ -77,12 +92,12 @@ func cmdWorker(args []string, stderr io.Writer) int {
 	}
 	defer conn.Close()
 	var files []worker.NamedFile
-	if *sockets != "" {
-		for i, name := range strings.Split(*sockets, ",") {
+	if a.sockets != "" {
+		for i, name := range strings.Split(a.sockets, ",") {
 			files = append(files, worker.NamedFile{Name: name, File: os.NewFile(uintptr(4+i), "socket-"+strconv.Itoa(i))})
 		}
 	}
-	p := &worker.Process{Log: log, Conn: conn, Slot: *slot, Generation: *generation, Files: files,
+	p := &worker.Process{Log: log, Conn: conn, Slot: a.slot, Generation: a.generation, Files: files,
 		Switches: testswitch.Read()}
 	if err := p.Run(); err != nil {
 		log.Error("worker failed", "err", err)

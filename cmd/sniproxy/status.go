@@ -11,16 +11,39 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/sniproxy/sniproxy/master"
 )
 
-func cmdStatus(args []string, stdout, stderr io.Writer) int {
-	fs, path := configFlagSet("status", "(to find the control socket)", stderr)
-	asJSON := fs.Bool("json", false, "print JSON")
-	if err := fs.Parse(args); err != nil {
-		return 2
+func statusCmd(stdout, stderr io.Writer) *cobra.Command {
+	var path string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the running master's generation, workers and totals",
+		Long: `Status asks the running master, over its control socket, for its version,
+pid, generation, uptime and config, each worker (slot, pid, ready, active
+connections, restarts, uptime) and the totals (connections, bytes,
+rejections). It exits 1 when no master answers.
+
+The control socket is the one the config names.
+
+` + configHelp,
+		Args: noArgs,
+		RunE: func(*cobra.Command, []string) error {
+			return codeErr(cmdStatus(path, asJSON, stdout, stderr))
+		},
 	}
-	cfg, err := loadConfig(*path)
+	addConfigFlag(cmd, &path)
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the master's answer as JSON")
+	return cmd
+}
+
+// cmdStatus prints the status of the master found through the config at
+// path.
+func cmdStatus(path string, asJSON bool, stdout, stderr io.Writer) int {
+	cfg, err := loadConfig(path)
 	if err != nil {
 		fmt.Fprintf(stderr, "sniproxy: config is invalid:\n%s\n", indentErrors(err))
 		return 1
@@ -31,7 +54,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "sniproxy: status: %v\n", err)
 		return 1
 	}
-	if *asJSON {
+	if asJSON {
 		stdout.Write(raw)
 		return 0
 	}
