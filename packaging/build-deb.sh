@@ -66,6 +66,9 @@ cp packaging/scripts/postinst packaging/scripts/prerm packaging/scripts/postrm "
 
 deb="$root/dist/sniproxy-go_${SNIPROXY_VERSION}_${DEB_ARCH}.deb"
 rm -f "$deb"
+# nfpm expands variables in only some fields: fill them all in here.
+sed -e "s|\${STAGE}|$STAGE|g" -e "s|\${SNIPROXY_VERSION}|$SNIPROXY_VERSION|g" \
+	-e "s|\${DEB_ARCH}|$DEB_ARCH|g" packaging/nfpm.yaml >"$STAGE/nfpm.yaml"
 GOFLAGS= go run "github.com/goreleaser/nfpm/v2/cmd/nfpm@${NFPM_VERSION}" \
-	package --config packaging/nfpm.yaml --packager deb --target "$deb" >&2
+	package --config "$STAGE/nfpm.yaml" --packager deb --target "$deb" >&2
 echo "$deb"
