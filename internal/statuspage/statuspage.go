@@ -119,6 +119,7 @@ var funcs = template.FuncMap{
 	"num":      func(v any) string { return humanCount(toUint(v)) },
 	"bytes":    func(v any) string { return humanBytes(toUint(v)) },
 	"rate":     humanRate,
+	"format":   format,
 	"rejsum":   func(t status.Totals) uint64 { return sum(t.Rejected) },
 	"rejrate": func(r status.Rates) float64 {
 		var n float64
@@ -159,13 +160,26 @@ var funcs = template.FuncMap{
 type chart struct {
 	Kind  string // the series, see series
 	Title string
+	Unit  string // how its values print: "rate", "count" or "bytes"
 }
 
 var charts = []chart{
-	{"connections", "new connections / s"},
-	{"active", "active connections"},
-	{"rejected", "refused / s"},
-	{"bytes", "bytes / s"},
+	{"connections", "new connections / s", "rate"},
+	{"active", "active connections", "count"},
+	{"rejected", "refused / s", "rate"},
+	{"bytes", "bytes / s", "bytes"},
+}
+
+// format prints v as unit says (see chart.Unit).
+func format(unit string, v float64) string {
+	switch unit {
+	case "count":
+		return humanCount(toUint(v))
+	case "bytes":
+		return humanBytes(toUint(v))
+	default:
+		return humanRate(v)
+	}
 }
 
 // toUint converts the integer and float kinds the page shows to a uint64

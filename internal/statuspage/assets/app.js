@@ -5,7 +5,7 @@
 (function () {
   var PROTOCOLS = ["tls", "http", "h2c", "unknown"];
   var REASONS = ["limit", "per_ip_limit", "proxy_header", "denied", "no_route", "sniff_timeout", "sniff_error", "dial_error"];
-  var CHARTS = ["connections", "active", "rejected", "bytes"];
+  var CHARTS = { connections: rate, active: count, rejected: rate, bytes: bytes };
   var W = 300, H = 60;
   var refresh = (parseInt(document.body.dataset.refresh, 10) || 2) * 1000;
 
@@ -118,11 +118,11 @@
     set("restarts", count(s.worker_restarts));
     set("window", dur(r.window_seconds));
     set("worker-count", (s.workers || []).length);
-    CHARTS.forEach(function (k) {
-      var v = series(k, s.history || []);
+    Object.keys(CHARTS).forEach(function (k) {
+      var v = series(k, s.history || []), f = CHARTS[k];
       $("chart-" + k).setAttribute("d", spark(v));
-      set("chart-" + k + "-last", rate(v.length ? v[v.length - 1] : 0));
-      set("chart-" + k + "-peak", rate(v.length ? Math.max.apply(null, v) : 0));
+      set("chart-" + k + "-last", f(v.length ? v[v.length - 1] : 0));
+      set("chart-" + k + "-peak", f(v.length ? Math.max.apply(null, v) : 0));
     });
     fill("workers", (s.workers || []).map(function (w) {
       return [{ text: w.slot }, { text: w.pid || "-" },
