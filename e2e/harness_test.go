@@ -111,6 +111,13 @@ func startProxyEnv(t *testing.T, cfg string, env ...string) *proxyProc {
 // named there is the one stopped at the end.
 func startProxyBin(t *testing.T, bin, cfg string, env ...string) *proxyProc {
 	t.Helper()
+	return startProxyArgv(t, bin, cfg, func(path string) []string { return []string{bin, "-c", path} }, env...)
+}
+
+// startProxyArgv is startProxyBin with the command line argv(config path)
+// instead of "bin -c path" (a supervisor, a PID namespace).
+func startProxyArgv(t *testing.T, bin, cfg string, argv func(cfgPath string) []string, env ...string) *proxyProc {
+	t.Helper()
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	cfg = strings.ReplaceAll(cfg, "LISTEN", listen)
@@ -132,7 +139,8 @@ func startProxyBin(t *testing.T, bin, cfg string, env ...string) *proxyProc {
 	}
 	defer lf.Close()
 	p := &proxyProc{t: t, addr: listen, metrics: metrics, logs: logFile(logPath), done: make(chan struct{}), cfgPath: path, pidFile: pidFile, bin: bin}
-	p.cmd = exec.Command(bin, "-c", path)
+	args := argv(path)
+	p.cmd = exec.Command(args[0], args[1:]...)
 	p.cmd.Env = append(append(os.Environ(), "SNIPROXY_LOG_FORMAT=json"), env...)
 	p.cmd.Stdout, p.cmd.Stderr = lf, lf
 	if err := p.cmd.Start(); err != nil {

@@ -97,7 +97,7 @@ at once.`,
 				printVersion(stdout)
 				return nil
 			}
-			return codeErr(cmdRun(path, sigs, stderr))
+			return codeErr(cmdRun(path, false, sigs, stderr))
 		},
 	}
 	addConfigFlag(root, &path)
@@ -165,6 +165,7 @@ func helpCmd() *cobra.Command {
 
 func runCmd(sigs <-chan os.Signal, stderr io.Writer) *cobra.Command {
 	var path string
+	var keep bool
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Run the proxy in the foreground (the default command)",
@@ -174,13 +175,21 @@ control socket. It runs in the foreground until it is stopped; the exit
 status is 0 after a stop and 1 when the config is invalid or the master
 failed.
 
+With ` + "`--supervise`" + ` (automatic when sniproxy is PID 1, as in a container)
+the started process stays for the life of the proxy: it runs the master as
+its child, adopts every later generation across reloads and upgrades,
+forwards HUP, TERM, INT and QUIT to the current master, and exits with the
+master's exit status once the proxy has stopped.
+
 ` + configHelp,
 		Args: noArgs,
 		RunE: func(*cobra.Command, []string) error {
-			return codeErr(cmdRun(path, sigs, stderr))
+			return codeErr(cmdRun(path, keep, sigs, stderr))
 		},
 	}
 	addConfigFlag(cmd, &path)
+	cmd.Flags().BoolVar(&keep, "supervise", false,
+		"keep this process for the life of the proxy, across reloads (automatic as PID 1)")
 	return cmd
 }
 

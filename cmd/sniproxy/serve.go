@@ -1,10 +1,12 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -12,20 +14,25 @@ import (
 
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/logging"
+	"github.com/sniproxy/sniproxy/internal/supervise"
 	"github.com/sniproxy/sniproxy/internal/testswitch"
 	"github.com/sniproxy/sniproxy/ipc"
 	"github.com/sniproxy/sniproxy/master"
 	"github.com/sniproxy/sniproxy/worker"
 )
 
-// cmdRun runs the master until it stops.
-func cmdRun(path string, sigs <-chan os.Signal, stderr io.Writer) int {
+// cmdRun runs the master until it stops; with keep, or as PID 1, it runs
+// the supervisor that keeps this process for the life of the proxy.
+func cmdRun(path string, keep bool, sigs <-chan os.Signal, stderr io.Writer) int {
 	cfg, err := loadConfig(path)
 	if err != nil {
 		fmt.Fprintf(stderr, "sniproxy: config is invalid:\n%s\n", indentErrors(err))
 		return 1
 	}
 	log, _ := newLogger(cfg, stderr)
+	if keep || os.Getpid() == 1 {
+		return cmdSupervise(path, cfg, sigs, log)
+	}
 	sw := testswitch.Read() // the zero value unless built for the e2e tests
 	opts := master.Options{Config: cfg, Log: log, Signals: sigs, Version: version,
 		ConfigPath: config.Resolve(path, nil, nil),
@@ -43,6 +50,34 @@ func cmdRun(path string, sigs <-chan os.Signal, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// cmdSupervise runs the keeper (package supervise): the master runs as its
+// child, `sniproxy run` without --supervise, from this same binary on disk
+// (a reload starts successors from that path too).
+func cmdSupervise(path string, cfg *config.Config, sigs <-chan os.Signal, log *slog.Logger) int {
+	exe, err := os.Executable()
+	if err != nil {
+		log.Error("supervise: cannot find this binary", "err", err)
+		return 1
+	}
+	args := []string{"run"}
+	if path != "" {
+		args = append(args, "--config", path)
+	}
+	env := os.Environ()
+	pidFile := cfg.PIDFile
+	if pidFile == "" {
+		// The keeper follows the current master through the PID file;
+		// when the config names none, every generation writes a private
+		// one (the environment passes to successors).
+		pidFile = filepath.Join(os.TempDir(), fmt.Sprintf("sniproxy-supervise-%d.pid", os.Getpid()))
+		env = append(env, "SNIPROXY_PID_FILE="+pidFile)
+		defer os.Remove(pidFile)
+	}
+	return supervise.Run(context.Background(), supervise.Options{
+		Path: exe, Argv0: exe, Args: args, Env: env, PIDFile: pidFile, Log: log, Signals: sigs,
+	})
 }
 
 // workerArgs are the flags a master starts a worker with (master/child.go).
