@@ -65,14 +65,15 @@ type Config struct {
 	Allowlist       []string      `mapstructure:"allowlist" yaml:"allowlist"`
 	Denylist        []string      `mapstructure:"denylist" yaml:"denylist"`
 	Routes          []Route       `mapstructure:"routes" yaml:"routes"`
-	// DefaultBackend (host:port) receives, bytes unchanged, the connections
-	// that are no known protocol, carry no name or find no route; "" closes
-	// them. A listener's own DefaultBackend overrides it.
-	DefaultBackend string `mapstructure:"default_backend" yaml:"default_backend"`
 	Backend         Backend       `mapstructure:"backend" yaml:"backend"`
 	Log             Log           `mapstructure:"log" yaml:"log"`
 	PIDFile         string        `mapstructure:"pid_file" yaml:"pid_file"`
 	ControlSocket   string        `mapstructure:"control_socket" yaml:"control_socket"`
+
+	// DefaultBackend (host:port) receives, bytes unchanged, the connections
+	// that are no known protocol, carry no name or find no route; "" closes
+	// them. A listener's own DefaultBackend overrides it.
+	DefaultBackend string `mapstructure:"default_backend" yaml:"default_backend"`
 
 	// Source says where the config came from: a file path or
 	// EmbeddedSource.
