@@ -8,7 +8,7 @@
 //   - round_robin: nginx's smooth weighted round robin. Weights 5, 1, 1
 //     give a a b a c a a, repeating.
 //   - least_conn: the backend with the fewest active connections per unit
-//     of weight; ties go round robin.
+//     of weight; ties go by smooth weighted round robin.
 //   - random_two: the power of two choices: two distinct backends drawn at
 //     random in proportion to their weights, the one with fewer active
 //     connections per unit of weight first.
@@ -119,10 +119,8 @@ type Balancer struct {
 	active []counter
 	intN   func(int) int
 
-	rr atomic.Uint64 // least_conn's tie rotation
-
 	mu      sync.Mutex
-	current []int64 // round_robin's current weights, under mu
+	current []int64 // smooth round robin's current weights, under mu
 }
 
 // New returns a Balancer for backends under policy p. It fails when there is
@@ -295,22 +293,35 @@ func (b *Balancer) less(i, j int) bool {
 }
 
 // least returns the position in c of the backend with the fewest active
-// connections per unit of weight, scanning from a position that advances on
-// every call so that ties go round robin.
+// connections per unit of weight. Ties go by smooth weighted round robin
+// among the tied backends, as in nginx, so that short connections (all
+// counts 0) still spread by weight.
 func (b *Balancer) least(c []int) int {
-	n := len(c)
-	s := int(b.rr.Add(1) % uint64(n))
-	best := s
-	for k := 1; k < n; k++ {
-		p := s + k
-		if p >= n {
-			p -= n
-		}
-		if b.less(c[p], c[best]) {
-			best = p
+	best := 0
+	for k := 1; k < len(c); k++ {
+		if b.less(c[k], c[best]) {
+			best = k
 		}
 	}
-	return best
+	// The counts move under our feet: a backend is tied when it is not
+	// less loaded than best, nor best than it, read again now.
+	i := c[best]
+	b.mu.Lock()
+	var total int64
+	chosen := -1
+	for k, j := range c {
+		if b.less(j, i) || b.less(i, j) {
+			continue
+		}
+		b.current[j] += b.weight[j]
+		total += b.weight[j]
+		if chosen < 0 || b.current[j] > b.current[c[chosen]] {
+			chosen = k
+		}
+	}
+	b.current[c[chosen]] -= total
+	b.mu.Unlock()
+	return chosen
 }
 
 // two draws two distinct candidates, each in proportion to its weight, and

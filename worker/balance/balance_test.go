@@ -127,6 +127,7 @@ func TestWeightedDistribution(t *testing.T) {
 	}{
 		{RoundRobin, false, 0},
 		{LeastConn, true, 1},
+		{LeastConn, false, 0}, // short connections: every pick a tie
 		{RandomTwo, false, 150},
 		{RandomTwo, true, 10},
 		{SourceHash, false, 150},
@@ -163,7 +164,7 @@ func TestLeastConn(t *testing.T) {
 	if b.Active(1) != 0 || b.Active(2) != 2 {
 		t.Errorf("active %d %d; want 0 2", b.Active(1), b.Active(2))
 	}
-	// Ties go round robin.
+	// Ties go round robin (weighted; see TestWeightedDistribution).
 	e := mustNew(t, LeastConn, pool(1, 1, 1), Options{})
 	if got := counts(e, 300, false, allUp); !slices.Equal(got, []int{100, 100, 100}) {
 		t.Errorf("ties: %v; want 100 each", got)
