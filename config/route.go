@@ -49,8 +49,8 @@ type PoolBackend struct {
 	// Address is host:port; the port is required, since the master's health
 	// check has no listener to take a port from.
 	Address string `mapstructure:"address" yaml:"address"`
-	// Weight is the backend's share relative to the pool's other backends;
-	// absent means 1.
+	// Weight is the backend's share relative to the pool's other backends,
+	// 1..MaxWeight; absent means 1.
 	Weight int `mapstructure:"weight" yaml:"weight"`
 	// Backup backends serve only when no other backend of the pool is up.
 	Backup bool `mapstructure:"backup" yaml:"backup"`
@@ -117,6 +117,10 @@ const (
 	DefaultHealthRise     = 2
 	DefaultHealthFall     = 3
 )
+
+// MaxWeight is the largest weight of a pool backend: ample for any
+// proportion, and small enough that no balancer arithmetic overflows.
+const MaxWeight = 1_000_000
 
 // RegexpPrefix starts a route match that is a regular expression.
 const RegexpPrefix = "~"
@@ -312,8 +316,8 @@ func validatePool(r *Route, key string, bad func(key, format string, args ...any
 			}
 			seen[a] = j
 		}
-		if b.Weight <= 0 {
-			bad(bkey+".weight", "must be positive (got %d)", b.Weight)
+		if b.Weight <= 0 || b.Weight > MaxWeight {
+			bad(bkey+".weight", "must be positive and at most %d (got %d)", MaxWeight, b.Weight)
 		}
 		if !b.Backup {
 			primary = true

@@ -174,6 +174,7 @@ func TestPoolErrors(t *testing.T) {
 		{"all backups", route("    backends: [{address: \"10.0.0.1:443\", backup: true}]\n"), "routes[0].backends", "every backend is a backup"},
 		{"zero weight", route("    backends: [{address: \"10.0.0.1:443\", weight: 0}]\n"), "routes[0].backends[0].weight", "positive"},
 		{"negative weight", route("    backends: [\"10.0.0.2:443\", {address: \"10.0.0.1:443\", weight: -2}]\n"), "routes[0].backends[1].weight", "positive"},
+		{"huge weight", route("    backends: [{address: \"10.0.0.1:443\", weight: 1000001}]\n"), "routes[0].backends[0].weight", "at most 1000000"},
 		{"bad address", route("    backends: [\"10.0.0.1:99999\"]\n"), "routes[0].backends[0].address", "out of range"},
 		{"no port", route("    backends: [\"10.0.0.1\"]\n"), "routes[0].backends[0].address", "no port"},
 		{"duplicate", route("    backends: [\"10.0.0.1:443\", \"10.0.0.1:0443\"]\n"), "routes[0].backends[1].address", "also backends[0]"},

@@ -79,11 +79,15 @@ type Backend struct {
 	// Key identifies the backend for source_hash: its address, host:port as
 	// the config writes it. Keys must be distinct within a pool.
 	Key string
-	// Weight is the backend's share, ≥ 1.
+	// Weight is the backend's share, 1..MaxWeight.
 	Weight int
 	// Backup backends are candidates only when no primary is up.
 	Backup bool
 }
+
+// MaxWeight is the largest weight New accepts (config.MaxWeight): with at
+// most 2^31 connections per backend no product or sum overflows.
+const MaxWeight = 1_000_000
 
 // Options are optional settings of New.
 type Options struct {
@@ -96,7 +100,7 @@ type Options struct {
 // Errors New returns.
 var (
 	ErrNoBackend    = errors.New("balance: no backend")
-	ErrWeight       = errors.New("balance: weight must be positive")
+	ErrWeight       = errors.New("balance: weight not in 1..MaxWeight")
 	ErrNoPrimary    = errors.New("balance: every backend is a backup")
 	ErrDuplicateKey = errors.New("balance: duplicate backend key")
 )
@@ -149,7 +153,7 @@ func New(p Policy, backends []Backend, opt Options) (*Balancer, error) {
 	primary := false
 	seen := make(map[string]bool, n)
 	for i, be := range backends {
-		if be.Weight <= 0 {
+		if be.Weight <= 0 || be.Weight > MaxWeight {
 			return nil, fmt.Errorf("backend %d (%s): %w", i, be.Key, ErrWeight)
 		}
 		if seen[be.Key] {

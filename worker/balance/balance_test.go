@@ -54,6 +54,7 @@ func TestNewErrors(t *testing.T) {
 	}{
 		{"none", nil, ErrNoBackend},
 		{"zero weight", []Backend{{Key: "a", Weight: 0}}, ErrWeight},
+		{"huge weight", []Backend{{Key: "a", Weight: MaxWeight + 1}}, ErrWeight},
 		{"all backups", []Backend{{Key: "a", Weight: 1, Backup: true}}, ErrNoPrimary},
 		{"duplicate", []Backend{{Key: "a", Weight: 1}, {Key: "a", Weight: 2}}, ErrDuplicateKey},
 	} {
