@@ -70,6 +70,11 @@ type Config struct {
 	PIDFile         string        `mapstructure:"pid_file" yaml:"pid_file"`
 	ControlSocket   string        `mapstructure:"control_socket" yaml:"control_socket"`
 
+	// DefaultBackend (host:port) receives, bytes unchanged, the connections
+	// that are no known protocol, carry no name or find no route; "" closes
+	// them. A listener's own DefaultBackend overrides it.
+	DefaultBackend string `mapstructure:"default_backend" yaml:"default_backend"`
+
 	// Source says where the config came from: a file path or
 	// EmbeddedSource.
 	Source string `mapstructure:"-" yaml:"-"`
@@ -86,6 +91,9 @@ type Listener struct {
 	// Reuseport gives each worker its own SO_REUSEPORT socket; false means
 	// one socket shared by all workers. Absent means true.
 	Reuseport *bool `mapstructure:"reuseport" yaml:"reuseport"`
+	// DefaultBackend overrides the global default_backend for this
+	// listener; "" means the global one. See [Config.DefaultBackendFor].
+	DefaultBackend string `mapstructure:"default_backend" yaml:"default_backend,omitempty"`
 }
 
 // ReusePort reports whether the listener uses per-worker SO_REUSEPORT
@@ -107,12 +115,6 @@ type Timeouts struct {
 type Metrics struct {
 	Enabled bool   `mapstructure:"enabled" yaml:"enabled"`
 	Address string `mapstructure:"address" yaml:"address"`
-}
-
-// Route is one explicit backend for a name pattern.
-type Route struct {
-	Match   string `mapstructure:"match" yaml:"match"`
-	Backend string `mapstructure:"backend" yaml:"backend"`
 }
 
 // Backend holds options for connections to backends.
@@ -224,7 +226,7 @@ func Parse(data []byte, environ []string) (*Config, error) {
 	}
 	var c Config
 	err := v.UnmarshalExact(&c, func(dc *mapstructure.DecoderConfig) {
-		dc.DecodeHook = mapstructure.ComposeDecodeHookFunc(durationHook, sliceHook)
+		dc.DecodeHook = mapstructure.ComposeDecodeHookFunc(durationHook, sliceHook, poolHook)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("decode: %w", err)
@@ -271,6 +273,9 @@ func unknownKeys(m map[string]any, t reflect.Type, prefix string) []error {
 		if !ok {
 			errs = append(errs, &Error{Key: prefix + k, Reason: "unknown key"})
 			continue
+		}
+		if ft.Kind() == reflect.Pointer {
+			ft = ft.Elem()
 		}
 		switch val := m[k].(type) {
 		case map[string]any:
@@ -382,6 +387,13 @@ func (c *Config) validate() error {
 		if l.BackendPort < 0 || l.BackendPort > 65535 {
 			bad(key+".backend_port", "%d is not a port (0-65535)", l.BackendPort)
 		}
+		if l.DefaultBackend != "" {
+			if a, err := canonicalHostPort(l.DefaultBackend); err != nil {
+				bad(key+".default_backend", "%v", err)
+			} else {
+				l.DefaultBackend = a
+			}
+		}
 		all = append(all, l)
 	}
 	if len(all) == 0 {
@@ -441,13 +453,12 @@ func (c *Config) validate() error {
 			bad(fmt.Sprintf("denylist[%d]", i), "%v", err)
 		}
 	}
-	for i, r := range c.Routes {
-		key := fmt.Sprintf("routes[%d]", i)
-		if _, err := hostname.ParsePattern(r.Match); err != nil {
-			bad(key+".match", "%v", err)
-		}
-		if _, _, err := hostname.ParseBackend(r.Backend); err != nil {
-			bad(key+".backend", "%v", err)
+	c.validateRoutes(bad)
+	if c.DefaultBackend != "" {
+		if a, err := canonicalHostPort(c.DefaultBackend); err != nil {
+			bad("default_backend", "%v", err)
+		} else {
+			c.DefaultBackend = a
 		}
 	}
 	switch c.Backend.ProxyProtocol {
