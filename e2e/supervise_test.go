@@ -37,8 +37,8 @@ func reloadVia(t *testing.T, cfgPath string) {
 	}
 }
 
-// waitGone waits up to d for every pid to be gone (reaped or a zombie).
-func waitGone(t *testing.T, d time.Duration, pids ...int) {
+// waitAllGone waits up to d for every pid to be gone (reaped or a zombie).
+func waitAllGone(t *testing.T, d time.Duration, pids ...int) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for _, pid := range pids {
@@ -118,7 +118,7 @@ func TestSupervisedRunKeepsItsPID(t *testing.T) {
 	}
 	// Every generation is the keeper's descendant: the retired ones exit
 	// and are reaped by it, the current one was adopted.
-	waitGone(t, 20*time.Second, first, masters[0], masters[1])
+	waitAllGone(t, 20*time.Second, first, masters[0], masters[1])
 	found := false
 	for _, d := range descendants(t, keeper) {
 		found = found || d == masters[2]
@@ -130,7 +130,7 @@ func TestSupervisedRunKeepsItsPID(t *testing.T) {
 	if err := p.stop(syscall.SIGTERM, 20*time.Second); err != nil {
 		t.Errorf("supervisor after TERM: %v; want exit status 0", err)
 	}
-	waitGone(t, 10*time.Second, all...)
+	waitAllGone(t, 10*time.Second, all...)
 }
 
 // TestSupervisorAsPID1 runs sniproxy as PID 1 of a fresh PID namespace, as
@@ -147,7 +147,7 @@ func TestSupervisorAsPID1(t *testing.T) {
 	// dangerous to signal) outside it.
 	cfg := strings.ReplaceAll(superviseConfig, "BACKEND", be.addr)
 	p := startProxyArgv(t, binary, cfg, func(path string) []string {
-		return []string{unshare, "--pid", "--fork", "--kill-child", binary, "-c", path}
+		return []string{unshare, "--pid", "--fork", "--mount-proc", "--kill-child", binary, "-c", path}
 	})
 	var keeper int
 	for deadline := time.Now().Add(10 * time.Second); keeper == 0; {
@@ -207,7 +207,7 @@ func TestSupervisorAsPID1(t *testing.T) {
 	if p.err != nil {
 		t.Errorf("exit after TERM: %v; want status 0", p.err)
 	}
-	waitGone(t, 10*time.Second, all...)
+	waitAllGone(t, 10*time.Second, all...)
 }
 
 // nsPID returns pid's pid in its own (innermost) PID namespace.
