@@ -4,7 +4,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/sniproxy/sniproxy/config"
 )
@@ -43,30 +42,6 @@ func TestForSlot(t *testing.T) {
 		if got := names(s.forSlot(tc.slot, tc.n)); got != tc.want {
 			t.Errorf("forSlot(%d, %d) = %q; want %q", tc.slot, tc.n, got, tc.want)
 		}
-	}
-}
-
-func TestCrashBackoffAndBudget(t *testing.T) {
-	m := &Master{}
-	quick := func() *child { return &child{started: time.Now()} }
-	var delays []time.Duration
-	for range crashBudget {
-		d, err := m.crashed(quick())
-		if err != nil {
-			t.Fatalf("gave up after %d crashes: %v", len(delays), err)
-		}
-		delays = append(delays, d)
-	}
-	if delays[0] != 0 || delays[1] != 100*time.Millisecond || delays[2] != 200*time.Millisecond || delays[len(delays)-1] != maxBackoff {
-		t.Errorf("backoff %v; want 0, 100ms, 200ms ... %v", delays, maxBackoff)
-	}
-	if _, err := m.crashed(quick()); err == nil {
-		t.Error("no error past the crash budget")
-	}
-	// A worker that ran for a while did not crash.
-	m2 := &Master{}
-	if d, err := m2.crashed(&child{started: time.Now().Add(-time.Minute)}); d != 0 || err != nil || len(m2.crashes) != 0 {
-		t.Errorf("long-lived worker counted as a crash: %v %v", d, err)
 	}
 }
 

@@ -34,7 +34,7 @@ func cmdRun(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 		// Switches for the e2e tests only; see master.Options.
 		ReplaceDeadSockets: sw.ReplaceDeadSockets,
 		FreshSockets:       sw.FreshSockets,
-		NoMigration:        sw.NoMigration,
+		NoMove:             sw.NoMigration,
 		UpgradeTimeout:     sw.UpgradeTimeout,
 	}
 	if f := sw.HangIfFile; f != "" {
