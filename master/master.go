@@ -88,8 +88,8 @@ type Options struct {
 	// reuseport sockets and bind new ones: queued connections are reset.
 	ReplaceDeadSockets bool
 	// FreshSockets makes the master bind new reuseport sockets instead of
-	// inheriting its parent's, which are closed under their queues when
-	// the parent's workers stop.
+	// inheriting its predecessor's, which are closed under their queues when
+	// the predecessor's workers stop.
 	FreshSockets bool
 	// NoMove makes a hurried generation close its connections instead
 	// of moving them (the policy before connections moved).

@@ -175,7 +175,8 @@ type reloadOutcome struct {
 // reload runs a reload whose config was validated: it hurries a draining
 // predecessor (tableflip cannot start a successor while this master's
 // predecessor lives, and there are never more than two generations),
-// attaches the successor's state and move sockets, upgrades and waits for
+// attaches the successor's state and move sockets, calls tableflip's
+// Upgrade and waits for
 // the successor's Ready. Run it in its own goroutine; the outcome comes on
 // done.
 func (s *succession) reload(done chan<- reloadOutcome) {
@@ -194,7 +195,7 @@ func (s *succession) reload(done chan<- reloadOutcome) {
 	// The successor's Ready arrives before Upgrade returns.
 	readyc := make(chan readyInfo, 1)
 	go s.readSuccessor(h, readyc)
-	if err := s.upgrade(); err != nil {
+	if err := s.callUpgrade(); err != nil {
 		s.detachSuccessor(h, mc)
 		out.err = fmt.Errorf("new generation failed, old one keeps serving: %w", err)
 		return
@@ -257,7 +258,7 @@ func (s *succession) attachSuccessor() (*stateSocket, *ipc.Conn, error) {
 	return h, mc, nil
 }
 
-// detachSuccessor undoes attachSuccessor after a failed upgrade.
+// detachSuccessor undoes attachSuccessor after a failed Upgrade.
 func (s *succession) detachSuccessor(h *stateSocket, mc *ipc.Conn) {
 	s.broker.detachSuccessor()
 	s.counters.detachSuccessor()
@@ -266,9 +267,9 @@ func (s *succession) detachSuccessor(h *stateSocket, mc *ipc.Conn) {
 	mc.Close()
 }
 
-// upgrade calls tableflip's Upgrade, asking again while tableflip has not
+// callUpgrade calls tableflip's Upgrade, asking again while tableflip has not
 // yet seen a hurried predecessor's exit.
-func (s *succession) upgrade() error {
+func (s *succession) callUpgrade() error {
 	err := s.upg.Upgrade()
 	for i := 0; s.predecessor != nil && parentNotExitedYet(err) && i < upgradeRetries; i++ {
 		// tableflip learns of the predecessor's exit in its own
@@ -280,7 +281,7 @@ func (s *succession) upgrade() error {
 	return err
 }
 
-// parentNotExitedYet reports whether err is tableflip's refusal to upgrade
+// parentNotExitedYet reports whether err is tableflip's refusal of Upgrade
 // while this process's parent lives. tableflip v1.2.3 makes it with
 // errors.New("parent hasn't exited") inside Upgrader.run and exports no
 // sentinel, so the text is the only test; it is kept here alone so that a
