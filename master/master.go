@@ -1,48 +1,9 @@
-// Package master runs sniproxy's master process: it holds every listening
-// socket (through cloudflare/tableflip, so they outlive the process across
-// a reload), starts one worker process per slot and gives each its
-// sockets, restarts workers that die, grants connection permits from the
-// global limit (package lease), owns the cumulative counters the workers
-// push, and serves /metrics, /healthz and the control socket. It never
-// proxies a connection itself.
-//
-// A Master is composed of parts, each in its own file with one owner of
-// its state:
-//
-//   - supervisor (supervisor.go): the worker processes: spawn, read their
-//     messages, reap, restart with backoff, the crash budget.
-//   - broker (broker.go): the permit broker: lease grants, revokes of
-//     spares, returns, the reserve sent to the successor.
-//   - counters (counters.go): the cumulative counters and their Deltas to
-//     the successor.
-//   - succession (succession.go, statesocket.go): inheriting from the
-//     predecessor over the state socket, and a reload: hurry, state and
-//     move sockets, tableflip Upgrade, successor ready.
-//   - relay (relay.go): moved connections, from the predecessor to this
-//     generation's workers and from them to the successor.
-//   - shutdown (shutdown.go): retire the workers, drain, stop now.
-//   - endpoints (control.go): the metrics and control servers.
-//
-// The master's loop (Master.loop) owns the order of events: signals,
-// reload requests and outcomes, worker exits and restarts.
-//
-// Lock order. A part holds its own lock while it calls into another only
-// along this order, never against it:
-//
-//	relay.mu → broker.mu → counters.mu → supervisor.mu → child.mu
-//
-// (relay.mu is held while a moved connection is sent to a worker and
-// takes supervisor.mu to list them; broker.mu is held while the
-// succession state is sent, which takes counters.mu.) The locks inside
-// lease.Pool, stateSocket (its writer) and ipc.Conn are leaves: taken
-// last, under any of these.
 package master
 
 import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"runtime"
 	"syscall"
 	"time"
@@ -53,64 +14,6 @@ import (
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/ipc"
 )
-
-// Options configure a master.
-type Options struct {
-	// Config is the validated config.
-	Config *config.Config
-	// Log receives the master's logs; workers log to the same stderr.
-	Log *slog.Logger
-	// Signals delivers SIGHUP, SIGTERM and SIGINT.
-	Signals <-chan os.Signal
-	// Version is the build's version string.
-	Version string
-	// Executable is the binary workers are started from; "" means
-	// /proc/self/exe: the very binary this master runs, even after a
-	// package upgrade replaced the file on disk (a worker must speak its
-	// master's protocol version).
-	Executable string
-	// ReadyTimeout bounds the wait for every worker to accept; 0 means 30s.
-	ReadyTimeout time.Duration
-	// ConfigPath is the file a reload reads ("" = the embedded default).
-	ConfigPath string
-	// LoadConfig loads the config for a reload; nil means config.Load.
-	LoadConfig func(path string) (*config.Config, error)
-	// UpgradeTimeout bounds a reload (tableflip's Options.UpgradeTimeout):
-	// a successor not ready by then is killed and the reload fails; 0
-	// means one minute.
-	UpgradeTimeout time.Duration
-
-	// Test-only switches, wrong on purpose, for the negative controls of
-	// the e2e tests (they must produce failures, so that a zero means
-	// something); and a hook to make a successor hang.
-
-	// ReplaceDeadSockets makes the master shut down a dead worker's
-	// reuseport sockets and bind new ones: queued connections are reset.
-	ReplaceDeadSockets bool
-	// FreshSockets makes the master bind new reuseport sockets instead of
-	// inheriting its predecessor's, which are closed under their queues when
-	// the predecessor's workers stop.
-	FreshSockets bool
-	// NoMove makes a hurried generation close its connections instead
-	// of moving them (the policy before connections moved).
-	NoMove bool
-	// HangBeforeReady, if it returns true, makes a successor hang instead
-	// of signalling readiness.
-	HangBeforeReady func() bool
-}
-
-// ControlSocketPath returns the control socket path for cfg: the configured
-// one, else sniproxy.sock in $RUNTIME_DIRECTORY (set by systemd), else in
-// the temporary directory.
-func ControlSocketPath(cfg *config.Config) string {
-	if cfg.ControlSocket != "" {
-		return cfg.ControlSocket
-	}
-	if d := os.Getenv("RUNTIME_DIRECTORY"); d != "" {
-		return filepath.Join(d, "sniproxy.sock")
-	}
-	return filepath.Join(os.TempDir(), "sniproxy.sock")
-}
 
 // defaultReadyTimeout is Options.ReadyTimeout's default.
 const defaultReadyTimeout = 30 * time.Second
@@ -202,26 +105,34 @@ func withDefaults(opts Options) Options {
 
 // newMaster composes the parts.
 func newMaster(opts Options, upg *tableflip.Upgrader) (*Master, error) {
-	cfg := opts.Config
-	m := &Master{opts: opts, cfg: cfg, log: opts.Log, exe: opts.Executable, upg: upg, start: time.Now(),
-		reloads: make(chan reloadRequest), counters: &counters{}}
-	cfgYAML, err := cfg.YAML()
+	m := &Master{opts: opts, cfg: opts.Config, log: opts.Log, exe: opts.Executable, upg: upg, start: time.Now(),
+		reloads: make(chan reloadRequest)}
+	err := m.compose(upg, m.startWorker, func() { m.socks.close(); m.upg.Stop() })
+	return m, err
+}
+
+// compose makes the parts over flip (tableflip's Upgrader), starting
+// workers with start; closeSockets closes the listening sockets when the
+// workers retire.
+func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error), closeSockets func()) error {
+	cfgYAML, err := m.cfg.YAML()
 	if err != nil {
-		return nil, fmt.Errorf("master: encoding the config for workers: %w", err)
+		return fmt.Errorf("master: encoding the config for workers: %w", err)
 	}
-	n := cfg.Workers
+	n := m.cfg.Workers
 	if n <= 0 {
 		n = runtime.NumCPU()
 	}
-	m.sup = newSupervisor(m.log, n, m.startWorker, cfgYAML, m.handleWorker)
-	m.broker = newBroker(m.log, cfg.MaxConnections, m.sup.list)
+	m.counters = &counters{}
+	m.sup = newSupervisor(m.log, n, start, cfgYAML, m.handleWorker)
+	m.broker = newBroker(m.log, m.cfg.MaxConnections, m.sup.list)
 	m.relay = newRelay(m.log, m.sup.list)
-	m.succ = newSuccession(m.log, upg, m.counters, m.broker, m.relay, m.sup, opts.NoMove)
-	m.shutdown = &shutdown{log: m.log, sup: m.sup, relay: m.relay, signals: opts.Signals,
-		closeSockets: func() { m.socks.close(); m.upg.Stop() },
+	m.succ = newSuccession(m.log, flip, m.counters, m.broker, m.relay, m.sup, m.opts.NoMove)
+	m.shutdown = &shutdown{log: m.log, sup: m.sup, relay: m.relay, signals: m.opts.Signals,
+		closeSockets: closeSockets,
 		active:       func() int64 { return m.counters.snapshot().Active },
 		reap:         m.reap}
-	return m, nil
+	return nil
 }
 
 // startWorker starts the worker process of slot under worker id.

@@ -61,6 +61,8 @@ type fakeStarts struct {
 	mu   sync.Mutex
 	made []*fakeWorker
 	fail error
+	// run, if set, plays each worker made, in its own goroutine.
+	run func(*fakeWorker)
 }
 
 func (f *fakeStarts) start(slot, id int) (*child, error) {
@@ -71,7 +73,16 @@ func (f *fakeStarts) start(slot, id int) (*child, error) {
 	}
 	w := newFakeWorker(f.t, slot, id, false)
 	f.made = append(f.made, w)
+	if f.run != nil {
+		go f.run(w)
+	}
 	return w.c, nil
+}
+
+func (f *fakeStarts) count() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.made)
 }
 
 func (f *fakeStarts) last() *fakeWorker {
