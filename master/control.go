@@ -59,7 +59,7 @@ func (m *Master) status() Status {
 	}
 	st := Status{
 		PID:           os.Getpid(),
-		Generation:    m.succ.generation,
+		Generation:    m.succession.generation,
 		Version:       m.opts.Version,
 		Config:        m.cfg.Source,
 		Started:       m.start,

@@ -36,13 +36,13 @@ type Master struct {
 	// reloads carries the control socket's reload requests to the loop.
 	reloads chan reloadRequest
 
-	sup       *supervisor
-	broker    *broker
-	counters  *counters
-	relay     *relay
-	succ      *succession
-	shutdown  *shutdown
-	endpoints endpoints
+	sup        *supervisor
+	broker     *broker
+	counters   *counters
+	relay      *relay
+	succession *succession
+	shutdown   *shutdown
+	endpoints  endpoints
 }
 
 // Run starts the master and its workers and serves until stopped by
@@ -59,13 +59,13 @@ func Run(opts Options) error {
 	if err != nil {
 		return err
 	}
-	if err := m.succ.inherit(); err != nil {
+	if err := m.succession.inherit(); err != nil {
 		return err
 	}
-	defer m.succ.close()
+	defer m.succession.close()
 	suffix := ""
 	if opts.FreshSockets {
-		suffix = fmt.Sprintf("@%d", m.succ.generation)
+		suffix = fmt.Sprintf("@%d", m.succession.generation)
 	}
 	m.socks, err = openSockets(upg, m.cfg, m.sup.n, suffix)
 	if err != nil {
@@ -127,7 +127,7 @@ func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error),
 	m.sup = newSupervisor(m.log, n, start, cfgYAML, m.handleWorker)
 	m.broker = newBroker(m.log, m.cfg.MaxConnections, m.sup.list)
 	m.relay = newRelay(m.log, m.sup.list)
-	m.succ = newSuccession(m.log, flip, m.counters, m.broker, m.relay, m.sup, m.opts.NoMove)
+	m.succession = newSuccession(m.log, flip, m.counters, m.broker, m.relay, m.sup, m.opts.NoMove)
 	m.shutdown = &shutdown{log: m.log, sup: m.sup, relay: m.relay, signals: m.opts.Signals,
 		closeSockets: closeSockets,
 		active:       func() int64 { return m.counters.snapshot().Active },
@@ -137,7 +137,7 @@ func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error),
 
 // startWorker starts the worker process of slot under worker id.
 func (m *Master) startWorker(slot, id int) (*child, error) {
-	return startChild(m.exe, slot, m.succ.generation, id, m.socks.forSlot(slot, m.sup.n), m.cfg.Log)
+	return startChild(m.exe, slot, m.succession.generation, id, m.socks.forSlot(slot, m.sup.n), m.cfg.Log)
 }
 
 // serveEndpoints starts the metrics server (if enabled) and the control
@@ -180,11 +180,11 @@ func (m *Master) startWorkers() error {
 // tells the predecessor's tableflip) and systemd that this generation
 // serves.
 func (m *Master) ready(ctlPath string) error {
-	if m.succ.predecessor != nil && m.opts.HangBeforeReady != nil && m.opts.HangBeforeReady() {
+	if m.succession.predecessor != nil && m.opts.HangBeforeReady != nil && m.opts.HangBeforeReady() {
 		m.log.Warn("test hook: hanging before ready")
 		select {}
 	}
-	m.succ.announceReady()
+	m.succession.announceReady()
 	if err := m.upg.Ready(); err != nil {
 		m.shutdown.stop(time.Now())
 		return fmt.Errorf("master: %w", err)
@@ -193,7 +193,7 @@ func (m *Master) ready(ctlPath string) error {
 		m.log.Warn("telling systemd we are ready failed", "err", err)
 	}
 	m.log.Info("sniproxy started", "version", m.opts.Version, "config", m.cfg.Source, "pid", os.Getpid(),
-		"generation", m.succ.generation, "workers", m.sup.n, "listeners", m.socks.order, "control_socket", ctlPath)
+		"generation", m.succession.generation, "workers", m.sup.n, "listeners", m.socks.order, "control_socket", ctlPath)
 	return nil
 }
 
@@ -293,7 +293,7 @@ func (m *Master) requestReload(q *reloadQueue, req reloadRequest, outcomes chan<
 		return
 	}
 	m.log.Info("new config is valid; starting the next generation", "config", cfg.Source)
-	go m.succ.reload(outcomes)
+	go m.succession.reload(outcomes)
 }
 
 // failReload records a failed reload.
@@ -329,5 +329,5 @@ func (m *Master) retireGeneration(out reloadOutcome, kids []*child, deadline tim
 		m.log.Error("workers' messages still being read after they exited", "waited", readersWait)
 	}
 	m.relay.closeSuccessor()
-	m.log.Info("generation drained; exiting", "generation", m.succ.generation)
+	m.log.Info("generation drained; exiting", "generation", m.succession.generation)
 }

@@ -109,13 +109,13 @@ func (f *fakeFlipper) successorEnd() *stateSocket {
 
 // parts is a succession and the parts it works on, without processes.
 type parts struct {
-	upg      *fakeFlipper
-	counters *counters
-	broker   *broker
-	relay    *relay
-	sup      *supervisor
-	fs       *fakeStarts
-	succ     *succession
+	upg        *fakeFlipper
+	counters   *counters
+	broker     *broker
+	relay      *relay
+	sup        *supervisor
+	fs         *fakeStarts
+	succession *succession
 }
 
 func newParts(t *testing.T, workers int) *parts {
@@ -129,7 +129,7 @@ func newParts(t *testing.T, workers int) *parts {
 	}
 	p.broker = newBroker(quietLog(), 10, p.sup.list)
 	p.relay = newRelay(quietLog(), p.sup.list)
-	p.succ = newSuccession(quietLog(), p.upg, p.counters, p.broker, p.relay, p.sup, false)
+	p.succession = newSuccession(quietLog(), p.upg, p.counters, p.broker, p.relay, p.sup, false)
 	return p
 }
 
@@ -162,10 +162,10 @@ func (p *parts) inheritFrom(t *testing.T, st successionState) *predecessor {
 	if err := pred.send(stateMsg{State: &st}); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.succ.inherit(); err != nil {
+	if err := p.succession.inherit(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(p.succ.close)
+	t.Cleanup(p.succession.close)
 	return &predecessor{state: pred, move: mc}
 }
 
@@ -184,8 +184,8 @@ func TestInheritFromPredecessor(t *testing.T) {
 	p := newParts(t, 0)
 	pred := p.inheritFrom(t, successionState{Generation: 3, Totals: stats.Snapshot{Active: 4, BytesIn: 10},
 		Restarts: 2, ReloadsOK: 5, ReloadsFailed: 1, Reserve: 4})
-	if p.succ.generation != 4 {
-		t.Errorf("generation %d; want 4", p.succ.generation)
+	if p.succession.generation != 4 {
+		t.Errorf("generation %d; want 4", p.succession.generation)
 	}
 	if pr := p.counters.process(); pr.WorkerRestarts != 2 || pr.ReloadsOK != 5 || pr.ReloadsFailed != 1 {
 		t.Errorf("counters %+v", pr)
@@ -203,7 +203,7 @@ func TestInheritFromPredecessor(t *testing.T) {
 	// The predecessor exits: its connections and reserve go with it.
 	pred.state.close()
 	pred.move.Close()
-	waitUntil(t, "the predecessor's exit", func() bool { return closed(p.succ.predecessorDone) })
+	waitUntil(t, "the predecessor's exit", func() bool { return closed(p.succession.predecessorDone) })
 	if s := p.counters.snapshot(); s.Active != 0 || s.BytesIn != 15 {
 		t.Errorf("totals %+v after the predecessor exited; want active 0, bytes in 15", s)
 	}
@@ -231,7 +231,7 @@ func TestReloadWhilePredecessorDrainsHurriesFirst(t *testing.T) {
 		}
 	}
 	p.upg.onAdd = func(name string) string {
-		return fmt.Sprintf(" (predecessor done %v, moves done %v)", closed(p.succ.predecessorDone), closed(p.relay.fromPredecessor))
+		return fmt.Sprintf(" (predecessor done %v, moves done %v)", closed(p.succession.predecessorDone), closed(p.relay.fromPredecessor))
 	}
 	var successor *stateSocket
 	p.upg.upgrade = func(call int) error {
@@ -242,7 +242,7 @@ func TestReloadWhilePredecessorDrainsHurriesFirst(t *testing.T) {
 		return successor.send(stateMsg{Ready: &readyInfo{PID: 99, Generation: 3}})
 	}
 	done := make(chan reloadOutcome, 1)
-	go p.succ.reload(done)
+	go p.succession.reload(done)
 
 	if m := recvState(t, pred.state); !m.Hurry {
 		t.Fatalf("predecessor got %+v; want Hurry first", m)
@@ -296,7 +296,7 @@ func TestReloadFailureDetachesSuccessor(t *testing.T) {
 	p := newParts(t, 0)
 	p.upg.upgrade = func(int) error { return errors.New("parent hasn't exited") }
 	done := make(chan reloadOutcome, 1)
-	go p.succ.reload(done)
+	go p.succession.reload(done)
 	out := <-done
 	if out.err == nil || out.successor != nil {
 		t.Fatalf("outcome %+v; want an error", out)
@@ -315,7 +315,7 @@ func TestReloadPredecessorDoesNotExit(t *testing.T) {
 	p.inheritFrom(t, successionState{Generation: 1})
 	p.upg.waitParent = func(context.Context) error { return context.DeadlineExceeded }
 	done := make(chan reloadOutcome, 1)
-	go p.succ.reload(done)
+	go p.succession.reload(done)
 	if out := <-done; !errors.Is(out.err, context.DeadlineExceeded) {
 		t.Errorf("outcome %+v; want the wait's error", out)
 	}
@@ -340,7 +340,7 @@ func TestHurry(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := newParts(t, 2)
-			p.succ.noMove = tc.noMove
+			p.succession.noMove = tc.noMove
 			if tc.successor {
 				mc, wf, err := ipc.Pair()
 				if err != nil {
@@ -350,7 +350,7 @@ func TestHurry(t *testing.T) {
 				t.Cleanup(func() { mc.Close() })
 				p.relay.setSuccessor(mc)
 			}
-			p.succ.hurry()
+			p.succession.hurry()
 			for _, w := range p.fs.made {
 				if _, b := w.recv(t); b != tc.want {
 					t.Errorf("worker got %T; want %T", b, tc.want)
