@@ -16,7 +16,7 @@ import (
 )
 
 // scrubbed are environment variables a worker must not inherit: tableflip's
-// marker would make the worker think it is an upgraded master, and systemd's
+// marker would make the worker think it is a successor master, and systemd's
 // notify socket belongs to the master alone.
 var scrubbed = []string{"TABLEFLIP_HAS_PARENT_7DIU3", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"}
 
@@ -38,13 +38,13 @@ next:
 // child is one worker process.
 type child struct {
 	slot    int
-	holder  int // lease holder id, unique per process
+	id      int // worker id: the permit broker's name for this process
 	cmd     *exec.Cmd
 	conn    *ipc.Conn
 	started time.Time
 	ready   chan struct{} // closed on Ready
-	// stopped is closed when the worker, told to drain, says it accepts no
-	// more.
+	// stopped is closed when the worker, told to retire, says it has
+	// stopped accepting.
 	stopped     chan struct{}
 	stoppedOnce sync.Once
 	exited      chan struct{} // closed when the process has been reaped
@@ -57,7 +57,7 @@ type child struct {
 // startChild starts a worker process for slot with its sockets. The socket
 // descriptors go through ExtraFiles (fd 4 on; the IPC pair is fd 3) as
 // F_DUPFD_CLOEXEC duplicates the master owns.
-func startChild(exe string, slot, generation, holder int, socks []socket, log config.Log) (*child, error) {
+func startChild(exe string, slot, generation, id int, socks []socket, log config.Log) (*child, error) {
 	conn, wf, err := ipc.Pair()
 	if err != nil {
 		return nil, err
@@ -86,7 +86,7 @@ func startChild(exe string, slot, generation, holder int, socks []socket, log co
 	// the worker dies.
 	wf.Close()
 	c := &child{
-		slot: slot, holder: holder, cmd: cmd, conn: conn, started: time.Now(),
+		slot: slot, id: id, cmd: cmd, conn: conn, started: time.Now(),
 		ready: make(chan struct{}), exited: make(chan struct{}), stopped: make(chan struct{}),
 	}
 	go c.wait()
@@ -95,14 +95,20 @@ func startChild(exe string, slot, generation, holder int, socks []socket, log co
 
 // wait reaps the process; the only place its Wait is called. It leaves
 // the IPC connection alone: the worker's last frames (its final counts) may
-// still be unread, and serveChild reads them up to EOF, then closes it.
+// still be unread, and the supervisor's reader reads them up to EOF, then closes it.
 func (c *child) wait() {
 	c.waitErr = c.cmd.Wait()
 	close(c.exited)
 }
 
-// pid returns the worker's process ID.
-func (c *child) pid() int { return c.cmd.Process.Pid }
+// pid returns the worker's process ID (0 for a child without a process,
+// in tests).
+func (c *child) pid() int {
+	if c.cmd == nil || c.cmd.Process == nil {
+		return 0
+	}
+	return c.cmd.Process.Pid
+}
 
 // active returns the worker's connections open, as last reported.
 func (c *child) active() int64 {
@@ -131,4 +137,19 @@ func (c *child) exitStatus() string {
 		return ee.ProcessState.String()
 	}
 	return c.waitErr.Error()
+}
+
+// kill kills the worker process (a child without one, in tests, is left
+// alone).
+func (c *child) kill() {
+	if c.cmd != nil && c.cmd.Process != nil {
+		c.cmd.Process.Kill()
+	}
+}
+
+// addStats adds a stats push to what this worker reported.
+func (c *child) addStats(d stats.Snapshot) {
+	c.mu.Lock()
+	c.totals.Add(d)
+	c.mu.Unlock()
 }

@@ -1,9 +1,14 @@
 package master
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
 	"net/http"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/sniproxy/sniproxy/internal/stats"
@@ -44,7 +49,7 @@ type Totals struct {
 
 // status builds the current Status.
 func (m *Master) status() Status {
-	s := m.snapshot()
+	s := m.counters.snapshot()
 	t := Totals{Active: s.Active, Rejected: map[string]uint64{}, BytesIn: s.BytesIn, BytesOut: s.BytesOut}
 	for _, n := range s.Conns {
 		t.Connections += n
@@ -54,24 +59,42 @@ func (m *Master) status() Status {
 	}
 	st := Status{
 		PID:           os.Getpid(),
-		Generation:    m.generation,
+		Generation:    m.succession.generation,
 		Version:       m.opts.Version,
 		Config:        m.cfg.Source,
 		Started:       m.start,
 		UptimeSeconds: time.Since(m.start).Seconds(),
+		Restarts:      m.counters.process().WorkerRestarts,
 		Totals:        t,
 	}
-	m.mu.Lock()
-	st.Restarts = m.restarts
-	for slot, c := range m.children {
-		w := WorkerStatus{Slot: slot, Restarts: m.slotRestarts[slot]}
+	restarts := m.sup.restarts()
+	for slot, c := range m.sup.list() {
+		w := WorkerStatus{Slot: slot, Restarts: restarts[slot]}
 		if c != nil {
 			w.PID, w.Ready, w.Active, w.Started = c.pid(), c.isReady(), c.active(), c.started
 		}
 		st.Workers = append(st.Workers, w)
 	}
-	m.mu.Unlock()
 	return st
+}
+
+// process returns the master-level values for /metrics.
+func (m *Master) process() stats.Process {
+	p := m.counters.process()
+	kids := m.sup.list()
+	p.WorkerActive = make([]int64, len(kids))
+	for i, c := range kids {
+		if c != nil && c.isReady() {
+			p.Workers++
+			p.WorkerActive[i] = c.active()
+		}
+	}
+	return p
+}
+
+// healthy reports whether every worker slot has a ready worker.
+func (m *Master) healthy() bool {
+	return m.process().Workers == m.sup.n
 }
 
 // controlHandler serves the control socket: GET /status, and POST /reload,
@@ -95,7 +118,7 @@ func (m *Master) controlHandler() http.Handler {
 			case <-r.Context().Done():
 				return
 			}
-		case <-time.After(10 * time.Second):
+		case <-time.After(controlBusyWait):
 			res.Error = "master is busy (stopping or draining)"
 		}
 		w.Header().Set("Content-Type", "application/json")
@@ -105,4 +128,60 @@ func (m *Master) controlHandler() http.Handler {
 		json.NewEncoder(w).Encode(res)
 	})
 	return mux
+}
+
+// controlBusyWait bounds how long POST /reload waits for the master's loop
+// to take the request.
+const controlBusyWait = 10 * time.Second
+
+// endpointsCloseWait bounds how long closing the endpoints lets requests
+// under way finish (a `sniproxy reload` waits for its answer).
+const endpointsCloseWait = 5 * time.Second
+
+// endpoints is the part that serves /metrics, /healthz and the control
+// socket. It belongs to the master's loop (no lock).
+type endpoints struct {
+	servers []*http.Server
+}
+
+// serve serves h on ln in the background until close.
+func (e *endpoints) serve(ln net.Listener, h http.Handler) {
+	s := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	e.servers = append(e.servers, s)
+	go s.Serve(ln)
+}
+
+// close closes the servers, letting requests under way finish for at
+// most endpointsCloseWait.
+func (e *endpoints) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), endpointsCloseWait)
+	defer cancel()
+	for _, s := range e.servers {
+		if s.Shutdown(ctx) != nil {
+			s.Close()
+		}
+	}
+	e.servers = nil
+}
+
+// listenControl binds the control socket. A socket file left by a master
+// that died (kill -9) would block the bind: when nothing answers on it, it
+// is removed first. A live master's socket is never touched.
+func listenControl(network, path string) (net.Listener, error) {
+	ln, err := net.Listen(network, path)
+	if err == nil || !errors.Is(err, syscall.EADDRINUSE) {
+		return ln, err
+	}
+	c, derr := net.DialTimeout(network, path, time.Second)
+	if derr == nil {
+		c.Close()
+		return nil, fmt.Errorf("%w (another master is running there)", err)
+	}
+	if !errors.Is(derr, syscall.ECONNREFUSED) {
+		return nil, err
+	}
+	if rerr := os.Remove(path); rerr != nil {
+		return nil, fmt.Errorf("%w; removing the stale socket: %w", err, rerr)
+	}
+	return net.Listen(network, path)
 }

@@ -1,12 +1,16 @@
 package master
 
 import (
+	"errors"
+	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/ipc"
 )
 
 func TestWorkerEnvScrubbed(t *testing.T) {
@@ -46,30 +50,6 @@ func TestForSlot(t *testing.T) {
 	}
 }
 
-func TestCrashBackoffAndBudget(t *testing.T) {
-	m := &Master{}
-	quick := func() *child { return &child{started: time.Now()} }
-	var delays []time.Duration
-	for range crashBudget {
-		d, err := m.crashed(quick())
-		if err != nil {
-			t.Fatalf("gave up after %d crashes: %v", len(delays), err)
-		}
-		delays = append(delays, d)
-	}
-	if delays[0] != 0 || delays[1] != 100*time.Millisecond || delays[2] != 200*time.Millisecond || delays[len(delays)-1] != maxBackoff {
-		t.Errorf("backoff %v; want 0, 100ms, 200ms ... %v", delays, maxBackoff)
-	}
-	if _, err := m.crashed(quick()); err == nil {
-		t.Error("no error past the crash budget")
-	}
-	// A worker that ran for a while did not crash.
-	m2 := &Master{}
-	if d, err := m2.crashed(&child{started: time.Now().Add(-time.Minute)}); d != 0 || err != nil || len(m2.crashes) != 0 {
-		t.Errorf("long-lived worker counted as a crash: %v %v", d, err)
-	}
-}
-
 func TestControlSocketPath(t *testing.T) {
 	t.Setenv("RUNTIME_DIRECTORY", "/run/sniproxy")
 	if got := ControlSocketPath(&config.Config{}); got != "/run/sniproxy/sniproxy.sock" {
@@ -77,5 +57,118 @@ func TestControlSocketPath(t *testing.T) {
 	}
 	if got := ControlSocketPath(&config.Config{ControlSocket: "/x.sock"}); got != "/x.sock" {
 		t.Errorf("got %q", got)
+	}
+}
+
+// newTestMaster composes a Master as Run does, over workers without
+// processes that run play, and a fake tableflip.
+func newTestMaster(t *testing.T, play func(*fakeWorker)) (*Master, *fakeStarts, *fakeFlipper, chan os.Signal) {
+	t.Helper()
+	cfg, err := config.Parse([]byte("listen_addrs: [\"127.0.0.1:8443\"]\nworkers: 2\nmax_connections: 10\nshutdown_timeout: 5s\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sigs := make(chan os.Signal, 1)
+	opts := withDefaults(Options{Config: cfg, Log: quietLog(), Signals: sigs,
+		LoadConfig: func(string) (*config.Config, error) { return cfg, nil }})
+	m := &Master{opts: opts, cfg: cfg, log: opts.Log, start: time.Now(), reloads: make(chan reloadRequest)}
+	fs := &fakeStarts{t: t, run: play}
+	flip := newFakeFlipper(t)
+	if err := m.compose(flip, fs.start, func() {}); err != nil {
+		t.Fatal(err)
+	}
+	m.sup.after = func(d time.Duration, f func()) { f() } // restarts due at once
+	return m, fs, flip, sigs
+}
+
+// playWorker is a well-behaved worker: ready at once; told to retire, it
+// stops accepting and, with nothing open, exits; told to stop, it exits.
+func playWorker(w *fakeWorker) {
+	w.w.SendBody(ipc.Ready{})
+	for {
+		msg, err := w.w.Recv()
+		if err != nil {
+			return
+		}
+		b, _ := ipc.Decode(msg)
+		msg.CloseFiles()
+		switch b.(type) {
+		case ipc.Drain:
+			w.w.SendBody(ipc.Stopped{})
+			w.w.Close()
+			w.exit()
+			return
+		case ipc.Stop:
+			w.w.Close()
+			w.exit()
+			return
+		}
+	}
+}
+
+// The master's loop over its parts: reload requests made while one runs
+// get its result; a worker that dies with permits gives them back and is
+// restarted in its slot; SIGTERM retires the workers and ends the loop.
+func TestMasterLoop(t *testing.T) {
+	m, fs, flip, sigs := newTestMaster(t, playWorker)
+	if err := m.startWorkers(); err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	flip.upgrade = func(int) error {
+		<-release
+		return errors.New("no successor today")
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- m.loop() }()
+
+	// Two reload requests, the second while the first runs: one Upgrade.
+	r1 := reloadRequest{reply: make(chan reloadResult, 1)}
+	r2 := reloadRequest{reply: make(chan reloadResult, 1)}
+	m.reloads <- r1
+	waitUntil(t, "the Upgrade", func() bool { return slices.Contains(flip.callList(), "Upgrade") })
+	m.reloads <- r2
+	close(release)
+	for _, r := range []reloadRequest{r1, r2} {
+		if res := <-r.reply; !strings.Contains(res.Error, "no successor today") {
+			t.Errorf("reload answered %+v; want the Upgrade's error", res)
+		}
+	}
+	if n := strings.Count(strings.Join(flip.callList(), " "), "Upgrade"); n != 1 {
+		t.Errorf("%d Upgrades for two requests; want 1", n)
+	}
+	if p := m.counters.process(); p.ReloadsFailed != 1 {
+		t.Errorf("reloads failed %d; want 1", p.ReloadsFailed)
+	}
+
+	// Worker of slot 1 takes permits, then dies.
+	dead := fs.made[1]
+	dead.w.SendBody(ipc.LeaseRequest{Want: 3})
+	waitUntil(t, "the grant", func() bool { return m.broker.pool.Free() == 7 })
+	dead.w.Close()
+	dead.exit()
+	waitUntil(t, "the restart", func() bool { return fs.count() == 3 })
+	waitUntil(t, "the permits back", func() bool { return m.broker.pool.Free() == 10 })
+	waitUntil(t, "the new worker in slot 1", func() bool {
+		c := m.sup.list()[1]
+		return c != nil && c != dead.c && c.isReady()
+	})
+	if p := m.process(); p.WorkerRestarts != 1 || p.Workers != 2 {
+		t.Errorf("process %+v; want 1 restart, 2 workers", p)
+	}
+
+	sigs <- syscall.SIGTERM
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Errorf("loop: %v", err)
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("loop did not end on SIGTERM")
+	}
+	for _, c := range m.sup.list() {
+		if c != nil {
+			t.Errorf("worker of slot %d not reaped", c.slot)
+		}
 	}
 }

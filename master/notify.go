@@ -9,8 +9,8 @@ import (
 
 // sdNotify sends state to systemd's notify socket ($NOTIFY_SOCKET), if
 // there is one; it does nothing otherwise. With Type=notify and
-// NotifyAccess=all, an upgraded master sends "MAINPID=<pid>\nREADY=1" so
-// systemd follows it before its parent exits.
+// NotifyAccess=all, a successor master sends "MAINPID=<pid>\nREADY=1" so
+// systemd follows it before its predecessor exits.
 func sdNotify(state string) error {
 	path := os.Getenv("NOTIFY_SOCKET")
 	if path == "" {

@@ -31,9 +31,9 @@ type socketSet struct {
 // gets count sockets in one SO_REUSEPORT group; a shared one gets one.
 // suffix is appended to reuseport socket names: "" always, except in the
 // FreshSockets negative control, where it keeps names from matching the
-// parent's.
+// predecessor's.
 //
-// Every socket comes from tableflip's Fds so that it survives an upgrade: a
+// Every socket comes from tableflip's Fds so that it survives a reload: a
 // socket bound any other way would get EADDRINUSE in the next generation.
 func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int, suffix string) (*socketSet, error) {
 	set := &socketSet{byAddr: map[string][]socket{}}

@@ -1,0 +1,123 @@
+package master
+
+import (
+	"sync"
+
+	"github.com/sniproxy/sniproxy/internal/stats"
+)
+
+// counters is the part that owns the cumulative counters: the totals the
+// workers push (and the predecessor's, while it drains), worker restarts
+// and reloads. They survive a reload in the succession state; once a
+// successor is attached, every change is sent on to it as a Delta.
+type counters struct {
+	mu            sync.Mutex
+	totals        stats.Snapshot
+	restarts      uint64
+	reloadsOK     uint64
+	reloadsFailed uint64
+	// predecessorActive is the predecessor's live connections, as counted
+	// in totals.
+	predecessorActive int64
+	// successor gets every Delta once attached.
+	successor *stateSocket
+}
+
+// inherit starts from the predecessor's succession state.
+func (c *counters) inherit(st successionState) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.totals = st.Totals
+	c.predecessorActive = st.Totals.Active
+	c.restarts, c.reloadsOK, c.reloadsFailed = st.Restarts, st.ReloadsOK, st.ReloadsFailed
+}
+
+// add counts a worker's stats push, and sends it on to the successor.
+func (c *counters) add(d stats.Snapshot) {
+	c.mu.Lock()
+	c.totals.Add(d)
+	succ := c.successor
+	c.mu.Unlock()
+	// Sent outside mu: a successor slow to read must not stall /metrics.
+	// The State was sent before successor was set, so it does not count d.
+	if succ != nil {
+		succ.send(stateMsg{Delta: &d})
+	}
+}
+
+// lost takes a dead worker's n open connections off the count.
+func (c *counters) lost(n int64) {
+	if n != 0 {
+		c.add(stats.Snapshot{Active: -n})
+	}
+}
+
+// addPredecessor counts a Delta from the draining predecessor.
+func (c *counters) addPredecessor(d stats.Snapshot) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.totals.Add(d)
+	c.predecessorActive += d.Active
+}
+
+// predecessorGone takes the exited predecessor's connections off the count.
+func (c *counters) predecessorGone() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.totals.Active -= c.predecessorActive
+	c.predecessorActive = 0
+}
+
+// workerRestarted counts a worker restart.
+func (c *counters) workerRestarted() {
+	c.mu.Lock()
+	c.restarts++
+	c.mu.Unlock()
+}
+
+// reloaded counts a reload's outcome.
+func (c *counters) reloaded(ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if ok {
+		c.reloadsOK++
+	} else {
+		c.reloadsFailed++
+	}
+}
+
+// snapshot returns the totals.
+func (c *counters) snapshot() stats.Snapshot {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.totals
+}
+
+// process returns the master-level counters for /metrics.
+func (c *counters) process() stats.Process {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return stats.Process{WorkerRestarts: c.restarts, ReloadsOK: c.reloadsOK, ReloadsFailed: c.reloadsFailed}
+}
+
+// attachSuccessor sends the succession state of generation (with reserve)
+// to s and, if that worked, every later change: one step under mu, so no
+// Delta is counted twice or lost, and the State goes first.
+func (c *counters) attachSuccessor(s *stateSocket, generation, reserve int) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	st := successionState{Generation: generation, Totals: c.totals, Restarts: c.restarts,
+		ReloadsOK: c.reloadsOK, ReloadsFailed: c.reloadsFailed, Reserve: reserve}
+	if err := s.send(stateMsg{State: &st}); err != nil {
+		return err
+	}
+	c.successor = s
+	return nil
+}
+
+// detachSuccessor stops sending changes (the successor failed).
+func (c *counters) detachSuccessor() {
+	c.mu.Lock()
+	c.successor = nil
+	c.mu.Unlock()
+}

@@ -1,0 +1,39 @@
+// Package master runs sniproxy's master process: it holds every listening
+// socket (through cloudflare/tableflip, so they outlive the process across
+// a reload), starts one worker process per slot and gives each its
+// sockets, restarts workers that die, grants connection permits from the
+// global limit (package lease), owns the cumulative counters the workers
+// push, and serves /metrics, /healthz and the control socket. It never
+// proxies a connection itself.
+//
+// A Master is composed of parts, each in its own file with one owner of
+// its state:
+//
+//   - supervisor (supervisor.go): the worker processes: spawn, read their
+//     messages, reap, restart with backoff, the crash budget.
+//   - broker (broker.go): the permit broker: lease grants, revokes of
+//     spares, returns, the reserve sent to the successor.
+//   - counters (counters.go): the cumulative counters and their Deltas to
+//     the successor.
+//   - succession (succession.go, statesocket.go): inheriting from the
+//     predecessor over the state socket, and a reload: hurry, state and
+//     move sockets, tableflip Upgrade, successor ready.
+//   - relay (relay.go): moved connections, from the predecessor to this
+//     generation's workers and from them to the successor.
+//   - shutdown (shutdown.go): retire the workers, drain, stop now.
+//   - endpoints (control.go): the metrics and control servers.
+//
+// The master's loop (Master.loop) owns the order of events: signals,
+// reload requests and outcomes, worker exits and restarts.
+//
+// Lock order. A part holds its own lock while it calls into another only
+// along this order, never against it:
+//
+//	relay.mu → broker.mu → counters.mu → supervisor.mu → child.mu
+//
+// (relay.mu is held while a moved connection is sent to a worker and
+// takes supervisor.mu to list them; broker.mu is held while the
+// succession state is sent, which takes counters.mu.) The locks inside
+// lease.Pool, stateSocket (its writer) and ipc.Conn are leaves: taken
+// last, under any of these.
+package master

@@ -1,0 +1,150 @@
+package master
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sniproxy/sniproxy/ipc"
+)
+
+// moveSendTimeout bounds sending one moved connection to a worker.
+const moveSendTimeout = 5 * time.Second
+
+// relay is the part that carries moved connections between masters: from
+// the hurried predecessor's move socket to this generation's workers
+// (round robin), and, once this generation is hurried, from its workers to
+// the successor's move socket.
+type relay struct {
+	log *slog.Logger
+	// workers returns this generation's workers by slot (the supervisor's).
+	workers func() []*child
+	// sendTimeout bounds one send to a worker (moveSendTimeout).
+	sendTimeout time.Duration
+	// fromPredecessor is closed once every connection the predecessor
+	// moved has been sent to a worker (or it sent none).
+	fromPredecessor chan struct{}
+	// successor is this master's end of the move socket to the successor.
+	successor atomic.Pointer[ipc.Conn]
+
+	// mu is held while a moved connection is sent to a worker: retire
+	// takes it, so once it returns no worker gets one (it could arrive
+	// after the worker's last read).
+	mu       sync.Mutex
+	retiring bool
+	next     int // the slot the next moved connection goes to
+}
+
+// newRelay returns a relay with nothing to receive from a predecessor.
+func newRelay(log *slog.Logger, workers func() []*child) *relay {
+	r := &relay{log: log, workers: workers, sendTimeout: moveSendTimeout, fromPredecessor: make(chan struct{})}
+	close(r.fromPredecessor)
+	return r
+}
+
+// receiveFrom sends each connection the hurried predecessor moves over mc
+// to one of this generation's workers until the predecessor exits. It
+// returns at once; fromPredecessor is closed when it is done.
+func (r *relay) receiveFrom(mc *ipc.Conn) {
+	r.fromPredecessor = make(chan struct{})
+	go r.receive(mc)
+}
+
+func (r *relay) receive(mc *ipc.Conn) {
+	defer close(r.fromPredecessor)
+	defer mc.Close()
+	n := 0
+	for {
+		msg, err := mc.Recv()
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				r.log.Warn("receiving connections from the previous generation failed", "err", err)
+			}
+			break
+		}
+		if _, err := ipc.Decode(msg); err != nil || msg.Type != ipc.TypeConnection {
+			msg.CloseFiles()
+			r.log.Warn("unexpected message on the move socket", "type", msg.Type.String(), "err", err)
+			continue
+		}
+		if r.toWorker(msg) {
+			n++
+		}
+		msg.CloseFiles()
+	}
+	if n > 0 {
+		r.log.Info("moved the previous generation's connections to this one's workers", "connections", n)
+	}
+}
+
+// toWorker sends a moved connection to a ready worker, round robin; false
+// if none took it (the connection is then closed).
+func (r *relay) toWorker(msg ipc.Message) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.retiring {
+		r.log.Warn("a connection from the previous generation came after this one began to retire; it is closed")
+		return false
+	}
+	kids := r.workers()
+	start := r.next
+	r.next++
+	for i := range kids {
+		c := kids[(start+i)%len(kids)]
+		if c == nil || !c.isReady() {
+			continue
+		}
+		// Bounded: mu is held, and retire waits for it. A worker that
+		// reads nothing for that long is broken: its IPC is closed, so it
+		// drains and exits as on a lost master and is replaced, and the
+		// next worker gets the connection.
+		c.conn.SetWriteDeadline(time.Now().Add(r.sendTimeout))
+		err := c.conn.Send(msg)
+		c.conn.SetWriteDeadline(time.Time{})
+		if err == nil {
+			return true
+		}
+		r.log.Error("a worker did not take a connection from the previous generation; cutting it off", "slot", c.slot, "pid", c.pid(), "err", err)
+		c.conn.Close()
+	}
+	r.log.Warn("no worker could take a connection from the previous generation; it is closed")
+	return false
+}
+
+// retire waits for a send to a worker under way and makes toWorker refuse
+// from then on.
+func (r *relay) retire() {
+	r.mu.Lock()
+	r.retiring = true
+	r.mu.Unlock()
+}
+
+// setSuccessor sets (or, with nil, clears) the move socket to the
+// successor.
+func (r *relay) setSuccessor(mc *ipc.Conn) { r.successor.Store(mc) }
+
+// hasSuccessor reports whether a move socket to the successor is set.
+func (r *relay) hasSuccessor() bool { return r.successor.Load() != nil }
+
+// toSuccessor sends a connection a worker moved (after a hurry) to the
+// successor, which sends it to one of its workers.
+func (r *relay) toSuccessor(msg ipc.Message) {
+	err := errors.New("no successor")
+	if mc := r.successor.Load(); mc != nil {
+		err = mc.Send(msg)
+	}
+	if err != nil {
+		r.log.Warn("moving a connection to the next generation failed; it is closed", "err", err)
+	}
+}
+
+// closeSuccessor closes the move socket to the successor: call it once
+// every worker's messages are read.
+func (r *relay) closeSuccessor() {
+	if mc := r.successor.Load(); mc != nil {
+		mc.Close()
+	}
+}

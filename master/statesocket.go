@@ -1,0 +1,158 @@
+package master
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+
+	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/ipc"
+)
+
+// stateSocketName is the tableflip file name of the state socket. The
+// name is on the wire between two masters of different builds: it stays
+// "handover", the word used before the glossary.
+const stateSocketName = "handover"
+
+// stateMsg is one JSON line on the state socket between a master (the
+// predecessor, generation G) and its successor (G+1).
+//
+// Predecessor to successor: first a State (the succession state), then a
+// Delta for every stats push of the predecessor's draining workers (its
+// Active is the change in the predecessor's live connections) and a
+// Reserve whenever its permits held change; EOF when the predecessor
+// exits. Successor to predecessor: Ready with its PID and generation just
+// before it signals readiness; Hurry when it must reload again while the
+// predecessor still drains.
+type stateMsg struct {
+	State *successionState `json:"state,omitempty"`
+	Delta *stats.Snapshot  `json:"delta,omitempty"`
+	Ready *readyInfo       `json:"ready,omitempty"`
+	// Reserve is the permits the predecessor's workers still hold: exact,
+	// from its lease pool, so the successor never grants them twice.
+	Reserve *int `json:"reserve,omitempty"`
+	Hurry   bool `json:"hurry,omitempty"`
+}
+
+// successionState is what a successor inherits besides the sockets.
+type successionState struct {
+	Generation    int            `json:"generation"`
+	Totals        stats.Snapshot `json:"totals"`
+	Restarts      uint64         `json:"restarts"`
+	ReloadsOK     uint64         `json:"reloads_ok"`
+	ReloadsFailed uint64         `json:"reloads_failed"`
+	Reserve       int            `json:"reserve"`
+}
+
+// readyInfo names a new generation.
+type readyInfo struct {
+	PID        int `json:"pid"`
+	Generation int `json:"generation"`
+}
+
+// stateSocket is one end of the state socket. send is safe for concurrent
+// use (wmu); recv is for one reader.
+type stateSocket struct {
+	conn *net.UnixConn
+	r    *bufio.Reader
+	wmu  sync.Mutex
+	enc  *json.Encoder
+}
+
+// newStateSocket wraps f, which it takes ownership of.
+func newStateSocket(f *os.File) (*stateSocket, error) {
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("master: state socket: %w", err)
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("master: state socket is a %T", c)
+	}
+	return &stateSocket{conn: uc, r: bufio.NewReaderSize(uc, 64<<10), enc: json.NewEncoder(uc)}, nil
+}
+
+// send writes one message; safe for concurrent use.
+func (s *stateSocket) send(m stateMsg) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if err := s.enc.Encode(m); err != nil {
+		return fmt.Errorf("master: state socket: %w", err)
+	}
+	return nil
+}
+
+// recv reads one message; a line over 64 KiB is an error.
+func (s *stateSocket) recv() (stateMsg, error) {
+	var m stateMsg
+	line, err := s.r.ReadSlice('\n')
+	if err != nil {
+		return m, err
+	}
+	if err := json.Unmarshal(line, &m); err != nil {
+		return m, fmt.Errorf("master: state socket: %w", err)
+	}
+	return m, nil
+}
+
+func (s *stateSocket) close() { s.conn.Close() }
+
+// fileAdder registers a file for the successor (tableflip's AddFile).
+type fileAdder interface {
+	AddFile(name string, f *os.File) error
+}
+
+// newStateSocketPair makes a socketpair, registers one end with upg for
+// the successor and returns the other.
+func newStateSocketPair(upg fileAdder) (*stateSocket, error) {
+	mine, theirs, err := socketPair("state")
+	if err != nil {
+		return nil, err
+	}
+	err = upg.AddFile(stateSocketName, theirs)
+	theirs.Close()
+	if err != nil {
+		mine.Close()
+		return nil, fmt.Errorf("master: state socket: %w", err)
+	}
+	return newStateSocket(mine)
+}
+
+// socketPair returns the two ends of a stream socketpair as files.
+func socketPair(name string) (*os.File, *os.File, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("master: %s socketpair: %w", name, err)
+	}
+	return os.NewFile(uintptr(fds[0]), name), os.NewFile(uintptr(fds[1]), name+"-successor"), nil
+}
+
+// moveSocketName is the tableflip file name of the move socket: an ipc
+// pair over which a predecessor hurried by its successor moves its proxied
+// connections (ipc.Connection frames, each with its two sockets). It is
+// separate from the state socket, a JSON stream that cannot carry
+// descriptors. The name is on the wire between masters of different
+// builds: it stays "migrate".
+const moveSocketName = "migrate"
+
+// newMoveSocketPair makes the move socket, registers the successor's end
+// with upg and returns this master's end.
+func newMoveSocketPair(upg fileAdder) (*ipc.Conn, error) {
+	mine, theirs, err := ipc.Pair()
+	if err != nil {
+		return nil, fmt.Errorf("master: move socket: %w", err)
+	}
+	err = upg.AddFile(moveSocketName, theirs)
+	theirs.Close()
+	if err != nil {
+		mine.Close()
+		return nil, fmt.Errorf("master: move socket: %w", err)
+	}
+	return mine, nil
+}
