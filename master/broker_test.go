@@ -125,7 +125,7 @@ func TestBrokerReserveAccounting(t *testing.T) {
 	}
 	mine, theirs := stateSocketPair(t)
 	var cnt counters
-	if err := b.attachSuccessor(mine, func(reserve int) error { return cnt.attachSuccessor(mine, 1, reserve) }); err != nil {
+	if err := b.attachSuccessor(mine, func(reserve int) error { return cnt.attachSuccessor(mine, 1, reserve, time.Time{}) }); err != nil {
 		t.Fatal(err)
 	}
 	if m := recvState(t, theirs); m.State == nil || m.State.Reserve != 7 {

@@ -8,74 +8,85 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"syscall"
 	"time"
 
 	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/internal/status"
+	"github.com/sniproxy/sniproxy/internal/statuspage"
 )
 
-// Status is what the control socket's GET /status answers, and what
-// `sniproxy status` prints.
-type Status struct {
-	PID           int            `json:"pid"`
-	Generation    int            `json:"generation"`
-	Version       string         `json:"version"`
-	Config        string         `json:"config"`
-	Started       time.Time      `json:"started"`
-	UptimeSeconds float64        `json:"uptime_seconds"`
-	Workers       []WorkerStatus `json:"workers"`
-	Restarts      uint64         `json:"worker_restarts"`
-	Totals        Totals         `json:"totals"`
-}
-
-// WorkerStatus describes one worker slot.
-type WorkerStatus struct {
-	Slot     int       `json:"slot"`
-	PID      int       `json:"pid"`
-	Ready    bool      `json:"ready"`
-	Active   int64     `json:"active"`
-	Restarts uint64    `json:"restarts"`
-	Started  time.Time `json:"started"`
-}
-
-// Totals are the cumulative counters.
-type Totals struct {
-	Active      int64             `json:"active"`
-	Connections uint64            `json:"connections"`
-	Rejected    map[string]uint64 `json:"rejected"`
-	BytesIn     uint64            `json:"bytes_in"`
-	BytesOut    uint64            `json:"bytes_out"`
-}
-
-// status builds the current Status.
-func (m *Master) status() Status {
-	s := m.counters.snapshot()
-	t := Totals{Active: s.Active, Rejected: map[string]uint64{}, BytesIn: s.BytesIn, BytesOut: s.BytesOut}
-	for _, n := range s.Conns {
-		t.Connections += n
-	}
-	for i, n := range s.Rejected {
-		t.Rejected[stats.Reason(i).String()] = n
-	}
-	st := Status{
+// status builds the current Status: what the control socket's GET
+// /status and the status page show.
+func (m *Master) status() status.Status {
+	now := time.Now()
+	t, rates, history, reloads := m.counters.view(now)
+	cfg := m.cfg
+	st := status.Status{
 		PID:           os.Getpid(),
 		Generation:    m.succession.generation,
 		Version:       m.opts.Version,
-		Config:        m.cfg.Source,
+		GoVersion:     runtime.Version(),
+		Config:        cfg.Source,
 		Started:       m.start,
-		UptimeSeconds: time.Since(m.start).Seconds(),
+		UptimeSeconds: now.Sub(m.start).Seconds(),
+		Stopping:      m.stopping.Load(),
 		Restarts:      m.counters.process().WorkerRestarts,
 		Totals:        t,
+		Rates:         rates,
+		History:       history,
+		Reloads:       reloads,
+		Limits: status.Limits{
+			MaxConnections:     cfg.MaxConnections,
+			Workers:            m.sup.n,
+			ClientHelloSeconds: cfg.Timeouts.ClientHello.Seconds(),
+			ConnectSeconds:     cfg.Timeouts.Connect.Seconds(),
+			IdleSeconds:        cfg.Timeouts.Idle.Seconds(),
+			ShutdownSeconds:    cfg.ShutdownTimeout.Seconds(),
+		},
+		Backends: []status.Backend{},
+	}
+	if st.Reloads == nil {
+		st.Reloads = []status.Reload{}
 	}
 	restarts := m.sup.restarts()
 	for slot, c := range m.sup.list() {
-		w := WorkerStatus{Slot: slot, Restarts: restarts[slot]}
+		w := status.Worker{Slot: slot, Restarts: restarts[slot]}
 		if c != nil {
 			w.PID, w.Ready, w.Active, w.Started = c.pid(), c.isReady(), c.active(), c.started
 		}
 		st.Workers = append(st.Workers, w)
 	}
 	return st
+}
+
+// sampleEvery records the counters in the status history every interval
+// until done is closed.
+func (m *Master) sampleEvery(interval time.Duration, done <-chan struct{}) {
+	m.counters.sample(time.Now())
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case now := <-t.C:
+			m.counters.sample(now)
+		case <-done:
+			return
+		}
+	}
+}
+
+// metricsHandler serves the metrics address: GET /metrics, GET /healthz
+// and the status page (GET / and GET /status.json).
+func (m *Master) metricsHandler() http.Handler {
+	col := stats.NewCollector(m.counters.snapshot, m.process, m.opts.Version, runtime.Version())
+	h := stats.Handler(col, m.healthy)
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", h)
+	mux.Handle("GET /healthz", h)
+	mux.Handle("/", statuspage.Handler(m.status, m.log))
+	return mux
 }
 
 // process returns the master-level values for /metrics.
@@ -92,9 +103,10 @@ func (m *Master) process() stats.Process {
 	return p
 }
 
-// healthy reports whether every worker slot has a ready worker.
+// healthy reports whether every worker slot has a ready worker and no stop
+// has begun.
 func (m *Master) healthy() bool {
-	return m.process().Workers == m.sup.n
+	return !m.stopping.Load() && m.process().Workers == m.sup.n
 }
 
 // controlHandler serves the control socket: GET /status, and POST /reload,

@@ -2,8 +2,10 @@ package master
 
 import (
 	"sync"
+	"time"
 
 	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/internal/status"
 )
 
 // counters is the part that owns the cumulative counters: the totals the
@@ -21,6 +23,11 @@ type counters struct {
 	predecessorActive int64
 	// successor gets every Delta once attached.
 	successor *stateSocket
+	// history samples the totals every status.SampleInterval (for rates
+	// and the status page's charts); reloads are the last reloads, newest
+	// first. Both are inherited across reloads.
+	history status.History
+	reloads []status.Reload
 }
 
 // inherit starts from the predecessor's succession state.
@@ -30,6 +37,10 @@ func (c *counters) inherit(st successionState) {
 	c.totals = st.Totals
 	c.predecessorActive = st.Totals.Active
 	c.restarts, c.reloadsOK, c.reloadsFailed = st.Restarts, st.ReloadsOK, st.ReloadsFailed
+	for _, smp := range st.History {
+		c.history.Add(smp)
+	}
+	c.reloads = st.Reloads
 }
 
 // add counts a worker's stats push, and sends it on to the successor.
@@ -75,15 +86,48 @@ func (c *counters) workerRestarted() {
 	c.mu.Unlock()
 }
 
-// reloaded counts a reload's outcome.
-func (c *counters) reloaded(ok bool) {
+// reloaded counts a reload's outcome and keeps it for the status.
+func (c *counters) reloaded(r status.Reload) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if ok {
+	if r.Result == "ok" {
 		c.reloadsOK++
 	} else {
 		c.reloadsFailed++
 	}
+	c.reloads = status.AddReload(c.reloads, r)
+}
+
+// sample records the totals at now in the history.
+func (c *counters) sample(now time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.history.Add(status.SampleOf(statusTotals(c.totals), now))
+}
+
+// view returns what the status shows of the counters at now: totals, rates
+// over the last status.RateWindow, the sample history and the last
+// reloads.
+func (c *counters) view(now time.Time) (status.Totals, status.Rates, []status.Sample, []status.Reload) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := statusTotals(c.totals)
+	r := c.history.Rates(status.SampleOf(t, now), status.RateWindow)
+	return t, r, c.history.Samples(), append([]status.Reload(nil), c.reloads...)
+}
+
+// statusTotals names s's counters by their metric labels.
+func statusTotals(s stats.Snapshot) status.Totals {
+	t := status.Totals{Active: s.Active, BytesIn: s.BytesIn, BytesOut: s.BytesOut,
+		Protocols: make(map[string]uint64, len(s.Conns)), Rejected: make(map[string]uint64, len(s.Rejected))}
+	for i, n := range s.Conns {
+		t.Connections += n
+		t.Protocols[stats.Protocol(i).String()] = n
+	}
+	for i, n := range s.Rejected {
+		t.Rejected[stats.Reason(i).String()] = n
+	}
+	return t
 }
 
 // snapshot returns the totals.
@@ -100,14 +144,15 @@ func (c *counters) process() stats.Process {
 	return stats.Process{WorkerRestarts: c.restarts, ReloadsOK: c.reloadsOK, ReloadsFailed: c.reloadsFailed}
 }
 
-// attachSuccessor sends the succession state of generation (with reserve)
-// to s and, if that worked, every later change: one step under mu, so no
+// attachSuccessor sends the succession state of generation (with reserve,
+// and when the reload began) to s and, if that worked, every later change: one step under mu, so no
 // Delta is counted twice or lost, and the State goes first.
-func (c *counters) attachSuccessor(s *stateSocket, generation, reserve int) error {
+func (c *counters) attachSuccessor(s *stateSocket, generation, reserve int, began time.Time) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	st := successionState{Generation: generation, Totals: c.totals, Restarts: c.restarts,
-		ReloadsOK: c.reloadsOK, ReloadsFailed: c.reloadsFailed, Reserve: reserve}
+		ReloadsOK: c.reloadsOK, ReloadsFailed: c.reloadsFailed, Reserve: reserve,
+		History: c.history.Samples(), Reloads: c.reloads, ReloadBegan: began}
 	if err := s.send(stateMsg{State: &st}); err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/internal/status"
 )
 
 // Once a successor is attached it gets the succession state first, then
@@ -13,16 +14,22 @@ func TestCountersSuccessorGetsStateThenDeltas(t *testing.T) {
 	var c counters
 	c.add(stats.Snapshot{Active: 3, BytesIn: 100})
 	c.workerRestarted()
-	c.reloaded(true)
-	c.reloaded(false)
+	c.reloaded(status.Reload{Result: "ok", Generation: 2})
+	c.reloaded(status.Reload{Result: "failed", Error: "bad config"})
+	c.sample(time.Unix(1000, 0))
 	mine, theirs := stateSocketPair(t)
-	if err := c.attachSuccessor(mine, 7, 2); err != nil {
+	began := time.Unix(2000, 0)
+	if err := c.attachSuccessor(mine, 7, 2, began); err != nil {
 		t.Fatal(err)
 	}
 	m := recvState(t, theirs)
 	if st := m.State; st == nil || st.Generation != 7 || st.Reserve != 2 || st.Totals.Active != 3 || st.Totals.BytesIn != 100 ||
 		st.Restarts != 1 || st.ReloadsOK != 1 || st.ReloadsFailed != 1 {
 		t.Fatalf("state %+v", m.State)
+	}
+	if st := m.State; len(st.Reloads) != 2 || st.Reloads[0].Result != "failed" || len(st.History) != 1 ||
+		st.History[0].BytesIn != 100 || !st.ReloadBegan.Equal(began) {
+		t.Errorf("state lacks the status history: reloads %+v, history %+v, began %v", st.Reloads, st.History, st.ReloadBegan)
 	}
 	c.add(stats.Snapshot{BytesOut: 5})
 	if m := recvState(t, theirs); m.Delta == nil || m.Delta.BytesOut != 5 {

@@ -5,13 +5,14 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/cloudflare/tableflip"
 
 	"github.com/sniproxy/sniproxy/config"
-	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/internal/status"
 	"github.com/sniproxy/sniproxy/ipc"
 )
 
@@ -35,6 +36,11 @@ type Master struct {
 	start time.Time
 	// reloads carries the control socket's reload requests to the loop.
 	reloads chan reloadRequest
+	// reloadBegan is when the reload under way began (the loop's).
+	reloadBegan time.Time
+	// stopping is set when a stop begins: /healthz answers 503 from then
+	// on, so that load balancers stop sending before the ports close.
+	stopping atomic.Bool
 
 	sup        *supervisor
 	broker     *broker
@@ -77,6 +83,9 @@ func Run(opts Options) error {
 	if err != nil {
 		return err
 	}
+	sampling := make(chan struct{})
+	defer close(sampling)
+	go m.sampleEvery(status.SampleInterval, sampling)
 	if err := m.startWorkers(); err != nil {
 		return err
 	}
@@ -148,8 +157,7 @@ func (m *Master) serveEndpoints() (string, error) {
 		if err != nil {
 			return "", fmt.Errorf("master: metrics listener: %w", err)
 		}
-		col := stats.NewCollector(m.counters.snapshot, m.process, m.opts.Version, runtime.Version())
-		m.endpoints.serve(ln, stats.Handler(col, m.healthy))
+		m.endpoints.serve(ln, m.metricsHandler())
 	}
 	ctlPath := ControlSocketPath(m.cfg)
 	ctl, err := m.upg.ListenWithCallback("unix", ctlPath, listenControl)
@@ -285,6 +293,7 @@ func (m *Master) requestReload(q *reloadQueue, req reloadRequest, outcomes chan<
 	if !q.add(req) {
 		return
 	}
+	m.reloadBegan = time.Now()
 	cfg, err := m.opts.LoadConfig(m.opts.ConfigPath)
 	if err != nil {
 		err = fmt.Errorf("new config is invalid, nothing changed: %w", err)
@@ -293,18 +302,20 @@ func (m *Master) requestReload(q *reloadQueue, req reloadRequest, outcomes chan<
 		return
 	}
 	m.log.Info("new config is valid; starting the next generation", "config", cfg.Source)
-	go m.succession.reload(outcomes)
+	go m.succession.reload(m.reloadBegan, outcomes)
 }
 
 // failReload records a failed reload.
 func (m *Master) failReload(err error) {
-	m.counters.reloaded(false)
+	m.counters.reloaded(status.Reload{Time: m.reloadBegan, Result: "failed",
+		DurationSeconds: time.Since(m.reloadBegan).Seconds(), Error: err.Error()})
 	m.log.Error("reload failed", "err", err)
 }
 
 // stop is the operator's stop: stop accepting, drain (a second signal:
 // stop now), exit.
 func (m *Master) stop(sig os.Signal) {
+	m.stopping.Store(true)
 	m.log.Info("stopping: draining workers", "signal", sig.String(), "active", m.counters.snapshot().Active, "shutdown_timeout", m.cfg.ShutdownTimeout)
 	sdNotify("STOPPING=1")
 	m.shutdown.stop(time.Now().Add(m.cfg.ShutdownTimeout))

@@ -8,8 +8,10 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/internal/status"
 	"github.com/sniproxy/sniproxy/ipc"
 )
 
@@ -46,6 +48,11 @@ type successionState struct {
 	ReloadsOK     uint64         `json:"reloads_ok"`
 	ReloadsFailed uint64         `json:"reloads_failed"`
 	Reserve       int            `json:"reserve"`
+	// History, Reloads and ReloadBegan carry the status page's history
+	// (fields a predecessor of an older build leaves out).
+	History     []status.Sample `json:"history,omitempty"`
+	Reloads     []status.Reload `json:"reloads,omitempty"`
+	ReloadBegan time.Time       `json:"reload_began,omitzero"`
 }
 
 // readyInfo names a new generation.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/sniproxy/sniproxy/internal/status"
 	"github.com/sniproxy/sniproxy/ipc"
 )
 
@@ -75,6 +76,9 @@ type succession struct {
 	// predecessorDone is closed once every message of the predecessor is
 	// counted and it has exited; nil without a predecessor.
 	predecessorDone chan struct{}
+	// reloadBegan is when the predecessor began the reload that started
+	// this master (zero from a predecessor of an older build).
+	reloadBegan time.Time
 }
 
 // newSuccession returns the succession of a first master (generation 1).
@@ -106,6 +110,7 @@ func (s *succession) inherit() error {
 	s.predecessor = h
 	s.generation = st.Generation + 1
 	s.counters.inherit(*st)
+	s.reloadBegan = st.ReloadBegan
 	s.broker.setReserve(st.Reserve)
 	s.predecessorDone = make(chan struct{})
 	go s.readPredecessor(h)
@@ -153,7 +158,11 @@ func (s *succession) announceReady() {
 	if s.predecessor == nil {
 		return
 	}
-	s.counters.reloaded(true)
+	r := status.Reload{Time: time.Now(), Result: "ok", Generation: s.generation}
+	if !s.reloadBegan.IsZero() {
+		r.Time, r.DurationSeconds = s.reloadBegan, time.Since(s.reloadBegan).Seconds()
+	}
+	s.counters.reloaded(r)
 	s.predecessor.send(stateMsg{Ready: &readyInfo{PID: os.Getpid(), Generation: s.generation}})
 }
 
@@ -179,7 +188,7 @@ type reloadOutcome struct {
 // Upgrade and waits for
 // the successor's Ready. Run it in its own goroutine; the outcome comes on
 // done.
-func (s *succession) reload(done chan<- reloadOutcome) {
+func (s *succession) reload(began time.Time, done chan<- reloadOutcome) {
 	out := reloadOutcome{}
 	defer func() { done <- out }()
 	if s.predecessor != nil {
@@ -187,7 +196,7 @@ func (s *succession) reload(done chan<- reloadOutcome) {
 			return
 		}
 	}
-	h, mc, err := s.attachSuccessor()
+	h, mc, err := s.attachSuccessor(began)
 	if err != nil {
 		out.err = err
 		return
@@ -234,9 +243,9 @@ func (s *succession) hurryPredecessor() error {
 }
 
 // attachSuccessor makes the state and move sockets for the successor and
-// sends the succession state: from then on every Delta and reserve change
+// sends the succession state (with began, when the reload began): from then on every Delta and reserve change
 // goes to the successor too.
-func (s *succession) attachSuccessor() (*stateSocket, *ipc.Conn, error) {
+func (s *succession) attachSuccessor(began time.Time) (*stateSocket, *ipc.Conn, error) {
 	h, err := newStateSocketPair(s.upg)
 	if err != nil {
 		return nil, nil, err
@@ -247,7 +256,7 @@ func (s *succession) attachSuccessor() (*stateSocket, *ipc.Conn, error) {
 		return nil, nil, err
 	}
 	err = s.broker.attachSuccessor(h, func(reserve int) error {
-		return s.counters.attachSuccessor(h, s.generation, reserve)
+		return s.counters.attachSuccessor(h, s.generation, reserve, began)
 	})
 	if err != nil {
 		h.close()

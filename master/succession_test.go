@@ -242,7 +242,7 @@ func TestReloadWhilePredecessorDrainsHurriesFirst(t *testing.T) {
 		return successor.send(stateMsg{Ready: &readyInfo{PID: 99, Generation: 3}})
 	}
 	done := make(chan reloadOutcome, 1)
-	go p.succession.reload(done)
+	go p.succession.reload(time.Now(), done)
 
 	if m := recvState(t, pred.state); !m.Hurry {
 		t.Fatalf("predecessor got %+v; want Hurry first", m)
@@ -296,7 +296,7 @@ func TestReloadFailureDetachesSuccessor(t *testing.T) {
 	p := newParts(t, 0)
 	p.upg.upgrade = func(int) error { return errors.New("parent hasn't exited") }
 	done := make(chan reloadOutcome, 1)
-	go p.succession.reload(done)
+	go p.succession.reload(time.Now(), done)
 	out := <-done
 	if out.err == nil || out.successor != nil {
 		t.Fatalf("outcome %+v; want an error", out)
@@ -315,7 +315,7 @@ func TestReloadPredecessorDoesNotExit(t *testing.T) {
 	p.inheritFrom(t, successionState{Generation: 1})
 	p.upg.waitParent = func(context.Context) error { return context.DeadlineExceeded }
 	done := make(chan reloadOutcome, 1)
-	go p.succession.reload(done)
+	go p.succession.reload(time.Now(), done)
 	if out := <-done; !errors.Is(out.err, context.DeadlineExceeded) {
 		t.Errorf("outcome %+v; want the wait's error", out)
 	}

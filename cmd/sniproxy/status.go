@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sniproxy/sniproxy/internal/status"
 	"github.com/sniproxy/sniproxy/master"
 )
 
@@ -63,8 +64,8 @@ func cmdStatus(path string, asJSON bool, stdout, stderr io.Writer) int {
 }
 
 // fetchStatus asks the master at the control socket for its Status.
-func fetchStatus(sock string) (master.Status, []byte, error) {
-	var st master.Status
+func fetchStatus(sock string) (status.Status, []byte, error) {
+	var st status.Status
 	d := net.Dialer{Timeout: 5 * time.Second}
 	c := &http.Client{
 		Timeout: 10 * time.Second,
@@ -90,7 +91,7 @@ func fetchStatus(sock string) (master.Status, []byte, error) {
 	return st, raw, nil
 }
 
-func printStatus(w io.Writer, st master.Status) {
+func printStatus(w io.Writer, st status.Status) {
 	fmt.Fprintf(w, "sniproxy %s, master pid %d, generation %d, up %s\nconfig %s\n\n",
 		st.Version, st.PID, st.Generation, time.Duration(st.UptimeSeconds*float64(time.Second)).Round(time.Second), st.Config)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -106,8 +107,22 @@ func printStatus(w io.Writer, st master.Status) {
 	t := st.Totals
 	fmt.Fprintf(w, "\nactive %d, connections %d, bytes in %d, out %d, worker restarts %d\n", t.Active, t.Connections, t.BytesIn, t.BytesOut, st.Restarts)
 	var rej []string
-	for _, r := range []string{"limit", "denied", "no_route", "sniff_timeout", "sniff_error", "dial_error"} {
+	for _, r := range []string{"limit", "per_ip_limit", "proxy_header", "denied", "no_route", "sniff_timeout", "sniff_error", "dial_error"} {
 		rej = append(rej, fmt.Sprintf("%s %d", r, t.Rejected[r]))
 	}
 	fmt.Fprintf(w, "rejected: %s\n", strings.Join(rej, ", "))
+	var protos []string
+	for _, p := range []string{"tls", "http", "h2c", "unknown"} {
+		protos = append(protos, fmt.Sprintf("%s %d", p, t.Protocols[p]))
+	}
+	fmt.Fprintf(w, "protocols: %s\n", strings.Join(protos, ", "))
+	if len(st.Reloads) > 0 {
+		r := st.Reloads[0]
+		fmt.Fprintf(w, "last reload: %s, %s, took %s", r.Time.Local().Format(time.DateTime), r.Result,
+			time.Duration(r.DurationSeconds*float64(time.Second)).Round(time.Millisecond))
+		if r.Error != "" {
+			fmt.Fprintf(w, ": %s", r.Error)
+		}
+		fmt.Fprintln(w)
+	}
 }
