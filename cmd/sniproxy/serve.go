@@ -14,7 +14,7 @@ import (
 	"github.com/sniproxy/sniproxy/internal/testswitch"
 	"github.com/sniproxy/sniproxy/ipc"
 	"github.com/sniproxy/sniproxy/master"
-	"github.com/sniproxy/sniproxy/worker"
+	"github.com/sniproxy/sniproxy/worker/process"
 )
 
 func cmdRun(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
@@ -49,8 +49,8 @@ func cmdRun(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 
 // cmdWorker is the worker process a master starts: fd 3 is its IPC pair,
 // fds 4 on are its listening sockets, named by --sockets in order. It is not
-// meant to be run by hand. Signals are left to the master: a worker drains
-// when the master says so or when the master is gone.
+// meant to be run by hand. Signals are left to the master: a worker retires
+// when the master says so and drains when the master is gone.
 func cmdWorker(args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -76,15 +76,15 @@ func cmdWorker(args []string, stderr io.Writer) int {
 		return 1
 	}
 	defer conn.Close()
-	var files []worker.NamedFile
+	var files []process.NamedFile
 	if *sockets != "" {
 		for i, name := range strings.Split(*sockets, ",") {
-			files = append(files, worker.NamedFile{Name: name, File: os.NewFile(uintptr(4+i), "socket-"+strconv.Itoa(i))})
+			files = append(files, process.NamedFile{Name: name, File: os.NewFile(uintptr(4+i), "socket-"+strconv.Itoa(i))})
 		}
 	}
-	p := &worker.Process{Log: log, Conn: conn, Slot: *slot, Generation: *generation, Files: files,
-		Switches: testswitch.Read()}
-	if err := p.Run(); err != nil {
+	err = process.Run(process.Options{Log: log, Conn: conn, Slot: *slot, Generation: *generation, Files: files,
+		Switches: testswitch.Read()})
+	if err != nil {
 		log.Error("worker failed", "err", err)
 		return 1
 	}
