@@ -62,8 +62,8 @@ type accessLog struct {
 }
 
 func (h *accessLog) Enabled(context.Context, slog.Level) bool { return true }
-func (h *accessLog) WithAttrs([]slog.Attr) slog.Handler      { return h }
-func (h *accessLog) WithGroup(string) slog.Handler           { return h }
+func (h *accessLog) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h *accessLog) WithGroup(string) slog.Handler            { return h }
 
 func (h *accessLog) Handle(_ context.Context, r slog.Record) error {
 	if r.Message != "connection" {
