@@ -287,7 +287,7 @@ func testConfig(backend, extra string) string {
 	return fmt.Sprintf("timeouts: {connect: 2, client_hello: 2, idle: 30}\nmax_connections: 8\nworkers: 1\nshutdown_timeout: 30\nroutes: [{match: echo.test, backend: %q}]\n%s", backend, extra)
 }
 
-func TestProcessMigrateWhileServing(t *testing.T) {
+func TestProcessMoveWhileServing(t *testing.T) {
 	// A hurry can reach a worker before its retire: it must still read
 	// its master (here a lease grant a connection waits for) and exit.
 	m := startProcess(t, testConfig("127.0.0.1:1", ""), false)
