@@ -32,11 +32,11 @@ type movedState struct {
 	Moves    int       `json:"moves"`
 }
 
-// Migrate hands every proxied connection to send, for another process to
-// go on serving it (see Adopt), and closes the connections still being
-// sniffed or dialled. It is for a draining server whose generation must
-// exit before its connections end: it returns once each connection is
-// handed over or closed, with the counts of each. Only the first call does
+// Move sends every proxied connection away with send, for another process
+// to resume (see Resume), and closes the connections still being sniffed
+// or dialled. It is for a draining server whose generation must exit
+// before its connections end (a hurry): it returns once each connection is
+// moved or closed, with the counts of each. Only the first call does
 // anything.
 //
 // Every pair is asked to stop at once (proxy.Pair.BeginDetach) and is sent
@@ -48,8 +48,8 @@ type movedState struct {
 // the files, which are closed after it returns. Once sent, a connection is
 // finished here (its permit returned, Active decremented) with result
 // "moved" in a debug log line; the receiving server logs it when it ends.
-func (s *Server) Migrate(ctx context.Context, drainBy time.Time, send func(state []byte, client, backend *os.File) error) (moved, closed int) {
-	if !s.migrating.CompareAndSwap(false, true) {
+func (s *Server) Move(ctx context.Context, drainBy time.Time, send func(state []byte, client, backend *os.File) error) (moved, closed int) {
+	if !s.moving.CompareAndSwap(false, true) {
 		return 0, 0
 	}
 	s.mu.Lock()
@@ -92,7 +92,7 @@ func (s *Server) Migrate(ctx context.Context, drainBy time.Time, send func(state
 		select {
 		case c := <-stopped:
 			left--
-			if s.handOver(ctx, c, drainBy, send) {
+			if s.sendMoved(ctx, c, drainBy, send) {
 				moved++
 			} else {
 				closed++
@@ -101,7 +101,7 @@ func (s *Server) Migrate(ctx context.Context, drainBy time.Time, send func(state
 			// Those still running are blocked writing: close them; they
 			// report stopped as they end.
 			for _, c := range pending {
-				c.pipe.CloseWith(fmt.Errorf("worker: not handed over in time: %w", ctx.Err()))
+				c.pipe.CloseWith(fmt.Errorf("worker: not moved in time: %w", ctx.Err()))
 			}
 			done = nil
 		}
@@ -109,13 +109,13 @@ func (s *Server) Migrate(ctx context.Context, drainBy time.Time, send func(state
 	return moved, closed
 }
 
-// handOver sends a stopped connection; false if it could not (it is
-// closed then, or it had ended by itself).
-func (s *Server) handOver(ctx context.Context, c *conn, drainBy time.Time, send func(state []byte, client, backend *os.File) error) bool {
+// sendMoved detaches a stopped pair and sends its connection; false if it
+// could not (it is closed then, or it had ended by itself).
+func (s *Server) sendMoved(ctx context.Context, c *conn, drainBy time.Time, send func(state []byte, client, backend *os.File) error) bool {
 	d, err := c.pipe.Detach(ctx) // stopped already: returns at once
 	if err != nil {
 		if !errors.Is(err, proxy.ErrClosed) {
-			s.log.Info("a connection could not be handed over; closed", "conn", c.id, "err", err)
+			s.log.Info("a connection could not be moved; closed", "conn", c.id, "err", err)
 		}
 		return false
 	}
@@ -125,7 +125,7 @@ func (s *Server) handOver(ctx context.Context, c *conn, drainBy time.Time, send 
 		err = send(state, d.Client, d.Backend)
 	}
 	if err != nil {
-		s.log.Warn("handing a connection over failed; closed", "conn", c.id, "err", err)
+		s.log.Warn("moving a connection failed; closed", "conn", c.id, "err", err)
 		return false
 	}
 	return true
@@ -155,20 +155,20 @@ func (c *conn) movedState(ps proxy.State, drainBy time.Time) movedState {
 	return st
 }
 
-// Adopt goes on serving a connection another process handed over (see
-// Migrate): state is what it sent, client and backend the sockets. Adopt
+// Resume goes on serving a connection another process moved here (see
+// Move): state is what it sent, client and backend the sockets. Resume
 // owns the files and closes them. The connection counts as open here from
 // now on; it takes a permit when one is free (it is served either way: a
 // live connection is not dropped for the limit), and it is closed at the
 // deadline it came with.
 //
-// Adopt must not be called once Drain has returned.
-func (s *Server) Adopt(state []byte, client, backend *os.File) error {
+// Resume must not be called once Drain has returned.
+func (s *Server) Resume(state []byte, client, backend *os.File) error {
 	defer client.Close()
 	defer backend.Close()
 	var st movedState
 	if err := json.Unmarshal(state, &st); err != nil {
-		return fmt.Errorf("worker: adopt: state: %w", err)
+		return fmt.Errorf("worker: resume: state: %w", err)
 	}
 	cc, err := fileTCP(client)
 	if err != nil {
@@ -198,7 +198,7 @@ func (s *Server) Adopt(state []byte, client, backend *os.File) error {
 		// Armed first: pipeDone stops it, even if the pair ends at once.
 		c.timer.Store(time.AfterFunc(time.Until(c.deadline), c.close))
 	}
-	// Set before Adopt returns, so a Migrate right after finds the pair.
+	// Set before Resume returns, so a Move right after finds the pair.
 	c.pipe = proxy.Resume(cc, bc, st.Pair, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(false))
 	c.mu.Unlock()
 	if s.limiter != nil {
@@ -207,7 +207,7 @@ func (s *Server) Adopt(state []byte, client, backend *os.File) error {
 	return nil
 }
 
-// acquireLate takes a permit for an adopted connection, which is served
+// acquireLate takes a permit for a resumed connection, which is served
 // without one until then. When none is free (the previous generation's
 // connections still count), it tries again, backing off to once a second,
 // for as long as the connection lasts, so that the global count is right
@@ -237,12 +237,12 @@ func (c *conn) acquireLate() {
 func fileTCP(f *os.File) (*net.TCPConn, error) {
 	c, err := net.FileConn(f)
 	if err != nil {
-		return nil, fmt.Errorf("worker: adopt %s: %w", f.Name(), err)
+		return nil, fmt.Errorf("worker: resume %s: %w", f.Name(), err)
 	}
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
 		c.Close()
-		return nil, fmt.Errorf("worker: adopt %s: a %T, not TCP", f.Name(), c)
+		return nil, fmt.Errorf("worker: resume %s: a %T, not TCP", f.Name(), c)
 	}
 	return tc, nil
 }

@@ -90,7 +90,7 @@ func (ts *testServer) stop() {
 	<-ts.served
 }
 
-func TestMigrateMovesConnections(t *testing.T) {
+func TestMoveResumesConnections(t *testing.T) {
 	backend := echoBackend(t)
 	routes := fmt.Sprintf("routes: [{match: echo.test, backend: %q}]\n", backend)
 	a := startServer(t, routes, nil, "")
@@ -118,10 +118,10 @@ func TestMigrateMovesConnections(t *testing.T) {
 		from.stop()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		return from.srv.Migrate(ctx, drainBy, func(state []byte, cl, be *os.File) error {
+		return from.srv.Move(ctx, drainBy, func(state []byte, cl, be *os.File) error {
 			// In-process, the receiver gets duplicates, as SCM_RIGHTS
 			// would give it.
-			return to.srv.Adopt(state, dup(t, cl), dup(t, be))
+			return to.srv.Resume(state, dup(t, cl), dup(t, be))
 		})
 	}
 	moved, closed := move(a, b, time.Time{})
@@ -132,10 +132,10 @@ func TestMigrateMovesConnections(t *testing.T) {
 	echoLine(t, r, conn, "two")
 	waitFor(t, "a empty", func() bool { return a.srv.Active() == 0 && a.counters.Active() == 0 })
 	if got := b.counters.Active(); got != 1 {
-		t.Errorf("b counts %d active; want the adopted one", got)
+		t.Errorf("b counts %d active; want the resumed one", got)
 	}
-	// The adopted connection takes b's only permit.
-	waitFor(t, "the adopted connection's permit", func() bool { return lim.used.Load() == 1 })
+	// The resumed connection takes b's only permit.
+	waitFor(t, "the resumed connection's permit", func() bool { return lim.used.Load() == 1 })
 	refused := dialHTTP(t, b.addr, "echo.test")
 	expectEOF(t, refused)
 	waitFor(t, "the refused connection to finish", func() bool { return b.srv.Active() == 1 })
@@ -163,14 +163,14 @@ func TestMigrateMovesConnections(t *testing.T) {
 	waitFor(t, "c empty", func() bool { return c.srv.Active() == 0 && c.counters.Active() == 0 })
 }
 
-func TestAdoptRejectsBadState(t *testing.T) {
+func TestResumeRejectsBadState(t *testing.T) {
 	s := startServer(t, "", nil, "")
 	cl, pe := tcpFiles(t)
-	if err := s.srv.Adopt([]byte("{not json"), cl, pe); err == nil || !strings.Contains(err.Error(), "state") {
-		t.Fatalf("Adopt with a bad state: %v", err)
+	if err := s.srv.Resume([]byte("{not json"), cl, pe); err == nil || !strings.Contains(err.Error(), "state") {
+		t.Fatalf("Resume with a bad state: %v", err)
 	}
 	if s.srv.Active() != 0 || s.counters.Active() != 0 {
-		t.Fatal("a refused adoption counted")
+		t.Fatal("a refused resume counted")
 	}
 }
 
@@ -226,7 +226,7 @@ func expectEOF(t *testing.T, c net.Conn) {
 	}
 }
 
-func TestMigrateStuckPairsDelayNoOther(t *testing.T) {
+func TestMoveStuckPairsDelayNoOther(t *testing.T) {
 	// Downloads to clients that read nothing cannot stop (their pairs are
 	// blocked writing): they are closed at the deadline, and every idle
 	// connection is moved regardless of how many are stuck.
@@ -260,19 +260,19 @@ func TestMigrateStuckPairsDelayNoOther(t *testing.T) {
 	defer cancel()
 	var ins []int64
 	start := time.Now()
-	moved, closed := a.srv.Migrate(ctx, time.Time{}, func(state []byte, cl, be *os.File) error {
+	moved, closed := a.srv.Move(ctx, time.Time{}, func(state []byte, cl, be *os.File) error {
 		var st movedState
 		if err := json.Unmarshal(state, &st); err != nil {
 			return err
 		}
 		ins = append(ins, st.Pair.In)
-		return b.srv.Adopt(state, dup(t, cl), dup(t, be))
+		return b.srv.Resume(state, dup(t, cl), dup(t, be))
 	})
 	if moved != idle || closed != stuck {
 		t.Fatalf("moved %d, closed %d; want the %d idle moved and the %d stuck closed", moved, closed, idle, stuck)
 	}
 	if d := time.Since(start); d > 3*time.Second {
-		t.Errorf("Migrate took %v with a 1s deadline", d)
+		t.Errorf("Move took %v with a 1s deadline", d)
 	}
 	head := int64(len("GET / HTTP/1.1\r\nHost: echo.test\r\n\r\n"))
 	for _, in := range ins {
@@ -283,7 +283,7 @@ func TestMigrateStuckPairsDelayNoOther(t *testing.T) {
 	for i, h := range idles {
 		echoLine(t, h.r, h.c, fmt.Sprintf("idle %d after the move", i))
 	}
-	if a.srv.Migrate(ctx, time.Time{}, nil); a.srv.Active() != 0 {
+	if a.srv.Move(ctx, time.Time{}, nil); a.srv.Active() != 0 {
 		t.Errorf("a still has %d connections", a.srv.Active())
 	}
 }

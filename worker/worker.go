@@ -1,13 +1,16 @@
-// Package worker serves client connections on listeners it is handed:
-// it sniffs each connection's first bytes for a name (package sniff),
-// decides where the name goes and dials it (package route), replays the
-// sniffed bytes and copies both ways (package proxy).
+// Package worker serves client connections on listeners it is handed.
+// Each connection goes through the phases admit (a permit) → sniff (the
+// first bytes, for a name: package sniff) → route and dial (package route)
+// → replay (the sniffed bytes and a PROXY header, to the backend) → copy
+// (both ways: package proxy); see conn.serve.
 //
 // A Server knows nothing of processes: it serves *net.TCPListener values
 // however they were made (bound here, inherited from a parent, received
 // over a Unix socket), takes its global connection permits from a Limiter
 // and reports its counts to a Recorder, so the same code runs in-process or
-// inside a worker process of a master.
+// inside a worker process of a master. The worker process around it (its
+// messages with the master, leases, counters, retiring and moving) is
+// package worker/process.
 package worker
 
 import (
@@ -24,14 +27,11 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/pires/go-proxyproto"
-
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/hostname"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/worker/proxy"
 	"github.com/sniproxy/sniproxy/worker/route"
-	"github.com/sniproxy/sniproxy/worker/sniff"
 )
 
 // Recorder receives a Server's counts. *stats.Counters implements it; every
@@ -86,8 +86,8 @@ type Server struct {
 	// poller parks idle pairs without goroutines; nil if it could not be
 	// made (pairs then park on goroutines).
 	poller *proxy.Poller
-	// migrating is set by the first Migrate.
-	migrating atomic.Bool
+	// moving is set by the first Move.
+	moving atomic.Bool
 
 	nextID atomic.Uint64
 	wg     sync.WaitGroup // one per connection handler
@@ -307,11 +307,7 @@ func (s *Server) acceptLoop(l Listener) error {
 		delay = 0
 		s.rec.Opened()
 		cn := &conn{srv: s, id: s.nextID.Add(1), client: c, lcfg: l.Config, start: time.Now()}
-		if !s.track(cn) {
-			s.rec.Closed()
-			c.Close()
-			continue
-		}
+		s.track(cn)
 		go cn.serve()
 	}
 }
@@ -324,399 +320,19 @@ func isTemporary(err error) bool {
 		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EINTR)
 }
 
-// track registers c; false if the server is fully closed.
-func (s *Server) track(c *conn) bool {
+// track registers c: Active counts it and Drain waits for it until
+// untrack.
+func (s *Server) track(c *conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.conns[c] = struct{}{}
 	s.wg.Add(1)
-	return true
 }
 
+// untrack is the end of track; once per tracked connection.
 func (s *Server) untrack(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
 	s.mu.Unlock()
 	s.wg.Done()
-}
-
-// conn is one client connection being served.
-type conn struct {
-	srv    *Server
-	id     uint64
-	client *net.TCPConn
-	lcfg   config.Listener
-	start  time.Time
-
-	// o is what the access log will say; written by serve before the
-	// pair starts, then by the pair's done callback.
-	o *outcome
-	// moves counts the reloads this connection was handed over in.
-	moves int
-	// deadline, if set, is when an earlier generation's drain ends for
-	// this connection (it came in a handover): it is closed then.
-	deadline time.Time
-
-	mu      sync.Mutex
-	backend *net.TCPConn
-	pipe    *proxy.Pair
-	closed  bool
-	// timer closes the connection at deadline (not under mu: a pair may
-	// finish within Start, while serve holds mu).
-	timer atomic.Pointer[time.Timer]
-	// permit is the state of a permit taken after the pair started (an
-	// adopted connection): permitNone, permitHeld, or permitDone once the
-	// connection finished.
-	permit atomic.Int32
-
-	in, out atomic.Int64
-}
-
-// errDeadline closes a connection at a drain deadline.
-var errDeadline = errors.New("worker: closed at the drain deadline")
-
-// close closes both sockets; used by Drain at its deadline.
-func (c *conn) close() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.closeLocked()
-}
-
-// closeLocked is close with c.mu held.
-func (c *conn) closeLocked() {
-	c.closed = true
-	if c.pipe != nil {
-		// Through the pair, which wakes a direction parked in the poller.
-		c.pipe.CloseWith(errDeadline)
-		return
-	}
-	c.client.Close()
-	if c.backend != nil {
-		c.backend.Close()
-	}
-}
-
-// setBackend records the backend socket so close can reach it; false if
-// the connection was closed meanwhile.
-func (c *conn) setBackend(b *net.TCPConn) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return false
-	}
-	c.backend = b
-	return true
-}
-
-// outcome is what the access log says of a connection.
-type outcome struct {
-	res     sniff.Result
-	source  string // the client, or the one a PROXY header named
-	rule    string // the matching route's pattern, if one matched
-	backend netip.AddrPort
-	reason  string
-	err     error
-}
-
-// serve sniffs, routes and dials; then it hands the pair to proxy.Start
-// and returns, so that its goroutine (whose stack grew while sniffing and
-// dialling) does not stay parked for the life of an idle connection. Who
-// finishes the connection (access log, permit, counters) is whoever ends
-// last: serve itself on every early exit, else the pipe.
-func (c *conn) serve() {
-	s := c.srv
-	o := &outcome{source: addrString(c.client.RemoteAddr())}
-	c.o = o
-	permit, handedOff := false, false
-	defer func() {
-		if !handedOff {
-			c.finish(o, permit)
-		}
-	}()
-
-	if s.limiter != nil {
-		if !s.limiter.Acquire() {
-			c.client.Close()
-			s.rec.Protocol(stats.ProtoUnknown)
-			c.reject(o, stats.Limit, errors.New("worker: max_connections reached"))
-			return
-		}
-		permit = true
-	}
-	// Accepted connections already have TCP keepalive (Go's default for a
-	// listener, 15s); backends get it from the dialer.
-
-	if s.sniffing.Add(1) > s.sniffLimit {
-		s.sniffing.Add(-1)
-		c.client.Close()
-		s.rec.Protocol(stats.ProtoUnknown)
-		c.reject(o, stats.Limit, errors.New("worker: too many connections in the sniff phase"))
-		return
-	}
-	sniffDone := false
-	endSniff := func() {
-		if !sniffDone {
-			sniffDone = true
-			s.sniffing.Add(-1)
-		}
-	}
-	defer endSniff()
-
-	deadline := c.start.Add(s.cfg.Timeouts.ClientHello)
-	var start []byte
-	var hdr *proxyproto.Header
-	if c.lcfg.AcceptProxyProtocol {
-		h, rest, err := readProxyHeader(c.client, deadline)
-		if err != nil {
-			c.client.Close()
-			s.rec.Protocol(stats.ProtoUnknown)
-			reason := stats.SniffError
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				reason = stats.SniffTimeout
-			}
-			c.reject(o, reason, err)
-			return
-		}
-		hdr, start = h, rest
-		if h.SourceAddr != nil {
-			o.source = h.SourceAddr.String()
-		}
-	}
-
-	res, buf, err := sniff.Read(c.client, start, deadline)
-	defer buf.Release()
-	o.res = res
-	s.rec.Protocol(statsProtocol(res.Protocol))
-	if err != nil && !errors.Is(err, sniff.ErrNoName) {
-		c.client.Close()
-		reason := stats.SniffError
-		if errors.Is(err, sniff.ErrTimeout) {
-			reason = stats.SniffTimeout
-		}
-		if reason == stats.SniffError {
-			err = fmt.Errorf("%w (first bytes %s)", err, sniff.HexPrefix(buf.Bytes(), 32))
-		}
-		c.reject(o, reason, err)
-		return
-	}
-
-	endSniff()
-	dec, err := s.table.Decide(res.Name, c.lcfg.BackendPort)
-	if dec.Rule >= 0 {
-		o.rule = s.cfg.Routes[dec.Rule].Match
-	}
-	if err != nil {
-		c.client.Close()
-		c.reject(o, routeReason(err), err)
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.Connect)
-	t0 := time.Now()
-	backend, addr, err := s.Dialer.Dial(ctx, dec)
-	cancel()
-	o.backend = addr
-	if err != nil {
-		c.client.Close()
-		c.reject(o, routeReason(err), err)
-		return
-	}
-	s.rec.BackendConnect(time.Since(t0))
-	if !c.setBackend(backend) {
-		backend.Close()
-		c.client.Close()
-		o.reason, o.err = "closed", errors.New("worker: closed while dialling")
-		return
-	}
-
-	if v := s.cfg.Backend.ProxyProtocol; v != "" {
-		if err := c.writeProxyHeader(backend, v, hdr); err != nil {
-			c.client.Close()
-			backend.Close()
-			o.reason, o.err = "backend_error", err
-			return
-		}
-	}
-	// Replay every sniffed byte first, unchanged.
-	if n, err := backend.Write(buf.Bytes()); err != nil {
-		c.client.Close()
-		backend.Close()
-		s.rec.Bytes(int64(n), 0)
-		o.reason, o.err = "backend_error", fmt.Errorf("worker: replay to backend: %w", err)
-		return
-	}
-	c.in.Add(int64(len(buf.Bytes())))
-	s.rec.Bytes(int64(len(buf.Bytes())), 0)
-	buf.Release()
-
-	endSniff()
-	handedOff = true
-	c.mu.Lock()
-	defer c.mu.Unlock() // held until the Pair is recorded: close must see it
-	c.pipe = proxy.Start(c.client, backend, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(permit))
-}
-
-// States of conn.permit.
-const (
-	permitNone int32 = iota
-	permitHeld
-	permitDone
-)
-
-// pipeDone returns the done callback of c's pair; permit says whether c
-// holds a permit already.
-func (c *conn) pipeDone(permit bool) func(proxy.Result, error) {
-	return func(_ proxy.Result, err error) {
-		o := c.o
-		o.err = err
-		switch {
-		case errors.Is(err, proxy.ErrDetached):
-			o.reason, o.err = "moved", nil
-		case errors.Is(err, errDeadline):
-			o.reason = "deadline"
-		case errors.Is(err, proxy.ErrIdle):
-			o.reason = "idle"
-		case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ENOTCONN):
-			// A peer that closes without reading everything, or resets:
-			// an ordinary end for a proxy, not an operator's problem.
-			o.reason = "reset"
-		case err != nil:
-			o.reason = "error"
-		default:
-			o.reason = "ok"
-		}
-		if t := c.timer.Load(); t != nil {
-			t.Stop()
-		}
-		if c.permit.Swap(permitDone) == permitHeld {
-			permit = true
-		}
-		c.finish(o, permit)
-	}
-}
-
-// finish writes the access log and gives back what the connection held.
-func (c *conn) finish(o *outcome, permit bool) {
-	c.logDone(o)
-	if permit {
-		c.srv.limiter.Release()
-	}
-	c.srv.rec.Closed()
-	c.srv.untrack(c)
-}
-
-// writeProxyHeader sends a PROXY header naming the client (or, behind a
-// PROXY-speaking balancer, the client it named) to the backend.
-func (c *conn) writeProxyHeader(backend *net.TCPConn, version string, in *proxyproto.Header) error {
-	v := byte(1)
-	if version == "v2" {
-		v = 2
-	}
-	src, dst := c.client.RemoteAddr(), c.client.LocalAddr()
-	if in != nil && in.SourceAddr != nil && in.DestinationAddr != nil {
-		src, dst = in.SourceAddr, in.DestinationAddr
-	}
-	h := proxyproto.HeaderProxyFromAddrs(v, src, dst)
-	if _, err := h.WriteTo(backend); err != nil {
-		return fmt.Errorf("worker: send PROXY header: %w", err)
-	}
-	return nil
-}
-
-// count is proxy.Pipe's progress callback.
-func (c *conn) count(in, out int64) {
-	c.in.Add(in)
-	c.out.Add(out)
-	c.srv.rec.Bytes(in, out)
-}
-
-// reject records a connection closed without being proxied.
-func (c *conn) reject(o *outcome, r stats.Reason, err error) {
-	c.srv.rec.Rejected(r)
-	o.reason, o.err = r.String(), err
-}
-
-// routeReason maps a routing or dialling error to its metric reason.
-func routeReason(err error) stats.Reason {
-	switch {
-	case errors.Is(err, route.ErrDenied), errors.Is(err, route.ErrPrivate):
-		return stats.Denied
-	case errors.Is(err, route.ErrNoRoute):
-		return stats.NoRoute
-	default:
-		return stats.DialError
-	}
-}
-
-// logDone writes the access-log line. A connection handed to the next
-// generation gets its line there, when it ends; here only a debug line.
-func (c *conn) logDone(o *outcome) {
-	log := c.srv.log
-	level := slog.LevelInfo
-	switch o.reason {
-	case "error", "backend_error", stats.DialError.String():
-		level = slog.LevelWarn
-	case "moved":
-		level = slog.LevelDebug
-	}
-	if !log.Enabled(context.Background(), level) {
-		return
-	}
-	attrs := []slog.Attr{
-		slog.Uint64("conn", c.id),
-		slog.String("client", o.source),
-		slog.String("listener", c.lcfg.Address),
-		slog.String("protocol", o.res.Protocol.String()),
-	}
-	if o.res.Class != "" {
-		attrs = append(attrs, slog.String("class", o.res.Class))
-	}
-	if o.res.Name != "" {
-		attrs = append(attrs, slog.String("name", o.res.Name))
-	}
-	if o.res.ALPN != "" {
-		attrs = append(attrs, slog.String("alpn", o.res.ALPN))
-	}
-	if o.res.ECH {
-		attrs = append(attrs, slog.Bool("ech", true))
-	}
-	if o.rule != "" {
-		attrs = append(attrs, slog.String("rule", o.rule))
-	}
-	if o.backend.IsValid() {
-		attrs = append(attrs, slog.String("backend", o.backend.String()))
-	}
-	attrs = append(attrs,
-		slog.Int64("bytes_in", c.in.Load()),
-		slog.Int64("bytes_out", c.out.Load()),
-		slog.Duration("duration", time.Since(c.start)),
-		slog.String("result", o.reason),
-	)
-	if c.moves > 0 {
-		attrs = append(attrs, slog.Int("moves", c.moves))
-	}
-	if o.err != nil {
-		attrs = append(attrs, slog.String("err", o.err.Error()))
-	}
-	log.LogAttrs(context.Background(), level, "connection", attrs...)
-}
-
-func addrString(a net.Addr) string {
-	if a == nil {
-		return ""
-	}
-	return a.String()
-}
-
-// statsProtocol maps what package sniff recognised to its counter.
-func statsProtocol(p sniff.Protocol) stats.Protocol {
-	switch p {
-	case sniff.TLS:
-		return stats.ProtoTLS
-	case sniff.HTTP:
-		return stats.ProtoHTTP
-	case sniff.H2C:
-		return stats.ProtoH2C
-	default:
-		return stats.ProtoUnknown
-	}
 }

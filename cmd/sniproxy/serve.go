@@ -18,7 +18,7 @@ import (
 	"github.com/sniproxy/sniproxy/internal/testswitch"
 	"github.com/sniproxy/sniproxy/ipc"
 	"github.com/sniproxy/sniproxy/master"
-	"github.com/sniproxy/sniproxy/worker"
+	"github.com/sniproxy/sniproxy/worker/process"
 )
 
 // cmdRun runs the master until it stops; with keep, or as PID 1, it runs
@@ -109,8 +109,8 @@ func workerCmd(stderr io.Writer) *cobra.Command {
 
 // cmdWorker is the worker process a master starts: fd 3 is its IPC pair,
 // fds 4 on are its listening sockets, named by --sockets in order. It is not
-// meant to be run by hand. Signals are left to the master: a worker drains
-// when the master says so or when the master is gone.
+// meant to be run by hand. Signals are left to the master: a worker retires
+// when the master says so and drains when the master is gone.
 func cmdWorker(a workerArgs, stderr io.Writer) int {
 	lv := new(slog.LevelVar)
 	if l, err := logging.ParseLevel(a.level); err == nil {
@@ -126,15 +126,15 @@ func cmdWorker(a workerArgs, stderr io.Writer) int {
 		return 1
 	}
 	defer conn.Close()
-	var files []worker.NamedFile
+	var files []process.NamedFile
 	if a.sockets != "" {
 		for i, name := range strings.Split(a.sockets, ",") {
-			files = append(files, worker.NamedFile{Name: name, File: os.NewFile(uintptr(4+i), "socket-"+strconv.Itoa(i))})
+			files = append(files, process.NamedFile{Name: name, File: os.NewFile(uintptr(4+i), "socket-"+strconv.Itoa(i))})
 		}
 	}
-	p := &worker.Process{Log: log, Conn: conn, Slot: a.slot, Generation: a.generation, Files: files,
-		Switches: testswitch.Read()}
-	if err := p.Run(); err != nil {
+	err = process.Run(process.Options{Log: log, Conn: conn, Slot: a.slot, Generation: a.generation, Files: files,
+		Switches: testswitch.Read()})
+	if err != nil {
 		log.Error("worker failed", "err", err)
 		return 1
 	}

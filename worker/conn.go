@@ -1,0 +1,247 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/pires/go-proxyproto"
+
+	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/worker/proxy"
+	"github.com/sniproxy/sniproxy/worker/sniff"
+)
+
+// conn is one client connection being served: accepted here and sent
+// through the phases (serve), or moved here from another process and
+// resumed (Server.Resume). Its sockets are closed in one place, close,
+// until its pair runs; then the pair closes them.
+type conn struct {
+	srv    *Server
+	id     uint64
+	client *net.TCPConn
+	lcfg   config.Listener
+	start  time.Time
+
+	// o is what the access log will say besides the result; written by
+	// the phases before the pair starts, read when the connection ends
+	// and when it moves.
+	o *outcome
+	// moves counts the reloads this connection moved in.
+	moves int
+	// deadline, if set, is when an earlier generation's drain ends for
+	// this connection (it was moved here): it is closed then.
+	deadline time.Time
+
+	mu      sync.Mutex
+	backend *net.TCPConn
+	pipe    *proxy.Pair
+	// closed: close ran before the pair started; the sockets are closed.
+	closed bool
+	// timer closes the connection at deadline (not under mu: a pair may
+	// finish within Start, while serve holds mu).
+	timer atomic.Pointer[time.Timer]
+	// permit is the state of a permit taken after the pair started (a
+	// resumed connection): permitNone, permitHeld, or permitDone once the
+	// connection finished.
+	permit atomic.Int32
+
+	in, out atomic.Int64
+}
+
+// errDeadline closes a connection at a drain deadline.
+var errDeadline = errors.New("worker: closed at the drain deadline")
+
+// close closes the connection: through its pair once it runs (which wakes
+// a direction parked in the poller, and ends the pair with errDeadline),
+// else both sockets, only the first time. Drain calls it at its deadline,
+// Move for a connection not proxied yet, the serve path at its end.
+func (c *conn) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closeLocked()
+}
+
+// closeLocked is close with c.mu held.
+func (c *conn) closeLocked() {
+	if c.pipe != nil {
+		c.pipe.CloseWith(errDeadline)
+		return
+	}
+	if c.closed {
+		return
+	}
+	c.closed = true
+	c.client.Close()
+	if c.backend != nil {
+		c.backend.Close()
+	}
+}
+
+// setBackend hands the backend socket to c, which closes it with the
+// client's; false if c was closed meanwhile (b is closed then too).
+func (c *conn) setBackend(b *net.TCPConn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		b.Close()
+		return false
+	}
+	c.backend = b
+	return true
+}
+
+// startPair starts copying between the client and the backend set by
+// setBackend, handing both sockets to the pair; from then on the pair's
+// done callback ends the connection. c.mu is held until the pair is
+// recorded, so close (Drain, Move) sees it.
+func (c *conn) startPair(permit bool) {
+	s := c.srv
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.pipe = proxy.Start(c.client, c.backend, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(permit))
+}
+
+// outcome is what the access log says of a connection besides its result.
+type outcome struct {
+	res     sniff.Result
+	source  string // the client, or the one a PROXY header named
+	rule    string // the matching route's pattern, if one matched
+	backend netip.AddrPort
+}
+
+// States of conn.permit.
+const (
+	permitNone int32 = iota
+	permitHeld
+	permitDone
+)
+
+// pipeDone returns the done callback of c's pair, which ends the
+// connection; permit says whether c holds a permit already.
+func (c *conn) pipeDone(permit bool) func(proxy.Result, error) {
+	return func(_ proxy.Result, err error) {
+		if t := c.timer.Load(); t != nil {
+			t.Stop()
+		}
+		if c.permit.Swap(permitDone) == permitHeld {
+			permit = true
+		}
+		c.finish(copyResult(err), permit)
+	}
+}
+
+// finish ends the connection once, whatever phase it ended in: it writes
+// the access log and gives back what the connection held.
+func (c *conn) finish(r result, permit bool) {
+	if r.end == endRejected {
+		c.srv.rec.Rejected(r.reason)
+	}
+	c.logDone(r)
+	if permit {
+		c.srv.limiter.Release()
+	}
+	c.srv.rec.Closed()
+	c.srv.untrack(c)
+}
+
+// writeProxyHeader sends a PROXY header naming the client (or, behind a
+// PROXY-speaking balancer, the client it named) to the backend.
+func (c *conn) writeProxyHeader(backend *net.TCPConn, version string, in *proxyproto.Header) error {
+	v := byte(1)
+	if version == "v2" {
+		v = 2
+	}
+	src, dst := c.client.RemoteAddr(), c.client.LocalAddr()
+	if in != nil && in.SourceAddr != nil && in.DestinationAddr != nil {
+		src, dst = in.SourceAddr, in.DestinationAddr
+	}
+	h := proxyproto.HeaderProxyFromAddrs(v, src, dst)
+	if _, err := h.WriteTo(backend); err != nil {
+		return fmt.Errorf("worker: send PROXY header: %w", err)
+	}
+	return nil
+}
+
+// count is the pair's progress callback.
+func (c *conn) count(in, out int64) {
+	c.in.Add(in)
+	c.out.Add(out)
+	c.srv.rec.Bytes(in, out)
+}
+
+// logDone writes the access-log line. A connection moved to the next
+// generation gets its line there, when it ends; here only a debug line.
+func (c *conn) logDone(r result) {
+	log := c.srv.log
+	level := r.level()
+	if !log.Enabled(context.Background(), level) {
+		return
+	}
+	o := c.o
+	attrs := []slog.Attr{
+		slog.Uint64("conn", c.id),
+		slog.String("client", o.source),
+		slog.String("listener", c.lcfg.Address),
+		slog.String("protocol", o.res.Protocol.String()),
+	}
+	if o.res.Class != "" {
+		attrs = append(attrs, slog.String("class", o.res.Class))
+	}
+	if o.res.Name != "" {
+		attrs = append(attrs, slog.String("name", o.res.Name))
+	}
+	if o.res.ALPN != "" {
+		attrs = append(attrs, slog.String("alpn", o.res.ALPN))
+	}
+	if o.res.ECH {
+		attrs = append(attrs, slog.Bool("ech", true))
+	}
+	if o.rule != "" {
+		attrs = append(attrs, slog.String("rule", o.rule))
+	}
+	if o.backend.IsValid() {
+		attrs = append(attrs, slog.String("backend", o.backend.String()))
+	}
+	attrs = append(attrs,
+		slog.Int64("bytes_in", c.in.Load()),
+		slog.Int64("bytes_out", c.out.Load()),
+		slog.Duration("duration", time.Since(c.start)),
+		slog.String("result", r.String()),
+	)
+	if c.moves > 0 {
+		attrs = append(attrs, slog.Int("moves", c.moves))
+	}
+	if r.err != nil {
+		attrs = append(attrs, slog.String("err", r.err.Error()))
+	}
+	log.LogAttrs(context.Background(), level, "connection", attrs...)
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+// statsProtocol maps what package sniff recognised to its counter.
+func statsProtocol(p sniff.Protocol) stats.Protocol {
+	switch p {
+	case sniff.TLS:
+		return stats.ProtoTLS
+	case sniff.HTTP:
+		return stats.ProtoHTTP
+	case sniff.H2C:
+		return stats.ProtoH2C
+	default:
+		return stats.ProtoUnknown
+	}
+}

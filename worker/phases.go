@@ -1,0 +1,336 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/pires/go-proxyproto"
+
+	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/worker/proxy"
+	"github.com/sniproxy/sniproxy/worker/route"
+	"github.com/sniproxy/sniproxy/worker/sniff"
+)
+
+// end is the kind of a result: how a phase, or the whole connection,
+// ended.
+type end uint8
+
+const (
+	// endNext: the phase succeeded; the connection goes on to the next.
+	endNext end = iota
+	// endRejected: closed before it was proxied, for result.reason
+	// (counted in sniproxy_connections_rejected_total).
+	endRejected
+	// endClosed: closed by a drain or a move while it was dialling.
+	endClosed
+	// endBackendError: the backend failed while the sniffed bytes were
+	// replayed to it.
+	endBackendError
+	// endCopying: the pair runs; its end ends the connection.
+	endCopying
+
+	// The ends of a pair (copyResult).
+
+	endOK       // both directions ended cleanly
+	endIdle     // the idle timeout
+	endReset    // a peer reset or left without reading everything
+	endError    // any other error
+	endDeadline // closed at a drain deadline
+	endMoved    // detached and moved to another process
+)
+
+// endNames are the access log's "result" values of every end but
+// endRejected, whose value is its reason.
+var endNames = [...]string{
+	endNext:         "",
+	endRejected:     "",
+	endClosed:       "closed",
+	endBackendError: "backend_error",
+	endCopying:      "",
+	endOK:           "ok",
+	endIdle:         "idle",
+	endReset:        "reset",
+	endError:        "error",
+	endDeadline:     "deadline",
+	endMoved:        "moved",
+}
+
+// result is what a phase of the serve path returns: the zero value (go on
+// to the next phase), or how the connection ended, which the one cleanup
+// (path.end, or the pair's done callback) logs as the access log's
+// "result" and "err" and counts.
+type result struct {
+	end    end
+	reason stats.Reason // why, for endRejected
+	err    error        // logged as "err"
+}
+
+// rejected returns the result of a connection closed for reason.
+func rejected(reason stats.Reason, err error) result {
+	return result{end: endRejected, reason: reason, err: err}
+}
+
+// String returns the access log's "result" value.
+func (r result) String() string {
+	if r.end == endRejected {
+		return r.reason.String()
+	}
+	return endNames[r.end]
+}
+
+// level is the access log level of r: a warning for what an operator may
+// have to fix, debug for a connection that moved (its line comes from the
+// worker that serves it last).
+func (r result) level() slog.Level {
+	switch {
+	case r.end == endError, r.end == endBackendError, r.end == endRejected && r.reason == stats.DialError:
+		return slog.LevelWarn
+	case r.end == endMoved:
+		return slog.LevelDebug
+	}
+	return slog.LevelInfo
+}
+
+// copyResult maps how a pair ended to its result.
+func copyResult(err error) result {
+	switch {
+	case errors.Is(err, proxy.ErrDetached):
+		return result{end: endMoved}
+	case errors.Is(err, errDeadline):
+		return result{end: endDeadline, err: err}
+	case errors.Is(err, proxy.ErrIdle):
+		return result{end: endIdle, err: err}
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ENOTCONN):
+		// A peer that closes without reading everything, or resets: an
+		// ordinary end for a proxy, not an operator's problem.
+		return result{end: endReset, err: err}
+	case err != nil:
+		return result{end: endError, err: err}
+	}
+	return result{end: endOK}
+}
+
+// routeReason maps a routing or dialling error to its metric reason.
+func routeReason(err error) stats.Reason {
+	switch {
+	case errors.Is(err, route.ErrDenied), errors.Is(err, route.ErrPrivate):
+		return stats.Denied
+	case errors.Is(err, route.ErrNoRoute):
+		return stats.NoRoute
+	default:
+		return stats.DialError
+	}
+}
+
+// path is one accepted connection on its way through the phases: what
+// each phase hands on to the next, and what the cleanup (end) gives back.
+// It lives on serve's goroutine only.
+type path struct {
+	c *conn
+	// permit: admit took a permit; whoever ends the connection returns it.
+	permit bool
+	// sniffing: admit took one of the server's sniff slots; route (or end)
+	// gives it back.
+	sniffing bool
+	// counted: the connection is in the protocol counter.
+	counted bool
+	hdr     *proxyproto.Header // the PROXY header the client sent, if any
+	buf     *sniff.Buffer      // the sniffed bytes, until replayed
+	dec     route.Decision
+}
+
+// serve runs the phases admit → sniff → route → dial → replay → copy in
+// turn until one ends the connection, then ends it (path.end). The copy
+// phase hands both sockets to a pair and returns, so that this goroutine
+// (whose stack grew while sniffing and dialling) does not stay parked for
+// the life of an idle connection; the pair's done callback ends the
+// connection then.
+func (c *conn) serve() {
+	c.o = &outcome{source: addrString(c.client.RemoteAddr())}
+	p := &path{c: c}
+	p.end(p.run())
+}
+
+// run runs the phases and returns the result of the last one run.
+func (p *path) run() result {
+	if r := p.admit(); r.end != endNext {
+		return r
+	}
+	if r := p.sniff(); r.end != endNext {
+		return r
+	}
+	if r := p.route(); r.end != endNext {
+		return r
+	}
+	if r := p.dial(); r.end != endNext {
+		return r
+	}
+	if r := p.replay(); r.end != endNext {
+		return r
+	}
+	return p.copy()
+}
+
+// end is the serve path's one cleanup. Unless the pair runs (it ends the
+// connection itself), it closes the sockets, gives back the sniff slot
+// and buffer, counts the connection and writes its access-log line
+// (conn.finish), returning the permit.
+func (p *path) end(r result) {
+	if r.end == endCopying {
+		return
+	}
+	c := p.c
+	c.close()
+	p.endSniff()
+	p.releaseBuffer()
+	if !p.counted {
+		c.srv.rec.Protocol(stats.ProtoUnknown)
+	}
+	c.finish(r, p.permit)
+}
+
+// admit takes a permit of the global limit and a slot of the sniff limit
+// (see SniffLimit).
+func (p *path) admit() result {
+	s := p.c.srv
+	if s.limiter != nil {
+		if !s.limiter.Acquire() {
+			return rejected(stats.Limit, errors.New("worker: max_connections reached"))
+		}
+		p.permit = true
+	}
+	// Accepted connections already have TCP keepalive (Go's default for a
+	// listener, 15s); backends get it from the dialer.
+	if s.sniffing.Add(1) > s.sniffLimit {
+		s.sniffing.Add(-1)
+		return rejected(stats.Limit, errors.New("worker: too many connections in the sniff phase"))
+	}
+	p.sniffing = true
+	return result{}
+}
+
+// endSniff gives back the sniff slot admit took, once.
+func (p *path) endSniff() {
+	if p.sniffing {
+		p.sniffing = false
+		p.c.srv.sniffing.Add(-1)
+	}
+}
+
+// releaseBuffer returns the sniffed bytes' buffer, once.
+func (p *path) releaseBuffer() {
+	if p.buf != nil {
+		p.buf.Release()
+		p.buf = nil
+	}
+}
+
+// sniff reads the PROXY header a listener expects, then the first bytes
+// for the protocol and name, all within timeouts.client_hello of the
+// accept. It counts the connection under the protocol it found.
+func (p *path) sniff() result {
+	c, s := p.c, p.c.srv
+	deadline := c.start.Add(s.cfg.Timeouts.ClientHello)
+	var start []byte
+	if c.lcfg.AcceptProxyProtocol {
+		h, rest, err := readProxyHeader(c.client, deadline)
+		if err != nil {
+			p.countProtocol()
+			reason := stats.SniffError
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				reason = stats.SniffTimeout
+			}
+			return rejected(reason, err)
+		}
+		p.hdr, start = h, rest
+		if h.SourceAddr != nil {
+			c.o.source = h.SourceAddr.String()
+		}
+	}
+
+	res, buf, err := sniff.Read(c.client, start, deadline)
+	p.buf = buf
+	c.o.res = res
+	p.countProtocol()
+	if err != nil && !errors.Is(err, sniff.ErrNoName) {
+		if errors.Is(err, sniff.ErrTimeout) {
+			return rejected(stats.SniffTimeout, err)
+		}
+		return rejected(stats.SniffError, fmt.Errorf("%w (first bytes %s)", err, sniff.HexPrefix(buf.Bytes(), 32)))
+	}
+	return result{}
+}
+
+// countProtocol counts the connection under the protocol sniffed so far
+// (unknown if none).
+func (p *path) countProtocol() {
+	p.c.srv.rec.Protocol(statsProtocol(p.c.o.res.Protocol))
+	p.counted = true
+}
+
+// route ends the sniff phase and decides where the name goes.
+func (p *path) route() result {
+	c, s := p.c, p.c.srv
+	p.endSniff()
+	dec, err := s.table.Decide(c.o.res.Name, c.lcfg.BackendPort)
+	if dec.Rule >= 0 {
+		c.o.rule = s.cfg.Routes[dec.Rule].Match
+	}
+	if err != nil {
+		return rejected(routeReason(err), err)
+	}
+	p.dec = dec
+	return result{}
+}
+
+// dial connects to the backend within timeouts.connect.
+func (p *path) dial() result {
+	c, s := p.c, p.c.srv
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.Connect)
+	t0 := time.Now()
+	backend, addr, err := s.Dialer.Dial(ctx, p.dec)
+	cancel()
+	c.o.backend = addr
+	if err != nil {
+		return rejected(routeReason(err), err)
+	}
+	s.rec.BackendConnect(time.Since(t0))
+	if !c.setBackend(backend) {
+		return result{end: endClosed, err: errors.New("worker: closed while dialling")}
+	}
+	return result{}
+}
+
+// replay sends the backend a PROXY header if configured, then every
+// sniffed byte, unchanged.
+func (p *path) replay() result {
+	c, s := p.c, p.c.srv
+	backend := c.backend // set by dial; only serve's goroutine writes it
+	if v := s.cfg.Backend.ProxyProtocol; v != "" {
+		if err := c.writeProxyHeader(backend, v, p.hdr); err != nil {
+			return result{end: endBackendError, err: err}
+		}
+	}
+	b := p.buf.Bytes()
+	if n, err := backend.Write(b); err != nil {
+		s.rec.Bytes(int64(n), 0)
+		return result{end: endBackendError, err: fmt.Errorf("worker: replay to backend: %w", err)}
+	}
+	c.in.Add(int64(len(b)))
+	s.rec.Bytes(int64(len(b)), 0)
+	p.releaseBuffer()
+	return result{}
+}
+
+// copy hands both sockets to a pair that copies both ways (package proxy)
+// and ends the connection when it ends.
+func (p *path) copy() result {
+	p.c.startPair(p.permit)
+	return result{end: endCopying}
+}

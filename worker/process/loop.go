@@ -1,0 +1,444 @@
+package process
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/lease"
+	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/internal/testswitch"
+	"github.com/sniproxy/sniproxy/ipc"
+	"github.com/sniproxy/sniproxy/worker"
+)
+
+// StatsInterval is how often a worker process pushes counter deltas.
+const StatsInterval = time.Second
+
+// moveTimeout bounds how long a worker tries to move its connections: the
+// next generation waits for this one to exit.
+const moveTimeout = 5 * time.Second
+
+// phase is where a worker process is in its life.
+type phase uint8
+
+const (
+	// serving: accepting, and resuming the connections the master moves
+	// here.
+	serving phase = iota
+	// stopping: told to retire, move or stop (or the master is gone); the
+	// listeners are closing.
+	stopping
+	// draining: accepting no more; waiting for the connections to end,
+	// or moving them first.
+	draining
+)
+
+// moveState is how far moving the connections is.
+type moveState uint8
+
+const (
+	moveNone    moveState = iota
+	moveWanted            // the master said Migrate; starts once accepting stopped
+	moveRunning           // Server.Move runs
+	moveDone
+)
+
+// inbound is one message from the master as the reader goroutine passes it
+// to the loop, or the error that ended reading.
+type inbound struct {
+	msg  ipc.Message
+	body ipc.Body
+	err  error
+}
+
+// loop is a worker process's control loop. Its fields below the line are
+// owned by the goroutine in run; the rest is set up before and read only.
+type loop struct {
+	log      *slog.Logger
+	conn     *ipc.Conn
+	slot     int
+	switches testswitch.Switches
+	cfg      *config.Config
+	srv      *worker.Server
+	counters *stats.Counters
+	leases   *leases
+	client   *lease.Client
+
+	// Events for the loop, each sent by one goroutine.
+	inbox   chan inbound  // the reader
+	served  chan error    // Server.Serve returned
+	moved   chan struct{} // move returned
+	drained chan int      // Server.Drain returned: connections it closed
+	done    chan struct{} // closed when run returns
+
+	// ----- owned by run's goroutine -----
+	phase         phase
+	masterLost    bool
+	stopAccepting context.CancelFunc // ends Serve
+	acceptStopped bool               // stopAccepting was called
+	serveEnded    bool               // Serve returned
+	stopDelay     <-chan time.Time   // test switch StopDelay: stop accepting then
+	move          moveState
+	// drainBy is when the drain ends at the latest; zero: no deadline
+	// (until the connections end, a Stop or the master is gone).
+	drainBy     time.Time
+	deadline    *time.Timer // fires at drainBy once draining; nil if none
+	cancelDrain context.CancelFunc
+	stopNow     bool // end the drain at once: Stop, or the connections moved
+	prev        stats.Snapshot
+}
+
+// newLoop makes the loop and its server for cfg.
+func newLoop(o Options, cfg *config.Config) (*loop, error) {
+	l := &loop{
+		log:      o.Log,
+		conn:     o.Conn,
+		slot:     o.Slot,
+		switches: o.Switches,
+		cfg:      cfg,
+		counters: new(stats.Counters),
+		leases:   &leases{conn: o.Conn, log: o.Log},
+		inbox:    make(chan inbound),
+		served:   make(chan error, 1),
+		moved:    make(chan struct{}, 1),
+		drained:  make(chan int, 1),
+		done:     make(chan struct{}),
+	}
+	l.client = lease.NewClient(l.leases, lease.BlockSize(cfg.MaxConnections, max(cfg.Workers, 1)))
+	srv, err := worker.New(cfg, o.Log, l.counters, l.client)
+	if err != nil {
+		return nil, fmt.Errorf("process: %w", err)
+	}
+	if o.Switches.FreshSockets {
+		// The reload negative control (see testswitch.Switches).
+		srv.LingerOnStop = 300 * time.Millisecond
+	}
+	l.srv = srv
+	return l, nil
+}
+
+// run serves lns, says Ready and handles events until the drain is over.
+func (l *loop) run(lns []worker.Listener) error {
+	defer close(l.done)
+	// Whatever happens, no connection waits for a grant that will not
+	// come once the loop is gone.
+	defer l.leases.lose()
+	ctx, stopAccepting := context.WithCancel(context.Background())
+	defer stopAccepting()
+	l.stopAccepting = stopAccepting
+	go l.serve(ctx, lns)
+	if err := l.conn.SendBody(ipc.Ready{}); err != nil {
+		return fmt.Errorf("process: ready: %w", err)
+	}
+	l.log.Debug("worker ready", "slot", l.slot, "listeners", len(lns))
+	go l.read()
+
+	tick := time.NewTicker(StatsInterval)
+	defer tick.Stop()
+	for {
+		var deadline <-chan time.Time
+		if l.deadline != nil {
+			deadline = l.deadline.C
+		}
+		select {
+		case in := <-l.inbox:
+			if in.err != nil {
+				l.lose(in.err)
+				continue
+			}
+			l.handle(in.msg, in.body)
+		case err := <-l.served:
+			l.serveEnded = true
+			if err != nil {
+				l.log.Error("serving failed", "err", err)
+			}
+			if l.acceptStopped {
+				l.startDrain()
+			}
+		case <-l.stopDelay:
+			l.stopDelay = nil
+			l.closeListeners()
+		case <-l.moved:
+			l.move = moveDone
+			// What could not be moved is closed now.
+			l.endDrain()
+		case <-deadline:
+			l.deadline = nil
+			l.endDrain()
+		case closed := <-l.drained:
+			if l.deadline != nil {
+				l.deadline.Stop()
+			}
+			if l.move == moveRunning {
+				// Drain waited for the move; its log line is next.
+				<-l.moved
+			}
+			if closed > 0 {
+				l.log.Warn("drain deadline reached; closed connections", "closed", closed)
+			}
+			l.pushStats()
+			return nil
+		case <-tick.C:
+			l.pushStats()
+		}
+	}
+}
+
+// serve runs the server's accept loops until ctx is done.
+func (l *loop) serve(ctx context.Context, lns []worker.Listener) {
+	l.served <- l.srv.Serve(ctx, lns)
+}
+
+// read passes the master's messages to the loop until reading fails (the
+// master is gone, or sent what cannot be decoded), which it passes on
+// last. It does nothing else, so the loop alone acts on them.
+func (l *loop) read() {
+	for {
+		m, err := l.conn.Recv()
+		var b ipc.Body
+		if err == nil {
+			if b, err = ipc.Decode(m); err != nil {
+				m.CloseFiles()
+			}
+		}
+		select {
+		case l.inbox <- inbound{msg: m, body: b, err: err}:
+		case <-l.done:
+			if err == nil {
+				m.CloseFiles()
+			}
+			return
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// handle acts on one message from the master. It closes the message's
+// files unless it hands them on.
+func (l *loop) handle(m ipc.Message, b ipc.Body) {
+	if l.masterLost {
+		// Only after a message broke the protocol: the rest is ignored.
+		m.CloseFiles()
+		return
+	}
+	switch b := b.(type) {
+	case ipc.LeaseGrant:
+		if err := l.leases.grant(b.N); err != nil && l.phase == serving {
+			l.lose(err)
+		}
+	case ipc.Ping:
+		l.conn.SendBody(ipc.Pong(b))
+	case ipc.Revoke:
+		// Every spare goes back to the pool, for a sibling that found it
+		// dry.
+		l.client.Revoke(l.client.Spare())
+	case ipc.Connection:
+		if l.phase != serving {
+			// Draining may be over before it could be served.
+			m.CloseFiles()
+			l.log.Warn("a connection moved to a retiring worker was closed")
+			return
+		}
+		// Here, not on a goroutine: the connection must be tracked before
+		// a retire that follows it is handled.
+		if err := l.srv.Resume(b.State, m.Files[0], m.Files[1]); err != nil {
+			l.log.Warn("could not resume a moved connection", "err", err)
+		}
+	case ipc.Drain: // retire
+		m.CloseFiles()
+		if l.phase != serving {
+			return
+		}
+		l.log.Info("retiring", "slot", l.slot, "active", l.srv.Active(), "deadline", b.Deadline)
+		l.drainBy = b.Deadline
+		l.retire()
+	case ipc.Migrate: // move
+		m.CloseFiles()
+		switch {
+		case l.phase == serving:
+			// A hurry before any retire: moved connections keep a
+			// deadline of shutdown_timeout from now.
+			l.drainBy = time.Now().Add(l.cfg.ShutdownTimeout)
+			l.move = moveWanted
+			l.retire()
+		case l.move == moveNone:
+			l.move = moveWanted
+			if l.phase == draining {
+				l.startMove()
+			}
+		}
+	case ipc.Stop:
+		m.CloseFiles()
+		l.stopNow = true
+		if l.phase == serving {
+			l.retire()
+		} else {
+			l.endDrain()
+		}
+	default:
+		m.CloseFiles()
+		l.log.Warn("unexpected message from master", "type", m.Type.String())
+	}
+}
+
+// retire begins the end: stop accepting (after the test switch's delay,
+// if the master said so), then drain.
+func (l *loop) retire() {
+	l.phase = stopping
+	if d := l.switches.StopDelay; d > 0 && !l.masterLost {
+		// Test-only: a worker slow to stop accepting, so that the e2e
+		// test can show a reload is answered only after it has.
+		l.stopDelay = time.After(d)
+		return
+	}
+	l.closeListeners()
+}
+
+// closeListeners stops accepting; once Serve has returned, startDrain.
+func (l *loop) closeListeners() {
+	if l.acceptStopped {
+		return
+	}
+	l.acceptStopped = true
+	l.stopAccepting()
+	if l.serveEnded {
+		l.startDrain()
+	}
+}
+
+// startDrain runs once accepting has stopped: spare permits go back for
+// the next generation, the master hears it (a reload is answered once the
+// old workers have stopped accepting), and the connections are moved
+// first if the master asked, then drained.
+func (l *loop) startDrain() {
+	if l.phase == draining {
+		return
+	}
+	l.phase = draining
+	l.client.Drain()
+	if !l.masterLost {
+		l.conn.SendBody(ipc.Stopped{})
+	}
+	if l.move == moveWanted {
+		// Drain starts when the move is over (endDrain), so that its
+		// deadline cannot close a connection being moved.
+		l.startMove()
+		return
+	}
+	l.runDrain()
+}
+
+// runDrain starts Server.Drain, ended by endDrain or at drainBy.
+func (l *loop) runDrain() {
+	ctx, cancel := context.WithCancel(context.Background())
+	l.cancelDrain = cancel
+	if l.stopNow {
+		cancel()
+	} else {
+		l.armDeadline()
+	}
+	go func() {
+		defer cancel()
+		l.drained <- l.srv.Drain(ctx)
+	}()
+}
+
+// armDeadline sets the drain's timer to drainBy, or none for the zero
+// time.
+func (l *loop) armDeadline() {
+	if l.deadline != nil {
+		l.deadline.Stop()
+		l.deadline = nil
+	}
+	if !l.drainBy.IsZero() {
+		l.deadline = time.NewTimer(time.Until(l.drainBy))
+	}
+}
+
+// endDrain ends the drain now: the connections left are closed. A drain
+// not started yet (a move under way) starts ended.
+func (l *loop) endDrain() {
+	l.stopNow = true
+	switch {
+	case l.cancelDrain != nil:
+		l.cancelDrain()
+	case l.phase == draining && l.move != moveRunning:
+		l.runDrain()
+	}
+}
+
+// startMove moves every proxied connection to the master, which sends it
+// on to the next generation (see worker.Server.Move); the loop hears
+// moved when it is over.
+func (l *loop) startMove() {
+	l.move = moveRunning
+	go l.moveConnections(l.drainBy)
+}
+
+// moveConnections runs Server.Move with the ipc connection as the way out.
+func (l *loop) moveConnections(drainBy time.Time) {
+	defer func() { l.moved <- struct{}{} }()
+	active := l.srv.Active()
+	t0 := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), moveTimeout)
+	defer cancel()
+	// A master that stops reading must not hold this worker past the
+	// time its successor waits for this generation to exit.
+	l.conn.SetWriteDeadline(time.Now().Add(moveTimeout + time.Second))
+	defer l.conn.SetWriteDeadline(time.Time{})
+	moved, closed := l.srv.Move(ctx, drainBy, func(state []byte, client, backend *os.File) error {
+		return l.conn.SendBody(ipc.Connection{State: state}, client, backend)
+	})
+	l.log.Info("moved connections to the next generation", "slot", l.slot, "active", active,
+		"moved", moved, "closed", closed, "took", time.Since(t0))
+}
+
+// lose handles the end of the lifeline (or a message that breaks the
+// protocol): permits become local, and the worker drains on its own,
+// within shutdown_timeout from now at most, as a graceful stop would.
+func (l *loop) lose(err error) {
+	if l.masterLost {
+		return
+	}
+	l.masterLost = true
+	l.leases.lose()
+	if !errors.Is(err, io.EOF) {
+		l.log.Warn("lost the master", "err", err)
+	}
+	if by := time.Now().Add(l.cfg.ShutdownTimeout); l.drainBy.IsZero() || by.Before(l.drainBy) {
+		l.drainBy = by
+		if l.cancelDrain != nil && !l.stopNow {
+			l.armDeadline()
+		}
+	}
+	switch l.phase {
+	case serving:
+		l.retire()
+	case stopping:
+		// Told already; the delay of the test switch no longer applies.
+		if l.stopDelay != nil {
+			l.stopDelay = nil
+			l.closeListeners()
+		}
+	}
+}
+
+// pushStats sends the counters' delta since the last push, if any.
+func (l *loop) pushStats() {
+	cur := l.counters.Snapshot()
+	d := cur.Sub(l.prev)
+	if d == (stats.Snapshot{}) {
+		return
+	}
+	if err := l.conn.SendBody(ipc.Stats{Delta: d}); err == nil {
+		l.prev = cur
+	}
+}
