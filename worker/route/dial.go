@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -212,7 +213,15 @@ func (d *Dialer) resolve(ctx context.Context, host string, dnsRouted bool) ([]ne
 	if r == nil {
 		r = net.DefaultResolver
 	}
-	found, err := r.LookupNetIP(ctx, "ip", host)
+	name := host
+	if dnsRouted {
+		// A client's name is looked up as it stands, rooted, so the
+		// resolver's search list never applies: with "search corp.example"
+		// and ndots:5, SNI "secret" would otherwise reach
+		// secret.corp.example whatever the denylist says about it.
+		name = strings.TrimSuffix(host, ".") + "."
+	}
+	found, err := r.LookupNetIP(ctx, "ip", name)
 	if err != nil {
 		return nil, fmt.Errorf("resolve %q: %w: %w", host, sentinel, err)
 	}

@@ -16,7 +16,8 @@ import (
 // Every address really dialled in these tests is a loopback address. Other
 // addresses only ever reach the check functions.
 
-// fakeResolver answers from a map; a missing name is NXDOMAIN.
+// fakeResolver answers from a map; a missing name is NXDOMAIN. It has no
+// search list: "a.test." and "a.test" are the same name.
 type fakeResolver struct {
 	mu    sync.Mutex
 	hosts map[string][]netip.Addr
@@ -27,7 +28,7 @@ func (r *fakeResolver) LookupNetIP(ctx context.Context, network, host string) ([
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.asked = append(r.asked, network+" "+host)
-	addrs, ok := r.hosts[host]
+	addrs, ok := r.hosts[strings.TrimSuffix(host, ".")]
 	if !ok {
 		return nil, &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}
 	}
@@ -209,7 +210,7 @@ func TestDialDNSRoutedLoopback(t *testing.T) {
 		t.Errorf("Dial: got address %s; want %s", ap, l.addr)
 	}
 	echo(t, c)
-	if got, want := res.asked, []string{"ip rebind.test", "ip rebind.test"}; strings.Join(got, ",") != strings.Join(want, ",") {
+	if got, want := res.asked, []string{"ip rebind.test.", "ip rebind.test."}; strings.Join(got, ",") != strings.Join(want, ",") {
 		t.Errorf("resolver asked %q; want %q", got, want)
 	}
 	time.Sleep(50 * time.Millisecond)
@@ -398,6 +399,46 @@ func TestDefaultInterfaceAddrs(t *testing.T) {
 		}
 	}
 	t.Logf("127.0.0.1 not among %v (loopback is covered without the list)", addrs)
+}
+
+// searchResolver resolves the way the C library and Go's resolver do with
+// "search corp.example" and "options ndots:5" in resolv.conf (Kubernetes
+// pods have ndots:5): a name with fewer dots than ndots, not rooted, is
+// first tried with the search domain appended.
+type searchResolver struct {
+	fakeResolver
+	search string
+	ndots  int
+}
+
+func (r *searchResolver) LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error) {
+	if !strings.HasSuffix(host, ".") && strings.Count(host, ".") < r.ndots {
+		if addrs, err := r.fakeResolver.LookupNetIP(ctx, network, host+"."+r.search); err == nil {
+			return addrs, nil
+		}
+	}
+	return r.fakeResolver.LookupNetIP(ctx, network, host)
+}
+
+// TestDialDNSRoutedNoSearchList: a DNS-routed name is looked up as it was
+// asked for, never with the resolver's search list appended, or SNI
+// "secret" would reach secret.corp.example past a denylist of
+// "*.corp.example".
+func TestDialDNSRoutedNoSearchList(t *testing.T) {
+	l := listen(t, "127.0.0.1:0")
+	res := &searchResolver{fakeResolver: *resolver("secret.corp.example", "127.0.0.1"), search: "corp.example", ndots: 5}
+	d := &Dialer{Timeout: 5 * time.Second, AllowPrivate: true, Resolver: res}
+	c, ap, err := d.Dial(context.Background(), Decision{Rule: -1, Host: "secret", Port: int(l.addr.Port())})
+	if err == nil {
+		c.Close()
+		t.Fatalf("Dial(secret): reached %s; want %v", ap, ErrNoRoute)
+	}
+	if !errors.Is(err, ErrNoRoute) {
+		t.Errorf("Dial(secret): got error %v; want %v", err, ErrNoRoute)
+	}
+	if got := l.count(); got != 0 {
+		t.Errorf("listener of secret.corp.example accepted %d connections; want 0", got)
+	}
 }
 
 func TestDialTriesNextAddress(t *testing.T) {
