@@ -30,6 +30,9 @@ type flight struct {
 	done  chan struct{} // closed once addrs and err are set
 	addrs []netip.Addr
 	err   error
+	// waiters counts the callers that joined the flight after the one
+	// that started it (under dnsCache.mu): what one query saved.
+	waiters int
 }
 
 // dnsCache holds at most max answers, evicting the least recently used,

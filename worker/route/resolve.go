@@ -209,7 +209,9 @@ func (r *DNSResolver) lookupType(ctx context.Context, qname dnsmessage.Name, qty
 		return addrs, nil
 	}
 	f, ok := c.flights[k]
-	if !ok {
+	if ok {
+		f.waiters++
+	} else {
 		f = &flight{done: make(chan struct{})}
 		c.flights[k] = f
 		// The query runs on its own: a caller that gives up must not
