@@ -64,6 +64,24 @@
 // private and loopback included, and their host names are resolved and each
 // address tried in turn without the check.
 //
+// # Resolution
+//
+// The two kinds of backend host names are resolved apart ([Dialer]):
+//
+//   - DNS-routed names, which clients choose, go to Dialer.DNS, by default a
+//     [DNSResolver]: absolute names (no search list, so SNI "secret" cannot
+//     become secret.corp.example past the denylist), asked of the name
+//     servers of /etc/resolv.conf, not of /etc/hosts; localhost names are
+//     loopback (RFC 6761). Answers are cached for their TTL, negative ones
+//     for the SOA's negative TTL, in a bounded cache.
+//   - Host names of explicit routes, which the operator wrote, go to
+//     Dialer.Resolver, by default the system's (net.DefaultResolver):
+//     /etc/hosts and the search list apply, with no cache of ours.
+//
+// Dialer.Family (backend.dns_family) then keeps the addresses of the
+// families it allows, in its order, and [Dialer.Dial] tries them in turn
+// within the connect timeout, applying the address policy to each.
+//
 // # Errors and metrics
 //
 // Every error wraps one of the sentinels; [ReasonOf] maps an error to the
