@@ -54,16 +54,11 @@ func newDNSCache(max int) *dnsCache {
 	}
 }
 
-// get returns the answer cached for k, if one is and has not expired at
-// now. The addresses are a fresh slice, rotated by one more place at every
-// hit, so that connections spread over a name's addresses for as long as
-// its answer is cached, as they did over a name server's rotated answers.
-func (c *dnsCache) get(k cacheKey, now time.Time) (addrs []netip.Addr, ok bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.getLocked(k, now)
-}
-
+// getLocked returns the answer cached for k, if one is and has not expired
+// at now. The addresses are a fresh slice, rotated by one more place at
+// every hit, so that connections spread over a name's addresses for as long
+// as its answer is cached, as they did over a name server's rotated answers.
+// c.mu must be held.
 func (c *dnsCache) getLocked(k cacheKey, now time.Time) ([]netip.Addr, bool) {
 	el, ok := c.entries[k]
 	if !ok {

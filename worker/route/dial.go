@@ -40,8 +40,8 @@ type Resolver interface {
 // addresses).
 type Dialer struct {
 	// Timeout bounds the whole dial phase (timeouts.connect): resolution and
-	// every address tried, together. Addresses are tried in the resolver's
-	// order, at most 16 of them; each gets an equal share of the time left,
+	// every address tried, together. Addresses are tried in the order
+	// Family gives, at most 16 of them; each gets an equal share of the time left,
 	// but at least 2s (or all that is left). Zero means no limit beyond ctx.
 	Timeout time.Duration
 
@@ -103,10 +103,11 @@ type localAddrs struct {
 // keep-alive set per KeepAlive, and the address it reached.
 //
 // An explicit route (dec.Rule >= 0) may reach any address; a host name is
-// resolved and each address tried in turn. A DNS-routed name (dec.Rule == -1)
-// is resolved and each address that passes the address policy is tried in
-// turn; the policy is enforced in the socket's Control hook, on the address
-// actually being connected, before any packet is sent.
+// resolved by Resolver and each address tried in turn. A DNS-routed name
+// (dec.Rule == -1) is resolved by DNS, as an absolute name, and each address
+// that passes the address policy is tried in turn; the policy is enforced in
+// the socket's Control hook, on the address actually being connected,
+// before any packet is sent.
 //
 // Errors: a DNS-routed name with no address, or whose look-up fails or times
 // out, is [ErrNoRoute] (an explicit route's host is [ErrDial]); when every
