@@ -2,6 +2,7 @@ package route
 
 import (
 	"container/list"
+	"context"
 	"net/netip"
 	"sync"
 	"time"
@@ -31,8 +32,12 @@ type flight struct {
 	addrs []netip.Addr
 	err   error
 	// waiters counts the callers that joined the flight after the one
-	// that started it (under dnsCache.mu): what one query saved.
+	// that started it: what one query saved. refs counts the callers
+	// still waiting; the last to give up calls cancel. Both under
+	// dnsCache.mu.
 	waiters int
+	refs    int
+	cancel  context.CancelFunc
 }
 
 // dnsCache holds at most max answers, evicting the least recently used,

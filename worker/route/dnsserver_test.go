@@ -74,14 +74,18 @@ func (s *dnsServer) serveUDP(t *testing.T) {
 		if !ok {
 			continue
 		}
-		for _, m := range s.handle(id, q, false) {
-			b, err := m.Pack()
-			if err != nil {
-				t.Errorf("dns server: pack: %v", err)
-				return
+		s.wg.Add(1)
+		go func() { // a handler may hold its reply back
+			defer s.wg.Done()
+			for _, m := range s.handle(id, q, false) {
+				b, err := m.Pack()
+				if err != nil {
+					t.Errorf("dns server: pack: %v", err)
+					return
+				}
+				s.udp.WriteTo(b, from)
 			}
-			s.udp.WriteTo(b, from)
-		}
+		}()
 	}
 }
 

@@ -211,26 +211,41 @@ func (r *DNSResolver) lookupType(ctx context.Context, qname dnsmessage.Name, qty
 	f, ok := c.flights[k]
 	if ok {
 		f.waiters++
+		f.refs++
 	} else {
-		f = &flight{done: make(chan struct{})}
+		// The query runs on its own, so that a caller that gives up does
+		// not cancel it for the others waiting; the last one to give up
+		// does, so that clients asking for names whose servers never
+		// answer cannot pile up queries beyond their own patience.
+		fctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		f = &flight{done: make(chan struct{}), refs: 1, cancel: cancel}
 		c.flights[k] = f
-		// The query runs on its own: a caller that gives up must not
-		// cancel it for the others waiting.
-		go r.fly(context.WithoutCancel(ctx), k, qname, f)
+		go r.fly(fctx, k, qname, f)
 	}
 	c.mu.Unlock()
 	select {
 	case <-f.done:
 		return f.addrs, f.err
 	case <-ctx.Done():
+		c.mu.Lock()
+		f.refs--
+		if f.refs == 0 {
+			f.cancel()
+			if c.flights[k] == f {
+				delete(c.flights, k)
+			}
+		}
+		c.mu.Unlock()
 		return nil, &net.DNSError{Err: ctx.Err().Error(), Name: k.name, IsTimeout: true, UnwrapErr: ctx.Err()}
 	}
 }
 
 // fly asks the name servers for k, caches the answer and hands it to the
 // flight's waiters. It ends within the time the resolver configuration
-// grants a look-up: every attempt at every server timing out.
+// grants a look-up (every attempt at every server timing out), or once
+// every caller waiting for it gave up.
 func (r *DNSResolver) fly(ctx context.Context, k cacheKey, qname dnsmessage.Name, f *flight) {
+	defer f.cancel()
 	conf := r.conf.get(r.now())
 	ctx, cancel := context.WithTimeout(ctx, conf.lookupTimeout())
 	defer cancel()
@@ -255,7 +270,9 @@ func (r *DNSResolver) fly(ctx context.Context, k cacheKey, qname dnsmessage.Name
 	if err == nil {
 		c.putLocked(k, ans.addrs, ttl, r.now())
 	}
-	delete(c.flights, k)
+	if c.flights[k] == f {
+		delete(c.flights, k)
+	}
 	c.mu.Unlock()
 	close(f.done)
 }
@@ -522,6 +539,9 @@ func parseAnswer(msg []byte, id uint16, q dnsmessage.Question) (answer, error) {
 	ttl := ^uint32(0)
 chain:
 	for range maxCNAMEs + 1 {
+		if h.RCode == dnsmessage.RCodeNameError {
+			break // the name, or the end of its chain, does not exist
+		}
 		for _, rec := range records {
 			if rec.typ == q.Type && rec.name == name && len(ans.addrs) < maxAnswerAddrs {
 				ans.addrs = append(ans.addrs, rec.addr)

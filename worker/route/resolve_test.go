@@ -385,22 +385,14 @@ func TestDNSResolverSharesLookups(t *testing.T) {
 	})
 	r := srv.resolver(t, "nameserver 127.0.0.1\n")
 
-	// The first caller starts the query and gives up.
+	// The first caller starts the query, and will give up.
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() {
 		_, err := r.LookupNetIP(ctx, "ip4", "shared.test")
 		errc <- err
 	}()
-	select {
-	case <-srv.got:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the query never reached the server")
-	}
-	cancel()
-	if err := <-errc; !errors.Is(err, context.Canceled) {
-		t.Errorf("cancelled caller: got %v; want context.Canceled", err)
-	}
+	waitQuery(t, srv)
 
 	const n = 8
 	var wg sync.WaitGroup
@@ -412,28 +404,88 @@ func TestDNSResolverSharesLookups(t *testing.T) {
 			}
 		})
 	}
-	k := cacheKey{name: "shared.test.", qtype: dnsmessage.TypeA}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		r.cache.mu.Lock()
-		f := r.cache.flights[k]
-		w := 0
-		if f != nil {
-			w = f.waiters
-		}
-		r.cache.mu.Unlock()
-		if w == n {
-			break
-		}
-		if f == nil || time.Now().After(deadline) {
-			t.Fatalf("%d callers joined the flight; want %d", w, n)
-		}
-		time.Sleep(time.Millisecond) // poll the condition until the deadline
+	waitFlight(t, r, cacheKey{name: "shared.test.", qtype: dnsmessage.TypeA}, func(f *flight) bool { return f.waiters == n })
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled caller: got %v; want context.Canceled", err)
 	}
 	close(release)
 	wg.Wait()
 	if got := srv.asked(); len(got) != 1 {
 		t.Errorf("asked %q; want one query", got)
+	}
+}
+
+// TestDNSResolverAbandonedLookup: once every caller gave up, the query is
+// abandoned (its socket closed) and the next look-up asks afresh.
+func TestDNSResolverAbandonedLookup(t *testing.T) {
+	release := make(chan struct{})
+	srv := startDNS(t, func(id uint16, q dnsmessage.Question, _ bool) []dnsmessage.Message {
+		if q.Name.String() == "first.test." {
+			<-release // never answered before the test ends
+			return nil
+		}
+		m := reply(id, q)
+		m.Answers = []dnsmessage.Resource{rrAddr(q.Name.String(), 60, "192.0.2.1")}
+		return []dnsmessage.Message{m}
+	})
+	t.Cleanup(func() { close(release) }) // runs before the server's cleanup
+	r := srv.resolver(t, "nameserver 127.0.0.1\n")
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() {
+		_, err := r.LookupNetIP(ctx, "ip4", "first.test")
+		errc <- err
+	}()
+	waitQuery(t, srv)
+	k := cacheKey{name: "first.test.", qtype: dnsmessage.TypeA}
+	var f *flight
+	waitFlight(t, r, k, func(got *flight) bool { f = got; return true })
+	cancel()
+	<-errc
+	r.cache.mu.Lock()
+	_, still := r.cache.flights[k]
+	r.cache.mu.Unlock()
+	if still {
+		t.Errorf("the flight outlived its last caller")
+	}
+	select {
+	case <-f.done: // the query ended with its callers, not at its timeout (5s)
+	case <-time.After(3 * time.Second):
+		t.Errorf("the abandoned query still runs")
+	}
+	if _, err := r.LookupNetIP(context.Background(), "ip4", "second.test"); err != nil {
+		t.Errorf("next look-up: %v", err)
+	}
+}
+
+// waitQuery waits for the server to receive a query.
+func waitQuery(t *testing.T, srv *dnsServer) {
+	t.Helper()
+	select {
+	case <-srv.got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no query reached the server")
+	}
+}
+
+// waitFlight waits until the flight of k satisfies ok.
+func waitFlight(t *testing.T, r *DNSResolver, k cacheKey, ok func(*flight) bool) {
+	t.Helper()
+	r.once.Do(r.init) // orders the read of r.cache after the resolver's init
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r.cache.mu.Lock()
+		f := r.cache.flights[k]
+		done := f != nil && ok(f)
+		r.cache.mu.Unlock()
+		if done {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("flight of %v: condition not met within 10s", k)
+		}
+		time.Sleep(time.Millisecond) // poll the condition until the deadline
 	}
 }
 
@@ -569,6 +621,49 @@ func TestFamilyOrder(t *testing.T) {
 		}
 		if !slices.Equal(got, tt.want) {
 			t.Errorf("%q.order(%v): got %v; want %v", tt.family, tt.in, got, tt.want)
+		}
+	}
+}
+
+// TestParseAnswerEdges: records a reply may carry that must not be taken.
+func TestParseAnswerEdges(t *testing.T) {
+	q := dnsmessage.Question{Name: dnsmessage.MustNewName("x.test."), Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET}
+	tests := []struct {
+		name   string
+		edit   func(m *dnsmessage.Message)
+		addrs  int
+		negTTL int64
+	}{
+		{"NXDOMAIN with an address", func(m *dnsmessage.Message) {
+			m.RCode = dnsmessage.RCodeNameError
+			m.Answers = []dnsmessage.Resource{rrAddr("x.test.", 60, "192.0.2.1")}
+			m.Authorities = []dnsmessage.Resource{rrSOA(60, 5)}
+		}, 0, 5},
+		{"AAAA for an A question", func(m *dnsmessage.Message) {
+			m.Answers = []dnsmessage.Resource{rrAddr("x.test.", 60, "2001:db8::1")}
+		}, 0, -1},
+		{"CNAME loop", func(m *dnsmessage.Message) {
+			m.Answers = []dnsmessage.Resource{rrCNAME("x.test.", 60, "y.test."), rrCNAME("y.test.", 60, "x.test.")}
+		}, 0, -1},
+		{"name in another case", func(m *dnsmessage.Message) {
+			m.Answers = []dnsmessage.Resource{rrAddr("X.TEST.", 60, "192.0.2.1")}
+		}, 1, -1},
+		{"too many addresses", func(m *dnsmessage.Message) {
+			for i := range 100 {
+				m.Answers = append(m.Answers, rrAddr("x.test.", 60, fmt.Sprintf("192.0.2.%d", i)))
+			}
+		}, maxAnswerAddrs, -1},
+	}
+	for _, tt := range tests {
+		m := reply(7, q)
+		tt.edit(&m)
+		b, err := m.Pack()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ans, err := parseAnswer(b, 7, q)
+		if err != nil || len(ans.addrs) != tt.addrs || ans.negTTL != tt.negTTL {
+			t.Errorf("%s: got %v addresses, negative TTL %d, error %v; want %d, %d", tt.name, ans.addrs, ans.negTTL, err, tt.addrs, tt.negTTL)
 		}
 	}
 }
