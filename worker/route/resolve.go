@@ -66,7 +66,8 @@ const (
 // negative TTL (RFC 2308: the lesser of its TTL and its minimum field), at
 // most MaxNegativeTTL, and not at all when the server sent no SOA. Errors
 // (timeouts, SERVFAIL, REFUSED, malformed answers) are not cached.
-// Concurrent look-ups of one name share one query.
+// Concurrent look-ups of one name share one query, which runs until it is
+// answered or every caller waiting for it has given up.
 //
 // Set the fields before the first look-up and do not change them
 // afterwards; LookupNetIP is then safe for concurrent use. A DNSResolver
