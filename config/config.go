@@ -123,7 +123,14 @@ type Backend struct {
 	ProxyProtocol string `mapstructure:"proxy_protocol" yaml:"proxy_protocol"`
 	// AllowPrivate lets DNS-routed names reach private addresses.
 	AllowPrivate bool `mapstructure:"allow_private" yaml:"allow_private"`
+	// DNSFamily is which address families of a backend's host name are
+	// dialled, in which order: any (both, alternating), ipv4, ipv6,
+	// prefer_ipv4 or prefer_ipv6. After validation it is never "".
+	DNSFamily string `mapstructure:"dns_family" yaml:"dns_family"`
 }
+
+// dnsFamilies are the values of backend.dns_family.
+var dnsFamilies = []string{"any", "ipv4", "ipv6", "prefer_ipv4", "prefer_ipv6"}
 
 // Log configures logging.
 type Log struct {
@@ -248,6 +255,7 @@ var defaults = map[string]any{
 	"metrics.address":       "127.0.0.1:9000",
 	"max_connections":       10000,
 	"shutdown_timeout":      "30s",
+	"backend.dns_family":    "any",
 	"log.level":             "info",
 	"log.format":            "auto",
 }
@@ -465,6 +473,12 @@ func (c *Config) validate() error {
 	case "", "v1", "v2":
 	default:
 		bad("backend.proxy_protocol", "%q: want \"\", \"v1\" or \"v2\"", c.Backend.ProxyProtocol)
+	}
+	if c.Backend.DNSFamily == "" {
+		c.Backend.DNSFamily = "any"
+	}
+	if !slices.Contains(dnsFamilies, c.Backend.DNSFamily) {
+		bad("backend.dns_family", "%q: want %s", c.Backend.DNSFamily, strings.Join(dnsFamilies, ", "))
 	}
 	switch strings.ToLower(c.Log.Level) {
 	case "", "debug", "info", "warn", "error":

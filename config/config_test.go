@@ -90,6 +90,8 @@ func TestErrorsNameKeys(t *testing.T) {
 		{"bad route backend", base + "routes: [{match: a.example.com, backend: \"10.0.0.1:99999\"}]\n", "routes[0].backend"},
 		{"bad route match", base + "routes: [{match: \"*\", backend: \"10.0.0.1:443\"}]\n", "routes[0].match"},
 		{"bad proxy protocol", base + "backend: {proxy_protocol: v3}\n", "backend.proxy_protocol"},
+		{"bad dns family", base + "backend: {dns_family: ipv5}\n", "backend.dns_family"},
+		{"dns family case", base + "backend: {dns_family: IPv4}\n", "backend.dns_family"},
 		{"bad level", base + "log: {level: loud}\n", "log.level"},
 		{"bad format", base + "log: {format: xml}\n", "log.format"},
 		{"negative workers", base + "workers: -1\n", "workers"},
@@ -134,6 +136,7 @@ func TestEnvOverrides(t *testing.T) {
 		"SNIPROXY_TIMEOUTS_IDLE=7",
 		"SNIPROXY_LISTEN_ADDRS=127.0.0.1:1001,127.0.0.1:1002",
 		"SNIPROXY_BACKEND_ALLOW_PRIVATE=true",
+		"SNIPROXY_BACKEND_DNS_FAMILY=prefer_ipv6",
 		"SNIPROXY_CONFIG=/ignored",
 		"HOME=/root",
 	}
@@ -143,6 +146,9 @@ func TestEnvOverrides(t *testing.T) {
 	}
 	if c.MaxConnections != 500 || c.Timeouts.Connect != 3*time.Second || c.Timeouts.Idle != 7*time.Second || !c.Backend.AllowPrivate {
 		t.Errorf("got max_connections %d connect %v idle %v allow_private %v", c.MaxConnections, c.Timeouts.Connect, c.Timeouts.Idle, c.Backend.AllowPrivate)
+	}
+	if c.Backend.DNSFamily != "prefer_ipv6" {
+		t.Errorf("dns_family %q; want prefer_ipv6 from the environment", c.Backend.DNSFamily)
 	}
 	if len(c.Listeners) != 2 || c.Listeners[0].Address != "127.0.0.1:1001" {
 		t.Errorf("listeners %+v; want the two from the environment", c.Listeners)
@@ -228,7 +234,8 @@ func TestDefaultsForMissingKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.Timeouts.Connect != 10*time.Second || c.Timeouts.ClientHello != 5*time.Second || c.Timeouts.Idle != 300*time.Second ||
-		c.ShutdownTimeout != 30*time.Second || c.MaxConnections != 10000 || !c.Metrics.Enabled || c.Metrics.Address != "127.0.0.1:9000" {
+		c.ShutdownTimeout != 30*time.Second || c.MaxConnections != 10000 || !c.Metrics.Enabled || c.Metrics.Address != "127.0.0.1:9000" ||
+		c.Backend.DNSFamily != "any" {
 		t.Errorf("defaults not applied: %+v", c)
 	}
 }

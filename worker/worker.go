@@ -130,6 +130,7 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 		Dialer: &route.Dialer{
 			Timeout:      cfg.Timeouts.Connect,
 			AllowPrivate: cfg.Backend.AllowPrivate,
+			Family:       route.Family(cfg.Backend.DNSFamily),
 			Forbidden:    forbidden,
 			KeepAlive:    keepAlive,
 		},

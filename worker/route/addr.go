@@ -1,6 +1,9 @@
 package route
 
-import "net/netip"
+import (
+	"fmt"
+	"net/netip"
+)
 
 // blockedRange is one address block DNS-routed names may not reach unless
 // Dialer.AllowPrivate is set.
@@ -53,15 +56,30 @@ var (
 	// nat64 is the well-known NAT64 prefix (RFC 6052): the IPv4 address
 	// is the last 32 bits.
 	nat64 = netip.MustParsePrefix("64:ff9b::/96")
-	// nat64Local is the local-use NAT64 prefix (RFC 8215): as a /48
-	// prefix, RFC 6052 puts the IPv4 address in bits 48-63 and 72-103,
-	// around the reserved u octet.
+	// nat64Local is the local-use NAT64 prefix (RFC 8215). An operator may
+	// translate with the whole /48 or with any longer prefix carved from it
+	// at an RFC 6052 length (/56, /64, /96), and the IPv4 address sits in
+	// different bits for each: see nat64LocalLayouts.
 	nat64Local = netip.MustParsePrefix("64:ff9b:1::/48")
 )
 
+// nat64LocalLayouts are the bytes holding the IPv4 address, in order, for
+// each RFC 6052 prefix length (section 2.2) a sub-prefix of a /48 can have.
+// Byte 8 (bits 64-71, the u octet) is never part of it.
+var nat64LocalLayouts = [...]struct {
+	bits int
+	at   [4]int
+}{
+	{48, [4]int{6, 7, 9, 10}},
+	{56, [4]int{7, 9, 10, 11}},
+	{64, [4]int{9, 10, 11, 12}},
+	{96, [4]int{12, 13, 14, 15}},
+}
+
 // blockedWhy says why a DNS-routed name may not reach a, or returns "" when
 // it may: a is a public unicast address. The zone of a is ignored; IPv4-mapped
-// and NAT64 addresses are judged by the IPv4 address they carry.
+// and NAT64 addresses are judged by the IPv4 address they carry, a local-use
+// NAT64 address by every IPv4 address it can carry.
 func blockedWhy(a netip.Addr) string {
 	if !a.IsValid() {
 		return "invalid address"
@@ -84,11 +102,18 @@ func blockedWhy(a netip.Addr) string {
 		}
 		return ""
 	case nat64Local.Contains(a):
+		// The proxy cannot know which prefix length the local translator
+		// uses, so the address must be public in every reading: otherwise
+		// 64:ff9b:1:808:8:808:a00:1 (8.8.8.8 read as a /48) would reach
+		// 10.0.0.1 through a /96 translator.
 		if b[8] != 0 {
 			return "local-use NAT64 (64:ff9b:1::/48) with a non-zero u octet"
 		}
-		if why := blocked4Why(netip.AddrFrom4([4]byte{b[6], b[7], b[9], b[10]})); why != "" {
-			return "local-use NAT64 " + why
+		for _, l := range nat64LocalLayouts {
+			v4 := netip.AddrFrom4([4]byte{b[l.at[0]], b[l.at[1]], b[l.at[2]], b[l.at[3]]})
+			if why := blocked4Why(v4); why != "" {
+				return fmt.Sprintf("local-use NAT64 %s (%s read with a /%d prefix)", why, v4, l.bits)
+			}
 		}
 		return ""
 	}

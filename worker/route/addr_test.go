@@ -105,12 +105,21 @@ func TestBlockedWhy(t *testing.T) {
 		{"64:ff9b::808:808", ""},
 		{"64:ff9b::1.1.1.1", ""},
 		{"64:ff9b:0:0:1::1", "not global unicast"}, // outside the /96: neither NAT64 form
-		// Local-use NAT64 64:ff9b:1::/48: IPv4 in bits 48-63 and 72-103.
+		// Local-use NAT64 64:ff9b:1::/48 read as a /48: IPv4 in bits 48-63 and 72-103.
 		{"64:ff9b:1:7f00:0:100::", "local-use NAT64 loopback"},
 		{"64:ff9b:1:a00:0:100::", "local-use NAT64 private"},
 		{"64:ff9b:1:a9fe:a9:fe00::", "local-use NAT64 link-local"},
-		{"64:ff9b:1:808:8:800::", ""},
 		{"64:ff9b:1:808:ff08:800::", "non-zero u octet"},
+		// A /48 prefix is used at any RFC 6052 length from /48 to /96, and
+		// the proxy cannot know which: every reading must be public. The
+		// comments give the /48, /56, /64 and /96 readings.
+		{"64:ff9b:1:80a:8:808:800:0", "local-use NAT64 private (10/8)"},   // 8.10.8.8, 10.8.8.8, 8.8.8.8, 8.0.0.0
+		{"64:ff9b:1:808:a:808:808:808", "local-use NAT64 private (10/8)"}, // 8.8.10.8, 8.10.8.8, 10.8.8.8, 8.8.8.8
+		{"64:ff9b:1:808:8:808:a00:1", "local-use NAT64 private (10/8)"},   // 8.8.8.8, 8.8.8.8, 8.8.8.10, 10.0.0.1
+		{"64:ff9b:1:808:8:808:7f00:1", "local-use NAT64 loopback"},        // ..., 127.0.0.1
+		{"64:ff9b:1:808:8:808:a9fe:a9fe", "local-use NAT64 link-local"},   // ..., 169.254.169.254
+		{"64:ff9b:1:808:8:800::", "local-use NAT64 this-network"},         // 8.8.8.8, 8.8.8.0, 8.8.0.0, 0.0.0.0
+		{"64:ff9b:1:808:8:808:808:808", ""},                               // 8.8.8.8 in every reading
 	}
 	for _, tt := range tests {
 		t.Run(tt.addr, func(t *testing.T) {
@@ -128,15 +137,31 @@ func TestBlockedWhy(t *testing.T) {
 	}
 }
 
-// TestNAT64Embedding checks the local-use NAT64 layout against RFC 6052
-// section 2.2 by building the address from its parts.
+// TestNAT64Embedding builds local-use NAT64 addresses from their parts, as
+// RFC 6052 section 2.2 lays them out for each prefix length a /48 can use,
+// with every other bit of the address set so that the other readings are
+// public: each must be refused for the IPv4 address it embeds.
 func TestNAT64Embedding(t *testing.T) {
 	v4 := netip.MustParseAddr("10.20.30.40").As4()
-	var b [16]byte
-	copy(b[:], netip.MustParseAddr("64:ff9b:1::").AsSlice())
-	b[6], b[7], b[9], b[10] = v4[0], v4[1], v4[2], v4[3]
-	a := netip.AddrFrom16(b)
-	if got := blockedWhy(a); !strings.Contains(got, "private (10/8)") {
-		t.Errorf("blockedWhy(%s): got %q; want private (10/8)", a, got)
+	layouts := map[int][4]int{ // prefix length: the bytes holding the IPv4 address
+		48: {6, 7, 9, 10},
+		56: {7, 9, 10, 11},
+		64: {9, 10, 11, 12},
+		96: {12, 13, 14, 15},
+	}
+	for pl, at := range layouts {
+		var b [16]byte
+		copy(b[:], netip.MustParseAddr("64:ff9b:1::").AsSlice())
+		for i := 6; i < 16; i++ {
+			b[i] = 8
+		}
+		b[8] = 0 // the u octet
+		for i, j := range at {
+			b[j] = v4[i]
+		}
+		a := netip.AddrFrom16(b)
+		if got := blockedWhy(a); !strings.Contains(got, "private (10/8)") {
+			t.Errorf("/%d: blockedWhy(%s): got %q; want private (10/8)", pl, a, got)
+		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -39,8 +40,8 @@ type Resolver interface {
 // addresses).
 type Dialer struct {
 	// Timeout bounds the whole dial phase (timeouts.connect): resolution and
-	// every address tried, together. Addresses are tried in the resolver's
-	// order, at most 16 of them; each gets an equal share of the time left,
+	// every address tried, together. Addresses are tried in the order
+	// Family gives, at most 16 of them; each gets an equal share of the time left,
 	// but at least 2s (or all that is left). Zero means no limit beyond ctx.
 	Timeout time.Duration
 
@@ -57,8 +58,23 @@ type Dialer struct {
 	// Port 0 forbids every port of the address.
 	Forbidden []netip.AddrPort
 
-	// Resolver resolves host names; nil means net.DefaultResolver.
+	// Resolver resolves the host names of explicit routes; nil means
+	// net.DefaultResolver, the system's: /etc/hosts and resolv.conf's search
+	// list apply, as they do for any name an operator writes in a config
+	// (a Kubernetes service name "backend" stays usable).
 	Resolver Resolver
+
+	// DNS resolves DNS-routed names, the names clients ask for. It is given
+	// the name rooted ("secret.") and must take it as absolute. nil means a
+	// *DNSResolver with its defaults (no search list, no /etc/hosts, a
+	// cache honouring TTLs), made at the first DNS-routed dial.
+	DNS Resolver
+
+	// Family is backend.dns_family: the address families of a host name
+	// (DNS-routed or of an explicit route) that are dialled, and their
+	// order. "" means FamilyAny. IP-address backends are dialled whatever
+	// it says.
+	Family Family
 
 	// KeepAlive is the TCP keep-alive period of the backend connection, as
 	// net.Dialer.KeepAlive: zero means Go's default (15s), negative turns
@@ -72,6 +88,9 @@ type Dialer struct {
 	InterfaceAddrs func() ([]netip.Addr, error)
 
 	local localAddrs
+
+	dnsOnce sync.Once
+	dns     Resolver
 }
 
 type localAddrs struct {
@@ -84,10 +103,11 @@ type localAddrs struct {
 // keep-alive set per KeepAlive, and the address it reached.
 //
 // An explicit route (dec.Rule >= 0) may reach any address; a host name is
-// resolved and each address tried in turn. A DNS-routed name (dec.Rule == -1)
-// is resolved and each address that passes the address policy is tried in
-// turn; the policy is enforced in the socket's Control hook, on the address
-// actually being connected, before any packet is sent.
+// resolved by Resolver and each address tried in turn. A DNS-routed name
+// (dec.Rule == -1) is resolved by DNS, as an absolute name, and each address
+// that passes the address policy is tried in turn; the policy is enforced in
+// the socket's Control hook, on the address actually being connected,
+// before any packet is sent.
 //
 // Errors: a DNS-routed name with no address, or whose look-up fails or times
 // out, is [ErrNoRoute] (an explicit route's host is [ErrDial]); when every
@@ -198,8 +218,10 @@ func count(n int) string {
 	return fmt.Sprintf("%d addresses", n)
 }
 
-// resolve returns the addresses of host, unmapped and without duplicates, in
-// the resolver's order, at most maxAddrs of them.
+// resolve returns the addresses of host, unmapped and without duplicates,
+// filtered and ordered by Family, at most maxAddrs of them. A DNS-routed
+// name goes to the DNS resolver, rooted; an explicit route's host to
+// Resolver as written.
 func (d *Dialer) resolve(ctx context.Context, host string, dnsRouted bool) ([]netip.Addr, error) {
 	if a, ok := hostname.ParseIPLiteral(host); ok {
 		return []netip.Addr{a.Unmap()}, nil
@@ -208,35 +230,61 @@ func (d *Dialer) resolve(ctx context.Context, host string, dnsRouted bool) ([]ne
 	if dnsRouted {
 		sentinel = ErrNoRoute
 	}
-	r := d.Resolver
-	if r == nil {
-		r = net.DefaultResolver
+	if err := d.Family.check(); err != nil {
+		return nil, fmt.Errorf("resolve %q: %w: %w", host, sentinel, err)
 	}
-	found, err := r.LookupNetIP(ctx, "ip", host)
+	var (
+		r    Resolver
+		name = host
+	)
+	if dnsRouted {
+		// A client's name is looked up as it stands, rooted, so no search
+		// list ever applies: with "search corp.example" and ndots:5, SNI
+		// "secret" would otherwise reach secret.corp.example whatever the
+		// denylist says about it.
+		name = strings.TrimSuffix(host, ".") + "."
+		r = d.dnsResolver()
+	} else {
+		r = d.Resolver
+		if r == nil {
+			r = net.DefaultResolver
+		}
+	}
+	found, err := r.LookupNetIP(ctx, d.Family.network(), name)
 	if err != nil {
 		return nil, fmt.Errorf("resolve %q: %w: %w", host, sentinel, err)
 	}
-	addrs := make([]netip.Addr, 0, min(len(found), maxAddrs))
-outer:
+	unique := make([]netip.Addr, 0, len(found))
+	seen := make(map[netip.Addr]struct{}, len(found))
 	for _, a := range found {
-		if len(addrs) == maxAddrs {
-			break
-		}
 		if !a.IsValid() {
 			continue
 		}
 		a = a.Unmap()
-		for _, b := range addrs {
-			if a == b {
-				continue outer
-			}
+		if _, dup := seen[a]; !dup {
+			seen[a] = struct{}{}
+			unique = append(unique, a)
 		}
-		addrs = append(addrs, a)
+	}
+	addrs := d.Family.order(unique)
+	if len(addrs) > maxAddrs {
+		addrs = addrs[:maxAddrs]
 	}
 	if len(addrs) == 0 {
 		return nil, fmt.Errorf("resolve %q: no addresses: %w", host, sentinel)
 	}
 	return addrs, nil
+}
+
+// dnsResolver returns the resolver of DNS-routed names.
+func (d *Dialer) dnsResolver() Resolver {
+	d.dnsOnce.Do(func() {
+		d.dns = d.DNS
+		if d.dns == nil {
+			d.dns = &DNSResolver{}
+		}
+	})
+	return d.dns
 }
 
 // dialOne connects to ap with its share of the time left in ctx, left being

@@ -16,7 +16,8 @@ import (
 // Every address really dialled in these tests is a loopback address. Other
 // addresses only ever reach the check functions.
 
-// fakeResolver answers from a map; a missing name is NXDOMAIN.
+// fakeResolver answers from a map; a missing name is NXDOMAIN. It has no
+// search list: "a.test." and "a.test" are the same name.
 type fakeResolver struct {
 	mu    sync.Mutex
 	hosts map[string][]netip.Addr
@@ -27,7 +28,7 @@ func (r *fakeResolver) LookupNetIP(ctx context.Context, network, host string) ([
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.asked = append(r.asked, network+" "+host)
-	addrs, ok := r.hosts[host]
+	addrs, ok := r.hosts[strings.TrimSuffix(host, ".")]
 	if !ok {
 		return nil, &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}
 	}
@@ -184,7 +185,7 @@ func TestDialDNSRoutedLoopback(t *testing.T) {
 	dec := Decision{Rule: -1, Host: "rebind.test", Port: int(l.addr.Port())}
 	res := resolver("rebind.test", "127.0.0.1")
 
-	d := &Dialer{Timeout: 5 * time.Second, Resolver: res}
+	d := &Dialer{Timeout: 5 * time.Second, DNS: res}
 	c, _, err := d.Dial(context.Background(), dec)
 	if !errors.Is(err, ErrPrivate) {
 		if c != nil {
@@ -199,7 +200,7 @@ func TestDialDNSRoutedLoopback(t *testing.T) {
 		t.Errorf("error %q: want it to name the host and the address", err)
 	}
 
-	d = &Dialer{Timeout: 5 * time.Second, Resolver: res, AllowPrivate: true}
+	d = &Dialer{Timeout: 5 * time.Second, DNS: res, AllowPrivate: true}
 	c, ap, err := d.Dial(context.Background(), dec)
 	if err != nil {
 		t.Fatalf("Dial with AllowPrivate: got error %v; want nil", err)
@@ -209,7 +210,7 @@ func TestDialDNSRoutedLoopback(t *testing.T) {
 		t.Errorf("Dial: got address %s; want %s", ap, l.addr)
 	}
 	echo(t, c)
-	if got, want := res.asked, []string{"ip rebind.test", "ip rebind.test"}; strings.Join(got, ",") != strings.Join(want, ",") {
+	if got, want := res.asked, []string{"ip rebind.test.", "ip rebind.test."}; strings.Join(got, ",") != strings.Join(want, ",") {
 		t.Errorf("resolver asked %q; want %q", got, want)
 	}
 	time.Sleep(50 * time.Millisecond)
@@ -400,12 +401,52 @@ func TestDefaultInterfaceAddrs(t *testing.T) {
 	t.Logf("127.0.0.1 not among %v (loopback is covered without the list)", addrs)
 }
 
+// searchResolver resolves the way the C library and Go's resolver do with
+// "search corp.example" and "options ndots:5" in resolv.conf (Kubernetes
+// pods have ndots:5): a name with fewer dots than ndots, not rooted, is
+// first tried with the search domain appended.
+type searchResolver struct {
+	fakeResolver
+	search string
+	ndots  int
+}
+
+func (r *searchResolver) LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error) {
+	if !strings.HasSuffix(host, ".") && strings.Count(host, ".") < r.ndots {
+		if addrs, err := r.fakeResolver.LookupNetIP(ctx, network, host+"."+r.search); err == nil {
+			return addrs, nil
+		}
+	}
+	return r.fakeResolver.LookupNetIP(ctx, network, host)
+}
+
+// TestDialDNSRoutedNoSearchList: a DNS-routed name is looked up as it was
+// asked for, never with the resolver's search list appended, or SNI
+// "secret" would reach secret.corp.example past a denylist of
+// "*.corp.example".
+func TestDialDNSRoutedNoSearchList(t *testing.T) {
+	l := listen(t, "127.0.0.1:0")
+	res := &searchResolver{fakeResolver: *resolver("secret.corp.example", "127.0.0.1"), search: "corp.example", ndots: 5}
+	d := &Dialer{Timeout: 5 * time.Second, AllowPrivate: true, DNS: res}
+	c, ap, err := d.Dial(context.Background(), Decision{Rule: -1, Host: "secret", Port: int(l.addr.Port())})
+	if err == nil {
+		c.Close()
+		t.Fatalf("Dial(secret): reached %s; want %v", ap, ErrNoRoute)
+	}
+	if !errors.Is(err, ErrNoRoute) {
+		t.Errorf("Dial(secret): got error %v; want %v", err, ErrNoRoute)
+	}
+	if got := l.count(); got != 0 {
+		t.Errorf("listener of secret.corp.example accepted %d connections; want 0", got)
+	}
+}
+
 func TestDialTriesNextAddress(t *testing.T) {
 	needLoopback2(t)
 	l := listen(t, "127.0.0.1:0")
 	port := l.addr.Port()
 	// 127.0.0.2:port has no listener: connection refused, move on.
-	d := &Dialer{Timeout: 5 * time.Second, AllowPrivate: true, Resolver: resolver("multi.test", "127.0.0.2", "127.0.0.2", "127.0.0.1")}
+	d := &Dialer{Timeout: 5 * time.Second, AllowPrivate: true, DNS: resolver("multi.test", "127.0.0.2", "127.0.0.2", "127.0.0.1")}
 	c, ap, err := d.Dial(context.Background(), Decision{Rule: -1, Host: "multi.test", Port: int(port)})
 	if err != nil {
 		t.Fatalf("Dial: got error %v; want nil", err)
@@ -430,21 +471,21 @@ func TestDialErrors(t *testing.T) {
 		also    error  // also wrapped, when set
 		message string // substring of the message, when set
 	}{
-		{"all private", &Dialer{Resolver: resolver("p.test", "127.0.0.1", "::1", "::ffff:127.0.0.3")},
+		{"all private", &Dialer{DNS: resolver("p.test", "127.0.0.1", "::1", "::ffff:127.0.0.3")},
 			Decision{Rule: -1, Host: "p.test", Port: port}, ErrPrivate, ReasonDenied, nil, "3 addresses refused"},
-		{"all failed", &Dialer{AllowPrivate: true, Resolver: resolver("f.test", "127.0.0.2", "127.0.0.3")},
+		{"all failed", &Dialer{AllowPrivate: true, DNS: resolver("f.test", "127.0.0.2", "127.0.0.3")},
 			Decision{Rule: -1, Host: "f.test", Port: port}, ErrDial, ReasonDialError, syscall.ECONNREFUSED, "2 addresses failed"},
-		{"forbidden and failed", &Dialer{AllowPrivate: true, Forbidden: []netip.AddrPort{l.addr}, Resolver: resolver("ff.test", "127.0.0.1", "127.0.0.2")},
+		{"forbidden and failed", &Dialer{AllowPrivate: true, Forbidden: []netip.AddrPort{l.addr}, DNS: resolver("ff.test", "127.0.0.1", "127.0.0.2")},
 			Decision{Rule: -1, Host: "ff.test", Port: port}, ErrDial, ReasonDialError, syscall.ECONNREFUSED, "1 refused"},
-		{"forbidden", &Dialer{AllowPrivate: true, Forbidden: []netip.AddrPort{l.addr}, Resolver: resolver("fb.test", "127.0.0.1")},
+		{"forbidden", &Dialer{AllowPrivate: true, Forbidden: []netip.AddrPort{l.addr}, DNS: resolver("fb.test", "127.0.0.1")},
 			Decision{Rule: -1, Host: "fb.test", Port: port}, ErrPrivate, ReasonDenied, nil, "own listen address"},
-		{"forbidden unspecified", &Dialer{AllowPrivate: true, Forbidden: []netip.AddrPort{netip.AddrPortFrom(netip.IPv6Unspecified(), uint16(port))}, Resolver: resolver("fb.test", "127.0.0.1")},
+		{"forbidden unspecified", &Dialer{AllowPrivate: true, Forbidden: []netip.AddrPort{netip.AddrPortFrom(netip.IPv6Unspecified(), uint16(port))}, DNS: resolver("fb.test", "127.0.0.1")},
 			Decision{Rule: -1, Host: "fb.test", Port: port}, ErrPrivate, ReasonDenied, nil, "this host"},
 		{"explicit route failed", &Dialer{},
 			Decision{Rule: 0, Host: "127.0.0.2", Port: port}, ErrDial, ReasonDialError, syscall.ECONNREFUSED, "127.0.0.2"},
-		{"nxdomain", &Dialer{Resolver: resolver("other.test")},
+		{"nxdomain", &Dialer{DNS: resolver("other.test")},
 			Decision{Rule: -1, Host: "nx.test", Port: port}, ErrNoRoute, ReasonNoRoute, nil, "nx.test"},
-		{"no addresses", &Dialer{Resolver: resolver("empty.test")},
+		{"no addresses", &Dialer{DNS: resolver("empty.test")},
 			Decision{Rule: -1, Host: "empty.test", Port: port}, ErrNoRoute, ReasonNoRoute, nil, "no addresses"},
 		{"explicit route nxdomain", &Dialer{Resolver: resolver("other.test")},
 			Decision{Rule: 1, Host: "backend.test", Port: port}, ErrDial, ReasonDialError, nil, "backend.test"},
@@ -485,7 +526,7 @@ func TestDialErrors(t *testing.T) {
 
 func TestDialTimeout(t *testing.T) {
 	t.Run("resolver", func(t *testing.T) {
-		d := &Dialer{Timeout: 200 * time.Millisecond, Resolver: blockingResolver{}}
+		d := &Dialer{Timeout: 200 * time.Millisecond, DNS: blockingResolver{}}
 		start := time.Now()
 		_, _, err := d.Dial(context.Background(), Decision{Rule: -1, Host: "slow.test", Port: 443})
 		if el := time.Since(start); el > 2*time.Second {
@@ -528,7 +569,7 @@ func TestDialTimeout(t *testing.T) {
 		needLoopback2(t)
 		a := fullListener(t, "127.0.0.1", 0)
 		fullListener(t, "127.0.0.2", a.Port())
-		d := &Dialer{Timeout: 500 * time.Millisecond, AllowPrivate: true, Resolver: resolver("bh.test", "127.0.0.1", "127.0.0.2")}
+		d := &Dialer{Timeout: 500 * time.Millisecond, AllowPrivate: true, DNS: resolver("bh.test", "127.0.0.1", "127.0.0.2")}
 		start := time.Now()
 		c, _, err := d.Dial(context.Background(), Decision{Rule: -1, Host: "bh.test", Port: int(a.Port())})
 		if c != nil {
@@ -545,7 +586,7 @@ func TestDialTimeout(t *testing.T) {
 		needLoopback2(t)
 		l := listen(t, "127.0.0.1:0")
 		fullListener(t, "127.0.0.2", l.addr.Port())
-		d := &Dialer{Timeout: 4 * time.Second, AllowPrivate: true, Resolver: resolver("slow.test", "127.0.0.2", "127.0.0.1")}
+		d := &Dialer{Timeout: 4 * time.Second, AllowPrivate: true, DNS: resolver("slow.test", "127.0.0.2", "127.0.0.1")}
 		start := time.Now()
 		c, ap, err := d.Dial(context.Background(), Decision{Rule: -1, Host: "slow.test", Port: int(l.addr.Port())})
 		if err != nil {
@@ -602,7 +643,7 @@ func TestDialConcurrent(t *testing.T) {
 		Timeout:        5 * time.Second,
 		AllowPrivate:   true,
 		Forbidden:      []netip.AddrPort{netip.MustParseAddrPort("0.0.0.0:1")},
-		Resolver:       resolver("c.test", "127.0.0.1"),
+		DNS:            resolver("c.test", "127.0.0.1"),
 		InterfaceAddrs: func() ([]netip.Addr, error) { return nil, nil },
 	}
 	var wg sync.WaitGroup
@@ -625,7 +666,7 @@ func TestResolveCapsAndDedupes(t *testing.T) {
 	for i := range 100 {
 		many = append(many, netip.AddrFrom4([4]byte{127, 0, 1, byte(i)}).String(), "127.0.0.1", "::ffff:127.0.0.1")
 	}
-	d := &Dialer{Resolver: resolver("many.test", many...)}
+	d := &Dialer{DNS: resolver("many.test", many...)}
 	got, err := d.resolve(context.Background(), "many.test", true)
 	if err != nil {
 		t.Fatal(err)

@@ -43,9 +43,14 @@
 //     ff00::/8), and inside it 2001::/23 (IETF special-purpose, including
 //     Teredo 2001::/32 and benchmarking 2001:2::/48), 2001:db8::/32 and
 //     3fff::/20 (documentation) and 6to4 2002::/16;
-//   - IPv4-mapped ::ffff:a.b.c.d and NAT64 64:ff9b::/96 and 64:ff9b:1::/48
-//     addresses are judged by the IPv4 address they carry: a NAT64 address of
-//     a public IPv4 address passes, one of 10.0.0.1 is refused.
+//   - IPv4-mapped ::ffff:a.b.c.d and NAT64 64:ff9b::/96 addresses are
+//     judged by the IPv4 address they carry: a NAT64 address of a public
+//     IPv4 address passes, one of 10.0.0.1 is refused. A local-use NAT64
+//     address (64:ff9b:1::/48, RFC 8215) may belong to a translator using
+//     the /48 or any sub-prefix of it at an RFC 6052 length (/56, /64,
+//     /96), each placing the IPv4 address in other bits: it passes only
+//     when all four readings are public and its u octet (bits 64-71) is
+//     zero.
 //
 // Teredo and 6to4 are refused whole rather than judged by the IPv4 address
 // they embed: both are deprecated tunnelling schemes (RFC 7526), a host with
@@ -58,6 +63,24 @@
 // Explicit routes are trusted configuration: they may reach any address,
 // private and loopback included, and their host names are resolved and each
 // address tried in turn without the check.
+//
+// # Resolution
+//
+// The two kinds of backend host names are resolved apart ([Dialer]):
+//
+//   - DNS-routed names, which clients choose, go to Dialer.DNS, by default a
+//     [DNSResolver]: absolute names (no search list, so SNI "secret" cannot
+//     become secret.corp.example past the denylist), asked of the name
+//     servers of /etc/resolv.conf, not of /etc/hosts; localhost names are
+//     loopback (RFC 6761). Answers are cached for their TTL, negative ones
+//     for the SOA's negative TTL, in a bounded cache.
+//   - Host names of explicit routes, which the operator wrote, go to
+//     Dialer.Resolver, by default the system's (net.DefaultResolver):
+//     /etc/hosts and the search list apply, with no cache of ours.
+//
+// Dialer.Family (backend.dns_family) then keeps the addresses of the
+// families it allows, in its order, and [Dialer.Dial] tries them in turn
+// within the connect timeout, applying the address policy to each.
 //
 // # Errors and metrics
 //
