@@ -110,7 +110,7 @@ type view struct {
 func newNonce() string {
 	var b [16]byte
 	rand.Read(b[:])
-	return base64.RawStdEncoding.EncodeToString(b[:])
+	return base64.RawURLEncoding.EncodeToString(b[:]) // no "+" or "/": html/template would escape them in the attribute
 }
 
 var funcs = template.FuncMap{
