@@ -58,14 +58,16 @@ func http1Malformed(format string, args ...any) error {
 // malformed.
 //
 // The name is the authority of an absolute-form (or CONNECT authority-form)
-// request target, which replaces Host (RFC 9112 section 3.2.2), else the
-// value of the one Host header field; it is normalised: port removed,
-// lowercased, one trailing dot removed, an IPv6 literal without brackets
-// and in canonical form. Host names are dot-separated labels of letters,
-// digits, '-' and '_'. More than one Host field, an invalid Host (even one
-// the target overrides), userinfo in the target, or an HTTP/1.1 request
-// without Host (except CONNECT, as in net/http) is ErrMalformed. An HTTP/1.0
-// request without Host, or an empty Host, is ErrNoName.
+// request target (RFC 9112 section 3.2.2), else the value of the one Host
+// header field; it is normalised: port removed, lowercased, one trailing
+// dot removed, an IPv6 literal without brackets and in canonical form. Host
+// names are dot-separated labels of letters, digits, '-' and '_'. More than
+// one Host field, an invalid Host, a Host (even an empty one) that names
+// another host than the target's authority (compared normalised, so the
+// port does not count; ParseH2C applies the same rule to host and
+// :authority), userinfo in the target, or an HTTP/1.1 request without Host
+// (except CONNECT, as in net/http) is ErrMalformed. An HTTP/1.0 request
+// without Host, or an empty Host with an origin-form target, is ErrNoName.
 //
 // Result.Class is "socketio", "websocket", "grpc-web", "soap" or "jsonrpc",
 // checked in that order; "jsonrpc" is only reported when body bytes already
@@ -194,6 +196,7 @@ func ParseHTTP1(b []byte) (Result, error) {
 	// Header fields, up to the empty line.
 	var (
 		hosts     int
+		hostField []byte // the Host field value, when hosts == 1
 		ctype     []byte
 		haveCtype bool
 		websocket bool
@@ -264,6 +267,7 @@ func ParseHTTP1(b []byte) (Result, error) {
 					return res, http1Malformed("Host: %w", err)
 				}
 			}
+			hostField = value
 			if !hasAuthority {
 				host = value
 			}
@@ -290,6 +294,15 @@ func ParseHTTP1(b []byte) (Result, error) {
 	if res.Name, err = httpHostName(host); err != nil {
 		// Unreachable: host passed httpCheckHost.
 		return Result{Protocol: HTTP}, http1Malformed("host: %w", err)
+	}
+	if hasAuthority && hosts == 1 {
+		// The rule ParseH2C applies to host and :authority (RFC 9113
+		// section 8.3.1): a Host field, even an empty one, must name the
+		// target's host. Routing on the target while a backend that
+		// ignores it serves Host would be a confused deputy.
+		if name, err := httpHostName(hostField); err != nil || name != res.Name {
+			return Result{Protocol: HTTP}, http1Malformed("Host header field does not match the request target")
+		}
 	}
 	return res, nil
 }
