@@ -23,20 +23,58 @@ const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 // protocol set), ErrNeedMore while some protocol still fits, ErrMalformed
 // from the protocol b belongs to, or ErrNotProtocol when none fits.
 func Detect(b []byte) (Result, error) {
+	var d detector
+	return d.detect(b)
+}
+
+// detector is Detect over the growing bytes of one connection: each call
+// of detect must get the bytes of the previous call and possibly more. It
+// keeps each parser's progress and calls a parser again only once the
+// bytes it waits for have arrived (see tlsState, h2cState, http1State), so
+// that a client sending its hello a byte at a time costs work linear in
+// the bytes, not in bytes times reads. Its decisions are Detect's, made on
+// the same bytes, except that HTTP/1 reports a malformed byte when its
+// line ends. The zero value starts at the first byte.
+type detector struct {
+	tls   tlsState
+	h2c   h2cState
+	http1 http1State
+	// not[i] records that parser i (TLS, h2c, HTTP/1) said ErrNotProtocol,
+	// which more bytes cannot change.
+	not [3]bool
+	// calls counts parser calls, and fresh the bytes they got past the
+	// point each resumes from: the work done, for tests.
+	calls, fresh int
+}
+
+// detectParser is one parser's resumable state.
+type detectParser interface {
+	ready(b []byte) bool
+	resume() int
+	parse(b []byte) (Result, error)
+}
+
+// detect is Detect on b, resuming each parser where it stopped.
+func (d *detector) detect(b []byte) (Result, error) {
 	if len(b) == 0 {
 		return Result{}, ErrNeedMore
 	}
-	r, err := ParseTLS(b)
-	if !errors.Is(err, ErrNotProtocol) {
-		return r, err
-	}
-	r, err = ParseH2C(b)
-	if !errors.Is(err, ErrNotProtocol) {
-		return r, err
-	}
-	r, err = ParseHTTP1(b)
-	if !errors.Is(err, ErrNotProtocol) {
-		return r, err
+	for i, p := range [...]detectParser{&d.tls, &d.h2c, &d.http1} {
+		if d.not[i] {
+			continue
+		}
+		if !p.ready(b) {
+			// The parser said ErrNeedMore and will again: Detect would
+			// return that without asking the parsers after it.
+			return Result{}, ErrNeedMore
+		}
+		d.calls++
+		d.fresh += len(b) - p.resume()
+		r, err := p.parse(b)
+		if !errors.Is(err, ErrNotProtocol) {
+			return r, err
+		}
+		d.not[i] = true
 	}
 	return Result{}, ErrNotProtocol
 }
@@ -82,7 +120,11 @@ func (b *Buffer) Release() {
 }
 
 // Read reads from conn until Detect decides, the byte cap of the protocol
-// is reached (ErrMalformed), or deadline passes (ErrTimeout). The bytes in
+// is reached (ErrMalformed), or deadline passes (ErrTimeout). It does not
+// run Detect over all the bytes after every read: a detector goes on where
+// the last read left each parser and waits for the bytes that can change
+// its answer, so a client sending its hello a byte at a time costs work
+// linear in the hello's bytes. The bytes in
 // start are treated as already read. The returned Buffer holds every byte
 // read, whatever the outcome; the caller must Release it. Read sets conn's
 // read deadline and clears it before returning.
@@ -93,9 +135,10 @@ func Read(conn net.Conn, start []byte, deadline time.Time) (Result, *Buffer, err
 		return Result{}, buf, fmt.Errorf("sniff: set deadline: %w", err)
 	}
 	defer conn.SetReadDeadline(time.Time{})
+	var d detector
 	for {
 		if len(buf.b) > 0 {
-			r, err := Detect(buf.b)
+			r, err := d.detect(buf.b)
 			if !errors.Is(err, ErrNeedMore) {
 				return r, buf, err
 			}
@@ -116,7 +159,7 @@ func Read(conn net.Conn, start []byte, deadline time.Time) (Result, *Buffer, err
 		buf.b = buf.b[:len(buf.b)+n]
 		if err != nil {
 			if n > 0 {
-				if r, derr := Detect(buf.b); !errors.Is(derr, ErrNeedMore) {
+				if r, derr := d.detect(buf.b); !errors.Is(derr, ErrNeedMore) {
 					return r, buf, derr
 				}
 			}
