@@ -39,44 +39,59 @@ type detector struct {
 	tls   tlsState
 	h2c   h2cState
 	http1 http1State
-	// not[i] records that parser i (TLS, h2c, HTTP/1) said ErrNotProtocol,
-	// which more bytes cannot change.
-	not [3]bool
+	// A parser that said ErrNotProtocol is not asked again: more bytes
+	// cannot change that.
+	notTLS, notH2C, notHTTP1 bool
 	// calls counts parser calls, and fresh the bytes they got past the
 	// point each resumes from: the work done, for tests.
 	calls, fresh int
 }
 
-// detectParser is one parser's resumable state.
-type detectParser interface {
-	ready(b []byte) bool
-	resume() int
-	parse(b []byte) (Result, error)
-}
-
-// detect is Detect on b, resuming each parser where it stopped.
+// detect is Detect on b, resuming each parser where it stopped. A parser
+// that is not ready said ErrNeedMore and would again: Detect would return
+// that without asking the parsers after it. (The three are called without
+// an interface, which would move the detector to the heap.)
 func (d *detector) detect(b []byte) (Result, error) {
 	if len(b) == 0 {
 		return Result{}, ErrNeedMore
 	}
-	for i, p := range [...]detectParser{&d.tls, &d.h2c, &d.http1} {
-		if d.not[i] {
-			continue
-		}
-		if !p.ready(b) {
-			// The parser said ErrNeedMore and will again: Detect would
-			// return that without asking the parsers after it.
+	if !d.notTLS {
+		if !d.tls.ready(b) {
 			return Result{}, ErrNeedMore
 		}
-		d.calls++
-		d.fresh += len(b) - p.resume()
-		r, err := p.parse(b)
-		if !errors.Is(err, ErrNotProtocol) {
+		d.count(b, d.tls.resume())
+		if r, err := d.tls.parse(b); !errors.Is(err, ErrNotProtocol) {
 			return r, err
 		}
-		d.not[i] = true
+		d.notTLS = true
+	}
+	if !d.notH2C {
+		if !d.h2c.ready(b) {
+			return Result{}, ErrNeedMore
+		}
+		d.count(b, d.h2c.resume())
+		if r, err := d.h2c.parse(b); !errors.Is(err, ErrNotProtocol) {
+			return r, err
+		}
+		d.notH2C = true
+	}
+	if !d.notHTTP1 {
+		if !d.http1.ready(b) {
+			return Result{}, ErrNeedMore
+		}
+		d.count(b, d.http1.resume())
+		if r, err := d.http1.parse(b); !errors.Is(err, ErrNotProtocol) {
+			return r, err
+		}
+		d.notHTTP1 = true
 	}
 	return Result{}, ErrNotProtocol
+}
+
+// count records a parser call on b that resumes at offset resume.
+func (d *detector) count(b []byte, resume int) {
+	d.calls++
+	d.fresh += len(b) - resume
 }
 
 // limitFor returns how many bytes may be buffered while sniffing b.
