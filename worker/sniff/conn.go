@@ -23,22 +23,75 @@ const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 // protocol set), ErrNeedMore while some protocol still fits, ErrMalformed
 // from the protocol b belongs to, or ErrNotProtocol when none fits.
 func Detect(b []byte) (Result, error) {
+	var d detector
+	return d.detect(b)
+}
+
+// detector is Detect over the growing bytes of one connection: each call
+// of detect must get the bytes of the previous call and possibly more. It
+// keeps each parser's progress and calls a parser again only once the
+// bytes it waits for have arrived (see tlsState, h2cState, http1State), so
+// that a client sending its hello a byte at a time costs work linear in
+// the bytes, not in bytes times reads. Its decisions are Detect's, made on
+// the same bytes, except that HTTP/1 reports a malformed byte when its
+// line ends. The zero value starts at the first byte.
+type detector struct {
+	tls   tlsState
+	h2c   h2cState
+	http1 http1State
+	// A parser that said ErrNotProtocol is not asked again: more bytes
+	// cannot change that.
+	notTLS, notH2C, notHTTP1 bool
+	// calls counts parser calls, and fresh the bytes they got past the
+	// point each resumes from: the work done, for tests.
+	calls, fresh int
+}
+
+// detect is Detect on b, resuming each parser where it stopped. A parser
+// that is not ready said ErrNeedMore and would again: Detect would return
+// that without asking the parsers after it. (The three are called without
+// an interface, which would move the detector to the heap.)
+func (d *detector) detect(b []byte) (Result, error) {
 	if len(b) == 0 {
 		return Result{}, ErrNeedMore
 	}
-	r, err := ParseTLS(b)
-	if !errors.Is(err, ErrNotProtocol) {
-		return r, err
+	if !d.notTLS {
+		if !d.tls.ready(b) {
+			return Result{}, ErrNeedMore
+		}
+		d.count(b, d.tls.resume())
+		if r, err := d.tls.parse(b); !errors.Is(err, ErrNotProtocol) {
+			return r, err
+		}
+		d.notTLS = true
 	}
-	r, err = ParseH2C(b)
-	if !errors.Is(err, ErrNotProtocol) {
-		return r, err
+	if !d.notH2C {
+		if !d.h2c.ready(b) {
+			return Result{}, ErrNeedMore
+		}
+		d.count(b, d.h2c.resume())
+		if r, err := d.h2c.parse(b); !errors.Is(err, ErrNotProtocol) {
+			return r, err
+		}
+		d.notH2C = true
 	}
-	r, err = ParseHTTP1(b)
-	if !errors.Is(err, ErrNotProtocol) {
-		return r, err
+	if !d.notHTTP1 {
+		if !d.http1.ready(b) {
+			return Result{}, ErrNeedMore
+		}
+		d.count(b, d.http1.resume())
+		if r, err := d.http1.parse(b); !errors.Is(err, ErrNotProtocol) {
+			return r, err
+		}
+		d.notHTTP1 = true
 	}
 	return Result{}, ErrNotProtocol
+}
+
+// count records a parser call on b that resumes at offset resume.
+func (d *detector) count(b []byte, resume int) {
+	d.calls++
+	d.fresh += len(b) - resume
 }
 
 // limitFor returns how many bytes may be buffered while sniffing b.
@@ -82,7 +135,11 @@ func (b *Buffer) Release() {
 }
 
 // Read reads from conn until Detect decides, the byte cap of the protocol
-// is reached (ErrMalformed), or deadline passes (ErrTimeout). The bytes in
+// is reached (ErrMalformed), or deadline passes (ErrTimeout). It does not
+// run Detect over all the bytes after every read: a detector goes on where
+// the last read left each parser and waits for the bytes that can change
+// its answer, so a client sending its hello a byte at a time costs work
+// linear in the hello's bytes. The bytes in
 // start are treated as already read. The returned Buffer holds every byte
 // read, whatever the outcome; the caller must Release it. Read sets conn's
 // read deadline and clears it before returning.
@@ -93,9 +150,10 @@ func Read(conn net.Conn, start []byte, deadline time.Time) (Result, *Buffer, err
 		return Result{}, buf, fmt.Errorf("sniff: set deadline: %w", err)
 	}
 	defer conn.SetReadDeadline(time.Time{})
+	var d detector
 	for {
 		if len(buf.b) > 0 {
-			r, err := Detect(buf.b)
+			r, err := d.detect(buf.b)
 			if !errors.Is(err, ErrNeedMore) {
 				return r, buf, err
 			}
@@ -116,7 +174,7 @@ func Read(conn net.Conn, start []byte, deadline time.Time) (Result, *Buffer, err
 		buf.b = buf.b[:len(buf.b)+n]
 		if err != nil {
 			if n > 0 {
-				if r, derr := Detect(buf.b); !errors.Is(derr, ErrNeedMore) {
+				if r, derr := d.detect(buf.b); !errors.Is(derr, ErrNeedMore) {
 					return r, buf, derr
 				}
 			}

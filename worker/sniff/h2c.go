@@ -67,9 +67,10 @@ func h2cMalformed(format string, args ...any) error {
 // are checked as soon as they arrive (a wrong first frame is reported 9
 // bytes after the preface), whole frames before the request are read by
 // golang.org/x/net/http2's Framer as they complete, and the header block is
-// read, with an HPACK decoder, once all of it is there, so that re-parsing
-// a partial start costs little. Anything the Framer rejects is
-// ErrMalformed.
+// read, with an HPACK decoder, once all of it is there. Anything the Framer
+// rejects is ErrMalformed. ParseH2C walks the frame headers from the start
+// on every call (at most 64); Read keeps an h2cState instead, which goes on
+// where the last call stopped.
 //
 // The name is the :authority pseudo-header, else the host header field,
 // normalised as ParseHTTP1 does. More than one host field, or a host field
@@ -83,11 +84,41 @@ func h2cMalformed(format string, args ...any) error {
 // Result.Protocol is H2C once the whole preface has been read; otherwise
 // it is Unknown. Result.Name is set only with a nil error.
 func ParseH2C(b []byte) (Result, error) {
+	var s h2cState
+	return s.parse(b)
+}
+
+// h2cState is ParseH2C's progress through the growing bytes of one
+// connection: each call of parse must get the bytes of the previous call
+// and possibly more. It resumes the frame walk after the last complete
+// frame and the Framer after the last frame it read, and knows the next
+// length at which the answer can change, so that Read's work for a whole
+// connection start is linear in its bytes. The zero value starts at the
+// first byte.
+type h2cState struct {
+	scan h2cScanner
+	read int // end of the frames (after the preface) the Framer has read
+	// next is the length b must reach before parse can answer other than
+	// ErrNeedMore.
+	next int
+}
+
+// ready reports whether b, the bytes last parsed and possibly more, may
+// change parse's answer.
+func (s *h2cState) ready(b []byte) bool { return len(b) >= s.next }
+
+// resume returns the offset in b from which the next parse reads bytes it
+// has not walked before.
+func (s *h2cState) resume() int { return len(http2.ClientPreface) + s.scan.p }
+
+// parse is ParseH2C on b, resuming where the last call stopped.
+func (s *h2cState) parse(b []byte) (Result, error) {
 	const preface = http2.ClientPreface
 	if n := min(len(b), len(preface)); string(b[:n]) != preface[:n] {
 		return Result{}, errH2CNotH2C
 	}
 	if len(b) < len(preface) {
+		s.next = len(b) + 1 // the preface is checked byte by byte
 		return Result{}, errH2CNeedMore
 	}
 	res := Result{Protocol: H2C}
@@ -96,25 +127,28 @@ func ParseH2C(b []byte) (Result, error) {
 		w = w[:MaxH2CBytes]
 	}
 	frames := w[len(preface):]
-	n, done, err := h2cScan(frames)
+	n, done, next, err := s.scan.scan(frames)
 	if err != nil {
 		return res, err
 	}
-	if n > 0 {
-		if res, err = h2cRead(res, frames[:n], done); err != nil || done {
+	if done || n > s.read {
+		if res, err = h2cRead(res, frames[s.read:n], done); err != nil || done {
 			return res, err
 		}
+		s.read = n
 	}
 	if len(b) >= MaxH2CBytes {
 		return res, errH2CTooLarge
 	}
+	s.next = min(len(preface)+next, MaxH2CBytes)
 	return res, errH2CNeedMore
 }
 
-// h2cRead reads frames, the whole frames after the client preface, with
-// the Framer. If done, they end with the first header block, and h2cRead
+// h2cRead reads frames, whole frames after the client preface, with the
+// Framer. If done, they end with the first header block, and h2cRead
 // returns the request's Result; else it returns a nil error when the frames
-// are well formed.
+// are well formed. Frames before the first header block carry no state
+// the Framer keeps, so they may be read in several calls.
 func h2cRead(res Result, frames []byte, done bool) (Result, error) {
 	fr := http2.NewFramer(nil, bytes.NewReader(frames))
 	fr.SetMaxReadFrameSize(h2cMaxFrameSize)
@@ -127,7 +161,7 @@ func h2cRead(res Result, frames []byte, done bool) (Result, error) {
 				return res, nil
 			}
 			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-				// h2cScan handed over whole frames, so the Framer should
+				// h2cScanner handed over whole frames, so the Framer should
 				// not run out of bytes inside one; if it does, the two
 				// disagree on framing and the bytes are not trustworthy.
 				return res, h2cMalformed("reading frames: %w", err)
@@ -145,65 +179,77 @@ func h2cRead(res Result, frames []byte, done bool) (Result, error) {
 		case *http2.MetaHeadersFrame:
 			return h2cRequest(res, f)
 		}
-		// h2cScan let only harmless frame types through.
+		// h2cScanner let only harmless frame types through.
 	}
 }
 
-// h2cScan walks the frame headers in b, the bytes after the client
-// preface, checking what they alone show: sizes, the frame order, and that
-// nothing but connection-level chatter comes before the request. It
-// returns n, how many bytes of b are whole frames worth reading, and done,
-// whether those end with the first header block. Until the block is
-// complete, n stops before its HEADERS frame: the HPACK block is decoded
-// once, when it is all there.
-func h2cScan(b []byte) (n int, done bool, err error) {
-	var block uint32 // stream of an open header block awaiting CONTINUATION
-	p := 0
-	for i := 0; ; i++ {
-		if block == 0 {
-			n = p
+// h2cScanner walks the frame headers after the client preface, checking
+// what they alone show: sizes, the frame order, and that nothing but
+// connection-level chatter comes before the request. It keeps its place
+// after the last complete frame, so that a call with more bytes goes on
+// from there. The zero value starts at the first frame.
+type h2cScanner struct {
+	p      int    // end of the complete frames walked
+	frames int    // complete frames walked
+	block  uint32 // stream of an open header block awaiting CONTINUATION
+	n      int    // end of the whole frames before the first header block
+}
+
+// scan walks the frames in b, the bytes after the client preface, which
+// extend those of the last call. It returns n, how many bytes of b are
+// whole frames worth reading, and done, whether those end with the first
+// header block. Until the block is complete, n stops before its HEADERS
+// frame: the HPACK block is decoded once, when it is all there. Otherwise
+// next is the length b must reach before the answer can change: the end of
+// the partial frame header or frame.
+func (s *h2cScanner) scan(b []byte) (n int, done bool, next int, err error) {
+	for {
+		if s.block == 0 {
+			s.n = s.p
 		}
+		p := s.p
 		if len(b)-p < h2cFrameHeaderLen {
-			return n, false, nil
+			return s.n, false, p + h2cFrameHeaderLen, nil
 		}
 		length := int(b[p])<<16 | int(b[p+1])<<8 | int(b[p+2])
 		typ := http2.FrameType(b[p+3])
 		flags := http2.Flags(b[p+4])
 		stream := binary.BigEndian.Uint32(b[p+5:]) & (1<<31 - 1)
-		if i == h2cMaxFrames {
-			return 0, false, h2cMalformed("more than %d frames before the end of the first header block", h2cMaxFrames)
+		if s.frames == h2cMaxFrames {
+			return 0, false, 0, h2cMalformed("more than %d frames before the end of the first header block", h2cMaxFrames)
 		}
 		if length > h2cMaxFrameSize {
-			return 0, false, h2cMalformed("%v frame of %d bytes: %w", typ, length, http2.ErrFrameTooLarge)
+			return 0, false, 0, h2cMalformed("%v frame of %d bytes: %w", typ, length, http2.ErrFrameTooLarge)
 		}
-		if i == 0 && (typ != http2.FrameSettings || flags.Has(http2.FlagSettingsAck)) {
+		if s.frames == 0 && (typ != http2.FrameSettings || flags.Has(http2.FlagSettingsAck)) {
 			// RFC 9113 section 3.4: the preface ends with a SETTINGS frame.
-			return 0, false, h2cMalformed("first frame is %v, want SETTINGS", typ)
+			return 0, false, 0, h2cMalformed("first frame is %v, want SETTINGS", typ)
 		}
 		switch {
-		case block != 0:
-			if typ != http2.FrameContinuation || stream != block {
-				return 0, false, h2cMalformed("%v frame on stream %d inside the header block of stream %d", typ, stream, block)
+		case s.block != 0:
+			if typ != http2.FrameContinuation || stream != s.block {
+				return 0, false, 0, h2cMalformed("%v frame on stream %d inside the header block of stream %d", typ, stream, s.block)
 			}
 		case typ == http2.FrameHeaders:
 			if stream%2 == 0 {
-				return 0, false, h2cMalformed("HEADERS frame on stream %d, want an odd stream", stream)
+				return 0, false, 0, h2cMalformed("HEADERS frame on stream %d, want an odd stream", stream)
 			}
 		case typ == http2.FrameContinuation:
-			return 0, false, h2cMalformed("CONTINUATION frame without HEADERS")
+			return 0, false, 0, h2cMalformed("CONTINUATION frame without HEADERS")
 		case typ == http2.FrameData, typ == http2.FrameRSTStream, typ == http2.FramePushPromise, typ == http2.FrameGoAway:
-			return 0, false, h2cMalformed("%v frame before the first request", typ)
+			return 0, false, 0, h2cMalformed("%v frame before the first request", typ)
 		}
-		p += h2cFrameHeaderLen
-		if len(b)-p < length {
-			return n, false, nil
+		end := p + h2cFrameHeaderLen + length
+		if len(b) < end {
+			return s.n, false, end, nil
 		}
-		p += length
+		s.p = end
+		s.frames++
 		if typ == http2.FrameHeaders || typ == http2.FrameContinuation {
 			if flags.Has(http2.FlagHeadersEndHeaders) {
-				return p, true, nil
+				return end, true, 0, nil
 			}
-			block = stream
+			s.block = stream
 		}
 	}
 }

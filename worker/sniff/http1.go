@@ -58,14 +58,16 @@ func http1Malformed(format string, args ...any) error {
 // malformed.
 //
 // The name is the authority of an absolute-form (or CONNECT authority-form)
-// request target, which replaces Host (RFC 9112 section 3.2.2), else the
-// value of the one Host header field; it is normalised: port removed,
-// lowercased, one trailing dot removed, an IPv6 literal without brackets
-// and in canonical form. Host names are dot-separated labels of letters,
-// digits, '-' and '_'. More than one Host field, an invalid Host (even one
-// the target overrides), userinfo in the target, or an HTTP/1.1 request
-// without Host (except CONNECT, as in net/http) is ErrMalformed. An HTTP/1.0
-// request without Host, or an empty Host, is ErrNoName.
+// request target (RFC 9112 section 3.2.2), else the value of the one Host
+// header field; it is normalised: port removed, lowercased, one trailing
+// dot removed, an IPv6 literal without brackets and in canonical form. Host
+// names are dot-separated labels of letters, digits, '-' and '_'. More than
+// one Host field, an invalid Host, a Host (even an empty one) that names
+// another host than the target's authority (compared normalised, so the
+// port does not count; ParseH2C applies the same rule to host and
+// :authority), userinfo in the target, or an HTTP/1.1 request without Host
+// (except CONNECT, as in net/http) is ErrMalformed. An HTTP/1.0 request
+// without Host, or an empty Host with an origin-form target, is ErrNoName.
 //
 // Result.Class is "socketio", "websocket", "grpc-web", "soap" or "jsonrpc",
 // checked in that order; "jsonrpc" is only reported when body bytes already
@@ -77,11 +79,65 @@ func http1Malformed(format string, args ...any) error {
 // may still be the HTTP/2 preface); otherwise it is Unknown.
 // Result.Name is set only with a nil error.
 func ParseHTTP1(b []byte) (Result, error) {
+	var s http1State
+	return s.parse(b)
+}
+
+// http1Head is what ParseHTTP1 has learnt from a request head up to the
+// start of a header line. Its slices alias the bytes parsed.
+type http1Head struct {
+	method       []byte
+	minor        byte   // '0' or '1'
+	host         []byte // the target's authority, else the Host field value
+	hasAuthority bool
+	path         []byte
+	hosts        int    // Host fields
+	hostField    []byte // the Host field value, when hosts == 1
+	ctype        []byte
+	haveCtype    bool
+	websocket    bool
+	soap         bool
+}
+
+// http1State is ParseHTTP1's progress through the growing bytes of one
+// connection: each call of parse must get the bytes of the previous call
+// and possibly more. Once the request line is parsed it keeps what the
+// complete lines showed and goes on from the first incomplete line, and it
+// waits for that line's end (or the byte cap) before parsing again, so that
+// Read's work for a whole head is linear in its bytes. A malformed byte in
+// an incomplete line is therefore reported when the line ends, or at
+// MaxHTTP1Bytes or the sniff deadline, rather than at once. The zero value
+// starts at the first byte.
+type http1State struct {
+	head http1Head
+	line int // start of the first header line not parsed; 0 before the request line is
+	// ready's wait: parse runs again once len(b) reaches next or a '\n'
+	// arrives after scan (b[line:scan] holds none).
+	next, scan int
+}
+
+// ready reports whether b, the bytes last parsed and possibly more, may
+// change parse's answer. It scans each byte for a line end once.
+func (s *http1State) ready(b []byte) bool {
+	if len(b) >= s.next || s.scan < len(b) && bytes.IndexByte(b[s.scan:], '\n') >= 0 {
+		return true
+	}
+	s.scan = len(b)
+	return false
+}
+
+// resume returns the offset in b from which the next parse reads bytes it
+// has not parsed before.
+func (s *http1State) resume() int { return s.line }
+
+// parse is ParseHTTP1 on b, resuming at the first incomplete line.
+func (s *http1State) parse(b []byte) (Result, error) {
 	// The method is decided byte by byte so that a dispatcher learns "not
 	// HTTP" from the first byte of a TLS record or an SSH banner.
 	m := 0
 	for {
 		if m == len(b) {
+			s.next = len(b) + 1
 			return Result{}, errHTTP1NeedMore
 		}
 		c := b[m]
@@ -97,109 +153,41 @@ func ParseHTTP1(b []byte) (Result, error) {
 		if n == len(http1H2Preface) {
 			return Result{}, errHTTP1H2Preface
 		}
+		s.next = len(b) + 1
 		return Result{}, errHTTP1NeedMore
 	}
-	method := b[:m]
 
 	res := Result{Protocol: HTTP}
 	w := b
 	if len(w) > MaxHTTP1Bytes {
 		w = w[:MaxHTTP1Bytes]
 	}
-	// more is the outcome when w ends before the head does.
+	// more is the outcome when w ends before the head does: no '\n' after
+	// s.line, so parse waits for one.
 	more := func() (Result, error) {
 		if len(b) >= MaxHTTP1Bytes {
 			return res, errHTTP1TooLarge
 		}
+		s.next, s.scan = MaxHTTP1Bytes, len(w)
 		return res, errHTTP1NeedMore
 	}
 
-	// Request target: visible bytes up to the next space. A line end here
-	// is an HTTP/0.9 request line.
-	p := m + 1
-	ts := p
-	for ; p < len(w) && w[p] != ' '; p++ {
-		if c := w[p]; c <= ' ' || c == 0x7f {
-			return res, http1Malformed("byte %q in request target", c)
-		}
-	}
-	if p == len(w) {
-		return more()
-	}
-	if p == ts {
-		return res, http1Malformed("empty request target")
-	}
-	target := w[ts:p]
-	p++
-
-	// Version: HTTP/1.0 or HTTP/1.1, then the line end.
-	const version = "HTTP/1."
-	for i := 0; i < len(version); i, p = i+1, p+1 {
-		if p == len(w) {
-			return more()
-		}
-		if w[p] != version[i] {
-			return res, http1Malformed("unsupported version")
-		}
-	}
-	if p == len(w) {
-		return more()
-	}
-	minor := w[p]
-	if minor != '0' && minor != '1' {
-		return res, http1Malformed("unsupported version")
-	}
-	p++
-	p, err := http1LineEnd(w, p, "request line")
-	if err != nil {
-		if err == errHTTP1NeedMore {
-			return more()
-		}
-		return res, err
-	}
-
-	// The request target's form decides where the name comes from and what
-	// the path is. Hosts are validated as soon as they are read, and turned
-	// into the name (an allocation) only once the head is complete.
-	var (
-		host         []byte // the authority, else the Host field value
-		hasAuthority bool
-		path         []byte
-	)
-	switch {
-	case target[0] == '/':
-		path = target
-	case len(target) == 1 && target[0] == '*':
-		if string(method) != "OPTIONS" {
-			return res, http1Malformed("asterisk-form target with method other than OPTIONS")
-		}
-	default:
-		// RFC 9112 section 3.2.2: the target's authority replaces Host.
-		authority := target
-		if string(method) != "CONNECT" {
-			var ok bool
-			if authority, path, ok = http1AbsoluteForm(target); !ok {
-				return res, http1Malformed("invalid request target")
+	h := s.head
+	p := s.line
+	if p == 0 {
+		var err error
+		if h, p, err = http1RequestLine(w, m); err != nil {
+			if err == errHTTP1NeedMore {
+				return more()
 			}
+			return res, err
 		}
-		if len(authority) == 0 {
-			return res, http1Malformed("empty authority in request target")
-		}
-		if err := httpCheckHost(authority); err != nil {
-			return res, http1Malformed("request target authority: %w", err)
-		}
-		host, hasAuthority = authority, true
 	}
 
 	// Header fields, up to the empty line.
-	var (
-		hosts     int
-		ctype     []byte
-		haveCtype bool
-		websocket bool
-		soap      bool
-	)
+	var err error
 	for {
+		s.head, s.line = h, p
 		if p == len(w) {
 			return more()
 		}
@@ -256,7 +244,7 @@ func ParseHTTP1(b []byte) (Result, error) {
 		case httpEqualFold(field, "host"):
 			// RFC 9112 section 3.2: more than one Host, or an invalid
 			// one, is a 400, even when the target's authority wins.
-			if hosts++; hosts > 1 {
+			if h.hosts++; h.hosts > 1 {
 				return res, http1Malformed("more than one Host header field")
 			}
 			if len(value) > 0 {
@@ -264,34 +252,120 @@ func ParseHTTP1(b []byte) (Result, error) {
 					return res, http1Malformed("Host: %w", err)
 				}
 			}
-			if !hasAuthority {
-				host = value
+			h.hostField = value
+			if !h.hasAuthority {
+				h.host = value
 			}
 		case httpEqualFold(field, "upgrade"):
-			websocket = websocket || http1ListHas(value, "websocket")
+			h.websocket = h.websocket || http1ListHas(value, "websocket")
 		case httpEqualFold(field, "content-type"):
-			if !haveCtype {
-				ctype, haveCtype = value, true
+			if !h.haveCtype {
+				h.ctype, h.haveCtype = value, true
 			}
 		case httpEqualFold(field, "soapaction"):
-			soap = true
+			h.soap = true
 		}
 	}
-	if hosts == 0 && minor == '1' && string(method) != "CONNECT" {
+	if h.hosts == 0 && h.minor == '1' && string(h.method) != "CONNECT" {
 		// RFC 9112 section 3.2: a server MUST answer 400, whatever the
 		// target's form. net/http makes the same exception for CONNECT.
 		return res, http1Malformed("HTTP/1.1 request without Host")
 	}
 
-	res.Class = http1Class(path, ctype, websocket, soap, b[p:])
-	if len(host) == 0 {
+	res.Class = http1Class(h.path, h.ctype, h.websocket, h.soap, b[p:])
+	if len(h.host) == 0 {
 		return res, errHTTP1NoName
 	}
-	if res.Name, err = httpHostName(host); err != nil {
+	if res.Name, err = httpHostName(h.host); err != nil {
 		// Unreachable: host passed httpCheckHost.
 		return Result{Protocol: HTTP}, http1Malformed("host: %w", err)
 	}
+	if h.hasAuthority && h.hosts == 1 {
+		// The rule ParseH2C applies to host and :authority (RFC 9113
+		// section 8.3.1): a Host field, even an empty one, must name the
+		// target's host. Routing on the target while a backend that
+		// ignores it serves Host would be a confused deputy.
+		if name, err := httpHostName(h.hostField); err != nil || name != res.Name {
+			return Result{Protocol: HTTP}, http1Malformed("Host header field does not match the request target")
+		}
+	}
 	return res, nil
+}
+
+// http1RequestLine parses the request line in w, whose method ends at
+// w[m] (a space), and returns what it shows and the offset after it, or
+// errHTTP1NeedMore if w ends first.
+func http1RequestLine(w []byte, m int) (http1Head, int, error) {
+	h := http1Head{method: w[:m]}
+	// Request target: visible bytes up to the next space. A line end here
+	// is an HTTP/0.9 request line.
+	p := m + 1
+	ts := p
+	for ; p < len(w) && w[p] != ' '; p++ {
+		if c := w[p]; c <= ' ' || c == 0x7f {
+			return h, 0, http1Malformed("byte %q in request target", c)
+		}
+	}
+	if p == len(w) {
+		return h, 0, errHTTP1NeedMore
+	}
+	if p == ts {
+		return h, 0, http1Malformed("empty request target")
+	}
+	target := w[ts:p]
+	p++
+
+	// Version: HTTP/1.0 or HTTP/1.1, then the line end.
+	const version = "HTTP/1."
+	for i := 0; i < len(version); i, p = i+1, p+1 {
+		if p == len(w) {
+			return h, 0, errHTTP1NeedMore
+		}
+		if w[p] != version[i] {
+			return h, 0, http1Malformed("unsupported version")
+		}
+	}
+	if p == len(w) {
+		return h, 0, errHTTP1NeedMore
+	}
+	h.minor = w[p]
+	if h.minor != '0' && h.minor != '1' {
+		return h, 0, http1Malformed("unsupported version")
+	}
+	p++
+	p, err := http1LineEnd(w, p, "request line")
+	if err != nil {
+		return h, 0, err
+	}
+
+	// The request target's form decides where the name comes from and what
+	// the path is. Hosts are validated as soon as they are read, and turned
+	// into the name (an allocation) only once the head is complete.
+	switch {
+	case target[0] == '/':
+		h.path = target
+	case len(target) == 1 && target[0] == '*':
+		if string(h.method) != "OPTIONS" {
+			return h, 0, http1Malformed("asterisk-form target with method other than OPTIONS")
+		}
+	default:
+		// RFC 9112 section 3.2.2: the target's authority replaces Host.
+		authority := target
+		if string(h.method) != "CONNECT" {
+			var ok bool
+			if authority, h.path, ok = http1AbsoluteForm(target); !ok {
+				return h, 0, http1Malformed("invalid request target")
+			}
+		}
+		if len(authority) == 0 {
+			return h, 0, http1Malformed("empty authority in request target")
+		}
+		if err := httpCheckHost(authority); err != nil {
+			return h, 0, http1Malformed("request target authority: %w", err)
+		}
+		h.host, h.hasAuthority = authority, true
+	}
+	return h, p, nil
 }
 
 // http1MethodByte reports whether c may be in a method: an uppercase

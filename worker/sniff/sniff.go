@@ -8,7 +8,9 @@
 // decide: ErrNeedMore (the bytes are a valid prefix, read more), ErrNotProtocol
 // (these bytes are not this protocol), ErrMalformed (this protocol, but
 // broken). Parsers never consume anything: the caller replays every byte it
-// read to the backend.
+// read to the backend. Read, which calls them as bytes arrive, keeps each
+// parser's progress (the exported functions start from scratch), so that
+// the work for one connection is linear in its bytes.
 package sniff
 
 import (

@@ -110,16 +110,42 @@ func tlsMalformed(format string, args ...any) error {
 //     ClientHello's bytes are in, without waiting for the rest of a record
 //     that claims more.
 //
-// Cost: ParseTLS walks the record headers on every call, without allocating
-// until the ClientHello is complete; a complete single-record ClientHello is
-// parsed in place with one allocation (Name and ALPN share it). A ClientHello
-// split over several records is first copied into one buffer. A caller that
-// calls ParseTLS after every read does O(reads × records) work. The worst
-// case is a 64 KiB ClientHello in 1-byte records: about 13,100 record headers
-// (tens of microseconds) per call before ParseTLS can tell that it will not
-// fit in MaxTLSBytes.
+// Cost: a complete single-record ClientHello is parsed in place with one
+// allocation (Name and ALPN share it); a ClientHello split over several
+// records is first copied into one buffer. ParseTLS walks the record headers
+// from the start on every call, without allocating until the ClientHello is
+// complete. Read does not call it after every read: it keeps a tlsState,
+// which resumes the walk after the last complete record and waits for the
+// next byte that can change the answer, so the work for a whole ClientHello
+// is linear in its bytes however it is cut into records and reads.
 func ParseTLS(b []byte) (Result, error) {
+	var s tlsState
+	return s.parse(b)
+}
+
+// tlsState is ParseTLS's progress through the growing bytes of one
+// connection: each call of parse must get the bytes of the previous call
+// and possibly more. The zero value starts at the first byte.
+type tlsState struct {
+	walk tlsWalk
+	// next is the length b must reach before parse can answer other than
+	// ErrNeedMore: every shorter extension of the bytes last parsed gets
+	// ErrNeedMore again.
+	next int
+}
+
+// ready reports whether b, the bytes last parsed and possibly more, may
+// change parse's answer.
+func (s *tlsState) ready(b []byte) bool { return len(b) >= s.next }
+
+// resume returns the offset in b from which the next parse reads bytes it
+// has not walked before.
+func (s *tlsState) resume() int { return s.walk.off }
+
+// parse is ParseTLS on b, resuming where the last call stopped.
+func (s *tlsState) parse(b []byte) (Result, error) {
 	if len(b) == 0 {
+		s.next = 1
 		return Result{}, errTLSNeedMore
 	}
 	if b[0] != tlsRecordTypeHandshake {
@@ -129,81 +155,97 @@ func ParseTLS(b []byte) (Result, error) {
 		return Result{}, errTLSNotVersion3
 	}
 	res := Result{Protocol: TLS}
-	msg, err := tlsHandshakeMessage(b)
+	msg, next, err := s.walk.message(b)
 	if err != nil {
+		s.next = min(next, MaxTLSBytes)
 		return res, err
 	}
 	return parseClientHello(msg, res)
 }
 
-// tlsHandshakeMessage returns the first handshake message (header included)
-// carried by the handshake records at the start of b, which starts with a
-// handshake record header. If the message is in the first record the result
-// aliases b; otherwise it is a copy.
+// tlsWalk walks the handshake records at the start of a connection's bytes
+// to find the first handshake message. It keeps what the complete records
+// walked so far showed, so that a call with more bytes goes on from there.
+type tlsWalk struct {
+	hdr     [tlsHandshakeHeaderLen]byte // the handshake header, gathered across records
+	have    int                         // handshake bytes in the records walked
+	need    int                         // total handshake bytes, once the header is in; else 0
+	off     int                         // end of the records walked
+	records int                         // records walked
+}
+
+// message returns the first handshake message (header included) carried by
+// the handshake records at the start of b, which starts with a handshake
+// record header of version 3.x and extends the bytes of the last call. If
+// the message is in the first record the result aliases b; otherwise it is
+// a copy. With ErrNeedMore it returns next, the length b must reach before
+// the answer can change.
 //
-// It walks the record headers once per call and stops at the record that
-// completes the message, so a call costs O(records), not O(bytes): a few
-// nanoseconds per record.
-func tlsHandshakeMessage(b []byte) ([]byte, error) {
-	var (
-		hdr     [tlsHandshakeHeaderLen]byte // the handshake header, gathered across records
-		have    int                         // handshake bytes in b in the records walked
-		need    = -1                        // total handshake bytes, once the header is in
-		off     int                         // end of the records walked
-		records int
-	)
+// A call walks the records that completed since the last call and looks at
+// the partial one after them: a few nanoseconds per record.
+func (w *tlsWalk) message(b []byte) (msg []byte, next int, err error) {
 	for {
-		if len(b)-off < tlsRecordHeaderLen {
+		if len(b)-w.off < tlsRecordHeaderLen {
 			// A partial (or absent) record header. Check a later record's
 			// type and version as far as they go, so that a non-handshake
-			// record fails fast; the first's were checked by ParseTLS.
-			if off > 0 && off < len(b) {
-				if err := tlsRecordError(b[off:], off); err != nil {
-					return nil, err
+			// record fails fast; the first's were checked by parse. The
+			// type and version are checked byte by byte, the length once
+			// the header is complete.
+			if w.off > 0 && w.off < len(b) {
+				if err := tlsRecordError(b[w.off:], w.off); err != nil {
+					return nil, 0, err
 				}
 			}
-			return nil, tlsNeedMore(off+tlsRecordHeaderLen, need, have)
+			next := w.off + tlsRecordHeaderLen
+			if len(b)-w.off < 2 {
+				next = len(b) + 1
+			}
+			return nil, next, tlsNeedMore(w.off+tlsRecordHeaderLen, w.need, w.have)
 		}
-		rec := b[off : off+tlsRecordHeaderLen]
+		rec := b[w.off : w.off+tlsRecordHeaderLen]
 		n := int(rec[3])<<8 | int(rec[4])
 		if rec[0] != tlsRecordTypeHandshake || rec[1] != tlsRecordVersionMajor || n == 0 || n > tlsMaxRecordLen {
-			return nil, tlsRecordError(rec, off)
+			return nil, 0, tlsRecordError(rec, w.off)
 		}
-		off += tlsRecordHeaderLen + n
-		have += n
-		records++
-		if off > len(b) {
-			have -= off - len(b) // the last record is cut short
-		}
-		if need < 0 {
+		start := w.off + tlsRecordHeaderLen
+		end := start + n
+		payload := b[start:min(end, len(b))] // the record, or what is in of it
+		hdr, have, need := w.hdr, w.have+len(payload), w.need
+		if need == 0 {
 			// Rare: only until the 4-byte handshake header is in.
-			payload := b[off-n : min(off, len(b))]
-			for i := 0; i < len(payload) && have-len(payload)+i < tlsHandshakeHeaderLen; i++ {
-				hdr[have-len(payload)+i] = payload[i]
+			for i := 0; i < len(payload) && w.have+i < tlsHandshakeHeaderLen; i++ {
+				hdr[w.have+i] = payload[i]
 			}
 			if have > 0 && hdr[0] != tlsTypeClientHello {
-				return nil, tlsMalformed("handshake message type %d is not client_hello", hdr[0])
+				return nil, 0, tlsMalformed("handshake message type %d is not client_hello", hdr[0])
 			}
 			if have >= tlsHandshakeHeaderLen {
 				l := int(hdr[1])<<16 | int(hdr[2])<<8 | int(hdr[3])
 				if l > tlsMaxHandshakeLen {
-					return nil, tlsMalformed("client hello of %d bytes exceeds %d", l, tlsMaxHandshakeLen)
+					return nil, 0, tlsMalformed("client hello of %d bytes exceeds %d", l, tlsMaxHandshakeLen)
 				}
 				need = tlsHandshakeHeaderLen + l
 			}
 		}
-		if need >= 0 && have >= need {
-			if records == 1 {
+		if need > 0 && have >= need {
+			if w.records == 0 {
 				// Fast path: the whole message is in the first record.
-				return b[tlsRecordHeaderLen : tlsRecordHeaderLen+need], nil
+				return b[tlsRecordHeaderLen : tlsRecordHeaderLen+need], 0, nil
 			}
-			return tlsGather(b, need), nil
+			return tlsGather(b, need), 0, nil
 		}
-		if off > len(b) {
-			// The last record is cut short: its next byte is the next
-			// handshake byte.
-			return nil, tlsNeedMore(len(b), need, have)
+		if end > len(b) {
+			// The record is cut short: its next byte is the next handshake
+			// byte. Until the handshake header is in every byte counts;
+			// then nothing changes until the message or the record ends.
+			next := len(b) + 1
+			if need > 0 {
+				next = min(end, len(b)+need-have)
+			}
+			return nil, next, tlsNeedMore(len(b), need, have)
 		}
+		w.hdr, w.have, w.need, w.off = hdr, have, need, end
+		w.records++
 	}
 }
 
@@ -235,10 +277,10 @@ func tlsRecordError(rec []byte, off int) error {
 
 // tlsNeedMore returns ErrNeedMore, or ErrMalformed if the ClientHello cannot
 // be complete within MaxTLSBytes. next is the earliest offset in b of the next
-// handshake byte; need and have are as in tlsHandshakeMessage.
+// handshake byte; need and have are as in tlsWalk.
 func tlsNeedMore(next, need, have int) error {
 	rest := tlsHandshakeHeaderLen - have // at least the rest of the header
-	if need >= 0 {
+	if need > 0 {
 		rest = need - have
 	}
 	if next+rest > MaxTLSBytes {
@@ -248,7 +290,7 @@ func tlsNeedMore(next, need, have int) error {
 }
 
 // tlsGather copies the first need handshake bytes out of the records at the
-// start of b, which tlsHandshakeMessage has checked hold them.
+// start of b, which tlsWalk.message has checked hold them.
 func tlsGather(b []byte, need int) []byte {
 	msg := make([]byte, need)
 	for off, w := 0, 0; w < need; {
