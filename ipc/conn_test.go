@@ -65,14 +65,14 @@ func bodies() []Body {
 		LeaseReturn{N: 17},
 		Stats{},
 		Stats{Delta: fullSnapshot()},
-		Drain{},
-		Drain{Deadline: time.Unix(1_900_000_000, 123456789)},
+		Retire{},
+		Retire{Deadline: time.Unix(1_900_000_000, 123456789)},
 		Stop{},
 		Ping{Seq: 1},
 		Ping{Seq: 1<<64 - 1},
 		Pong{Seq: 1<<64 - 1},
 		Listeners{},
-		Migrate{},
+		Move{},
 		Revoke{},
 		Stopped{},
 	}
@@ -80,8 +80,8 @@ func bodies() []Body {
 
 // sameBody compares bodies, times with Equal.
 func sameBody(a, b Body) bool {
-	if da, ok := a.(Drain); ok {
-		db, ok := b.(Drain)
+	if da, ok := a.(Retire); ok {
+		db, ok := b.(Retire)
 		return ok && da.Deadline.Equal(db.Deadline)
 	}
 	return reflect.DeepEqual(a, b)

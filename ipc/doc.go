@@ -6,9 +6,9 @@
 // Config (a worker never reads the config file), connection-permit leases
 // (LeaseRequest, LeaseGrant, LeaseReturn, and Revoke when a sibling needs
 // the spares), counter deltas (Stats, about once
-// a second and a final flush), Drain and Stop, Ping and Pong, and listening
+// a second and a final flush), Retire and Stop, Ping and Pong, and listening
 // sockets (Listeners, with their descriptors). During a reload that must
-// retire a draining generation early, Migrate asks its workers to hand their
+// retire a draining generation early (a hurry), Move asks its workers to hand their
 // proxied connections back as Connection frames (client and backend
 // sockets and an opaque state); the old master passes them to the new one
 // over a pair of the same protocol, and the new master to one of its

@@ -74,8 +74,8 @@ const (
 	TypeLeaseReturn
 	// TypeStats (worker → master): counter deltas: Stats.
 	TypeStats
-	// TypeDrain (master → worker): stop accepting, drain: Drain.
-	TypeDrain
+	// TypeRetire (master → worker): stop accepting, drain: Retire.
+	TypeRetire
 	// TypeStop (master → worker): close everything now and exit: Stop.
 	TypeStop
 	// TypePing (either way): Ping; the peer answers with a Pong.
@@ -85,9 +85,9 @@ const (
 	// TypeListeners (master → worker): listening sockets, one file
 	// descriptor per name: Listeners.
 	TypeListeners
-	// TypeMigrate (master → worker): hand every proxied connection back
-	// to the master as Connection frames, close the rest and exit: Migrate.
-	TypeMigrate
+	// TypeMove (master → worker): hand every proxied connection back
+	// to the master as Connection frames, close the rest and exit: Move.
+	TypeMove
 	// TypeConnection (worker → master, master → master, master →
 	// worker): one proxied connection moving to another process, with its
 	// client and backend sockets: Connection.
@@ -110,12 +110,12 @@ var typeNames = [numTypes]string{
 	TypeLeaseGrant:   "lease_grant",
 	TypeLeaseReturn:  "lease_return",
 	TypeStats:        "stats",
-	TypeDrain:        "drain",
+	TypeRetire:       "retire",
 	TypeStop:         "stop",
 	TypePing:         "ping",
 	TypePong:         "pong",
 	TypeListeners:    "listeners",
-	TypeMigrate:      "migrate",
+	TypeMove:         "move",
 	TypeConnection:   "connection",
 	TypeRevoke:       "revoke",
 	TypeStopped:      "stopped",

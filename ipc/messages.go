@@ -67,8 +67,8 @@ func Decode(m Message) (Body, error) {
 		b, err = decode[LeaseReturn](m.Payload)
 	case TypeStats:
 		b, err = decode[Stats](m.Payload)
-	case TypeDrain:
-		b, err = decode[Drain](m.Payload)
+	case TypeRetire:
+		b, err = decode[Retire](m.Payload)
 	case TypeStop:
 		b, err = decode[Stop](m.Payload)
 	case TypePing:
@@ -81,8 +81,8 @@ func Decode(m Message) (Body, error) {
 			err = fmt.Errorf("ipc: decode %v: %d names, %d files: %w", m.Type, len(l.Names), len(m.Files), ErrBadPayload)
 		}
 		b = l
-	case TypeMigrate:
-		b, err = decode[Migrate](m.Payload)
+	case TypeMove:
+		b, err = decode[Move](m.Payload)
 	case TypeRevoke:
 		b, err = decode[Revoke](m.Payload)
 	case TypeStopped:
@@ -404,35 +404,35 @@ func (s *Stats) UnmarshalBinary(p []byte) error {
 	return nil
 }
 
-// Drain tells a worker to stop accepting and to close its connections once
+// Retire tells a worker to stop accepting and to close its connections once
 // idle, or at Deadline at the latest. The zero Deadline means none. Deadline
 // is wall-clock time: master and workers share the system clock.
 //
 // Encoding: int64 nanoseconds since the Unix epoch, 0 for the zero time.
-type Drain struct {
+type Retire struct {
 	Deadline time.Time
 }
 
-// Type returns TypeDrain.
-func (Drain) Type() Type { return TypeDrain }
+// Type returns TypeRetire.
+func (Retire) Type() Type { return TypeRetire }
 
 // AppendBinary implements encoding.BinaryAppender. A non-zero Deadline must
 // be a time UnixNano represents (years 1678 to 2262) other than the epoch.
-func (d Drain) AppendBinary(b []byte) ([]byte, error) {
+func (d Retire) AppendBinary(b []byte) ([]byte, error) {
 	var ns int64
 	if !d.Deadline.IsZero() {
 		ns = d.Deadline.UnixNano()
 		if ns == 0 || !time.Unix(0, ns).Equal(d.Deadline) {
-			return nil, fmt.Errorf("ipc: encode %v: deadline %v not representable: %w", TypeDrain, d.Deadline, ErrBadPayload)
+			return nil, fmt.Errorf("ipc: encode %v: deadline %v not representable: %w", TypeRetire, d.Deadline, ErrBadPayload)
 		}
 	}
 	return binary.BigEndian.AppendUint64(b, uint64(ns)), nil
 }
 
 // UnmarshalBinary implements encoding.BinaryUnmarshaler.
-func (d *Drain) UnmarshalBinary(p []byte) error {
+func (d *Retire) UnmarshalBinary(p []byte) error {
 	if len(p) != 8 {
-		return badLength(TypeDrain, len(p), 8)
+		return badLength(TypeRetire, len(p), 8)
 	}
 	d.Deadline = time.Time{}
 	if ns := int64(binary.BigEndian.Uint64(p)); ns != 0 {
@@ -557,19 +557,19 @@ var (
 	_ encoding.BinaryUnmarshaler = (*Listeners)(nil)
 )
 
-// Migrate tells a draining worker to hand each of its proxied connections
+// Move tells a draining worker to hand each of its proxied connections
 // to the master (a Connection frame each), to close the connections it
 // cannot hand over (not yet proxied, or stuck), and to exit. Empty payload.
-type Migrate struct{}
+type Move struct{}
 
-// Type returns TypeMigrate.
-func (Migrate) Type() Type { return TypeMigrate }
+// Type returns TypeMove.
+func (Move) Type() Type { return TypeMove }
 
 // AppendBinary implements encoding.BinaryAppender.
-func (Migrate) AppendBinary(b []byte) ([]byte, error) { return b, nil }
+func (Move) AppendBinary(b []byte) ([]byte, error) { return b, nil }
 
 // UnmarshalBinary implements encoding.BinaryUnmarshaler.
-func (*Migrate) UnmarshalBinary(p []byte) error { return empty(TypeMigrate, p) }
+func (*Move) UnmarshalBinary(p []byte) error { return empty(TypeMove, p) }
 
 // MaxConnectionState bounds a Connection's State.
 const MaxConnectionState = 64 << 10

@@ -93,7 +93,7 @@ func playWorker(w *fakeWorker) {
 		b, _ := ipc.Decode(msg)
 		msg.CloseFiles()
 		switch b.(type) {
-		case ipc.Drain:
+		case ipc.Retire:
 			w.w.SendBody(ipc.Stopped{})
 			w.w.Close()
 			w.exit()

@@ -50,7 +50,7 @@ func (s *shutdown) retire(deadline time.Time) []*child {
 	s.relay.retire()
 	kids := s.sup.retire()
 	for _, c := range kids {
-		c.conn.SendBody(ipc.Drain{Deadline: deadline}) // ipc Drain is the retire message
+		c.conn.SendBody(ipc.Retire{Deadline: deadline})
 	}
 	// Until each has closed its listeners (or died), briefly: after a
 	// reload is answered, only the new generation accepts.

@@ -37,7 +37,7 @@ func TestShutdownStopThenStopNow(t *testing.T) {
 					return
 				}
 				switch b, _ := ipc.Decode(msg); b := b.(type) {
-				case ipc.Drain:
+				case ipc.Retire:
 					if !b.Deadline.Equal(deadline) {
 						t.Errorf("retire deadline %v; want %v", b.Deadline, deadline)
 					}

@@ -326,11 +326,11 @@ func (s *succession) readSuccessor(h *stateSocket, readyc chan<- readyInfo) {
 // closed.
 func (s *succession) hurry() {
 	// After every connection the relay is sending to a worker: a
-	// Connection frame that reached a worker after its Migrate would be
+	// Connection frame that reached a worker after its Move would be
 	// closed.
 	s.relay.retire()
 	kids := s.sup.retire()
-	var body ipc.Body = ipc.Migrate{} // ipc Migrate: "move your connections"
+	var body ipc.Body = ipc.Move{}
 	if !s.relay.hasSuccessor() || s.noMove {
 		body = ipc.Stop{}
 	}

@@ -334,7 +334,7 @@ func TestHurry(t *testing.T) {
 		noMove    bool
 		want      ipc.Body
 	}{
-		{"move", true, false, ipc.Migrate{}},
+		{"move", true, false, ipc.Move{}},
 		{"no successor", false, false, ipc.Stop{}},
 		{"no move control", true, true, ipc.Stop{}},
 	} {

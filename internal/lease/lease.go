@@ -39,7 +39,7 @@ type Pool struct {
 	mu      sync.Mutex
 	limit   int
 	reserve int
-	held    map[int]int // holder id -> permits granted and not returned
+	held    map[int]int // worker id -> permits granted and not returned
 	total   int         // sum of held
 }
 
@@ -48,9 +48,9 @@ func NewPool(limit int) *Pool {
 	return &Pool{limit: limit, held: map[int]int{}}
 }
 
-// Grant gives holder up to want permits, as many as are free, and returns
+// Grant gives the worker with id worker up to want permits, as many as are free, and returns
 // how many.
-func (p *Pool) Grant(holder, want int) int {
+func (p *Pool) Grant(worker, want int) int {
 	if want <= 0 {
 		return 0
 	}
@@ -58,43 +58,43 @@ func (p *Pool) Grant(holder, want int) int {
 	defer p.mu.Unlock()
 	n := min(want, p.freeLocked())
 	if n > 0 {
-		p.held[holder] += n
+		p.held[worker] += n
 		p.total += n
 	}
 	return n
 }
 
-// Return takes back n permits from holder. Returning more than the holder
+// Return takes back n permits from worker. Returning more than the worker
 // holds is an error and changes nothing.
-func (p *Pool) Return(holder, n int) error {
+func (p *Pool) Return(worker, n int) error {
 	if n <= 0 {
 		return nil
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.held[holder] < n {
-		return fmt.Errorf("lease: holder %d returns %d permits but holds %d", holder, n, p.held[holder])
+	if p.held[worker] < n {
+		return fmt.Errorf("lease: worker %d returns %d permits but holds %d", worker, n, p.held[worker])
 	}
-	p.held[holder] -= n
+	p.held[worker] -= n
 	p.total -= n
-	if p.held[holder] == 0 {
-		delete(p.held, holder)
+	if p.held[worker] == 0 {
+		delete(p.held, worker)
 	}
 	return nil
 }
 
-// Drop takes back every permit of a holder that is gone (a dead worker:
+// Drop takes back every permit of a worker that is gone (a dead worker:
 // its connections died with it) and returns how many.
-func (p *Pool) Drop(holder int) int {
+func (p *Pool) Drop(worker int) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	n := p.held[holder]
-	delete(p.held, holder)
+	n := p.held[worker]
+	delete(p.held, worker)
 	p.total -= n
 	return n
 }
 
-// SetReserve sets the number of permits held outside the Pool's holders,
+// SetReserve sets the number of permits held outside the Pool's workers,
 // by an older generation's connections still open.
 func (p *Pool) SetReserve(n int) {
 	p.mu.Lock()
@@ -117,7 +117,7 @@ func (p *Pool) Free() int {
 	return p.freeLocked()
 }
 
-// Held returns the permits granted to holders, in total and to each.
+// Held returns the permits granted to workers, in total and to each.
 func (p *Pool) Held() (total int, byHolder map[int]int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()

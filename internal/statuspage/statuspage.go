@@ -130,8 +130,8 @@ var funcs = template.FuncMap{
 	},
 	"ratebytes": func(r status.Rates) float64 { return r.BytesIn + r.BytesOut },
 	"charts":    func() []chart { return charts },
-	"when":     func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05 UTC") },
-	"iso":      func(t time.Time) string { return t.UTC().Format(time.RFC3339) },
+	"when":      func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05 UTC") },
+	"iso":       func(t time.Time) string { return t.UTC().Format(time.RFC3339) },
 	"since": func(t time.Time) string {
 		if t.IsZero() {
 			return "-"

@@ -44,7 +44,7 @@ type moveState uint8
 
 const (
 	moveNone    moveState = iota
-	moveWanted            // the master said Migrate; starts once accepting stopped
+	moveWanted            // the master said Move; starts once accepting stopped
 	moveRunning           // Server.Move runs
 	moveDone
 )
@@ -252,7 +252,7 @@ func (l *loop) handle(m ipc.Message, b ipc.Body) {
 		if err := l.srv.Resume(b.State, m.Files[0], m.Files[1]); err != nil {
 			l.log.Warn("could not resume a moved connection", "err", err)
 		}
-	case ipc.Drain: // retire
+	case ipc.Retire: // retire
 		m.CloseFiles()
 		if l.phase != serving {
 			return
@@ -260,7 +260,7 @@ func (l *loop) handle(m ipc.Message, b ipc.Body) {
 		l.log.Info("retiring", "slot", l.slot, "active", l.srv.Active(), "deadline", b.Deadline)
 		l.drainBy = b.Deadline
 		l.retire()
-	case ipc.Migrate: // move
+	case ipc.Move: // move
 		m.CloseFiles()
 		switch {
 		case l.phase == serving:

@@ -297,7 +297,7 @@ func TestProcessMoveWhileServing(t *testing.T) {
 	}
 	defer c.Close()
 	expect[ipc.LeaseRequest](m)
-	m.send(ipc.Migrate{})
+	m.send(ipc.Move{})
 	m.send(ipc.LeaseGrant{N: 1})
 	expect[ipc.Stopped](m)
 	m.exited(8 * time.Second)
@@ -356,7 +356,7 @@ func TestProcessRetire(t *testing.T) {
 	// the open connection until it ends, then exit.
 	m := startProcess(t, testConfig(echoBackend(t), ""), true)
 	c, r := openEcho(t, m.addr)
-	m.send(ipc.Drain{})
+	m.send(ipc.Retire{})
 	expect[ipc.Stopped](m)
 	if !refused(m.addr) {
 		t.Error("a retired worker still accepts")
@@ -373,7 +373,7 @@ func TestProcessRetireDeadline(t *testing.T) {
 	m := startProcess(t, testConfig(echoBackend(t), ""), true)
 	c, _ := openEcho(t, m.addr)
 	start := time.Now()
-	m.send(ipc.Drain{Deadline: start.Add(300 * time.Millisecond)})
+	m.send(ipc.Retire{Deadline: start.Add(300 * time.Millisecond)})
 	expectEOF(t, c)
 	if d := time.Since(start); d < 250*time.Millisecond {
 		t.Errorf("connection closed %v after the retire; want at the 300ms deadline", d)
@@ -384,7 +384,7 @@ func TestProcessRetireDeadline(t *testing.T) {
 func TestProcessStopWhileDraining(t *testing.T) {
 	m := startProcess(t, testConfig(echoBackend(t), ""), true)
 	c, _ := openEcho(t, m.addr)
-	m.send(ipc.Drain{})
+	m.send(ipc.Retire{})
 	expect[ipc.Stopped](m)
 	m.send(ipc.Stop{})
 	expectEOF(t, c)
@@ -392,13 +392,13 @@ func TestProcessStopWhileDraining(t *testing.T) {
 }
 
 func TestProcessMoveWhileDraining(t *testing.T) {
-	// Migrate after a retire: the proxied connection goes to the master
+	// Move after a retire: the proxied connection goes to the master
 	// (a Connection with its two sockets), then the worker exits.
 	m := startProcess(t, testConfig(echoBackend(t), ""), true)
 	c, r := openEcho(t, m.addr)
-	m.send(ipc.Drain{})
+	m.send(ipc.Retire{})
 	expect[ipc.Stopped](m)
-	m.send(ipc.Migrate{})
+	m.send(ipc.Move{})
 	conn, files := expect[ipc.Connection](m)
 	if len(files) != 2 || len(conn.State) == 0 {
 		t.Fatalf("Connection with %d files and %d bytes of state; want 2 and some", len(files), len(conn.State))
@@ -418,7 +418,7 @@ func TestProcessConnectionWhileDrainingClosed(t *testing.T) {
 	// not resumed.
 	m := startProcess(t, testConfig(echoBackend(t), ""), true)
 	open, _ := openEcho(t, m.addr) // keeps the worker draining
-	m.send(ipc.Drain{})
+	m.send(ipc.Retire{})
 	expect[ipc.Stopped](m)
 	cl, peer := tcpPair(t)
 	f1, f2 := file(t, cl), file(t, cl)
