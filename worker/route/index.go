@@ -1,0 +1,138 @@
+package route
+
+import (
+	"net/netip"
+
+	"github.com/sniproxy/sniproxy/internal/hostname"
+)
+
+// index finds the first pattern of an ordered list (the denylist, the
+// routes' matches or the allowlist) that matches a name, in time that does
+// not depend on the length of the list. It is built once by newIndex and
+// read-only afterwards; the zero index matches nothing.
+//
+// # Keyed patterns
+//
+// A pattern with a key — an exact name, a "*.suffix" or an IP address (see
+// [hostname.Pattern.Name]) — goes into the map for its kind, from key to the
+// lowest position of a pattern with that key: a later pattern with the same
+// key can never be the first match, so it is dropped. A name has few keys to
+// look up, whatever the number of patterns: itself, its address if it is an
+// IP literal, and each of its suffixes that starts at a dot after the first
+// byte (at most 126 for a 253-byte name, and no longer than the longest
+// suffix in the map). The first keyed match is the lowest position among the
+// hits.
+//
+// # The scan list, and what later rule kinds need
+//
+// A pattern the maps cannot hold goes to the scan list, in list order, and
+// is tried in turn. The answer is the lower of the first keyed match and the
+// first scan-list match; the scan stops at its first match or as soon as it
+// passes the keyed match, which already wins. No pattern kind needs the scan
+// list today (the zero Pattern matches nothing and is left out); it is where
+// the kinds the SPEC plans go:
+//
+//   - a "~regex" match has no key: its rule goes to the scan list, and the
+//     cost of a lookup grows only with the number of regular expressions;
+//   - a rule with a condition besides its match (an alpn list) can no longer
+//     be summed up by one position per key: a key's entry becomes the
+//     positions of the rules with that key in order, up to and including the
+//     first without conditions, and the keyed match is the first of them
+//     whose conditions hold, each map's candidate found that way before the
+//     lowest is taken. A rule with a condition that is not keyed goes to the
+//     scan list, which then checks the condition too.
+//
+// Ties cannot arise: every position is in exactly one map or the scan list.
+type index struct {
+	exact  map[string]int     // name → position of the first pattern for exactly that name
+	suffix map[string]int     // ".example.com" → position of the first "*.example.com"
+	addr   map[netip.Addr]int // address → position of the first pattern for it
+	// longest is the length of the longest key of suffix: longer suffixes
+	// of a name need no look-up.
+	longest int
+	scan    []scanEntry // patterns without a key, by position
+}
+
+// scanEntry is a pattern of the scan list and its position in its list.
+type scanEntry struct {
+	pos int
+	p   hostname.Pattern
+}
+
+// newIndex indexes ps, positions being indices into ps.
+func newIndex(ps []hostname.Pattern) index {
+	var x index
+	keep := func(m *map[string]int, k string, pos int) {
+		if *m == nil {
+			*m = map[string]int{}
+		}
+		if _, ok := (*m)[k]; !ok {
+			(*m)[k] = pos
+		}
+	}
+	for pos, p := range ps {
+		if n := p.Name(); n != "" {
+			keep(&x.exact, n, pos)
+			continue
+		}
+		if s := p.Suffix(); s != "" {
+			keep(&x.suffix, s, pos)
+			x.longest = max(x.longest, len(s))
+			continue
+		}
+		if a, ok := p.Addr(); ok {
+			if x.addr == nil {
+				x.addr = map[netip.Addr]int{}
+			}
+			if _, ok := x.addr[a]; !ok {
+				x.addr[a] = pos
+			}
+			continue
+		}
+		// The zero Pattern matches nothing: nothing to index. A pattern
+		// kind without a key would be appended to x.scan here.
+	}
+	return x
+}
+
+// first returns the position of the first pattern that matches name, or -1.
+// name is lowercased without a trailing dot, as Decide makes it; a and isAddr
+// are what hostname.ParseIPLiteral says of it.
+func (x *index) first(name string, a netip.Addr, isAddr bool) int {
+	best := -1
+	hit := func(pos int) {
+		if best < 0 || pos < best {
+			best = pos
+		}
+	}
+	if pos, ok := x.exact[name]; ok {
+		hit(pos)
+	}
+	if isAddr {
+		if pos, ok := x.addr[a]; ok {
+			hit(pos)
+		}
+	}
+	if len(x.suffix) > 0 {
+		// Suffixes starting at a dot, shortest first; name[0] is never
+		// one: "*.x" does not match ".x".
+		for i := len(name) - 1; i > 0 && len(name)-i <= x.longest; i-- {
+			if name[i] != '.' {
+				continue
+			}
+			if pos, ok := x.suffix[name[i:]]; ok {
+				hit(pos)
+			}
+		}
+	}
+	for _, e := range x.scan {
+		if best >= 0 && e.pos > best {
+			break
+		}
+		if e.p.Match(name) {
+			hit(e.pos)
+			break
+		}
+	}
+	return best
+}
