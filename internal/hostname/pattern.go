@@ -130,6 +130,12 @@ func (p Pattern) String() string { return p.s }
 // ParseIPLiteral parses s as an IP address, IPv6 optionally in brackets as in
 // a URL or Host header.
 func ParseIPLiteral(s string) (netip.Addr, bool) {
+	// Most names are not addresses: an IPv6 address has a ':' and an IPv4
+	// one only digits and dots. Saying so here spares the error value
+	// netip.ParseAddr allocates, once per connection.
+	if !strings.Contains(s, ":") && strings.ContainsFunc(s, func(r rune) bool { return (r < '0' || r > '9') && r != '.' }) {
+		return netip.Addr{}, false
+	}
 	bracketed := len(s) > 2 && s[0] == '[' && s[len(s)-1] == ']'
 	if bracketed {
 		s = s[1 : len(s)-1]

@@ -258,3 +258,38 @@ func TestPatternKeysAgreeWithMatch(t *testing.T) {
 		}
 	}
 }
+
+func TestParseIPLiteral(t *testing.T) {
+	tests := []struct {
+		in   string
+		want string // "" when not an address
+	}{
+		{"1.2.3.4", "1.2.3.4"},
+		{"::1", "::1"},
+		{"[::1]", "::1"},
+		{"[0:0::1]", "::1"},
+		{"::ffff:1.2.3.4", "::ffff:1.2.3.4"},
+		{"fe80::1%eth0", "fe80::1%eth0"},
+		{"[fe80::1%eth0]", "fe80::1%eth0"},
+		{"[1.2.3.4]", ""},
+		{"1.2.3.4%eth0", ""},
+		{"01.2.3.4", ""},
+		{"127.1", ""},
+		{"1.2.3.4.", ""},
+		{"example.com", ""},
+		{"a:b", ""},
+		{"[::1", ""},
+		{"[]", ""},
+		{"", ""},
+	}
+	for _, tt := range tests {
+		a, ok := ParseIPLiteral(tt.in)
+		got := ""
+		if ok {
+			got = a.String()
+		}
+		if got != tt.want {
+			t.Errorf("ParseIPLiteral(%q): got %q, %v; want %q", tt.in, got, ok, tt.want)
+		}
+	}
+}
