@@ -1,6 +1,7 @@
 package config
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -70,4 +71,41 @@ func TestLoadManyRoutes(t *testing.T) {
 		t.Errorf("Parse(YAML()): got %d routes; want %d, the last unchanged", len(c2.Routes), n)
 	}
 	t.Logf("%d routes, %d denylist patterns: Load+check %v, YAML %v, Parse+check of the YAML %v", n, n/10, loaded, printed, parsed)
+}
+
+// yamlWhole is YAML as it was before lists were printed in chunks: the
+// whole Config as one document. TestYAMLLongLists compares the two.
+func yamlWhole(c *Config) ([]byte, error) { return c.yamlDoc() }
+
+// TestYAMLLongLists checks that printing long lists in chunks gives the
+// bytes printing the whole document at once gives, and that they parse
+// back to the same lists.
+func TestYAMLLongLists(t *testing.T) {
+	base, err := Parse([]byte(seed), []string{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	odd := []string{"*.example.com", "example.org", "a: b", "'q'", "\"dq\"", "- x", "#c", "", "yes", "1.5", "ünï", "multi\nline", "  pad  "}
+	for _, n := range []int{0, 1, listChunk - 1, listChunk, listChunk + 1, 2*listChunk + 500} {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			c := *base
+			c.Allowlist, c.Denylist, c.Routes = nil, nil, nil
+			for i := range n {
+				c.Routes = append(c.Routes, Route{Match: odd[i%len(odd)], Backend: fmt.Sprintf("backend%d:%d", i, i%65536)})
+				c.Denylist = append(c.Denylist, odd[(i+3)%len(odd)])
+			}
+			c.Allowlist = odd[:min(n, len(odd))]
+			got, err := c.YAML()
+			if err != nil {
+				t.Fatalf("YAML: %v", err)
+			}
+			want, err := yamlWhole(&c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("chunked YAML differs from the whole document:\n%s\nwant:\n%s", got, want)
+			}
+		})
+	}
 }
