@@ -27,22 +27,24 @@ import (
 //
 // A pattern the maps cannot hold goes to the scan list, in list order, and
 // is tried in turn. The answer is the lower of the first keyed match and the
-// first scan-list match; the scan stops at its first match or as soon as it
-// passes the keyed match, which already wins. No pattern kind needs the scan
-// list today (the zero Pattern matches nothing and is left out); it is where
-// the kinds the SPEC plans go:
+// first scan-list match: the scan stops at its first match, or as soon as it
+// reaches a position above the keyed match, which then wins. No pattern kind
+// needs the scan list today (the zero Pattern matches nothing and is left
+// out); it is where the kinds the SPEC plans go:
 //
-//   - a "~regex" match has no key: its rule goes to the scan list, and the
-//     cost of a lookup grows only with the number of regular expressions;
-//   - a rule with a condition besides its match (an alpn list) can no longer
-//     be summed up by one position per key: a key's entry becomes the
-//     positions of the rules with that key in order, up to and including the
-//     first without conditions, and the keyed match is the first of them
-//     whose conditions hold, each map's candidate found that way before the
-//     lowest is taken. A rule with a condition that is not keyed goes to the
-//     scan list, which then checks the condition too.
+//   - a "~regex" match has no key: its rule goes to the scan list, so a
+//     look-up costs one map probe per key plus one regexp per "~" rule
+//     before the answer, however many keyed rules there are;
+//   - a rule with a condition besides its match (an alpn list) cannot be
+//     summed up by one position per key any more: a key then maps to the
+//     positions of the rules with that key, ascending, up to and including
+//     the first one without conditions; the key's candidate is the first of
+//     them whose conditions hold, and the keyed match is the lowest
+//     candidate over all the name's keys, as now. A rule with conditions and
+//     no key goes to the scan list, which checks its conditions too.
 //
-// Ties cannot arise: every position is in exactly one map or the scan list.
+// TestIndexScanList moves random patterns into the scan list to check the
+// merge.
 type index struct {
 	exact  map[string]int     // name → position of the first pattern for exactly that name
 	suffix map[string]int     // ".example.com" → position of the first "*.example.com"
@@ -90,7 +92,7 @@ func newIndex(ps []hostname.Pattern) index {
 			continue
 		}
 		// The zero Pattern matches nothing: nothing to index. A pattern
-		// kind without a key would be appended to x.scan here.
+		// kind without a key is appended to x.scan here.
 	}
 	return x
 }
