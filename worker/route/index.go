@@ -19,8 +19,8 @@ import (
 // key can never be the first match, so it is dropped. A name has few keys to
 // look up, whatever the number of patterns: itself, its address if it is an
 // IP literal, and each of its suffixes that starts at a dot after the first
-// byte (at most 126 for a 253-byte name, and no longer than the longest
-// suffix in the map). The first keyed match is the lowest position among the
+// byte (at most 126 for a 253-byte name, and only those as long as some key
+// of the suffix map). The first keyed match is the lowest position among the
 // hits.
 //
 // # The scan list, and what later rule kinds need
@@ -49,8 +49,10 @@ type index struct {
 	exact  map[string]int     // name → position of the first pattern for exactly that name
 	suffix map[string]int     // ".example.com" → position of the first "*.example.com"
 	addr   map[netip.Addr]int // address → position of the first pattern for it
-	// longest is the length of the longest key of suffix: longer suffixes
-	// of a name need no look-up.
+	// lengths has bit n set when suffix has a key of n bytes (n ≤ 254):
+	// a suffix of a name of any other length needs no look-up. longest is
+	// the highest such n.
+	lengths [4]uint64
 	longest int
 	scan    []scanEntry // patterns without a key, by position
 }
@@ -79,6 +81,7 @@ func newIndex(ps []hostname.Pattern) index {
 		}
 		if s := p.Suffix(); s != "" {
 			keep(&x.suffix, s, pos)
+			x.lengths[len(s)/64] |= 1 << (len(s) % 64)
 			x.longest = max(x.longest, len(s))
 			continue
 		}
@@ -119,7 +122,7 @@ func (x *index) first(name string, a netip.Addr, isAddr bool) int {
 		// Suffixes starting at a dot, shortest first; name[0] is never
 		// one: "*.x" does not match ".x".
 		for i := len(name) - 1; i > 0 && len(name)-i <= x.longest; i-- {
-			if name[i] != '.' {
+			if n := len(name) - i; name[i] != '.' || x.lengths[n/64]&(1<<(n%64)) == 0 {
 				continue
 			}
 			if pos, ok := x.suffix[name[i:]]; ok {

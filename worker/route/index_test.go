@@ -10,8 +10,9 @@ import (
 )
 
 // A small alphabet of labels, so that random patterns and names overlap:
-// equal keys, nested suffixes, numeric last labels.
-var randLabels = []string{"a", "b", "c", "www", "xn--d", "_e", "1", "10", "0x1f"}
+// equal keys, nested suffixes, numeric last labels, and names and suffixes
+// longer than 64 and 128 bytes.
+var randLabels = []string{"a", "b", "c", "www", "xn--d", "_e", "1", "10", "0x1f", strings.Repeat("l", 63), strings.Repeat("m", 40)}
 
 // randIPs are IP patterns and names, several spelling the same address.
 var randIPs = []string{"127.0.0.1", "::1", "0:0::1", "[::1]", "1.2.3.4", "::ffff:1.2.3.4", "10.0.0.1", "fe80::1", "fe80::1%eth0", "[127.0.0.1]"}
