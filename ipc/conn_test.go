@@ -544,7 +544,7 @@ func TestRecvHugeClaimAllocation(t *testing.T) {
 	}
 	// The Conn's 64 KiB buffer and a 64 KiB start of the payload.
 	if got := after.TotalAlloc - before.TotalAlloc; got > 256<<10 {
-		t.Fatalf("Recv allocated %d bytes for a 4 MiB claim with 3 bytes sent; want < 256 KiB", got)
+		t.Fatalf("Recv allocated %d bytes for a %d-byte claim with 3 bytes sent; want < 256 KiB", got, MaxPayload)
 	}
 }
 

@@ -65,7 +65,7 @@
 //	byte  6     number of file descriptors sent with the frame, 0..253;
 //	            non-zero only for TypeListeners and TypeConnection (2)
 //	byte  7     reserved, 0
-//	bytes 8-11  payload length, uint32, at most MaxPayload (4 MiB)
+//	bytes 8-11  payload length, uint32, at most MaxPayload (64 MiB)
 //
 // The receiver checks, in this order: magic (ErrBadFrame, refused after the
 // first wrong byte, without waiting for the rest of the header), version
@@ -73,7 +73,7 @@
 // (ErrTooLarge), descriptor count (ErrTooLarge, or ErrBadFrame on a type
 // that carries none). A length over the cap is refused from the header
 // alone: nothing of the payload is read or allocated. Below the cap the
-// payload buffer grows as bytes arrive, so a peer that claims 4 MiB and
+// payload buffer grows as bytes arrive, so a peer that claims 64 MiB and
 // sends 3 bytes costs 64 KiB. Any of these errors leaves the stream out of
 // sync: the connection is unusable.
 //

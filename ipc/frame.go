@@ -18,10 +18,12 @@ const Version = 2
 const (
 	// HeaderSize is the size of a frame header in bytes.
 	HeaderSize = 12
-	// MaxPayload is the largest payload a frame may carry (4 MiB). A header
-	// claiming more is refused with ErrTooLarge before any of the payload is
-	// read or allocated.
-	MaxPayload = 4 << 20
+	// MaxPayload is the largest payload a frame may carry (64 MiB). Only
+	// Config comes near it: the effective config of 100,000 routes is
+	// 7 MB. A header claiming more is refused with ErrTooLarge before any
+	// of the payload is read or allocated; below it, the payload buffer
+	// grows with the bytes that actually arrive.
+	MaxPayload = 64 << 20
 	// MaxFiles is the most file descriptors one frame may carry: the
 	// kernel's SCM_MAX_FD. Send more in several frames.
 	MaxFiles = 253

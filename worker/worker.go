@@ -154,20 +154,21 @@ func SniffLimit(cfg *config.Config) int {
 
 // NewTable builds the routing table of cfg.
 func NewTable(cfg *config.Config) (*route.Table, error) {
-	var t route.Table
+	var deny, allow []hostname.Pattern
+	var routes []route.Rule
 	for i, s := range cfg.Denylist {
 		p, err := hostname.ParsePattern(s)
 		if err != nil {
 			return nil, fmt.Errorf("worker: denylist[%d]: %w", i, err)
 		}
-		t.Deny = append(t.Deny, p)
+		deny = append(deny, p)
 	}
 	for i, s := range cfg.Allowlist {
 		p, err := hostname.ParsePattern(s)
 		if err != nil {
 			return nil, fmt.Errorf("worker: allowlist[%d]: %w", i, err)
 		}
-		t.Allow = append(t.Allow, p)
+		allow = append(allow, p)
 	}
 	for i, r := range cfg.Routes {
 		p, err := hostname.ParsePattern(r.Match)
@@ -178,9 +179,9 @@ func NewTable(cfg *config.Config) (*route.Table, error) {
 		if err != nil {
 			return nil, fmt.Errorf("worker: routes[%d].backend: %w", i, err)
 		}
-		t.Routes = append(t.Routes, route.Rule{Match: p, Host: host, Port: port})
+		routes = append(routes, route.Rule{Match: p, Host: host, Port: port})
 	}
-	return &t, nil
+	return route.NewTable(deny, routes, allow), nil
 }
 
 // Serve accepts on every listener until ctx is done, then closes the

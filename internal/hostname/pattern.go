@@ -101,6 +101,27 @@ func (p Pattern) Match(name string) bool {
 	}
 }
 
+// Name returns the name an exact pattern matches ("example.com"), or "" for
+// a "*.suffix" pattern, an IP address pattern and the zero Pattern. Together
+// with [Pattern.Suffix] and [Pattern.Addr] it lets a caller index many
+// patterns by key instead of trying each in turn: p matches name exactly when
+// name == p.Name(), when name ends in p.Suffix() after at least one more
+// byte, or when name is an IP literal ([ParseIPLiteral]) equal to p.Addr().
+func (p Pattern) Name() string {
+	if p.suffix != "" || p.ip.IsValid() {
+		return ""
+	}
+	return p.s
+}
+
+// Suffix returns ".example.com" for the pattern "*.example.com", or "" for
+// any other pattern.
+func (p Pattern) Suffix() string { return p.suffix }
+
+// Addr returns the address of an IP address pattern, without a zone; ok is
+// false for any other pattern.
+func (p Pattern) Addr() (a netip.Addr, ok bool) { return p.ip, p.ip.IsValid() }
+
 // String returns the pattern in canonical form: lowercased, without a
 // trailing dot, an IPv6 address without brackets. It is "" for the zero
 // Pattern.
@@ -109,6 +130,12 @@ func (p Pattern) String() string { return p.s }
 // ParseIPLiteral parses s as an IP address, IPv6 optionally in brackets as in
 // a URL or Host header.
 func ParseIPLiteral(s string) (netip.Addr, bool) {
+	// Most names are not addresses: an IPv6 address has a ':' and an IPv4
+	// one only digits and dots. Saying so here spares the error value
+	// netip.ParseAddr allocates, once per connection.
+	if !strings.Contains(s, ":") && strings.ContainsFunc(s, func(r rune) bool { return (r < '0' || r > '9') && r != '.' }) {
+		return netip.Addr{}, false
+	}
 	bracketed := len(s) > 2 && s[0] == '[' && s[len(s)-1] == ']'
 	if bracketed {
 		s = s[1 : len(s)-1]

@@ -197,3 +197,99 @@ func TestParseBackend(t *testing.T) {
 		})
 	}
 }
+
+func TestPatternKeys(t *testing.T) {
+	tests := []struct {
+		pattern, name, suffix, addr string
+	}{
+		{"Example.COM.", "example.com", "", ""},
+		{"*.example.com", "", ".example.com", ""},
+		{"*.com", "", ".com", ""},
+		{"127.1", "127.1", "", ""}, // not an address netip parses: an exact name
+		{"127.0.0.1", "", "", "127.0.0.1"},
+		{"[2001:DB8::1]", "", "", "2001:db8::1"},
+		{"::ffff:1.2.3.4", "", "", "::ffff:1.2.3.4"},
+	}
+	for _, tt := range tests {
+		p := MustParsePattern(tt.pattern)
+		a, ok := p.Addr()
+		if got := p.Name(); got != tt.name {
+			t.Errorf("%q: Name(): got %q; want %q", tt.pattern, got, tt.name)
+		}
+		if got := p.Suffix(); got != tt.suffix {
+			t.Errorf("%q: Suffix(): got %q; want %q", tt.pattern, got, tt.suffix)
+		}
+		if ok != (tt.addr != "") || (ok && a.String() != tt.addr) {
+			t.Errorf("%q: Addr(): got %v, %v; want %q", tt.pattern, a, ok, tt.addr)
+		}
+	}
+	var zero Pattern
+	if _, ok := zero.Addr(); zero.Name() != "" || zero.Suffix() != "" || ok {
+		t.Errorf("zero Pattern has a key: %q %q %v", zero.Name(), zero.Suffix(), ok)
+	}
+}
+
+// TestPatternKeysAgreeWithMatch checks the rule the Name doc comment gives
+// for matching by key against Match, over every pair of a set of patterns
+// and names.
+func TestPatternKeysAgreeWithMatch(t *testing.T) {
+	pats := []string{"example.com", "*.example.com", "*.com", "a.b.example.com", "*.b.example.com",
+		"127.0.0.1", "::1", "::ffff:1.2.3.4", "*.2.3.4", "*.0.0.1", "127.1", "1.2.3.4"}
+	names := []string{"example.com", "www.example.com", "a.b.example.com", "x.a.b.example.com", "com",
+		"xexample.com", "127.0.0.1", "[::1]", "0:0::1", "::1", "::ffff:1.2.3.4", "1.2.3.4",
+		"9.1.2.3.4", "127.1", "x.127.1", "fe80::1%eth0", "[::1", ""}
+	byKey := func(p Pattern, name string) bool {
+		if name != "" && name == p.Name() {
+			return true
+		}
+		if s := p.Suffix(); s != "" && len(name) > len(s) && strings.HasSuffix(name, s) {
+			return true
+		}
+		pa, ok := p.Addr()
+		a, isAddr := ParseIPLiteral(name)
+		return ok && isAddr && a == pa
+	}
+	for _, ps := range pats {
+		p := MustParsePattern(ps)
+		for _, n := range names {
+			if got, want := byKey(p, n), p.Match(n); got != want {
+				t.Errorf("pattern %q, name %q: by key %v; Match %v", ps, n, got, want)
+			}
+		}
+	}
+}
+
+func TestParseIPLiteral(t *testing.T) {
+	tests := []struct {
+		in   string
+		want string // "" when not an address
+	}{
+		{"1.2.3.4", "1.2.3.4"},
+		{"::1", "::1"},
+		{"[::1]", "::1"},
+		{"[0:0::1]", "::1"},
+		{"::ffff:1.2.3.4", "::ffff:1.2.3.4"},
+		{"fe80::1%eth0", "fe80::1%eth0"},
+		{"[fe80::1%eth0]", "fe80::1%eth0"},
+		{"[1.2.3.4]", ""},
+		{"1.2.3.4%eth0", ""},
+		{"01.2.3.4", ""},
+		{"127.1", ""},
+		{"1.2.3.4.", ""},
+		{"example.com", ""},
+		{"a:b", ""},
+		{"[::1", ""},
+		{"[]", ""},
+		{"", ""},
+	}
+	for _, tt := range tests {
+		a, ok := ParseIPLiteral(tt.in)
+		got := ""
+		if ok {
+			got = a.String()
+		}
+		if got != tt.want {
+			t.Errorf("ParseIPLiteral(%q): got %q, %v; want %q", tt.in, got, ok, tt.want)
+		}
+	}
+}

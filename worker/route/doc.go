@@ -13,6 +13,10 @@
 //     ([ErrDenied]);
 //  4. DNS routing: the name itself is dialled at the listener's backend port.
 //
+// [NewTable] indexes the three lists by exact name, "*.suffix" and IP
+// address, so Decide takes the same time for ten routes as for a hundred
+// thousand; "first match" still means the first in config order.
+//
 // Names that are IP addresses (anything [net/netip] parses, or whose last
 // label is a number the way WHATWG URL hosts are, such as "127.1",
 // "2130706433" or "0x7f.1", which the C library's resolver turns into

@@ -3,6 +3,7 @@ package route
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/sniproxy/sniproxy/internal/hostname"
@@ -67,22 +68,47 @@ type Rule struct {
 	Port int
 }
 
-// Table holds the routing policy. Build it once, then do not modify it: it is
-// safe for concurrent use by any number of goroutines after that. The zero
-// Table (and a nil *Table) routes every valid name through DNS.
+// Table holds the routing policy. Build it with [NewTable]; it is immutable
+// and safe for concurrent use by any number of goroutines. The zero Table
+// (and a nil *Table) routes every valid name through DNS.
+//
+// Decide takes the same time whether the lists hold ten patterns or a
+// hundred thousand: each list is indexed by key (exact name, "*.suffix", IP
+// address) when the Table is built, and first-match order is kept by taking
+// the lowest position among the keyed hits (see index).
 type Table struct {
-	// Deny is checked first; a match refuses the name.
-	Deny []hostname.Pattern
-	// Routes are explicit backends; the first match wins.
-	Routes []Rule
-	// Allow, when non-empty, lists the only names DNS routing may dial.
-	Allow []hostname.Pattern
+	deny   []hostname.Pattern
+	routes []Rule
+	allow  []hostname.Pattern
+
+	denyIndex, routeIndex, allowIndex index
+}
+
+// NewTable builds the routing policy: deny is checked first and a match
+// refuses the name; routes are explicit backends, the first match wins;
+// allow, when non-empty, lists the only names DNS routing may dial. NewTable
+// keeps copies of the slices and indexes them, in time and memory linear in
+// their length.
+func NewTable(deny []hostname.Pattern, routes []Rule, allow []hostname.Pattern) *Table {
+	t := &Table{
+		deny:   slices.Clone(deny),
+		routes: slices.Clone(routes),
+		allow:  slices.Clone(allow),
+	}
+	t.denyIndex = newIndex(t.deny)
+	matches := make([]hostname.Pattern, len(t.routes))
+	for i, r := range t.routes {
+		matches[i] = r.Match
+	}
+	t.routeIndex = newIndex(matches)
+	t.allowIndex = newIndex(t.allow)
+	return t
 }
 
 // Decision says how a name is routed.
 type Decision struct {
-	// Rule is the index into Table.Routes of the matching route, or -1 for
-	// DNS routing. Dialer.Dial applies the address policy only to -1: a
+	// Rule is the index of the matching route in the routes given to
+	// NewTable, or -1 for DNS routing. Dialer.Dial applies the address policy only to -1: a
 	// hand-made Decision must set it (the zero value means route 0).
 	Rule int
 	// Host is the host to dial: the route's backend host, or the name
@@ -115,7 +141,8 @@ func (t *Table) Decide(name string, backendPort int) (Decision, error) {
 	if name == "" {
 		return refuse(ReasonNoRoute, fmt.Errorf("no name: %w", ErrNoRoute))
 	}
-	if _, ok := hostname.ParseIPLiteral(name); !ok {
+	a, isAddr := hostname.ParseIPLiteral(name)
+	if !isAddr {
 		if why := hostname.Problem(name); why != "" {
 			return refuse(ReasonNoRoute, fmt.Errorf("name %q: %s: %w", name, why, ErrNoRoute))
 		}
@@ -123,15 +150,11 @@ func (t *Table) Decide(name string, backendPort int) (Decision, error) {
 	if t == nil {
 		t = &Table{}
 	}
-	for _, p := range t.Deny {
-		if p.Match(name) {
-			return refuse(ReasonDenied, fmt.Errorf("name %q: in denylist (%s): %w", name, p, ErrDenied))
-		}
+	if i := t.denyIndex.first(name, a, isAddr); i >= 0 {
+		return refuse(ReasonDenied, fmt.Errorf("name %q: in denylist (%s): %w", name, t.deny[i], ErrDenied))
 	}
-	for i, r := range t.Routes {
-		if !r.Match.Match(name) {
-			continue
-		}
+	if i := t.routeIndex.first(name, a, isAddr); i >= 0 {
+		r := t.routes[i]
 		port := r.Port
 		if port == 0 {
 			port = backendPort
@@ -141,17 +164,8 @@ func (t *Table) Decide(name string, backendPort int) (Decision, error) {
 		}
 		return Decision{Rule: i, Host: r.Host, Port: port, Name: name}, nil
 	}
-	if len(t.Allow) > 0 {
-		allowed := false
-		for _, p := range t.Allow {
-			if p.Match(name) {
-				allowed = true
-				break
-			}
-		}
-		if !allowed {
-			return refuse(ReasonDenied, fmt.Errorf("name %q: not in allowlist: %w", name, ErrDenied))
-		}
+	if len(t.allow) > 0 && t.allowIndex.first(name, a, isAddr) < 0 {
+		return refuse(ReasonDenied, fmt.Errorf("name %q: not in allowlist: %w", name, ErrDenied))
 	}
 	if hostname.IsAddress(name) {
 		return refuse(ReasonDenied, fmt.Errorf("name %q: an IP address is not routed through DNS: %w", name, ErrDenied))

@@ -30,9 +30,9 @@ func mustRule(t testing.TB, match, backend string) Rule {
 }
 
 func TestDecide(t *testing.T) {
-	table := &Table{
-		Deny: patterns("evil.example.com", "*.blocked.example.com"),
-		Routes: []Rule{
+	table := NewTable(
+		patterns("evil.example.com", "*.blocked.example.com"),
+		[]Rule{
 			mustRule(t, "app.example.com", "10.0.0.5:8443"),
 			mustRule(t, "*.example.com", "backend.internal"),
 			mustRule(t, "evil.example.com", "10.0.0.6:1"), // shadowed by the denylist
@@ -40,8 +40,8 @@ func TestDecide(t *testing.T) {
 			mustRule(t, "::1", "127.0.0.1:9001"),
 			mustRule(t, "unlisted.test", "10.0.0.7"),
 		},
-		Allow: patterns("*.allowed.test", "allowed.test", "127.0.0.2", "10.1"),
-	}
+		patterns("*.allowed.test", "allowed.test", "127.0.0.2", "10.1"),
+	)
 	tests := []struct {
 		name     string
 		port     int
@@ -111,7 +111,7 @@ func TestDecide(t *testing.T) {
 }
 
 func TestDecideEmptyTable(t *testing.T) {
-	for _, table := range []*Table{nil, {}} {
+	for _, table := range []*Table{nil, {}, NewTable(nil, nil, nil)} {
 		got, err := table.Decide("Example.COM.", 443)
 		if err != nil {
 			t.Fatalf("Decide: got error %v; want nil", err)
@@ -149,11 +149,11 @@ func FuzzDecide(f *testing.F) {
 	for _, s := range []string{"", "example.com", "a.allowed.test.", "127.1", "[::1]", "x..y", "*.x", "ünï.com", "evil.example.com"} {
 		f.Add(s, 443)
 	}
-	table := &Table{
-		Deny:   patterns("evil.example.com"),
-		Routes: []Rule{{Match: hostname.MustParsePattern("*.example.com"), Host: "backend"}},
-		Allow:  patterns("*.allowed.test", "*.example.com", "example.com"),
-	}
+	table := NewTable(
+		patterns("evil.example.com"),
+		[]Rule{{Match: hostname.MustParsePattern("*.example.com"), Host: "backend"}},
+		patterns("*.allowed.test", "*.example.com", "example.com"),
+	)
 	f.Fuzz(func(t *testing.T, name string, port int) {
 		dec, err := table.Decide(name, port)
 		if err != nil {
