@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -47,7 +48,7 @@ func TestLoadManyRoutes(t *testing.T) {
 	if len(c.Routes) != n || len(c.Denylist) != n/10 {
 		t.Fatalf("Load: got %d routes and %d denylist patterns; want %d and %d", len(c.Routes), len(c.Denylist), n, n/10)
 	}
-	if got, want := c.Routes[n-1], (Route{Match: fmt.Sprintf("*.tenant%d.example.org", n-1), Backend: fmt.Sprintf("backend%d.internal", n-1)}); got != want {
+	if got, want := c.Routes[n-1], (Route{Match: fmt.Sprintf("*.tenant%d.example.org", n-1), Backend: fmt.Sprintf("backend%d.internal", n-1)}); !reflect.DeepEqual(got, want) {
 		t.Errorf("last route: got %+v; want %+v", got, want)
 	}
 	y, err := c.YAML()
@@ -58,7 +59,7 @@ func TestLoadManyRoutes(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Parse(YAML()): %v", err)
 	}
-	if !slices.Equal(c2.Routes, c.Routes) || !slices.Equal(c2.Denylist, c.Denylist) {
+	if !reflect.DeepEqual(c2.Routes, c.Routes) || !slices.Equal(c2.Denylist, c.Denylist) {
 		t.Errorf("Parse(YAML()): routes or denylist changed")
 	}
 }
