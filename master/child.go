@@ -42,7 +42,10 @@ type child struct {
 	cmd     *exec.Cmd
 	conn    *ipc.Conn
 	started time.Time
-	ready   chan struct{} // closed on Ready
+	ready   chan struct{} // closed on the first Ready
+	// readyOnce guards closing ready: a second Ready (a broken or hostile
+	// worker) must not panic the master.
+	readyOnce sync.Once
 	// stopped is closed when the worker, told to retire, says it has
 	// stopped accepting.
 	stopped     chan struct{}

@@ -254,7 +254,14 @@ func (s *supervisor) read(c *child) {
 		case ipc.Stopped:
 			c.stoppedOnce.Do(func() { close(c.stopped) })
 		case ipc.Ready:
-			close(c.ready)
+			first := false
+			c.readyOnce.Do(func() { close(c.ready); first = true })
+			if !first {
+				// A worker says Ready once; anything else is a bug or
+				// not our worker. It is replaced, as on a bad message.
+				s.log.Error("worker said Ready twice; killing it", "slot", c.slot, "pid", c.pid())
+				c.kill()
+			}
 		case ipc.Pong:
 		default:
 			s.handle(c, msg, body)

@@ -234,3 +234,34 @@ func TestSupervisorWaitReadyExited(t *testing.T) {
 		t.Error("no error for a worker that exited before ready")
 	}
 }
+
+// A second Ready from a worker is refused (the worker is killed), and the
+// master neither panics (it closed the ready channel twice) nor stops
+// reading that worker.
+func TestSupervisorDuplicateReady(t *testing.T) {
+	fs := &fakeStarts{t: t}
+	handled := make(chan ipc.Body, 1)
+	s := newSupervisor(quietLog(), 1, fs.start, []byte("workers: 1\n"), func(c *child, msg ipc.Message, b ipc.Body) { handled <- b })
+	if err := s.spawn(0); err != nil {
+		t.Fatal(err)
+	}
+	w := fs.last()
+	w.w.SendBody(ipc.Ready{})
+	w.w.SendBody(ipc.Ready{})
+	w.w.SendBody(ipc.Stats{Delta: stats.Snapshot{Active: 1}})
+	select {
+	case b := <-handled:
+		if b.(ipc.Stats).Delta.Active != 1 {
+			t.Errorf("handled %+v", b)
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("the worker's messages after a second Ready were not read")
+	}
+	if !w.c.isReady() {
+		t.Error("first Ready not noted")
+	}
+	w.w.Close()
+	if !s.waitReaders(waitLimit) {
+		t.Error("reader did not end")
+	}
+}
