@@ -94,8 +94,9 @@ func newIndex(ps []hostname.Pattern) index {
 			}
 			continue
 		}
-		// The zero Pattern matches nothing: nothing to index. A pattern
-		// kind without a key is appended to x.scan here.
+		// The zero Pattern matches nothing: nothing to index. A later
+		// pattern kind without a key ("~regex") is appended to x.scan
+		// here, as scanEntry{pos, p}.
 	}
 	return x
 }
