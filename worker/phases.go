@@ -309,23 +309,38 @@ func (p *path) dial() result {
 
 // replay sends the backend a PROXY header if configured, then every
 // sniffed byte, unchanged.
+//
+// The writes are bounded by the idle timeout: the pair's idle timer does not
+// exist yet, and a backend that never reads would otherwise hold the
+// connection (and its permit) for ever once the socket buffers are full.
 func (p *path) replay() result {
 	c, s := p.c, p.c.srv
 	backend := c.backend // set by dial; only serve's goroutine writes it
+	backend.SetWriteDeadline(time.Now().Add(s.cfg.Timeouts.Idle))
 	if v := s.cfg.Backend.ProxyProtocol; v != "" {
 		if err := c.writeProxyHeader(backend, v, p.hdr); err != nil {
-			return result{end: endBackendError, err: err}
+			return replayFailed(err)
 		}
 	}
 	b := p.buf.Bytes()
 	if n, err := backend.Write(b); err != nil {
 		s.rec.Bytes(int64(n), 0)
-		return result{end: endBackendError, err: fmt.Errorf("worker: replay to backend: %w", err)}
+		return replayFailed(fmt.Errorf("worker: replay to backend: %w", err))
 	}
+	backend.SetWriteDeadline(time.Time{})
 	c.in.Add(int64(len(b)))
 	s.rec.Bytes(int64(len(b)), 0)
 	p.releaseBuffer()
 	return result{}
+}
+
+// replayFailed is the result of a replay that failed with err: idle when
+// the backend read nothing for the idle timeout, else backend_error.
+func replayFailed(err error) result {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return result{end: endIdle, err: err}
+	}
+	return result{end: endBackendError, err: err}
 }
 
 // copy hands both sockets to a pair that copies both ways (package proxy)

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -379,5 +380,70 @@ func TestCopyResult(t *testing.T) {
 	}
 	if got := routeReason(fmt.Errorf("x: %w", route.ErrPrivate)); got != stats.Denied {
 		t.Errorf("routeReason(ErrPrivate) = %v; want denied", got)
+	}
+}
+
+// A backend that accepts and never reads cannot hold a connection: the
+// replay of a large ClientHello blocks once the socket buffers are full,
+// and the idle timeout ends it (it held the connection for ever before).
+func TestReplayToBackendThatNeverReads(t *testing.T) {
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		// A small window and a small MSS: the proxy's socket to it then
+		// starts with a small send buffer too (Linux sizes it from the
+		// MSS; loopback's 64 KiB MSS would buffer the whole hello).
+		rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024)
+			if serr == nil {
+				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 536)
+			}
+		})
+		return serr
+	}}
+	bln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bln.Close()
+	go func() {
+		for {
+			c, err := bln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // held, never read
+		}
+	}()
+	// Idle is 30s in phaseServer's config; a shorter one for this test.
+	_, addr, counters, lim, logs := phaseServer(t, fmt.Sprintf("routes: [{match: stuck.test, backend: %q}]\n", bln.Addr()), "", 10,
+		func(s *Server) { s.cfg.Timeouts.Idle = time.Second })
+
+	client, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	// A ClientHello of about 60 KiB: a long ALPN list.
+	var protos []string
+	for i := range 235 {
+		protos = append(protos, fmt.Sprintf("%0250d", i))
+	}
+	go tls.Client(client, &tls.Config{ServerName: "stuck.test", NextProtos: protos, InsecureSkipVerify: true}).Handshake()
+	client.SetReadDeadline(time.Now().Add(15 * time.Second))
+	start := time.Now()
+	_, err = io.Copy(io.Discard, client)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the connection to a backend that never reads was still open after 15s")
+	}
+	waitFor(t, "access log", func() bool { return len(logs.get()) == 1 })
+	if l := logs.get()[0]; l["result"] != "idle" {
+		t.Errorf("result %q (err %q); want idle", l["result"], l["err"])
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("closed after %v; want about the idle timeout (1s)", d)
+	}
+	waitFor(t, "permit released", func() bool { a, r := lim.counts(); return a == 1 && r == 1 })
+	if a := counters.Active(); a != 0 {
+		t.Errorf("active %d after the close; want 0", a)
 	}
 }
