@@ -474,6 +474,7 @@ func (c *Config) validate() error {
 			c.DefaultBackend = a
 		}
 	}
+	c.checkSelfRoutes(bad)
 	switch c.Backend.ProxyProtocol {
 	case "", "v1", "v2":
 	default:

@@ -299,7 +299,7 @@ func (d *Dialer) dialOne(ctx context.Context, ap netip.AddrPort, dnsRouted bool,
 		ctx, cancel = context.WithTimeout(ctx, share) // never later than dl
 		defer cancel()
 	}
-	nd := net.Dialer{KeepAlive: d.KeepAlive}
+	nd := net.Dialer{KeepAlive: d.KeepAlive, Control: d.controlSelf}
 	if dnsRouted {
 		nd.Control = d.control
 	}
@@ -337,6 +337,29 @@ func (d *Dialer) check(ap netip.AddrPort) error {
 	if a.IsUnspecified() { // connecting to 0.0.0.0 or :: reaches this host
 		return fmt.Errorf("%s is unspecified: %w", ap.Addr(), ErrPrivate)
 	}
+	return d.checkSelf(ap, ErrPrivate)
+}
+
+// controlSelf is the net.Dialer.Control hook for explicit routes: they may
+// reach private addresses, but never the proxy's own listeners (a loop that
+// would spend max_connections on one request). The config check refuses
+// such routes when it can tell without DNS; this catches the rest.
+func (d *Dialer) controlSelf(network, address string, _ syscall.RawConn) error {
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return fmt.Errorf("cannot check address %q: %w", address, ErrDial)
+	}
+	if ap.Addr().WithZone("").Unmap().IsUnspecified() {
+		return fmt.Errorf("%s is unspecified (this host): %w", ap.Addr(), ErrDial)
+	}
+	return d.checkSelf(ap, ErrDial)
+}
+
+// checkSelf refuses ap, wrapping sentinel, when it is one of the proxy's
+// own listen addresses (Forbidden; an unspecified one stands for every
+// address of this host).
+func (d *Dialer) checkSelf(ap netip.AddrPort, sentinel error) error {
+	a := ap.Addr().WithZone("").Unmap()
 	for _, f := range d.Forbidden {
 		if f.Port() != 0 && f.Port() != ap.Port() {
 			continue
@@ -344,16 +367,16 @@ func (d *Dialer) check(ap netip.AddrPort) error {
 		fa := f.Addr().WithZone("").Unmap()
 		if !fa.IsUnspecified() {
 			if fa == a {
-				return fmt.Errorf("%s is the proxy's own listen address %s: %w", ap, f, ErrPrivate)
+				return fmt.Errorf("%s is the proxy's own listen address %s: %w", ap, f, sentinel)
 			}
 			continue
 		}
 		local, err := d.isLocal(a)
 		if err != nil {
-			return fmt.Errorf("cannot tell whether %s is the proxy's own listen address %s: %w: %w", ap, f, ErrPrivate, err)
+			return fmt.Errorf("cannot tell whether %s is the proxy's own listen address %s: %w: %w", ap, f, sentinel, err)
 		}
 		if local {
-			return fmt.Errorf("%s is this host, and the proxy listens on %s: %w", ap, f, ErrPrivate)
+			return fmt.Errorf("%s is this host, and the proxy listens on %s: %w", ap, f, sentinel)
 		}
 	}
 	return nil

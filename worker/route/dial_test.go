@@ -164,9 +164,9 @@ func TestDialExplicitRoute(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			// AllowPrivate is false: explicit routes may reach loopback anyway,
-			// and even the proxy's own listen address.
-			d := &Dialer{Timeout: 5 * time.Second, Resolver: tt.res, Forbidden: []netip.AddrPort{l.addr}}
+			// AllowPrivate is false: explicit routes may reach loopback
+			// anyway (but not the proxy's own listeners, 127.0.0.1:1 here).
+			d := &Dialer{Timeout: 5 * time.Second, Resolver: tt.res, Forbidden: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:1")}}
 			c, ap, err := d.Dial(context.Background(), tt.dec)
 			if err != nil {
 				t.Fatalf("Dial: got error %v; want nil", err)
@@ -176,6 +176,35 @@ func TestDialExplicitRoute(t *testing.T) {
 				t.Errorf("Dial: got address %s; want %s", ap, l.addr)
 			}
 			echo(t, c)
+		})
+	}
+}
+
+// An explicit route that reaches one of the proxy's own listeners, by
+// address or by a name that resolves to it, is refused when dialled: the
+// connection would come back to the proxy, again and again.
+func TestDialExplicitRouteToSelf(t *testing.T) {
+	l := listen(t, "127.0.0.1:0")
+	for _, tt := range []struct {
+		name      string
+		forbidden netip.AddrPort
+		dec       Decision
+		res       Resolver
+	}{
+		{"same address", l.addr, Decision{Rule: 0, Host: "127.0.0.1", Port: int(l.addr.Port())}, nil},
+		{"name", l.addr, Decision{Rule: 0, Host: "self.test", Port: int(l.addr.Port())}, resolver("self.test", "127.0.0.1")},
+		{"wildcard listener", netip.AddrPortFrom(netip.IPv4Unspecified(), l.addr.Port()), Decision{Rule: 0, Host: "127.0.0.1", Port: int(l.addr.Port())}, nil},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			d := &Dialer{Timeout: 5 * time.Second, Resolver: tt.res, Forbidden: []netip.AddrPort{tt.forbidden}}
+			c, _, err := d.Dial(context.Background(), tt.dec)
+			if err == nil {
+				c.Close()
+				t.Fatal("Dial to the proxy's own listener succeeded")
+			}
+			if !errors.Is(err, ErrDial) || !strings.Contains(err.Error(), "listen") {
+				t.Errorf("Dial: got %v; want ErrDial naming the listener", err)
+			}
 		})
 	}
 }
