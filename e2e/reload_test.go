@@ -848,6 +848,87 @@ func TestReloadHoldsMaxConnections(t *testing.T) {
 	p.waitMetric(t, "sniproxy_connections_active", 6)
 }
 
+// TestReloadHurryHoldsMaxConnections: connections moved by a hurry keep
+// counting against max_connections. Before, the hurried generation's
+// permits came back before the moved connections took new ones (and they
+// were served without), so with a limit of 4 and 4 long connections moved,
+// new ones were admitted: 5 and more open at once.
+func TestReloadHurryHoldsMaxConnections(t *testing.T) {
+	echo := echoBackend(t)
+	cfg := strings.Replace(reloadCfg(echo, 2, true), `"load.test"`, `"echo.test"`, 1) + "max_connections: 4\n"
+	p := startProxy(t, cfg)
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for range 4 {
+		c, err := openEcho(p.addr, "echo.test", 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+	}
+	p.reload(t) // generation 1 drains with the 4
+	// Clients keep trying while generation 2 hurries generation 1 (the 4
+	// move to generation 2, which then drains): none may get in, at any
+	// moment of the move.
+	var mu sync.Mutex
+	admitted := 0
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if c, err := openEcho(p.addr, "echo.test", time.Second); err == nil {
+					mu.Lock()
+					admitted++
+					held = append(held, c)
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	p.reload(t)
+	time.Sleep(500 * time.Millisecond) // deliberate: clients keep trying just after the reload too
+	close(stop)
+	wg.Wait()
+	if admitted > 0 {
+		t.Errorf("%d new connections admitted during and after the hurry, with 4 open and max_connections 4", admitted)
+	}
+	for _, c := range held[4:] {
+		c.Close()
+	}
+	held = held[:4]
+	for i, c := range held {
+		msg := fmt.Sprintf("still here %d\n", i)
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte(msg)); err != nil {
+			t.Fatalf("long connection %d after the hurry: %v", i, err)
+		}
+		buf := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+			t.Fatalf("long connection %d after the hurry: %q, %v", i, buf, err)
+		}
+		c.SetDeadline(time.Time{})
+	}
+	for i := range 4 {
+		if c, err := openEcho(p.addr, "echo.test", 2*time.Second); err == nil {
+			held = append(held, c)
+			t.Errorf("new connection %d admitted with 4 moved ones open and max_connections 4", i+1)
+		}
+	}
+	p.waitMetric(t, "sniproxy_connections_active", 4)
+}
+
 func TestSystemdNotify(t *testing.T) {
 	dir := t.TempDir()
 	sockPath := filepath.Join(dir, "notify.sock")

@@ -31,6 +31,14 @@ type broker struct {
 	mu sync.Mutex
 	// successor is the state socket to the successor, once there is one.
 	successor *stateSocket
+	// movedOut counts the connections this generation's workers moved to
+	// the successor (sent with the reserve: see setPredecessor).
+	movedOut int
+
+	// The predecessor's side of the reserve, under mu: the permits its
+	// workers hold (predHeld), the connections it says it moved here
+	// (predMoved) and those that arrived (movedIn).
+	predHeld, predMoved, movedIn int
 }
 
 // newBroker returns a broker over a pool of limit permits.
@@ -120,17 +128,76 @@ func (b *broker) drop(c *child) int {
 	return n
 }
 
-// setReserve sets the permits the predecessor's workers still hold.
-func (b *broker) setReserve(n int) { b.pool.SetReserve(n) }
+// setPredecessor takes a reading of the predecessor's permits: held by
+// its workers, and the connections it has moved here so far (moved < 0:
+// unchanged). The reserve is what it holds plus what is in flight: moved
+// by it (its worker gave the permit back once the connection left) but
+// not yet arrived here (not yet granted to a worker of ours by
+// arrived). Whatever order the two readings and the moved connections
+// arrive in (they come over two sockets), no open connection goes
+// uncounted: at worst one counts twice for a moment.
+func (b *broker) setPredecessor(held, moved int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.predHeld = held
+	if moved >= 0 {
+		b.predMoved = moved
+	}
+	b.resetReserveLocked()
+}
+
+// arrived takes a connection the predecessor moved here: its permit is
+// granted to c, the worker it goes to (nil: it was closed, no worker took
+// it), whatever the limit, and it no longer counts as in flight.
+func (b *broker) arrived(c *child) {
+	b.mu.Lock()
+	b.movedIn++
+	if c != nil {
+		b.pool.Transfer(c.id)
+	}
+	b.resetReserveLocked()
+	b.mu.Unlock()
+	if c != nil {
+		b.sendReserve()
+	}
+}
+
+// notArrived undoes arrived(c) for a worker that did not take the
+// connection after all (it goes to the next, or is closed: arrived(nil)).
+func (b *broker) notArrived(c *child) {
+	b.mu.Lock()
+	b.movedIn--
+	b.pool.Return(c.id, 1)
+	b.resetReserveLocked()
+	b.mu.Unlock()
+	b.sendReserve()
+}
+
+// resetReserveLocked sets the pool's reserve from the predecessor's
+// readings; b.mu is held.
+func (b *broker) resetReserveLocked() {
+	b.pool.SetReserve(b.predHeld + max(b.predMoved-b.movedIn, 0))
+}
+
+// sentToSuccessor counts a connection a worker moved to the successor and
+// tells it: the worker gives its permit back next, so the successor must
+// know of the move before it hears of the lower count.
+func (b *broker) sentToSuccessor() {
+	b.mu.Lock()
+	b.movedOut++
+	b.mu.Unlock()
+	b.sendReserve()
+}
 
 // sendReserve tells the successor, if any, how many permits this
-// generation holds.
+// generation holds and how many connections it has moved to it.
 func (b *broker) sendReserve() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.successor != nil {
 		held, _ := b.pool.Held()
-		b.successor.send(stateMsg{Reserve: &held})
+		moved := b.movedOut
+		b.successor.send(stateMsg{Reserve: &held, Moved: &moved})
 	}
 }
 

@@ -116,7 +116,7 @@ func TestBrokerReserveAccounting(t *testing.T) {
 	a := newFakeWorker(t, 0, 1, true)
 	c := newFakeWorker(t, 1, 2, true)
 	b := newBroker(quietLog(), 10, workersOf(a, c))
-	b.setReserve(3) // the predecessor's: counted against the limit
+	b.setPredecessor(3, 0) // the predecessor's: counted against the limit
 	b.request(a.c, 4, false)
 	grantOf(t, a)
 	b.request(c.c, 10, false)
@@ -143,7 +143,7 @@ func TestBrokerReserveAccounting(t *testing.T) {
 	if r := reserve(); r != 6 {
 		t.Errorf("reserve %d after a return; want 6", r)
 	}
-	b.setReserve(0) // the predecessor exited
+	b.setPredecessor(0, -1) // the predecessor exited
 	b.request(a.c, 2, false)
 	if r := reserve(); r != 8 {
 		t.Errorf("reserve %d after a grant; want 8", r)
@@ -158,5 +158,85 @@ func TestBrokerReserveAccounting(t *testing.T) {
 	theirs.conn.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
 	if m, err := theirs.recv(); err == nil {
 		t.Errorf("detached successor got %+v", m)
+	}
+}
+
+// Connections moved here by a hurried predecessor keep counting against
+// max_connections all the way, whatever order its readings (state socket)
+// and the connections (move socket) arrive in: the limit is 4, the
+// predecessor holds 4 for 4 open connections and moves all of them here;
+// at no step may a new connection get a permit. (Before, the predecessor's
+// permits came back before the moved connections took new ones, and they
+// were served without: 5 connections open at a limit of 4.)
+func TestBrokerMovedConnectionsKeepTheirPermits(t *testing.T) {
+	type step struct {
+		what  string // "reading" (held, moved) or "arrival"
+		held  int
+		moved int
+	}
+	orders := map[string][]step{
+		"readings first": {
+			{"reading", 4, 1}, {"reading", 4, 2}, {"reading", 3, 2}, {"reading", 2, 4}, {"reading", 0, 4},
+			{"arrival", 0, 0}, {"arrival", 0, 0}, {"arrival", 0, 0}, {"arrival", 0, 0},
+		},
+		"arrivals first": {
+			{"arrival", 0, 0}, {"arrival", 0, 0}, {"arrival", 0, 0}, {"arrival", 0, 0},
+			{"reading", 4, 4}, {"reading", 0, 4},
+		},
+		"interleaved": {
+			{"reading", 4, 1}, {"reading", 3, 1}, {"arrival", 0, 0}, {"arrival", 0, 0},
+			{"reading", 3, 2}, {"reading", 2, 3}, {"arrival", 0, 0}, {"reading", 0, 4}, {"arrival", 0, 0},
+		},
+		"predecessor exits before the last arrive": {
+			{"reading", 4, 2}, {"arrival", 0, 0}, {"reading", 2, 4}, {"exit", 0, 0},
+			{"arrival", 0, 0}, {"arrival", 0, 0}, {"arrival", 0, 0},
+		},
+	}
+	for name, steps := range orders {
+		t.Run(name, func(t *testing.T) {
+			a := newFakeWorker(t, 0, 1, true)
+			b := newBroker(quietLog(), 4, workersOf(a))
+			b.setPredecessor(4, 0)
+			for i, s := range steps {
+				switch s.what {
+				case "reading":
+					b.setPredecessor(s.held, s.moved)
+				case "exit":
+					b.setPredecessor(0, -1)
+				case "arrival":
+					b.arrived(a.c)
+				}
+				if free := b.pool.Free(); free != 0 {
+					t.Fatalf("step %d (%+v): %d permits free with 4 connections open at a limit of 4", i, s, free)
+				}
+			}
+			if total, held := b.pool.Held(); total != 4 || held[1] != 4 {
+				t.Errorf("after the moves the worker holds %d (of %d); want all 4", held[1], total)
+			}
+			// They end: the permits come back, and new connections may
+			// take them.
+			b.giveBack(a.c, 4)
+			if free := b.pool.Free(); free != 4 {
+				t.Errorf("after they ended: %d free; want 4", free)
+			}
+		})
+	}
+}
+
+// A moved connection no worker takes is no longer in flight: it does not
+// keep counting for ever.
+func TestBrokerMovedConnectionClosed(t *testing.T) {
+	a := newFakeWorker(t, 0, 1, true)
+	b := newBroker(quietLog(), 4, workersOf(a))
+	b.setPredecessor(1, 1)
+	b.setPredecessor(0, 1) // its worker gave the permit back
+	if free := b.pool.Free(); free != 3 {
+		t.Fatalf("%d free with one connection in flight; want 3", free)
+	}
+	b.arrived(a.c)
+	b.notArrived(a.c) // the worker did not take it
+	b.arrived(nil)    // and no other did: it was closed
+	if free := b.pool.Free(); free != 4 {
+		t.Errorf("%d free once the moved connection was closed; want 4", free)
 	}
 }

@@ -135,7 +135,7 @@ func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error),
 	m.counters = &counters{}
 	m.sup = newSupervisor(m.log, n, start, cfgYAML, m.handleWorker)
 	m.broker = newBroker(m.log, m.cfg.MaxConnections, m.sup.list)
-	m.relay = newRelay(m.log, m.sup.list)
+	m.relay = newRelay(m.log, m.sup.list, m.broker)
 	m.succession = newSuccession(m.log, flip, m.counters, m.broker, m.relay, m.sup, m.opts.NoMove)
 	m.shutdown = &shutdown{log: m.log, sup: m.sup, relay: m.relay, signals: m.opts.Signals,
 		closeSockets: closeSockets,

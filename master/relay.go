@@ -29,6 +29,9 @@ type relay struct {
 	fromPredecessor chan struct{}
 	// successor is this master's end of the move socket to the successor.
 	successor atomic.Pointer[ipc.Conn]
+	// permits carries each moved connection's permit (the broker's):
+	// granted to the worker that takes it, counted when it goes on.
+	permits movedPermits
 
 	// mu is held while a moved connection is sent to a worker: retire
 	// takes it, so once it returns no worker gets one (it could arrive
@@ -38,9 +41,22 @@ type relay struct {
 	next     int // the slot the next moved connection goes to
 }
 
+// movedPermits is what the relay needs of the permit broker: a moved
+// connection keeps counting against max_connections all the way (see
+// broker.setPredecessor).
+type movedPermits interface {
+	// arrived grants the permit of a connection the predecessor moved
+	// here to c (nil: no worker took it).
+	arrived(c *child)
+	// notArrived takes it back from c, which did not take it.
+	notArrived(c *child)
+	// sentToSuccessor counts a connection moved on to the successor.
+	sentToSuccessor()
+}
+
 // newRelay returns a relay with nothing to receive from a predecessor.
-func newRelay(log *slog.Logger, workers func() []*child) *relay {
-	r := &relay{log: log, workers: workers, sendTimeout: moveSendTimeout, fromPredecessor: make(chan struct{})}
+func newRelay(log *slog.Logger, workers func() []*child, permits movedPermits) *relay {
+	r := &relay{log: log, workers: workers, permits: permits, sendTimeout: moveSendTimeout, fromPredecessor: make(chan struct{})}
 	close(r.fromPredecessor)
 	return r
 }
@@ -80,12 +96,13 @@ func (r *relay) receive(mc *ipc.Conn) {
 	}
 }
 
-// toWorker sends a moved connection to a ready worker, round robin; false
-// if none took it (the connection is then closed).
+// toWorker sends a moved connection to a ready worker, round robin, with
+// its permit; false if none took it (the connection is then closed).
 func (r *relay) toWorker(msg ipc.Message) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.retiring {
+		r.permits.arrived(nil)
 		r.log.Warn("a connection from the previous generation came after this one began to retire; it is closed")
 		return false
 	}
@@ -101,15 +118,21 @@ func (r *relay) toWorker(msg ipc.Message) bool {
 		// reads nothing for that long is broken: its IPC is closed, so it
 		// drains and exits as on a lost master and is replaced, and the
 		// next worker gets the connection.
+		//
+		// The permit is granted first: the worker may end the connection
+		// and give it back before Send returns.
+		r.permits.arrived(c)
 		c.conn.SetWriteDeadline(time.Now().Add(r.sendTimeout))
 		err := c.conn.Send(msg)
 		c.conn.SetWriteDeadline(time.Time{})
 		if err == nil {
 			return true
 		}
+		r.permits.notArrived(c)
 		r.log.Error("a worker did not take a connection from the previous generation; cutting it off", "slot", c.slot, "pid", c.pid(), "err", err)
 		c.conn.Close()
 	}
+	r.permits.arrived(nil)
 	r.log.Warn("no worker could take a connection from the previous generation; it is closed")
 	return false
 }
@@ -138,7 +161,10 @@ func (r *relay) toSuccessor(msg ipc.Message) {
 	}
 	if err != nil {
 		r.log.Warn("moving a connection to the next generation failed; it is closed", "err", err)
+		return
 	}
+	// Before the worker's permit comes back (its next message).
+	r.permits.sentToSuccessor()
 }
 
 // closeSuccessor closes the move socket to the successor: call it once

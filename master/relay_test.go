@@ -2,6 +2,7 @@ package master
 
 import (
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -32,7 +33,7 @@ func TestRelayToWorkers(t *testing.T) {
 	notReady := newFakeWorker(t, 1, 2, false)
 	broken := newFakeWorker(t, 2, 3, true)
 	c := newFakeWorker(t, 3, 4, true)
-	r := newRelay(quietLog(), workersOf(a, notReady, broken, c))
+	r := newRelay(quietLog(), workersOf(a, notReady, broken, c), &countPermits{})
 	broken.c.conn.Close() // its sends fail: the next worker gets it
 	for _, s := range []string{"1", "2", "3", "4"} {
 		if !r.toWorker(movedConn(t, s)) {
@@ -55,7 +56,7 @@ func TestRelayToWorkers(t *testing.T) {
 // worker, and its end closes fromPredecessor.
 func TestRelayReceivesFromPredecessor(t *testing.T) {
 	a := newFakeWorker(t, 0, 1, true)
-	r := newRelay(quietLog(), workersOf(a))
+	r := newRelay(quietLog(), workersOf(a), &countPermits{})
 	pred, wf, err := ipc.Pair()
 	if err != nil {
 		t.Fatal(err)
@@ -84,7 +85,7 @@ func TestRelayReceivesFromPredecessor(t *testing.T) {
 
 // A connection a hurried worker moves goes to the successor's move socket.
 func TestRelayToSuccessor(t *testing.T) {
-	r := newRelay(quietLog(), workersOf())
+	r := newRelay(quietLog(), workersOf(), &countPermits{})
 	r.toSuccessor(movedConn(t, "lost")) // no successor: closed, no panic
 	mc, wf, err := ipc.Pair()
 	if err != nil {
@@ -108,4 +109,33 @@ func TestRelayToSuccessor(t *testing.T) {
 	if _, err := succ.Recv(); err == nil {
 		t.Error("move socket still open after closeSuccessor")
 	}
+}
+
+// countPermits is a movedPermits that counts the calls.
+type countPermits struct {
+	mu                             sync.Mutex
+	nArrived, nNotArrived, nClosed int
+	nSent                          int
+}
+
+func (p *countPermits) arrived(c *child) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c == nil {
+		p.nClosed++
+	} else {
+		p.nArrived++
+	}
+}
+
+func (p *countPermits) notArrived(*child) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.nNotArrived++
+}
+
+func (p *countPermits) sentToSuccessor() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.nSent++
 }

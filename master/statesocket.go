@@ -37,6 +37,10 @@ type stateMsg struct {
 	// Reserve is the permits the predecessor's workers still hold: exact,
 	// from its lease pool, so the successor never grants them twice.
 	Reserve *int `json:"reserve,omitempty"`
+	// Moved, sent with Reserve, counts the connections the predecessor
+	// has moved to the successor so far: those not yet arrived still
+	// count (see broker.setPredecessor).
+	Moved *int `json:"moved,omitempty"`
 	Hurry   bool `json:"hurry,omitempty"`
 }
 

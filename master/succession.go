@@ -111,7 +111,7 @@ func (s *succession) inherit() error {
 	s.generation = st.Generation + 1
 	s.counters.inherit(*st)
 	s.reloadBegan = st.ReloadBegan
-	s.broker.setReserve(st.Reserve)
+	s.broker.setPredecessor(st.Reserve, 0)
 	s.predecessorDone = make(chan struct{})
 	go s.readPredecessor(h)
 	mf, err := s.upg.File(moveSocketName)
@@ -142,12 +142,18 @@ func (s *succession) readPredecessor(h *stateSocket) {
 			s.counters.addPredecessor(*msg.Delta)
 		}
 		if msg.Reserve != nil {
-			s.broker.setReserve(*msg.Reserve)
+			moved := -1
+			if msg.Moved != nil {
+				moved = *msg.Moved
+			}
+			s.broker.setPredecessor(*msg.Reserve, moved)
 		}
 	}
 	// The predecessor is gone, and its connections with it.
 	s.counters.predecessorGone()
-	s.broker.setReserve(0)
+	// Its workers hold nothing now; what it moved and has not arrived
+	// yet still counts.
+	s.broker.setPredecessor(0, -1)
 	close(s.predecessorDone)
 	s.log.Info("previous generation exited")
 }

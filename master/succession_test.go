@@ -128,7 +128,7 @@ func newParts(t *testing.T, workers int) *parts {
 		close(p.fs.last().c.ready)
 	}
 	p.broker = newBroker(quietLog(), 10, p.sup.list)
-	p.relay = newRelay(quietLog(), p.sup.list)
+	p.relay = newRelay(quietLog(), p.sup.list, p.broker)
 	p.succession = newSuccession(quietLog(), p.upg, p.counters, p.broker, p.relay, p.sup, false)
 	return p
 }

@@ -52,6 +52,9 @@ type conn struct {
 	// resumed connection): permitNone, permitHeld, or permitDone once the
 	// connection finished.
 	permit atomic.Int32
+	// movedPermit is set when the pair was detached to be moved while
+	// holding a permit: sendMoved releases it after the send.
+	movedPermit atomic.Bool
 
 	in, out atomic.Int64
 }
@@ -133,6 +136,14 @@ func (c *conn) pipeDone(permit bool) func(proxy.Result, error) {
 		}
 		if c.permit.Swap(permitDone) == permitHeld {
 			permit = true
+		}
+		if errors.Is(err, proxy.ErrDetached) && permit {
+			// Moved: the permit is given back only once the connection
+			// has been sent on (Server.sendMoved), so that the master
+			// hears of the move before it sees the permit come back and
+			// no moment passes in which the connection counts nowhere.
+			c.movedPermit.Store(true)
+			permit = false
 		}
 		c.finish(copyResult(err), permit)
 	}

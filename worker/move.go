@@ -113,6 +113,13 @@ func (s *Server) Move(ctx context.Context, drainBy time.Time, send func(state []
 // could not (it is closed then, or it had ended by itself).
 func (s *Server) sendMoved(ctx context.Context, c *conn, drainBy time.Time, send func(state []byte, client, backend *os.File) error) bool {
 	d, err := c.pipe.Detach(ctx) // stopped already: returns at once
+	// The permit goes back after the send, whatever its outcome (see
+	// conn.pipeDone): the master must see the connection leave first.
+	defer func() {
+		if c.movedPermit.Swap(false) {
+			s.limiter.Release()
+		}
+	}()
 	if err != nil {
 		if !errors.Is(err, proxy.ErrClosed) {
 			s.log.Info("a connection could not be moved; closed", "conn", c.id, "err", err)
@@ -158,12 +165,24 @@ func (c *conn) movedState(ps proxy.State, drainBy time.Time) movedState {
 // Resume goes on serving a connection another process moved here (see
 // Move): state is what it sent, client and backend the sockets. Resume
 // owns the files and closes them. The connection counts as open here from
-// now on; it takes a permit when one is free (it is served either way: a
-// live connection is not dropped for the limit), and it is closed at the
-// deadline it came with.
+// now on, and it is closed at the deadline it came with.
+//
+// permitted says the connection came with its permit, already counted in
+// this server's Limiter (the master grants one with every moved
+// connection: see lease.Pool.Transfer and lease.Client.Adopt); it is
+// given back when the connection ends, and also when Resume fails.
+// Without one, the connection takes a permit when one is free (it is
+// served either way: a live connection is not dropped for the limit).
 //
 // Resume must not be called once Drain has returned.
-func (s *Server) Resume(state []byte, client, backend *os.File) error {
+func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool) (err error) {
+	if permitted && s.limiter != nil {
+		defer func() {
+			if err != nil {
+				s.limiter.Release()
+			}
+		}()
+	}
 	defer client.Close()
 	defer backend.Close()
 	var st movedState
@@ -191,6 +210,9 @@ func (s *Server) Resume(state []byte, client, backend *os.File) error {
 		o: o, moves: st.Moves, deadline: st.Deadline}
 	c.in.Store(st.Pair.In)
 	c.out.Store(st.Pair.Out)
+	if permitted && s.limiter != nil {
+		c.permit.Store(permitHeld)
+	}
 	s.rec.Opened()
 	s.track(c)
 	c.mu.Lock()
@@ -201,7 +223,7 @@ func (s *Server) Resume(state []byte, client, backend *os.File) error {
 	// Set before Resume returns, so a Move right after finds the pair.
 	c.pipe = proxy.Resume(cc, bc, st.Pair, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(false))
 	c.mu.Unlock()
-	if s.limiter != nil {
+	if s.limiter != nil && !permitted {
 		go c.acquireLate()
 	}
 	return nil

@@ -121,7 +121,7 @@ func TestMoveResumesConnections(t *testing.T) {
 		return from.srv.Move(ctx, drainBy, func(state []byte, cl, be *os.File) error {
 			// In-process, the receiver gets duplicates, as SCM_RIGHTS
 			// would give it.
-			return to.srv.Resume(state, dup(t, cl), dup(t, be))
+			return to.srv.Resume(state, dup(t, cl), dup(t, be), false)
 		})
 	}
 	moved, closed := move(a, b, time.Time{})
@@ -166,7 +166,7 @@ func TestMoveResumesConnections(t *testing.T) {
 func TestResumeRejectsBadState(t *testing.T) {
 	s := startServer(t, "", nil, "")
 	cl, pe := tcpFiles(t)
-	if err := s.srv.Resume([]byte("{not json"), cl, pe); err == nil || !strings.Contains(err.Error(), "state") {
+	if err := s.srv.Resume([]byte("{not json"), cl, pe, false); err == nil || !strings.Contains(err.Error(), "state") {
 		t.Fatalf("Resume with a bad state: %v", err)
 	}
 	if s.srv.Active() != 0 || s.counters.Active() != 0 {
@@ -266,7 +266,7 @@ func TestMoveStuckPairsDelayNoOther(t *testing.T) {
 			return err
 		}
 		ins = append(ins, st.Pair.In)
-		return b.srv.Resume(state, dup(t, cl), dup(t, be))
+		return b.srv.Resume(state, dup(t, cl), dup(t, be), false)
 	})
 	if moved != idle || closed != stuck {
 		t.Fatalf("moved %d, closed %d; want the %d idle moved and the %d stuck closed", moved, closed, idle, stuck)

@@ -94,6 +94,18 @@ func (p *Pool) Drop(worker int) int {
 	return n
 }
 
+// Transfer grants the worker with id worker one permit whatever the limit:
+// the permit of a connection that exists already, moved here from the
+// predecessor, which counted it in its reserve until now (the caller
+// lowers the reserve in the same step). It never makes more connections
+// count than are open.
+func (p *Pool) Transfer(worker int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.held[worker]++
+	p.total++
+}
+
 // SetReserve sets the number of permits held outside the Pool's workers,
 // by an older generation's connections still open.
 func (p *Pool) SetReserve(n int) {
@@ -295,6 +307,15 @@ func (c *Client) Revoke(n int) int {
 		c.t.Return(n)
 	}
 	return n
+}
+
+// Adopt counts a permit the master granted with a moved connection (see
+// Pool.Transfer) as in use by that connection; it is given back with
+// Release like any other.
+func (c *Client) Adopt() {
+	c.mu.Lock()
+	c.inUse++
+	c.mu.Unlock()
 }
 
 // InUse returns the permits held by open connections.

@@ -241,15 +241,20 @@ func (l *loop) handle(m ipc.Message, b ipc.Body) {
 		// dry.
 		l.client.Revoke(l.client.Spare())
 	case ipc.Connection:
+		// The master granted the connection's permit with it (it counted
+		// against max_connections all the way from the old generation).
+		l.client.Adopt()
 		if l.phase != serving {
 			// Draining may be over before it could be served.
 			m.CloseFiles()
+			l.client.Release()
 			l.log.Warn("a connection moved to a retiring worker was closed")
 			return
 		}
 		// Here, not on a goroutine: the connection must be tracked before
-		// a retire that follows it is handled.
-		if err := l.srv.Resume(b.State, m.Files[0], m.Files[1]); err != nil {
+		// a retire that follows it is handled. Resume gives the permit
+		// back if it fails.
+		if err := l.srv.Resume(b.State, m.Files[0], m.Files[1], true); err != nil {
 			l.log.Warn("could not resume a moved connection", "err", err)
 		}
 	case ipc.Retire: // retire
