@@ -141,17 +141,15 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 
 // SniffLimit returns how many connections one worker lets sit in the sniff
 // phase at once: three quarters of its share of max_connections (at least
-// 1), so clients that never finish a hello can take at most that much of
+// 16), so clients that never finish a hello can take at most that much of
 // the budget and the rest stays for clients that do. Connections over it
-// are closed at once and counted with reason "limit". There is no larger
-// floor: with a small max_connections a floor above the share would let
-// silent clients take the whole budget.
+// are closed at once and counted with reason "limit".
 func SniffLimit(cfg *config.Config) int {
 	workers := cfg.Workers
 	if workers <= 0 {
 		workers = runtime.NumCPU()
 	}
-	return max(1, cfg.MaxConnections*3/4/workers)
+	return max(16, cfg.MaxConnections*3/4/workers)
 }
 
 // NewTable builds the routing table of cfg.

@@ -285,32 +285,6 @@ func TestCountersMatchTraffic(t *testing.T) {
 	}
 }
 
-// With a small max_connections the sniff share is still three quarters of
-// the worker's share: silent clients cannot take the whole budget.
-func TestSniffLimitSmall(t *testing.T) {
-	for _, tt := range []struct {
-		cfg  string
-		want int
-	}{
-		{"workers: 2\nmax_connections: 8\n", 3},
-		{"workers: 1\nmax_connections: 4\n", 3},
-		{"workers: 4\nmax_connections: 4\n", 1},
-		{"workers: 2\nmax_connections: 1\n", 1},
-		{"workers: 1\nmax_connections: 10000\n", 7500},
-	} {
-		cfg, err := config.Parse([]byte("listen_addrs: [\"127.0.0.1:1\"]\n"+tt.cfg), []string{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := SniffLimit(cfg); got != tt.want {
-			t.Errorf("%q: sniff limit %d; want %d", tt.cfg, got, tt.want)
-		}
-		if got := SniffLimit(cfg); got > 1 && got >= cfg.MaxConnections {
-			t.Errorf("%q: sniff limit %d takes the whole budget of %d", tt.cfg, got, cfg.MaxConnections)
-		}
-	}
-}
-
 func TestSniffLimit(t *testing.T) {
 	// max_connections 40 over 1 worker: 30 may sniff at once.
 	ts := startServer(t, "workers: 1\nmax_connections: 40\n", NewLocalLimiter(40), "")
