@@ -68,6 +68,11 @@ type Config struct {
 	Backend         Backend       `mapstructure:"backend" yaml:"backend"`
 	Log             Log           `mapstructure:"log" yaml:"log"`
 	PIDFile         string        `mapstructure:"pid_file" yaml:"pid_file"`
+	// User and Group, when the master runs as root, are who the workers
+	// run as (with no capabilities); the master keeps root to bind
+	// sockets on a reload. Group "" means the user's primary group.
+	User  string `mapstructure:"user" yaml:"user"`
+	Group string `mapstructure:"group" yaml:"group"`
 	ControlSocket   string        `mapstructure:"control_socket" yaml:"control_socket"`
 
 	// DefaultBackend (host:port) receives, bytes unchanged, the connections
@@ -475,6 +480,7 @@ func (c *Config) validate() error {
 		}
 	}
 	c.checkSelfRoutes(bad)
+	c.checkUser(bad)
 	switch c.Backend.ProxyProtocol {
 	case "", "v1", "v2":
 	default:

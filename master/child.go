@@ -1,6 +1,7 @@
 package master
 
 import (
+	"syscall"
 	"errors"
 	"fmt"
 	"os"
@@ -59,8 +60,10 @@ type child struct {
 
 // startChild starts a worker process for slot with its sockets. The socket
 // descriptors go through ExtraFiles (fd 4 on; the IPC pair is fd 3) as
-// F_DUPFD_CLOEXEC duplicates the master owns.
-func startChild(exe string, slot, generation, id int, socks []socket, log config.Log) (*child, error) {
+// F_DUPFD_CLOEXEC duplicates the master owns. With cred, the worker runs
+// as that user and groups: a root master's capabilities are not passed on
+// (the kernel clears them when a process changes from uid 0 at exec).
+func startChild(exe string, slot, generation, id int, socks []socket, log config.Log, cred *syscall.Credential) (*child, error) {
 	conn, wf, err := ipc.Pair()
 	if err != nil {
 		return nil, err
@@ -80,6 +83,9 @@ func startChild(exe string, slot, generation, id int, socks []socket, log config
 	cmd.Env = workerEnv(os.Environ())
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	cmd.ExtraFiles = files
+	if cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	}
 	if err := cmd.Start(); err != nil {
 		wf.Close()
 		conn.Close()

@@ -42,6 +42,10 @@ type Master struct {
 	// on, so that load balancers stop sending before the ports close.
 	stopping atomic.Bool
 
+	// workerCred is who the workers run as (config user/group); nil:
+	// as the master.
+	workerCred *syscall.Credential
+
 	sup        *supervisor
 	broker     *broker
 	counters   *counters
@@ -116,7 +120,12 @@ func withDefaults(opts Options) Options {
 func newMaster(opts Options, upg *tableflip.Upgrader) (*Master, error) {
 	m := &Master{opts: opts, cfg: opts.Config, log: opts.Log, exe: opts.Executable, upg: upg, start: time.Now(),
 		reloads: make(chan reloadRequest)}
-	err := m.compose(upg, m.startWorker, func() { m.socks.close(); m.upg.Stop() })
+	cred, err := workerCredential(opts.Config, os.Geteuid())
+	if err != nil {
+		return nil, err
+	}
+	m.workerCred = cred
+	err = m.compose(upg, m.startWorker, func() { m.socks.close(); m.upg.Stop() })
 	return m, err
 }
 
@@ -146,7 +155,7 @@ func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error),
 
 // startWorker starts the worker process of slot under worker id.
 func (m *Master) startWorker(slot, id int) (*child, error) {
-	return startChild(m.exe, slot, m.succession.generation, id, m.socks.forSlot(slot, m.sup.n), m.cfg.Log)
+	return startChild(m.exe, slot, m.succession.generation, id, m.socks.forSlot(slot, m.sup.n), m.cfg.Log, m.workerCred)
 }
 
 // serveEndpoints starts the metrics server (if enabled) and the control
@@ -200,8 +209,12 @@ func (m *Master) ready(ctlPath string) error {
 	if err := sdNotify(fmt.Sprintf("MAINPID=%d\nREADY=1", os.Getpid())); err != nil {
 		m.log.Warn("telling systemd we are ready failed", "err", err)
 	}
-	m.log.Info("sniproxy started", "version", m.opts.Version, "config", m.cfg.Source, "pid", os.Getpid(),
-		"generation", m.succession.generation, "workers", m.sup.n, "listeners", m.socks.order, "control_socket", ctlPath)
+	attrs := []any{"version", m.opts.Version, "config", m.cfg.Source, "pid", os.Getpid(),
+		"generation", m.succession.generation, "workers", m.sup.n, "listeners", m.socks.order, "control_socket", ctlPath}
+	if m.workerCred != nil {
+		attrs = append(attrs, "worker_user", m.cfg.User, "worker_uid", m.workerCred.Uid, "worker_gid", m.workerCred.Gid)
+	}
+	m.log.Info("sniproxy started", attrs...)
 	return nil
 }
 
@@ -341,4 +354,21 @@ func (m *Master) retireGeneration(out reloadOutcome, kids []*child, deadline tim
 	}
 	m.relay.closeSuccessor()
 	m.log.Info("generation drained; exiting", "generation", m.succession.generation)
+}
+
+// workerCredential returns who the workers run as for cfg's user and group,
+// in a master running as euid: nil when they run as the master does. A
+// master that is not root can start workers only as itself.
+func workerCredential(cfg *config.Config, euid int) (*syscall.Credential, error) {
+	cr, err := cfg.WorkerCredentials()
+	if err != nil || cr == nil {
+		return nil, err
+	}
+	if euid != 0 {
+		if cr.UID == uint32(euid) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("master: user %q: workers can run as another user only when sniproxy starts as root (it runs as uid %d)", cr.Name, euid)
+	}
+	return &syscall.Credential{Uid: cr.UID, Gid: cr.GID, Groups: cr.Groups}, nil
 }

@@ -172,3 +172,27 @@ func TestMasterLoop(t *testing.T) {
 		}
 	}
 }
+
+func TestWorkerCredential(t *testing.T) {
+	parse := func(y string) *config.Config {
+		t.Helper()
+		c, err := config.Parse([]byte("listen_addrs: [\"127.0.0.1:1\"]\n"+y), []string{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	if cr, err := workerCredential(parse(""), 0); cr != nil || err != nil {
+		t.Errorf("no user: %+v, %v; want workers as the master", cr, err)
+	}
+	cr, err := workerCredential(parse("user: \"65534\"\ngroup: \"65534\"\n"), 0)
+	if err != nil || cr == nil || cr.Uid != 65534 || cr.Gid != 65534 {
+		t.Errorf("root master, user 65534: %+v, %v", cr, err)
+	}
+	if cr, err := workerCredential(parse("user: \"65534\"\n"), 65534); cr != nil || err != nil {
+		t.Errorf("master already that user: %+v, %v; want nil, nil", cr, err)
+	}
+	if _, err := workerCredential(parse("user: \"65534\"\n"), 1000); err == nil {
+		t.Error("a non-root master may not start workers as another user")
+	}
+}
