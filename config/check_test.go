@@ -1,6 +1,7 @@
 package config
 
 import (
+	"os"
 	"strings"
 	"testing"
 )
@@ -57,5 +58,21 @@ func TestMetricsAddressClash(t *testing.T) {
 		if got != c.clash {
 			t.Errorf("listen %s, metrics %s: clash %v, want %v (err %v)", c.listen, c.metrics, got, c.clash, err)
 		}
+	}
+}
+
+func TestPeekBrokenConfig(t *testing.T) {
+	path := t.TempDir() + "/c.yaml"
+	if err := os.WriteFile(path, []byte("control_socket: /x.sock\npid_file: /x.pid\nworkers: many\nbogus: 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if sock, pid := Peek(path, []string{}); sock != "/x.sock" || pid != "/x.pid" {
+		t.Errorf("Peek = %q, %q", sock, pid)
+	}
+	if sock, _ := Peek(path, []string{"SNIPROXY_CONTROL_SOCKET=/y.sock"}); sock != "/y.sock" {
+		t.Errorf("Peek with the environment = %q", sock)
+	}
+	if sock, pid := Peek(path+".missing", []string{}); sock != "" || pid != "" {
+		t.Errorf("Peek of a missing file = %q, %q", sock, pid)
 	}
 }

@@ -665,3 +665,47 @@ func (c *Config) YAML() ([]byte, error) {
 	}
 	return buf.Bytes(), nil
 }
+
+// Peek returns the control_socket and pid_file the config file at path
+// (the embedded default when "") and the SNIPROXY_* variables of environ
+// (nil means os.Environ()) set, without validating anything else: for
+// `sniproxy status`, which must find the master even when the file on
+// disk no longer validates. A key it cannot read is "".
+func Peek(path string, environ []string) (controlSocket, pidFile string) {
+	data := DefaultYAML
+	if path != "" {
+		if b, err := os.ReadFile(path); err == nil {
+			data = b
+		} else {
+			data = nil
+		}
+	}
+	var raw map[string]any
+	if yaml.Unmarshal(data, &raw) == nil {
+		for k, v := range raw {
+			s, ok := v.(string)
+			if !ok {
+				continue
+			}
+			switch strings.ToLower(k) {
+			case "control_socket":
+				controlSocket = s
+			case "pid_file":
+				pidFile = s
+			}
+		}
+	}
+	if environ == nil {
+		environ = os.Environ()
+	}
+	for _, kv := range environ {
+		k, v, _ := strings.Cut(kv, "=")
+		switch k {
+		case "SNIPROXY_CONTROL_SOCKET":
+			controlSocket = v
+		case "SNIPROXY_PID_FILE":
+			pidFile = v
+		}
+	}
+	return controlSocket, pidFile
+}
