@@ -63,7 +63,7 @@ func TestMetricsAddressClash(t *testing.T) {
 
 func TestPeekBrokenConfig(t *testing.T) {
 	path := t.TempDir() + "/c.yaml"
-	if err := os.WriteFile(path, []byte("control_socket: /x.sock\npid_file: /x.pid\nworkers: many\nbogus: 1\n"), 0o600); err != nil {
+	if err := os.WriteFile(path, []byte("control_socket: /x.sock\npid_file: /x.pid\nworkers: many\nbogus: 1\nworkers: 2\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if sock, pid := Peek(path, []string{}); sock != "/x.sock" || pid != "/x.pid" {

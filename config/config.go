@@ -680,18 +680,20 @@ func Peek(path string, environ []string) (controlSocket, pidFile string) {
 			data = nil
 		}
 	}
-	var raw map[string]any
-	if yaml.Unmarshal(data, &raw) == nil {
-		for k, v := range raw {
-			s, ok := v.(string)
-			if !ok {
+	// A node tree, not a map: a file with a duplicate key or a value of
+	// the wrong type still yields the two keys.
+	var doc yaml.Node
+	if yaml.Unmarshal(data, &doc) == nil && len(doc.Content) == 1 && doc.Content[0].Kind == yaml.MappingNode {
+		m := doc.Content[0].Content
+		for i := 0; i+1 < len(m); i += 2 {
+			if m[i+1].Kind != yaml.ScalarNode {
 				continue
 			}
-			switch strings.ToLower(k) {
+			switch strings.ToLower(m[i].Value) {
 			case "control_socket":
-				controlSocket = s
+				controlSocket = m[i+1].Value
 			case "pid_file":
-				pidFile = s
+				pidFile = m[i+1].Value
 			}
 		}
 	}
