@@ -390,3 +390,65 @@ func TestSecondInstanceRefused(t *testing.T) {
 		t.Fatal("second instance did not stop")
 	}
 }
+
+// TestReloadLogLines: master lines carry pid and generation; a reload
+// whose predecessor has exited says so instead of hurrying a generation
+// that no longer drains.
+func TestReloadLogLines(t *testing.T) {
+	p := startProxy(t, strings.ReplaceAll(masterConfig, "ECHO", echoBackend(t))+"pid_file: PIDFILE\n")
+	pids := []int{p.cmd.Process.Pid}
+	for i := range 2 {
+		pid, gen := p.reload(t)
+		if gen != i+2 {
+			t.Fatalf("reload %d: generation %d", i+1, gen)
+		}
+		pids = append(pids, pid)
+		// The new master has counted the old one out.
+		waitFor(t, "the previous generation's exit", func() bool {
+			return len(p.logLines("previous generation exited")) == i+1
+		})
+	}
+	if n := len(p.logLines("previous generation still draining: hurrying it before reloading")); n != 0 {
+		t.Errorf("%d hurry lines with nothing draining", n)
+	}
+	if n := len(p.logLines("previous generation has exited; reloading")); n != 1 {
+		t.Errorf("%d lines saying the predecessor has exited; want 1 (the second reload)", n)
+	}
+	started := p.logLines("sniproxy started")
+	if len(started) != 3 {
+		t.Fatalf("%d start lines; want 3", len(started))
+	}
+	for i, l := range started {
+		if l["pid"] != float64(pids[i]) || l["generation"] != float64(i+1) {
+			t.Errorf("start line %d: pid %v generation %v; want %d, %d", i, l["pid"], l["generation"], pids[i], i+1)
+		}
+	}
+	for _, l := range p.logLines("new config is valid; starting the next generation") {
+		if l["pid"] == nil || l["generation"] == nil {
+			t.Errorf("master line without pid or generation: %v", l)
+		}
+	}
+}
+
+// TestSupervisorForwardsUSR1: under run --supervise the started process
+// passes USR1 on to the current master, which reopens its log file.
+func TestSupervisorForwardsUSR1(t *testing.T) {
+	dir := t.TempDir()
+	mainLog := filepath.Join(dir, "main.log")
+	cfg := withLog(strings.ReplaceAll(masterConfig, "ECHO", echoBackend(t)), fmt.Sprintf("{format: json, file: %q}", mainLog)) +
+		"pid_file: PIDFILE\n"
+	p := startProxyArgv(t, binary, cfg, func(path string) []string {
+		return []string{binary, "run", "--supervise", "-c", path}
+	})
+	waitFor(t, "the master's start line", func() bool { return len(logFile(mainLog).lines("sniproxy started")) == 1 })
+	os.Rename(mainLog, mainLog+".1")
+	syscall.Kill(p.cmd.Process.Pid, syscall.SIGUSR1)
+	waitFor(t, "the reopen line in the new file", func() bool {
+		return len(logFile(mainLog).lines("SIGUSR1: log files reopened")) == 1
+	})
+	select {
+	case <-p.done:
+		t.Fatalf("the supervisor exited on USR1: %v", p.err)
+	default:
+	}
+}
