@@ -2,7 +2,6 @@ package logging
 
 import (
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"sync"
@@ -14,9 +13,17 @@ import (
 const FileMode = 0o640
 
 // OpenFile opens the log file at path for appending, creating it with
-// FileMode.
+// FileMode (whatever the umask; an existing file keeps its mode).
 func OpenFile(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, FileMode)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|os.O_EXCL, FileMode)
+	if err == nil {
+		if err := f.Chmod(FileMode); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("logging: %w", err)
+		}
+		return f, nil
+	}
+	f, err = os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, FileMode)
 	if err != nil {
 		return nil, fmt.Errorf("logging: %w", err)
 	}
@@ -219,5 +226,3 @@ func jsonAttr(_ []string, a slog.Attr) slog.Attr {
 	}
 	return a
 }
-
-var _ io.Writer = (*Output)(nil)
