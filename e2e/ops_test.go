@@ -452,3 +452,30 @@ func TestSupervisorForwardsUSR1(t *testing.T) {
 	default:
 	}
 }
+
+// TestWorkersLogMasterLoss: after kill -9 of the master each worker says
+// the master is gone, with its drain deadline, and that its drain ended.
+func TestWorkersLogMasterLoss(t *testing.T) {
+	p := startProxy(t, strings.ReplaceAll(masterConfig, "ECHO", echoBackend(t)))
+	kids := p.workers(t, 2)
+	p.cmd.Process.Kill()
+	<-p.done
+	waitAllGone(t, 10*time.Second, kids...)
+	for what, msg := range map[string]string{"loss": "master is gone; draining", "end": "drained; exiting"} {
+		seen := map[float64]bool{}
+		for _, l := range p.logLines(msg) {
+			pid, _ := l["pid"].(float64)
+			seen[pid] = true
+			if what == "loss" {
+				if d, ok := l["deadline"].(string); !ok || d == "" {
+					t.Errorf("%q line without a deadline: %v", msg, l)
+				}
+			}
+		}
+		for _, k := range kids {
+			if !seen[float64(k)] {
+				t.Errorf("worker %d did not log %q:\n%s", k, msg, p.logs.String())
+			}
+		}
+	}
+}

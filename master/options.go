@@ -17,7 +17,8 @@ import (
 type Options struct {
 	// Config is the validated config.
 	Config *config.Config
-	// Log receives the master's logs; workers log to the same stderr.
+	// Log receives the master's logs (the master adds its pid and
+	// generation to every line). Workers log to stderr, or to Logs' files.
 	Log *slog.Logger
 	// Logs, when set, are the log files behind Log (and the access log):
 	// SIGUSR1 reopens them, and the master hands them to its workers

@@ -178,7 +178,7 @@ failed.
 With ` + "`--supervise`" + ` (automatic when sniproxy is PID 1, as in a container)
 the started process stays for the life of the proxy: it runs the master as
 its child, adopts every later generation across reloads and upgrades,
-forwards HUP, TERM, INT and QUIT to the current master, and exits with the
+forwards HUP, USR1, TERM, INT and QUIT to the current master, and exits with the
 master's exit status once the proxy has stopped.
 
 Run refuses to listen on an address another process already listens on
