@@ -207,7 +207,11 @@ func checkCmd(stdout, stderr io.Writer) *cobra.Command {
 		Short: "Validate the config and print the effective config",
 		Long: `Check loads the config as ` + "`sniproxy run`" + ` would, prints the effective config
 (defaults and ` + "`SNIPROXY_<KEY>`" + ` overrides applied) and exits 0. When the
-config is invalid it prints every problem (key and reason) and exits 1.
+config is invalid it prints every problem, each once (key and reason: unknown
+keys, values that do not parse, and the checks of what did parse, such as a
+metrics address that takes a listener's port), and exits 1. It warns on
+stderr, still exiting 0, when the hard fd limit (` + "`ulimit -Hn`" + `) cannot hold
+` + "`max_connections`" + ` (about 2 descriptors per connection).
 
 ` + configHelp,
 		Args: noArgs,
