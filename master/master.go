@@ -117,6 +117,9 @@ func withDefaults(opts Options) Options {
 	if opts.ReadyTimeout <= 0 {
 		opts.ReadyTimeout = defaultReadyTimeout
 	}
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
 	if opts.Executable == "" {
 		opts.Executable = "/proc/self/exe"
 	}
@@ -128,9 +131,11 @@ func newMaster(opts Options, upg *tableflip.Upgrader) (*Master, error) {
 	m := &Master{opts: opts, cfg: opts.Config, exe: opts.Executable, upg: upg, start: time.Now(),
 		reloads: make(chan reloadRequest)}
 	m.log = slog.New(&generationHandler{Handler: opts.Log.With("pid", os.Getpid()).Handler(), gen: &m.generation})
-	err := m.compose(upg, m.startWorker, func() { m.socks.close(); m.upg.Stop() })
+	if err := m.compose(upg, m.startWorker, func() { m.socks.close(); m.upg.Stop() }); err != nil {
+		return nil, err
+	}
 	m.shutdown.reopenLogs = m.reopenLogs
-	return m, err
+	return m, nil
 }
 
 // generationHandler adds the master's generation to every line, once it
