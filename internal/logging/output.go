@@ -1,6 +1,7 @@
 package logging
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -183,7 +184,11 @@ func Build(cfg Config, main, access *Output) *Logs {
 	if cfg.Access {
 		alv := new(slog.LevelVar)
 		alv.Set(min(lv.Level(), slog.LevelInfo))
-		l.Access = New(access, cfg.Format, alv)
+		if access == main {
+			l.Access = slog.New(WithLevel(l.Log.Handler(), alv))
+		} else {
+			l.Access = New(access, cfg.Format, alv)
+		}
 	}
 	return l
 }
@@ -225,4 +230,39 @@ func jsonAttr(_ []string, a slog.Attr) slog.Attr {
 		a.Value = slog.Float64Value(a.Value.Duration().Seconds())
 	}
 	return a
+}
+
+// levelHandler is a handler with a level of its own over another one.
+type levelHandler struct {
+	h     slog.Handler
+	level slog.Leveler
+}
+
+// WithLevel returns a handler that writes through h the records at level
+// or above, whatever h's own level: the access log, written where the
+// other lines go (and with their attributes) but not governed by
+// log.level. It relies on h checking its level in Enabled only, as slog's
+// handlers and tint do.
+func WithLevel(h slog.Handler, level slog.Leveler) slog.Handler {
+	return &levelHandler{h: h, level: level}
+}
+
+// Enabled implements slog.Handler.
+func (l *levelHandler) Enabled(_ context.Context, level slog.Level) bool {
+	return level >= l.level.Level()
+}
+
+// Handle implements slog.Handler.
+func (l *levelHandler) Handle(ctx context.Context, r slog.Record) error {
+	return l.h.Handle(ctx, r)
+}
+
+// WithAttrs implements slog.Handler.
+func (l *levelHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &levelHandler{h: l.h.WithAttrs(as), level: l.level}
+}
+
+// WithGroup implements slog.Handler.
+func (l *levelHandler) WithGroup(name string) slog.Handler {
+	return &levelHandler{h: l.h.WithGroup(name), level: l.level}
 }

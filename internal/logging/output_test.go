@@ -78,3 +78,17 @@ func TestReopen(t *testing.T) {
 		t.Errorf("reopen of stderr: %v; want nothing done", err)
 	}
 }
+
+func TestWithLevel(t *testing.T) {
+	var buf bytes.Buffer
+	lv := new(slog.LevelVar)
+	lv.Set(slog.LevelError)
+	main := New(&buf, "json", lv).With("worker", 1)
+	access := slog.New(WithLevel(main.Handler(), slog.LevelInfo))
+	main.Info("hidden")
+	access.Debug("hidden too")
+	access.Info("connection")
+	if out := buf.String(); strings.Count(out, "\n") != 1 || !strings.Contains(out, `"msg":"connection","worker":1`) {
+		t.Errorf("got %q; want the access line only, with the main logger's attributes", out)
+	}
+}

@@ -131,21 +131,22 @@ func newLoop(o Options, cfg *config.Config) (*loop, error) {
 }
 
 // accessLog returns the access logger of cfg's log section: nil when
-// log.access is off; at info (debug if log.level is) whatever log.level
-// says otherwise; to o.Access or stderr.
+// log.access is off; else at info (debug if log.level is) whatever
+// log.level says otherwise, to o.Access or where o.Log writes.
 func accessLog(o Options, cfg *config.Config) *slog.Logger {
 	if !cfg.Log.Access {
 		return nil
 	}
-	out := o.Access
-	if out == nil {
-		out = logging.NewOutput(os.Stderr)
+	level := slog.LevelInfo
+	if l, err := logging.ParseLevel(cfg.Log.Level); err == nil {
+		level = min(l, slog.LevelInfo)
+	}
+	if o.Access == nil {
+		return slog.New(logging.WithLevel(o.Log.Handler(), level))
 	}
 	lv := new(slog.LevelVar)
-	if l, err := logging.ParseLevel(cfg.Log.Level); err == nil {
-		lv.Set(min(l, slog.LevelInfo))
-	}
-	return logging.New(out, cfg.Log.Format, lv).With("worker", o.Slot, "pid", os.Getpid())
+	lv.Set(level)
+	return logging.New(o.Access, cfg.Log.Format, lv).With("worker", o.Slot, "pid", os.Getpid())
 }
 
 // reopenLogs takes the log files the master reopened: the main one
