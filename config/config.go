@@ -141,6 +141,13 @@ var dnsFamilies = []string{"any", "ipv4", "ipv6", "prefer_ipv4", "prefer_ipv6"}
 type Log struct {
 	Level  string `mapstructure:"level" yaml:"level"`
 	Format string `mapstructure:"format" yaml:"format"`
+	// File is the path the lines are appended to (created 0640), reopened
+	// on SIGUSR1; "" is stderr.
+	File string `mapstructure:"file" yaml:"file"`
+	// Access writes one line per connection, whatever Level says.
+	Access bool `mapstructure:"access" yaml:"access"`
+	// AccessFile is where the access lines go; "" is where the others go.
+	AccessFile string `mapstructure:"access_file" yaml:"access_file"`
 }
 
 // Error is a validation error naming the offending key.
@@ -224,9 +231,10 @@ func Parse(data []byte, environ []string) (*Config, error) {
 	if err := yaml.Unmarshal(data, &raw); err != nil {
 		return nil, fmt.Errorf("parse yaml: %w", err)
 	}
-	if errs := unknownKeys(raw, reflect.TypeOf(Config{}), ""); len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
+	// Every problem is reported, each once: unknown keys, values that do
+	// not decode, then the checks of validate on what did decode (minus
+	// those of keys that did not).
+	errs := unknownKeys(raw, reflect.TypeOf(Config{}), "")
 	if err := v.MergeConfigMap(raw); err != nil {
 		return nil, fmt.Errorf("parse yaml: %w", err)
 	}
@@ -237,7 +245,8 @@ func Parse(data []byte, environ []string) (*Config, error) {
 	for k, val := range env {
 		key, ok := known[k]
 		if !ok {
-			return nil, &Error{Key: k, Reason: "unknown environment override"}
+			errs = append(errs, &Error{Key: k, Reason: "unknown environment override"})
+			continue
 		}
 		v.Set(key, val)
 	}
@@ -245,13 +254,80 @@ func Parse(data []byte, environ []string) (*Config, error) {
 	err := v.UnmarshalExact(&c, func(dc *mapstructure.DecoderConfig) {
 		dc.DecodeHook = mapstructure.ComposeDecodeHookFunc(durationHook, sliceHook, poolHook)
 	})
-	if err != nil {
-		return nil, fmt.Errorf("decode: %w", err)
-	}
+	decodeErrs, failed := decodeErrors(err, len(errs) > 0)
+	errs = append(errs, decodeErrs...)
 	if err := c.validate(); err != nil {
-		return nil, err
+		for _, e := range unjoin(err) {
+			var ce *Error
+			if errors.As(e, &ce) && failedKey(failed, ce.Key) {
+				continue // a consequence of the decode error reported above
+			}
+			errs = append(errs, e)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
 	}
 	return &c, nil
+}
+
+// decodeErrors turns mapstructure's error into one Error per key that
+// did not decode, and returns those keys. Its "has invalid keys" errors
+// are left out when unknownKeys already reported them (knownUnknown).
+func decodeErrors(err error, knownUnknown bool) ([]error, []string) {
+	if err == nil {
+		return nil, nil
+	}
+	var out []error
+	var keys []string
+	var walk func(error)
+	walk = func(e error) {
+		if de, ok := e.(*mapstructure.DecodeError); ok && de.Unwrap() != nil {
+			if _, nested := de.Unwrap().(interface{ Unwrap() []error }); !nested {
+				reason := de.Unwrap().Error()
+				if strings.HasPrefix(reason, "has invalid keys") {
+					if !knownUnknown {
+						out = append(out, &Error{Key: de.Name(), Reason: reason})
+					}
+					return
+				}
+				keys = append(keys, de.Name())
+				out = append(out, &Error{Key: de.Name(), Reason: reason})
+				return
+			}
+		}
+		if j, ok := e.(interface{ Unwrap() []error }); ok {
+			for _, x := range j.Unwrap() {
+				walk(x)
+			}
+			return
+		}
+		if u := errors.Unwrap(e); u != nil {
+			walk(u)
+			return
+		}
+		out = append(out, fmt.Errorf("decode: %w", e))
+	}
+	walk(err)
+	return out, keys
+}
+
+// unjoin returns the errors joined in err (errors.Join), or err alone.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// failedKey reports whether key is one of failed or inside one of them.
+func failedKey(failed []string, key string) bool {
+	for _, f := range failed {
+		if key == f || strings.HasPrefix(key, f+".") || strings.HasPrefix(key, f+"[") {
+			return true
+		}
+	}
+	return false
 }
 
 // defaults are the values of keys a file leaves out (SPEC's documented
@@ -268,6 +344,7 @@ var defaults = map[string]any{
 	"backend.dns_family":    "any",
 	"log.level":             "info",
 	"log.format":            "auto",
+	"log.access":            true,
 }
 
 // unknownKeys returns an error for every key of m (and of nested maps and
@@ -391,8 +468,10 @@ func (c *Config) validate() error {
 	}
 
 	var all []Listener
+	var keys []string // the key of each of all
 	for i, a := range c.ListenAddrs {
 		all = append(all, Listener{Address: a})
+		keys = append(keys, fmt.Sprintf("listen_addrs[%d]", i))
 		if err := checkListenAddr(a); err != nil {
 			bad(fmt.Sprintf("listen_addrs[%d]", i), "%v", err)
 		}
@@ -413,11 +492,12 @@ func (c *Config) validate() error {
 			}
 		}
 		all = append(all, l)
+		keys = append(keys, key)
 	}
 	if len(all) == 0 {
 		bad("listen_addrs", "no listener configured (listen_addrs or listeners)")
 	}
-	seen := map[string]bool{}
+	seen := map[string]string{} // address: the key that listed it first
 	for i := range all {
 		l := &all[i]
 		if ap, err := netip.ParseAddrPort(l.Address); err == nil {
@@ -430,10 +510,11 @@ func (c *Config) validate() error {
 			t := true
 			l.Reuseport = &t
 		}
-		if seen[l.Address] {
-			bad("listeners", "address %s is listed more than once", l.Address)
+		if first, dup := seen[l.Address]; dup {
+			bad(keys[i], "address %s is already listed as %s", l.Address, first)
+			continue
 		}
-		seen[l.Address] = true
+		seen[l.Address] = keys[i]
 	}
 	c.Listeners, c.ListenAddrs = all, nil
 
@@ -454,8 +535,15 @@ func (c *Config) validate() error {
 		}
 	}
 	if c.Metrics.Enabled {
-		if _, err := netip.ParseAddrPort(c.Metrics.Address); err != nil {
+		if ap, err := netip.ParseAddrPort(c.Metrics.Address); err != nil {
 			bad("metrics.address", "%q: want ip:port", c.Metrics.Address)
+		} else {
+			for i, l := range all {
+				if addrsOverlap(l.Address, ap) {
+					bad("metrics.address", "%s clashes with %s (%s): the metrics server and a listener cannot share a port",
+						c.Metrics.Address, keys[i], l.Address)
+				}
+			}
 		}
 	}
 	if c.MaxConnections <= 0 {
@@ -502,7 +590,38 @@ func (c *Config) validate() error {
 	default:
 		bad("log.format", "%q: want auto, text or json", c.Log.Format)
 	}
+	if c.Log.File != "" && c.Log.File == c.Log.AccessFile {
+		bad("log.access_file", "is log.file (%s): leave it empty for the access lines to go there", c.Log.File)
+	}
 	return errors.Join(errs...)
+}
+
+// addrsOverlap reports whether a bind on the listen address listen (as
+// checkListenAddr accepts it) and one on m would take the same port: the
+// same address, or the same port with either one a wildcard (0.0.0.0, ::
+// or an empty host) of a family that covers the other.
+func addrsOverlap(listen string, m netip.AddrPort) bool {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil || port != strconv.Itoa(int(m.Port())) {
+		return false
+	}
+	if host == "" {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	if err != nil {
+		return false
+	}
+	a, b := a.Unmap(), m.Addr().Unmap()
+	switch {
+	case a == b:
+		return true
+	case a.IsUnspecified() && (a.Is6() || b.Is4()):
+		return true // :: takes IPv4 too (unless IPV6_V6ONLY)
+	case b.IsUnspecified() && (b.Is6() || a.Is4()):
+		return true
+	}
+	return false
 }
 
 // checkListenAddr accepts "ip:port" and ":port".
@@ -620,4 +739,50 @@ func (c *Config) yamlDoc() ([]byte, error) {
 		return nil, fmt.Errorf("config: print: %w", err)
 	}
 	return buf.Bytes(), nil
+}
+
+// Peek returns the control_socket and pid_file the config file at path
+// (the embedded default when "") and the SNIPROXY_* variables of environ
+// (nil means os.Environ()) set, without validating anything else: for
+// `sniproxy status`, which must find the master even when the file on
+// disk no longer validates. A key it cannot read is "".
+func Peek(path string, environ []string) (controlSocket, pidFile string) {
+	data := DefaultYAML
+	if path != "" {
+		if b, err := os.ReadFile(path); err == nil {
+			data = b
+		} else {
+			data = nil
+		}
+	}
+	// A node tree, not a map: a file with a duplicate key or a value of
+	// the wrong type still yields the two keys.
+	var doc yaml.Node
+	if yaml.Unmarshal(data, &doc) == nil && len(doc.Content) == 1 && doc.Content[0].Kind == yaml.MappingNode {
+		m := doc.Content[0].Content
+		for i := 0; i+1 < len(m); i += 2 {
+			if m[i+1].Kind != yaml.ScalarNode {
+				continue
+			}
+			switch strings.ToLower(m[i].Value) {
+			case "control_socket":
+				controlSocket = m[i+1].Value
+			case "pid_file":
+				pidFile = m[i+1].Value
+			}
+		}
+	}
+	if environ == nil {
+		environ = os.Environ()
+	}
+	for _, kv := range environ {
+		k, v, _ := strings.Cut(kv, "=")
+		switch k {
+		case "SNIPROXY_CONTROL_SOCKET":
+			controlSocket = v
+		case "SNIPROXY_PID_FILE":
+			pidFile = v
+		}
+	}
+	return controlSocket, pidFile
 }

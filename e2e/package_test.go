@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 
@@ -74,6 +75,7 @@ func TestDebianPackage(t *testing.T) {
 		"./usr/bin/sniproxy",
 		"./lib/systemd/system/sniproxy.service",
 		"./etc/sniproxy/config.yaml",
+		"./etc/logrotate.d/sniproxy",
 		"./usr/lib/sysusers.d/sniproxy.conf",
 		"./usr/share/man/man1/sniproxy.1.gz",
 		"./usr/share/bash-completion/completions/sniproxy",
@@ -90,8 +92,8 @@ func TestDebianPackage(t *testing.T) {
 		t.Fatalf("dpkg-deb -e: %v\n%s", err, out)
 	}
 	conffiles, err := os.ReadFile(filepath.Join(ctl, "conffiles"))
-	if err != nil || strings.TrimSpace(string(conffiles)) != "/etc/sniproxy/config.yaml" {
-		t.Errorf("conffiles: got %q (%v); want /etc/sniproxy/config.yaml", conffiles, err)
+	if want := "/etc/logrotate.d/sniproxy\n/etc/sniproxy/config.yaml"; err != nil || sortedLines(string(conffiles)) != want {
+		t.Errorf("conffiles: got %q (%v); want %q", conffiles, err, want)
 	}
 	for _, script := range []string{"postinst", "prerm", "postrm"} {
 		path := filepath.Join(ctl, script)
@@ -127,6 +129,9 @@ func TestDebianPackage(t *testing.T) {
 		t.Errorf("sniproxy check on the shipped config: %v\n%s", err, out)
 	}
 	assertLoopbackOnly(t, cfg)
+	if lr, err := os.ReadFile(filepath.Join(root, "etc/logrotate.d/sniproxy")); err != nil || !bytes.Contains(lr, []byte("USR1")) {
+		t.Errorf("logrotate snippet: %v; want a postrotate sending USR1:\n%s", err, lr)
+	}
 
 	unit, err := os.ReadFile(filepath.Join(root, "lib/systemd/system/sniproxy.service"))
 	if err != nil {
@@ -181,4 +186,11 @@ func assertLoopbackOnly(t *testing.T, path string) {
 			t.Errorf("%s listens on %q; the shipped config must be loopback-only", path, a)
 		}
 	}
+}
+
+// sortedLines returns the lines of s, trimmed, sorted and joined by "\n".
+func sortedLines(s string) string {
+	lines := strings.Fields(s)
+	sort.Strings(lines)
+	return strings.Join(lines, "\n")
 }

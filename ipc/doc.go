@@ -61,9 +61,11 @@
 //
 //	bytes 0-3   magic "SNIP" (0x53 0x4e 0x49 0x50)
 //	byte  4     protocol version: Version (2)
-//	byte  5     message type: TypeHello (1) ... TypeStopped (16)
+//	byte  5     message type: TypeHello (1) ... TypeStopped (16),
+//	            17-19 reserved (backend health), TypeLogFiles (20)
 //	byte  6     number of file descriptors sent with the frame, 0..253;
-//	            non-zero only for TypeListeners and TypeConnection (2)
+//	            non-zero only for TypeListeners, TypeConnection (2) and
+//	            TypeLogFiles (1 or 2)
 //	byte  7     reserved, 0
 //	bytes 8-11  payload length, uint32, at most MaxPayload (64 MiB)
 //
@@ -106,8 +108,10 @@
 // # File descriptors
 //
 // Only TypeListeners frames carry descriptors, one per name, in order
-// (MaxFiles at most; send more in several frames), and TypeConnection
-// frames, exactly two. Send attaches them with
+// (MaxFiles at most; send more in several frames), TypeConnection
+// frames, exactly two, and TypeLogFiles frames, one per log file they
+// name (the master opens log files and hands them to its workers, at
+// start and on SIGUSR1, so that a worker never opens a path itself). Send attaches them with
 // SCM_RIGHTS to the first byte of the frame's header. The kernel delivers
 // them to the recvmsg that reads that byte, and never delivers two frames'
 // descriptors in one recvmsg, so Recv can tell which frame they belong to;

@@ -101,6 +101,15 @@ const (
 	// has closed its listeners and accepts no more: Stopped.
 	TypeStopped
 
+	// Codes 17-19 are reserved for the backend health messages.
+	_
+	_
+	_
+
+	// TypeLogFiles (master → worker): the log files to write to from now
+	// on (at start, and after SIGUSR1 reopened them): LogFiles.
+	TypeLogFiles
+
 	numTypes // first invalid type
 )
 
@@ -121,6 +130,7 @@ var typeNames = [numTypes]string{
 	TypeConnection:   "connection",
 	TypeRevoke:       "revoke",
 	TypeStopped:      "stopped",
+	TypeLogFiles:     "log_files",
 }
 
 // String returns the snake_case name of t, or "type(N)" for an unknown t.
@@ -131,10 +141,12 @@ func (t Type) String() string {
 	return "type(" + strconv.Itoa(int(t)) + ")"
 }
 
-func (t Type) valid() bool { return t > 0 && t < numTypes }
+func (t Type) valid() bool { return t > 0 && t < numTypes && typeNames[t] != "" }
 
 // carriesFiles reports whether frames of type t may carry descriptors.
-func (t Type) carriesFiles() bool { return t == TypeListeners || t == TypeConnection }
+func (t Type) carriesFiles() bool {
+	return t == TypeListeners || t == TypeConnection || t == TypeLogFiles
+}
 
 // Message is one frame: its type, its payload and the descriptors that came
 // with it.
@@ -142,8 +154,8 @@ func (t Type) carriesFiles() bool { return t == TypeListeners || t == TypeConnec
 // Ownership: Send neither keeps nor closes m.Payload or m.Files (it sends
 // duplicates of the descriptors). Recv returns a Payload and Files that
 // belong to the caller, who must close every one of Files, used or not
-// (CloseFiles does that); only TypeListeners and TypeConnection messages
-// ever have Files.
+// (CloseFiles does that); only TypeListeners, TypeConnection and
+// TypeLogFiles messages ever have Files.
 type Message struct {
 	Type    Type
 	Payload []byte
@@ -171,7 +183,7 @@ func (m Message) check() error {
 		return fmt.Errorf("ipc: send %v: %d files, limit %d: %w", m.Type, len(m.Files), MaxFiles, ErrTooLarge)
 	}
 	if len(m.Files) > 0 && !m.Type.carriesFiles() {
-		return fmt.Errorf("ipc: send %v: only %v and %v frames carry files: %w", m.Type, TypeListeners, TypeConnection, ErrBadFrame)
+		return fmt.Errorf("ipc: send %v: only %v, %v and %v frames carry files: %w", m.Type, TypeListeners, TypeConnection, TypeLogFiles, ErrBadFrame)
 	}
 	for i, f := range m.Files {
 		if f == nil {

@@ -26,8 +26,9 @@ type Body interface {
 }
 
 // Encode returns the message that carries b, with files attached. Only a
-// Listeners body takes files, exactly one per name, and a Connection body,
-// exactly two (client, backend).
+// Listeners body takes files, exactly one per name, a Connection body,
+// exactly two (client, backend), and a LogFiles body, one per file it
+// names.
 func Encode(b Body, files ...*os.File) (Message, error) {
 	p, err := b.AppendBinary(nil)
 	if err != nil {
@@ -39,6 +40,9 @@ func Encode(b Body, files ...*os.File) (Message, error) {
 	}
 	if _, ok := b.(Connection); ok && len(files) != 2 {
 		return Message{}, fmt.Errorf("ipc: encode %v: %d files, want 2: %w", m.Type, len(files), ErrBadPayload)
+	}
+	if l, ok := b.(LogFiles); ok && l.count() != len(files) {
+		return Message{}, fmt.Errorf("ipc: encode %v: %d files, want %d: %w", m.Type, len(files), l.count(), ErrBadPayload)
 	}
 	if err := m.check(); err != nil {
 		return Message{}, err
@@ -92,6 +96,12 @@ func Decode(m Message) (Body, error) {
 		if err == nil && len(m.Files) != 2 {
 			err = fmt.Errorf("ipc: decode %v: %d files, want 2: %w", m.Type, len(m.Files), ErrBadPayload)
 		}
+	case TypeLogFiles:
+		var l LogFiles
+		if err = l.UnmarshalBinary(m.Payload); err == nil && l.count() != len(m.Files) {
+			err = fmt.Errorf("ipc: decode %v: %d files, want %d: %w", m.Type, len(m.Files), l.count(), ErrBadPayload)
+		}
+		b = l
 	default:
 		return nil, fmt.Errorf("ipc: decode: unknown message type %d: %w", m.Type, ErrBadFrame)
 	}
@@ -629,3 +639,55 @@ func (Stopped) AppendBinary(b []byte) ([]byte, error) { return b, nil }
 
 // UnmarshalBinary implements encoding.BinaryUnmarshaler.
 func (*Stopped) UnmarshalBinary(p []byte) error { return empty(TypeStopped, p) }
+
+// LogFiles gives a worker the log files its master opened (log.file,
+// log.access_file), to write to from now on instead of the ones it had: at
+// start, and after SIGUSR1 reopened them for logrotate. The master opens
+// them so that a worker running as another user needs no access to the
+// log directory. The files come with the frame, in order: the main log
+// file if Main, then the access log file if Access.
+//
+// Encoding: one byte, bit 0 Main, bit 1 Access, no other bit set.
+type LogFiles struct {
+	Main   bool
+	Access bool
+}
+
+// count is the number of files the message carries.
+func (l LogFiles) count() int {
+	n := 0
+	if l.Main {
+		n++
+	}
+	if l.Access {
+		n++
+	}
+	return n
+}
+
+// Type returns TypeLogFiles.
+func (LogFiles) Type() Type { return TypeLogFiles }
+
+// AppendBinary implements encoding.BinaryAppender.
+func (l LogFiles) AppendBinary(b []byte) ([]byte, error) {
+	var flags byte
+	if l.Main {
+		flags |= 1
+	}
+	if l.Access {
+		flags |= 2
+	}
+	return append(b, flags), nil
+}
+
+// UnmarshalBinary implements encoding.BinaryUnmarshaler.
+func (l *LogFiles) UnmarshalBinary(p []byte) error {
+	if len(p) != 1 {
+		return badLength(TypeLogFiles, len(p), 1)
+	}
+	if p[0]&^3 != 0 {
+		return fmt.Errorf("ipc: decode %v: flags %#x: %w", TypeLogFiles, p[0], ErrBadPayload)
+	}
+	l.Main, l.Access = p[0]&1 != 0, p[0]&2 != 0
+	return nil
+}

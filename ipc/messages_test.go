@@ -116,6 +116,9 @@ func TestEncodeRejects(t *testing.T) {
 func TestTypeString(t *testing.T) {
 	seen := map[string]bool{}
 	for ty := Type(1); ty < numTypes; ty++ {
+		if ty >= 17 && ty <= 19 && typeNames[ty] == "" {
+			continue // reserved for the backend health messages
+		}
 		s := ty.String()
 		if s == "" || strings.HasPrefix(s, "type(") || seen[s] {
 			t.Errorf("Type(%d).String() = %q; want a name of its own", ty, s)

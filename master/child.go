@@ -58,12 +58,24 @@ type child struct {
 	totals stats.Snapshot // everything this process reported
 }
 
+// workerLogs are the files a worker logs to at start.
+type workerLogs struct {
+	stderr *os.File // never nil
+	access *os.File // nil: access lines go to stderr
+}
+
 // startChild starts a worker process for slot with its sockets. The socket
 // descriptors go through ExtraFiles (fd 4 on; the IPC pair is fd 3) as
-// F_DUPFD_CLOEXEC duplicates the master owns. With cred, the worker runs
-// as that user and groups: a root master's capabilities are not passed on
-// (the kernel clears them when a process changes from uid 0 at exec).
-func startChild(exe string, slot, generation, id int, socks []socket, log config.Log, cred *syscall.Credential) (*child, error) {
+// F_DUPFD_CLOEXEC duplicates the master owns.
+//
+// The worker runs exe, normally /proc/self/exe, so the kernel would name it
+// "exe": its argv[0] is "sniproxy" (ps, pgrep -f) and it sets its own comm
+// (ps, top, ss, pgrep) at start. Its stderr is lf.stderr: the master's, or
+// the main log file; the access log file, if any, follows the sockets
+// (--access-log-fd). With cred, the worker runs as that user and groups: a
+// root master's capabilities are not passed on (the kernel clears them when
+// a process changes from uid 0 at exec).
+func startChild(exe string, slot, generation, id int, socks []socket, log config.Log, lf workerLogs, cred *syscall.Credential) (*child, error) {
 	conn, wf, err := ipc.Pair()
 	if err != nil {
 		return nil, err
@@ -74,14 +86,20 @@ func startChild(exe string, slot, generation, id int, socks []socket, log config
 		names[i] = sk.name
 		files = append(files, sk.file)
 	}
-	cmd := exec.Command(exe, "worker",
+	args := []string{"worker",
 		"--slot", strconv.Itoa(slot),
 		"--generation", strconv.Itoa(generation),
 		"--sockets", strings.Join(names, ","),
 		"--log-level", log.Level,
-		"--log-format", log.Format)
+		"--log-format", log.Format}
+	if lf.access != nil {
+		args = append(args, "--access-log-fd", strconv.Itoa(3+len(files)))
+		files = append(files, lf.access)
+	}
+	cmd := exec.Command(exe, args...)
+	cmd.Args[0] = "sniproxy"
 	cmd.Env = workerEnv(os.Environ())
-	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	cmd.Stdout, cmd.Stderr = os.Stdout, lf.stderr
 	cmd.ExtraFiles = files
 	if cred != nil {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}

@@ -1,10 +1,13 @@
 package master
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -41,6 +44,9 @@ type Master struct {
 	// stopping is set when a stop begins: /healthz answers 503 from then
 	// on, so that load balancers stop sending before the ports close.
 	stopping atomic.Bool
+	// generation is this master's generation once known (after
+	// inherit), for the generation attribute of its log lines.
+	generation atomic.Int64
 
 	// workerCred is who the workers run as (config user/group); nil:
 	// as the master.
@@ -72,12 +78,17 @@ func Run(opts Options) error {
 	if err := m.succession.inherit(); err != nil {
 		return err
 	}
+	m.generation.Store(int64(m.succession.generation))
 	defer m.succession.close()
+	defer m.removePIDFile()
 	suffix := ""
 	if opts.FreshSockets {
 		suffix = fmt.Sprintf("@%d", m.succession.generation)
 	}
-	m.socks, err = openSockets(upg, m.cfg, m.sup.n, suffix)
+	// A successor shares its predecessor's ports by design; a first
+	// master must not join another instance's.
+	exclusive := !opts.SharePorts && m.succession.predecessor == nil
+	m.socks, err = openSockets(upg, m.cfg, m.sup.n, suffix, exclusive)
 	if err != nil {
 		return err
 	}
@@ -110,6 +121,9 @@ func withDefaults(opts Options) Options {
 	if opts.ReadyTimeout <= 0 {
 		opts.ReadyTimeout = defaultReadyTimeout
 	}
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
 	if opts.Executable == "" {
 		opts.Executable = "/proc/self/exe"
 	}
@@ -118,15 +132,104 @@ func withDefaults(opts Options) Options {
 
 // newMaster composes the parts.
 func newMaster(opts Options, upg *tableflip.Upgrader) (*Master, error) {
-	m := &Master{opts: opts, cfg: opts.Config, log: opts.Log, exe: opts.Executable, upg: upg, start: time.Now(),
+	m := &Master{opts: opts, cfg: opts.Config, exe: opts.Executable, upg: upg, start: time.Now(),
 		reloads: make(chan reloadRequest)}
 	cred, err := workerCredential(opts.Config, os.Geteuid())
 	if err != nil {
 		return nil, err
 	}
 	m.workerCred = cred
-	err = m.compose(upg, m.startWorker, func() { m.socks.close(); m.upg.Stop() })
-	return m, err
+	m.log = slog.New(&generationHandler{Handler: opts.Log.With("pid", os.Getpid()).Handler(), gen: &m.generation})
+	if err := m.compose(upg, m.startWorker, func() { m.socks.close(); m.upg.Stop() }); err != nil {
+		return nil, err
+	}
+	m.shutdown.reopenLogs = m.reopenLogs
+	return m, nil
+}
+
+// generationHandler adds the master's generation to every line, once it
+// is known: the handler is made before the generation is (a successor
+// learns it from its predecessor).
+type generationHandler struct {
+	slog.Handler
+	gen *atomic.Int64
+}
+
+// Handle implements slog.Handler.
+func (h *generationHandler) Handle(ctx context.Context, r slog.Record) error {
+	if g := h.gen.Load(); g > 0 {
+		r = r.Clone()
+		r.AddAttrs(slog.Int64("generation", g))
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+// WithAttrs implements slog.Handler.
+func (h *generationHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &generationHandler{Handler: h.Handler.WithAttrs(as), gen: h.gen}
+}
+
+// WithGroup implements slog.Handler.
+func (h *generationHandler) WithGroup(name string) slog.Handler {
+	return &generationHandler{Handler: h.Handler.WithGroup(name), gen: h.gen}
+}
+
+// removePIDFile removes the PID file when it names this master: on a
+// stop, not after a reload (the successor owns the file then).
+func (m *Master) removePIDFile() {
+	path := m.cfg.PIDFile
+	if path == "" {
+		return
+	}
+	b, err := os.ReadFile(path)
+	if err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(os.Getpid()) {
+		return
+	}
+	if err := os.Remove(path); err != nil {
+		m.log.Warn("removing the PID file failed", "pid_file", path, "err", err)
+	}
+}
+
+// reopenLogs reopens the log files (SIGUSR1, after logrotate renamed
+// them) and hands the new ones to the workers.
+func (m *Master) reopenLogs() {
+	if m.opts.Logs == nil {
+		m.log.Info("SIGUSR1: no log files to reopen (logging to stderr)")
+		return
+	}
+	if err := m.opts.Logs.Reopen(); err != nil {
+		m.log.Error("SIGUSR1: reopening the log files failed; still writing to the old ones", "err", err)
+	}
+	kids := m.sup.list()
+	for _, c := range kids {
+		m.sendLogFiles(c)
+	}
+	m.log.Info("SIGUSR1: log files reopened", "file", m.cfg.Log.File, "access_file", m.cfg.Log.AccessFile, "workers", len(kids))
+}
+
+// sendLogFiles gives worker c the reopened log files. It sends nothing
+// when every line goes to stderr. (A worker starts with them: see
+// startWorker.)
+func (m *Master) sendLogFiles(c *child) {
+	if m.opts.Logs == nil {
+		return
+	}
+	var body ipc.LogFiles
+	var files []*os.File
+	if m.opts.Logs.Main.Path() != "" {
+		body.Main = true
+		files = append(files, m.opts.Logs.Main.File())
+	}
+	if m.opts.Logs.AccessOut != m.opts.Logs.Main && m.opts.Logs.AccessOut.Path() != "" {
+		body.Access = true
+		files = append(files, m.opts.Logs.AccessOut.File())
+	}
+	if len(files) == 0 {
+		return
+	}
+	if err := c.conn.SendBody(body, files...); err != nil {
+		m.log.Warn("sending the log files to a worker failed", "slot", c.slot, "err", err)
+	}
 }
 
 // compose makes the parts over flip (tableflip's Upgrader), starting
@@ -155,7 +258,16 @@ func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error),
 
 // startWorker starts the worker process of slot under worker id.
 func (m *Master) startWorker(slot, id int) (*child, error) {
-	return startChild(m.exe, slot, m.succession.generation, id, m.socks.forSlot(slot, m.sup.n), m.cfg.Log, m.workerCred)
+	// The worker's stderr is the main log file; the access file, when
+	// there is one, comes as a descriptor too.
+	lf := workerLogs{stderr: os.Stderr}
+	if l := m.opts.Logs; l != nil {
+		lf.stderr = l.Main.File()
+		if l.AccessOut != l.Main {
+			lf.access = l.AccessOut.File()
+		}
+	}
+	return startChild(m.exe, slot, m.succession.generation, id, m.socks.forSlot(slot, m.sup.n), m.cfg.Log, lf, m.workerCred)
 }
 
 // serveEndpoints starts the metrics server (if enabled) and the control
@@ -209,8 +321,8 @@ func (m *Master) ready(ctlPath string) error {
 	if err := sdNotify(fmt.Sprintf("MAINPID=%d\nREADY=1", os.Getpid())); err != nil {
 		m.log.Warn("telling systemd we are ready failed", "err", err)
 	}
-	attrs := []any{"version", m.opts.Version, "config", m.cfg.Source, "pid", os.Getpid(),
-		"generation", m.succession.generation, "workers", m.sup.n, "listeners", m.socks.order, "control_socket", ctlPath}
+	attrs := []any{"version", m.opts.Version, "config", m.cfg.Source,
+		"workers", m.sup.n, "listeners", m.socks.order, "control_socket", ctlPath}
 	if m.workerCred != nil {
 		attrs = append(attrs, "worker_user", m.cfg.User, "worker_uid", m.workerCred.Uid, "worker_gid", m.workerCred.Gid)
 	}
@@ -261,6 +373,10 @@ func (m *Master) loop() error {
 	for {
 		select {
 		case sig := <-m.opts.Signals:
+			if sig == syscall.SIGUSR1 {
+				m.reopenLogs()
+				continue
+			}
 			if sig != syscall.SIGHUP {
 				m.stop(sig)
 				return nil
@@ -353,7 +469,7 @@ func (m *Master) retireGeneration(out reloadOutcome, kids []*child, deadline tim
 		m.log.Error("workers' messages still being read after they exited", "waited", readersWait)
 	}
 	m.relay.closeSuccessor()
-	m.log.Info("generation drained; exiting", "generation", m.succession.generation)
+	m.log.Info("generation drained; exiting")
 }
 
 // workerCredential returns who the workers run as for cfg's user and group,

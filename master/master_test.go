@@ -3,6 +3,7 @@ package master
 import (
 	"errors"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -57,6 +58,22 @@ func TestControlSocketPath(t *testing.T) {
 	}
 	if got := ControlSocketPath(&config.Config{ControlSocket: "/x.sock"}); got != "/x.sock" {
 		t.Errorf("got %q", got)
+	}
+	yes := func(string) bool { return true }
+	no := func(string) bool { return false }
+	for _, c := range []struct {
+		configured, runtime string
+		writable            func(string) bool
+		want                string
+	}{
+		{"/x.sock", "/r", yes, "/x.sock"},
+		{"", "/r:/s", yes, "/r/sniproxy.sock"},
+		{"", "", yes, "/run/sniproxy/sniproxy.sock"},
+		{"", "", no, filepath.Join(os.TempDir(), "sniproxy.sock")},
+	} {
+		if got := DefaultControlSocket(c.configured, c.runtime, c.writable); got != c.want {
+			t.Errorf("DefaultControlSocket(%q, %q) = %q; want %q", c.configured, c.runtime, got, c.want)
+		}
 	}
 }
 

@@ -4,18 +4,33 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/logging"
 )
 
 // Options configure a master.
 type Options struct {
 	// Config is the validated config.
 	Config *config.Config
-	// Log receives the master's logs; workers log to the same stderr.
+	// Log receives the master's logs (the master adds its pid and
+	// generation to every line). Workers log to stderr, or to Logs' files.
 	Log *slog.Logger
-	// Signals delivers SIGHUP, SIGTERM and SIGINT.
+	// Logs, when set, are the log files behind Log (and the access log):
+	// SIGUSR1 reopens them, and the master hands them to its workers
+	// (ipc.LogFiles). Nil: everything goes to stderr, and SIGUSR1 only
+	// says so.
+	Logs *logging.Logs
+	// SharePorts lets a first master bind its reuseport listeners while
+	// another process (another sniproxy instance) listens on the same
+	// address; without it that is an error, since the kernel would split
+	// the traffic between the two.
+	SharePorts bool
+	// Signals delivers SIGHUP, SIGUSR1, SIGTERM, SIGINT and SIGQUIT.
 	Signals <-chan os.Signal
 	// Version is the build's version string.
 	Version string
@@ -54,15 +69,40 @@ type Options struct {
 	HangBeforeReady func() bool
 }
 
+// RunDir is the directory the control socket goes in, when it exists and
+// is writable and neither the config nor $RUNTIME_DIRECTORY says
+// otherwise: the RuntimeDirectory= of the shipped systemd unit, which an
+// admin shell (with no $RUNTIME_DIRECTORY) finds too.
+const RunDir = "/run/sniproxy"
+
 // ControlSocketPath returns the control socket path for cfg: the configured
-// one, else sniproxy.sock in $RUNTIME_DIRECTORY (set by systemd), else in
-// the temporary directory.
+// one, else sniproxy.sock in $RUNTIME_DIRECTORY (set by systemd's
+// RuntimeDirectory=; the first of its directories), else in RunDir when
+// that exists and is writable, else in the temp dir.
 func ControlSocketPath(cfg *config.Config) string {
-	if cfg.ControlSocket != "" {
-		return cfg.ControlSocket
+	return DefaultControlSocket(cfg.ControlSocket, os.Getenv("RUNTIME_DIRECTORY"), writableDir)
+}
+
+// DefaultControlSocket is ControlSocketPath over configured (the config's
+// control_socket), runtimeDir ($RUNTIME_DIRECTORY) and writable, which
+// reports whether a directory exists and this process may create files
+// in it.
+func DefaultControlSocket(configured, runtimeDir string, writable func(dir string) bool) string {
+	if configured != "" {
+		return configured
 	}
-	if d := os.Getenv("RUNTIME_DIRECTORY"); d != "" {
+	if d, _, _ := strings.Cut(runtimeDir, ":"); d != "" {
 		return filepath.Join(d, "sniproxy.sock")
 	}
+	if writable(RunDir) {
+		return filepath.Join(RunDir, "sniproxy.sock")
+	}
 	return filepath.Join(os.TempDir(), "sniproxy.sock")
+}
+
+// writableDir reports whether dir is a directory this process may create
+// files in.
+func writableDir(dir string) bool {
+	st, err := os.Stat(dir)
+	return err == nil && st.IsDir() && unix.Access(dir, unix.W_OK) == nil
 }

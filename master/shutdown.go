@@ -37,6 +37,9 @@ type shutdown struct {
 	active func() int64
 	// reap accounts for an exited worker.
 	reap func(*child)
+	// reopenLogs reopens the log files on SIGUSR1 while draining; nil
+	// ignores it.
+	reopenLogs func()
 }
 
 // stop retires every worker with deadline and waits for them to drain.
@@ -88,6 +91,12 @@ func (s *shutdown) drain(kids []*child, deadline time.Time) {
 				break wait
 			case sig := <-s.signals:
 				if sig == syscall.SIGHUP {
+					continue
+				}
+				if sig == syscall.SIGUSR1 {
+					if s.reopenLogs != nil {
+						s.reopenLogs()
+					}
 					continue
 				}
 				s.log.Warn("second signal: stopping workers now", "signal", sig.String())

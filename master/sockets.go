@@ -2,6 +2,7 @@ package master
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -35,10 +36,22 @@ type socketSet struct {
 //
 // Every socket comes from tableflip's Fds so that it survives a reload: a
 // socket bound any other way would get EADDRINUSE in the next generation.
-func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int, suffix string) (*socketSet, error) {
+//
+// With exclusive (a first master, not told to share), a reuseport
+// listener's address is first checked to be free: another
+// process listening there with SO_REUSEPORT (another sniproxy instance,
+// say with another metrics port) would otherwise silently take part of the
+// traffic.
+func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int, suffix string, exclusive bool) (*socketSet, error) {
 	set := &socketSet{byAddr: map[string][]socket{}}
 	for _, l := range cfg.Listeners {
 		set.order = append(set.order, l.Address)
+		if exclusive && l.ReusePort() {
+			if err := checkPortFree(l.Address); err != nil {
+				set.close()
+				return nil, err
+			}
+		}
 		if !l.ReusePort() {
 			name := "shared/" + l.Address
 			f, err := fileSocket(upg, name, l.Address, false)
@@ -75,6 +88,27 @@ func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int, suffix 
 		}
 	}
 	return set, nil
+}
+
+// ErrPortShared is the error of a first master whose listen address
+// another process already listens on.
+var ErrPortShared = errors.New("another process listens on this address (another sniproxy instance?); " +
+	"refusing to split its traffic with it (run --share-ports allows it)")
+
+// checkPortFree returns ErrPortShared when another process listens on addr:
+// a bind without SO_REUSEPORT fails then with EADDRINUSE. Only a first
+// master checks (it inherits no socket: whoever listens is not this
+// instance); a successor shares its predecessor's sockets by design.
+func checkPortFree(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if errors.Is(err, syscall.EADDRINUSE) {
+		return fmt.Errorf("master: listen %s: %w", addr, ErrPortShared)
+	}
+	if err != nil {
+		return nil // the real bind reports it
+	}
+	ln.Close()
+	return nil
 }
 
 // fileSocket returns the inherited socket called name, or binds a new one

@@ -226,7 +226,12 @@ func (s *succession) reload(began time.Time, done chan<- reloadOutcome) {
 // here and exit, and waits until it has exited, its last counts are in and
 // the connections it moved are with this generation's workers.
 func (s *succession) hurryPredecessor() error {
-	s.log.Info("previous generation still draining: hurrying it before reloading")
+	select {
+	case <-s.predecessorDone:
+		s.log.Info("previous generation has exited; reloading")
+	default:
+		s.log.Info("previous generation still draining: hurrying it before reloading")
+	}
 	s.predecessor.send(stateMsg{Hurry: true})
 	ctx, cancel := context.WithTimeout(context.Background(), s.exitWait)
 	err := s.upg.WaitForParent(ctx)

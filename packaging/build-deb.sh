@@ -61,6 +61,7 @@ sed -e 's#/usr/local/bin/sniproxy#/usr/bin/sniproxy#g' \
 	systemd/sniproxy.service >"$STAGE/sniproxy.service"
 cp packaging/sysusers.conf "$STAGE/sysusers.conf"
 cp etc/config.yaml "$STAGE/config.yaml"
+cp etc/logrotate "$STAGE/logrotate"
 cp README.md "$STAGE/README.md"
 cp packaging/scripts/postinst packaging/scripts/prerm packaging/scripts/postrm "$STAGE/scripts/"
 

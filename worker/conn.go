@@ -191,9 +191,9 @@ func (c *conn) count(in, out int64) {
 // logDone writes the access-log line. A connection moved to the next
 // generation gets its line there, when it ends; here only a debug line.
 func (c *conn) logDone(r result) {
-	log := c.srv.log
+	log := c.srv.AccessLog
 	level := r.level()
-	if !log.Enabled(context.Background(), level) {
+	if log == nil || !log.Enabled(context.Background(), level) {
 		return
 	}
 	o := c.o

@@ -76,6 +76,10 @@ type Server struct {
 	// the listeners open (not accepting) this long after StopAccepting, so
 	// that connections queue on sockets about to be closed.
 	LingerOnStop time.Duration
+	// AccessLog gets the access log: one line per connection. New sets
+	// it to the server's logger; nil writes none (log.access: false). Set
+	// it before Serve.
+	AccessLog *slog.Logger
 
 	// sniffLimit bounds the connections of this server still in the sniff
 	// phase, so slow or silent clients cannot hold the whole connection
@@ -121,12 +125,13 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 		poller = nil
 	}
 	return &Server{
-		poller:  poller,
-		cfg:     cfg,
-		log:     log,
-		rec:     rec,
-		limiter: limiter,
-		table:   t,
+		AccessLog: log,
+		poller:    poller,
+		cfg:       cfg,
+		log:       log,
+		rec:       rec,
+		limiter:   limiter,
+		table:     t,
 		Dialer: &route.Dialer{
 			Timeout:      cfg.Timeouts.Connect,
 			AllowPrivate: cfg.Backend.AllowPrivate,

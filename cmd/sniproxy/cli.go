@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/logging"
@@ -84,9 +85,9 @@ terminating TLS. Without a command it runs the proxy in the foreground, as
 ` + configHelp + `
 
 Signals to the master: HUP reloads with no downtime (as ` + "`sniproxy reload`" + `
-does); TERM or INT stops (stop accepting, drain for at most
-` + "`shutdown_timeout`" + `, close the rest, exit 0); a second TERM or INT stops
-at once.`,
+does); TERM, INT or QUIT stops (stop accepting, drain for at most
+` + "`shutdown_timeout`" + `, close the rest, exit 0); a second one stops at
+once; USR1 reopens ` + "`log.file`" + ` and ` + "`log.access_file`" + ` (logrotate).`,
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		// One completion command of our own (completionCmd): exactly the
@@ -97,7 +98,7 @@ at once.`,
 				printVersion(stdout)
 				return nil
 			}
-			return codeErr(cmdRun(path, false, sigs, stderr))
+			return codeErr(cmdRun(runFlags{path: path}, sigs, stderr))
 		},
 	}
 	addConfigFlag(root, &path)
@@ -164,8 +165,7 @@ func helpCmd() *cobra.Command {
 }
 
 func runCmd(sigs <-chan os.Signal, stderr io.Writer) *cobra.Command {
-	var path string
-	var keep bool
+	var rf runFlags
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Run the proxy in the foreground (the default command)",
@@ -178,18 +178,25 @@ failed.
 With ` + "`--supervise`" + ` (automatic when sniproxy is PID 1, as in a container)
 the started process stays for the life of the proxy: it runs the master as
 its child, adopts every later generation across reloads and upgrades,
-forwards HUP, TERM, INT and QUIT to the current master, and exits with the
+forwards HUP, USR1, TERM, INT and QUIT to the current master, and exits with the
 master's exit status once the proxy has stopped.
+
+Run refuses to listen on an address another process already listens on
+with ` + "`SO_REUSEPORT`" + ` (another sniproxy instance, say with another metrics
+address): the kernel would split the connections between the two. With
+` + "`--share-ports`" + ` it joins them anyway.
 
 ` + configHelp,
 		Args: noArgs,
 		RunE: func(*cobra.Command, []string) error {
-			return codeErr(cmdRun(path, keep, sigs, stderr))
+			return codeErr(cmdRun(rf, sigs, stderr))
 		},
 	}
-	addConfigFlag(cmd, &path)
-	cmd.Flags().BoolVar(&keep, "supervise", false,
+	addConfigFlag(cmd, &rf.path)
+	cmd.Flags().BoolVar(&rf.keep, "supervise", false,
 		"keep this process for the life of the proxy, across reloads (automatic as PID 1)")
+	cmd.Flags().BoolVar(&rf.sharePorts, "share-ports", false,
+		"listen even where another sniproxy instance listens (the kernel splits the connections)")
 	return cmd
 }
 
@@ -200,7 +207,11 @@ func checkCmd(stdout, stderr io.Writer) *cobra.Command {
 		Short: "Validate the config and print the effective config",
 		Long: `Check loads the config as ` + "`sniproxy run`" + ` would, prints the effective config
 (defaults and ` + "`SNIPROXY_<KEY>`" + ` overrides applied) and exits 0. When the
-config is invalid it prints every problem (key and reason) and exits 1.
+config is invalid it prints every problem, each once (key and reason: unknown
+keys, values that do not parse, and the checks of what did parse, such as a
+metrics address that takes a listener's port), and exits 1. It warns on
+stderr, still exiting 0, when the hard fd limit (` + "`ulimit -Hn`" + `) cannot hold
+` + "`max_connections`" + ` (about 2 descriptors per connection).
 
 ` + configHelp,
 		Args: noArgs,
@@ -259,7 +270,22 @@ func cmdCheck(path string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	fmt.Fprintf(stdout, "# sniproxy: config %s is valid; effective config:\n%s", cfg.Source, out)
+	warnFDLimit(cfg, stderr)
 	return 0
+}
+
+// warnFDLimit warns on stderr when the hard RLIMIT_NOFILE (run raises the
+// soft limit to it) cannot hold max_connections.
+func warnFDLimit(cfg *config.Config, stderr io.Writer) {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		return
+	}
+	if need := fdsNeeded(cfg.MaxConnections); lim.Max < need {
+		fmt.Fprintf(stderr, "sniproxy: warning: max_connections %d needs about %d file descriptors, "+
+			"but the hard limit (RLIMIT_NOFILE, ulimit -Hn) is %d: raise it (LimitNOFILE= under systemd) or lower max_connections\n",
+			cfg.MaxConnections, need, lim.Max)
+	}
 }
 
 // indentErrors puts each line of err (errors.Join puts one error on each)

@@ -10,9 +10,10 @@ import (
 )
 
 func main() {
-	// Signals first: Go's default for SIGHUP is to exit, and a reload must
-	// never kill the proxy. run takes over from here.
+	// Signals first: Go's default for SIGHUP and SIGUSR1 is to exit, and a
+	// reload or a log reopen must never kill the proxy. run takes over
+	// from here.
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT)
 	os.Exit(run(os.Args[1:], sigs, os.Stdout, os.Stderr))
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/master"
 )
 
@@ -34,9 +36,13 @@ inherits the listening sockets and takes over; the predecessor retires.
 Reload waits and prints the new master's pid and generation (exit 0), or
 the error (exit 1). When no master answers on the control socket it sends
 SIGHUP to the pid in the PID file and waits for the file to name a new
-master.
+master; it signals a PID only once it has checked that the process is
+a sniproxy master.
 
-The control socket and PID file are those the config names.
+The control socket and PID file are those the config names (see
+` + "`sniproxy status --help`" + ` for the default socket). The master reloads
+the file it was started with: with ` + "`-c FILE`" + `, reload refuses (exit 1)
+when FILE is not that file.
 
 ` + configHelp,
 		Args: noArgs,
@@ -63,6 +69,12 @@ func cmdReload(path, pidFile string, stdout, stderr io.Writer) int {
 		pidFile = cfg.PIDFile
 	}
 	sock := master.ControlSocketPath(cfg)
+	if path != "" {
+		if err := sameConfig(sock, path); err != nil {
+			fmt.Fprintf(stderr, "sniproxy: not reloading: %v\n", err)
+			return 1
+		}
+	}
 	res, sent, err := postReload(sock)
 	if err != nil && !sent && pidFile != "" {
 		// Only when the request never reached a master: a second reload
@@ -86,6 +98,34 @@ type reloadAnswer struct {
 	PID        int    `json:"pid"`
 	Generation int    `json:"generation"`
 	Error      string `json:"error"`
+}
+
+// sameConfig returns an error when the master on sock runs another config
+// than the file at path: a reload would read the master's file, not path.
+// A master that does not answer is no error here (reload reports it).
+func sameConfig(sock, path string) error {
+	st, _, err := fetchStatus(sock)
+	if err != nil {
+		return nil
+	}
+	want := canonicalPath(path)
+	if st.Config != config.EmbeddedSource && canonicalPath(st.Config) == want {
+		return nil
+	}
+	return fmt.Errorf("the master (pid %d) runs %s, not %s; a reload reloads the master's own config "+
+		"(edit that file, or stop the master and start one with -c %s)", st.PID, st.Config, want, path)
+}
+
+// canonicalPath returns path absolute, with symbolic links resolved when
+// it exists.
+func canonicalPath(path string) string {
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	if real, err := filepath.EvalSymlinks(path); err == nil {
+		path = real
+	}
+	return path
 }
 
 // postReload asks the master on the control socket to reload. sent says
@@ -135,6 +175,9 @@ func hupAndWait(pidFile string) (reloadAnswer, error) {
 	if err != nil {
 		return reloadAnswer{}, fmt.Errorf("PID file: %w", err)
 	}
+	if err := isMaster(old); err != nil {
+		return reloadAnswer{}, fmt.Errorf("not signalling the PID in %s: %w", pidFile, err)
+	}
 	if err := syscall.Kill(old, syscall.SIGHUP); err != nil {
 		return reloadAnswer{}, fmt.Errorf("signal master %d: %w", old, err)
 	}
@@ -149,4 +192,28 @@ func hupAndWait(pidFile string) (reloadAnswer, error) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return reloadAnswer{}, fmt.Errorf("no new master within %v (see the master's log)", reloadTimeout)
+}
+
+// isMaster returns nil when pid is a live sniproxy master: its executable
+// or its argv[0] is named sniproxy and it is not a worker (`sniproxy
+// worker`). A PID file left behind may name any process by now.
+func isMaster(pid int) error {
+	if pid <= 0 {
+		return fmt.Errorf("%d is not a process ID", pid)
+	}
+	dir := "/proc/" + strconv.Itoa(pid)
+	cmdline, err := os.ReadFile(dir + "/cmdline")
+	if err != nil || len(cmdline) == 0 {
+		return fmt.Errorf("no process %d", pid)
+	}
+	args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
+	exe, _ := os.Readlink(dir + "/exe")
+	named := func(p string) bool { return strings.HasPrefix(filepath.Base(p), "sniproxy") }
+	if !named(args[0]) && !named(strings.TrimSuffix(exe, " (deleted)")) {
+		return fmt.Errorf("process %d (%s) is not sniproxy", pid, args[0])
+	}
+	if len(args) > 1 && args[1] == "worker" {
+		return fmt.Errorf("process %d is a sniproxy worker, not a master", pid)
+	}
+	return nil
 }

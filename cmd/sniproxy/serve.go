@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/logging"
@@ -21,21 +22,48 @@ import (
 	"github.com/sniproxy/sniproxy/worker/process"
 )
 
+// runFlags are the flags of sniproxy run.
+type runFlags struct {
+	path       string
+	keep       bool // --supervise
+	sharePorts bool
+}
+
 // cmdRun runs the master until it stops; with keep, or as PID 1, it runs
 // the supervisor that keeps this process for the life of the proxy.
-func cmdRun(path string, keep bool, sigs <-chan os.Signal, stderr io.Writer) int {
-	cfg, err := loadConfig(path)
+func cmdRun(rf runFlags, sigs <-chan os.Signal, stderr io.Writer) int {
+	// The config path is made absolute: status shows it, and reload -c
+	// compares it with the file it is given.
+	cfgPath := config.Resolve(rf.path, nil, nil)
+	if cfgPath != "" {
+		if abs, err := filepath.Abs(cfgPath); err == nil {
+			cfgPath = abs
+		}
+	}
+	cfg, err := config.Load(cfgPath, nil)
 	if err != nil {
 		fmt.Fprintf(stderr, "sniproxy: config is invalid:\n%s\n", indentErrors(err))
 		return 1
 	}
-	log, _ := newLogger(cfg, stderr)
-	if keep || os.Getpid() == 1 {
-		return cmdSupervise(path, cfg, sigs, log)
+	if rf.keep || os.Getpid() == 1 {
+		log, _ := newLogger(cfg, stderr)
+		return cmdSupervise(rf.path, cfg, sigs, log)
 	}
+	errf, ok := stderr.(*os.File)
+	if !ok {
+		errf = os.Stderr
+	}
+	logs, err := logging.Open(logConfig(cfg.Log), errf)
+	if err != nil {
+		fmt.Fprintf(stderr, "sniproxy: %v\n", err)
+		return 1
+	}
+	defer logs.Close()
+	log := logs.Log
+	raiseFDLimit(log, cfg.MaxConnections)
 	sw := testswitch.Read() // the zero value unless built for the e2e tests
-	opts := master.Options{Config: cfg, Log: log, Signals: sigs, Version: version,
-		ConfigPath: config.Resolve(path, nil, nil),
+	opts := master.Options{Config: cfg, Log: log, Logs: logs, Signals: sigs, Version: version,
+		ConfigPath: cfgPath, SharePorts: rf.sharePorts,
 		// Switches for the e2e tests only; see master.Options.
 		ReplaceDeadSockets: sw.ReplaceDeadSockets,
 		FreshSockets:       sw.FreshSockets,
@@ -47,9 +75,56 @@ func cmdRun(path string, keep bool, sigs <-chan os.Signal, stderr io.Writer) int
 	}
 	if err := master.Run(opts); err != nil {
 		log.Error("sniproxy stopped", "err", err)
+		if cfg.Log.File != "" {
+			// Whoever started it looks at the terminal first.
+			fmt.Fprintf(stderr, "sniproxy: stopped: %v\n", err)
+		}
 		return 1
 	}
 	return 0
+}
+
+// logConfig is the logging package's view of the config's log section.
+func logConfig(l config.Log) logging.Config {
+	return logging.Config{Level: l.Level, Format: l.Format, File: l.File, Access: l.Access, AccessFile: l.AccessFile}
+}
+
+// fdsPerConnection is what a proxied connection costs in descriptors
+// (client and backend); fdMargin covers the rest (listeners, the
+// control socket, log files, DNS, a connection being dialled).
+const (
+	fdsPerConnection = 2
+	fdMargin         = 256
+)
+
+// fdsNeeded is the RLIMIT_NOFILE a process needs to hold max_connections
+// connections by itself (one worker may hold them all).
+func fdsNeeded(maxConnections int) uint64 {
+	return uint64(maxConnections)*fdsPerConnection + fdMargin
+}
+
+// raiseFDLimit raises the soft RLIMIT_NOFILE to the hard limit (workers
+// inherit it) and logs both, with a warning when the hard limit cannot
+// hold max_connections.
+func raiseFDLimit(log *slog.Logger, maxConnections int) {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		log.Warn("reading the fd limit failed", "err", err)
+		return
+	}
+	if lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+			log.Warn("raising the fd limit failed", "err", err)
+			unix.Getrlimit(unix.RLIMIT_NOFILE, &lim)
+		}
+	}
+	if need := fdsNeeded(maxConnections); lim.Max < need {
+		log.Warn("the fd limit cannot hold max_connections", "soft", lim.Cur, "hard", lim.Max,
+			"max_connections", maxConnections, "needed", need)
+		return
+	}
+	log.Info("fd limit", "soft", lim.Cur, "hard", lim.Max)
 }
 
 // cmdSupervise runs the keeper (package supervise): the master runs as its
@@ -84,6 +159,7 @@ func cmdSupervise(path string, cfg *config.Config, sigs <-chan os.Signal, log *s
 type workerArgs struct {
 	slot, generation       int
 	sockets, level, format string
+	accessFD               int
 }
 
 // workerCmd is the hidden worker command: not in help, completion or the
@@ -104,6 +180,7 @@ func workerCmd(stderr io.Writer) *cobra.Command {
 	f.StringVar(&a.sockets, "sockets", "", "comma-separated names of the sockets at fds 4 on")
 	f.StringVar(&a.level, "log-level", "info", "log level")
 	f.StringVar(&a.format, "log-format", "auto", "log format")
+	f.IntVar(&a.accessFD, "access-log-fd", 0, "descriptor of the access log file (0: stderr)")
 	return cmd
 }
 
@@ -112,6 +189,7 @@ func workerCmd(stderr io.Writer) *cobra.Command {
 // meant to be run by hand. Signals are left to the master: a worker retires
 // when the master says so and drains when the master is gone.
 func cmdWorker(a workerArgs, stderr io.Writer) int {
+	nameProcess()
 	lv := new(slog.LevelVar)
 	if l, err := logging.ParseLevel(a.level); err == nil {
 		lv.Set(l)
@@ -132,11 +210,24 @@ func cmdWorker(a workerArgs, stderr io.Writer) int {
 			files = append(files, process.NamedFile{Name: name, File: os.NewFile(uintptr(4+i), "socket-"+strconv.Itoa(i))})
 		}
 	}
+	var access *logging.Output
+	if a.accessFD > 0 {
+		access = logging.NewOutput(os.NewFile(uintptr(a.accessFD), "access-log"))
+	}
 	err = process.Run(process.Options{Log: log, Conn: conn, Slot: a.slot, Generation: a.generation, Files: files,
-		Switches: testswitch.Read()})
+		Switches: testswitch.Read(), Access: access})
 	if err != nil {
 		log.Error("worker failed", "err", err)
 		return 1
 	}
 	return 0
+}
+
+// nameProcess names this worker process "sniproxy" for ps, top, ss and
+// pgrep: started from /proc/self/exe, the kernel named it "exe". It writes
+// /proc/self/comm, which names the process (its main thread) whatever
+// thread this goroutine runs on; prctl(PR_SET_NAME) would name only the
+// calling thread.
+func nameProcess() {
+	os.WriteFile("/proc/self/comm", []byte("sniproxy"), 0)
 }

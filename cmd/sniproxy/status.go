@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/status"
 	"github.com/sniproxy/sniproxy/master"
 )
@@ -28,7 +29,11 @@ pid, generation, uptime and config, each worker (slot, pid, ready, active
 connections, restarts, uptime) and the totals (connections, bytes,
 rejections). It exits 1 when no master answers.
 
-The control socket is the one the config names.
+The control socket is the one the config names (` + "`control_socket`" + `), else
+` + "`$RUNTIME_DIRECTORY/sniproxy.sock`" + `, else ` + "`/run/sniproxy/sniproxy.sock`" + ` when
+that directory exists and is writable, else ` + "`sniproxy.sock`" + ` in the temp
+dir. A config that no longer validates is reported, and the status shown
+all the same: only its ` + "`control_socket`" + ` is needed.
 
 ` + configHelp,
 		Args: noArgs,
@@ -44,12 +49,7 @@ The control socket is the one the config names.
 // cmdStatus prints the status of the master found through the config at
 // path.
 func cmdStatus(path string, asJSON bool, stdout, stderr io.Writer) int {
-	cfg, err := loadConfig(path)
-	if err != nil {
-		fmt.Fprintf(stderr, "sniproxy: config is invalid:\n%s\n", indentErrors(err))
-		return 1
-	}
-	sock := master.ControlSocketPath(cfg)
+	sock, _ := findMaster(path, stderr)
 	st, raw, err := fetchStatus(sock)
 	if err != nil {
 		fmt.Fprintf(stderr, "sniproxy: status: %v\n", err)
@@ -61,6 +61,22 @@ func cmdStatus(path string, asJSON bool, stdout, stderr io.Writer) int {
 	}
 	printStatus(stdout, st)
 	return 0
+}
+
+// findMaster returns the control socket and PID file of the master the
+// config at path (resolved as run resolves it) runs. A config that does
+// not validate is reported on stderr, and the two keys read from it
+// leniently (config.Peek).
+func findMaster(path string, stderr io.Writer) (sock, pidFile string) {
+	cfg, err := loadConfig(path)
+	if err == nil {
+		return master.ControlSocketPath(cfg), cfg.PIDFile
+	}
+	fmt.Fprintf(stderr, "sniproxy: warning: the config on disk is invalid (the master runs the one it loaded; a reload would fail):\n%s\n",
+		indentErrors(err))
+	ctl, pidFile := config.Peek(config.Resolve(path, nil, nil), nil)
+	cfg = &config.Config{ControlSocket: ctl}
+	return master.ControlSocketPath(cfg), pidFile
 }
 
 // fetchStatus asks the master at the control socket for its Status.

@@ -34,7 +34,8 @@ func ParseLevel(s string) (slog.Level, error) {
 // New returns a logger writing to w in format "auto", "text" or "json" at
 // the level held by level, which the caller may change at any time. "auto"
 // means tint on a terminal and JSON otherwise; "text" is tint without
-// colours unless w is a terminal.
+// colours unless w is a terminal. Durations are seconds (a number) in JSON
+// and rounded human units (4.3ms) in text.
 func New(w io.Writer, format string, level *slog.LevelVar) *slog.Logger {
 	tty := isTerminal(w)
 	switch format {
@@ -46,7 +47,7 @@ func New(w io.Writer, format string, level *slog.LevelVar) *slog.Logger {
 			return slog.New(newText(w, level, time.TimeOnly, true))
 		}
 	}
-	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level}))
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: jsonAttr}))
 }
 
 // newText returns the tint handler writing to w, with ANSI colours if
@@ -74,6 +75,8 @@ func newText(w io.Writer, level slog.Leveler, timeFormat string, colour bool) sl
 func escapeAttr(_ []string, a slog.Attr) slog.Attr {
 	a.Key = escapeControls(a.Key)
 	switch a.Value.Kind() {
+	case slog.KindDuration:
+		a.Value = slog.DurationValue(roundDuration(a.Value.Duration()))
 	case slog.KindString:
 		a.Value = slog.StringValue(escapeControls(a.Value.String()))
 	case slog.KindAny:
@@ -136,6 +139,9 @@ func escapeControls(s string) string {
 
 // isTerminal reports whether w is a character device such as a terminal.
 func isTerminal(w io.Writer) bool {
+	if o, ok := w.(*Output); ok {
+		return o.tty
+	}
 	f, ok := w.(*os.File)
 	if !ok {
 		return false

@@ -42,7 +42,7 @@ import (
 )
 
 // Forwarded are the signals the keeper passes on to the current master.
-var Forwarded = []os.Signal{syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT}
+var Forwarded = []os.Signal{syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT}
 
 // Options configure a keeper.
 type Options struct {

@@ -9,8 +9,11 @@ import (
 	"os"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/lease"
+	"github.com/sniproxy/sniproxy/internal/logging"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/internal/testswitch"
 	"github.com/sniproxy/sniproxy/ipc"
@@ -69,6 +72,8 @@ type loop struct {
 	counters *stats.Counters
 	leases   *leases
 	client   *lease.Client
+	// access is the access log's output when it has a file of its own.
+	access *logging.Output
 
 	// Events for the loop, each sent by one goroutine.
 	inbox   chan inbound  // the reader
@@ -98,6 +103,7 @@ type loop struct {
 func newLoop(o Options, cfg *config.Config) (*loop, error) {
 	l := &loop{
 		log:      o.Log,
+		access:   o.Access,
 		conn:     o.Conn,
 		slot:     o.Slot,
 		switches: o.Switches,
@@ -115,12 +121,58 @@ func newLoop(o Options, cfg *config.Config) (*loop, error) {
 	if err != nil {
 		return nil, fmt.Errorf("process: %w", err)
 	}
+	srv.AccessLog = accessLog(o, cfg)
 	if o.Switches.FreshSockets {
 		// The reload negative control (see testswitch.Switches).
 		srv.LingerOnStop = 300 * time.Millisecond
 	}
 	l.srv = srv
 	return l, nil
+}
+
+// accessLog returns the access logger of cfg's log section: nil when
+// log.access is off; else at info (debug if log.level is) whatever
+// log.level says otherwise, to o.Access or where o.Log writes.
+func accessLog(o Options, cfg *config.Config) *slog.Logger {
+	if !cfg.Log.Access {
+		return nil
+	}
+	level := slog.LevelInfo
+	if l, err := logging.ParseLevel(cfg.Log.Level); err == nil {
+		level = min(l, slog.LevelInfo)
+	}
+	if o.Access == nil {
+		return slog.New(logging.WithLevel(o.Log.Handler(), level))
+	}
+	lv := new(slog.LevelVar)
+	lv.Set(level)
+	return logging.New(o.Access, cfg.Log.Format, lv).With("worker", o.Slot, "pid", os.Getpid())
+}
+
+// reopenLogs takes the log files the master reopened: the main one
+// becomes stderr (so that a crash's output goes there too), the access
+// one replaces the access log's file.
+func (l *loop) reopenLogs(b ipc.LogFiles, files []*os.File) {
+	i := 0
+	if b.Main {
+		f := files[i]
+		i++
+		err := unix.Dup3(int(f.Fd()), 2, 0)
+		f.Close()
+		if err != nil {
+			l.log.Error("taking the reopened log file failed", "err", err)
+		}
+	}
+	if b.Access {
+		f := files[i]
+		if l.access == nil {
+			f.Close()
+			l.log.Warn("the master sent an access log file, but this worker has none")
+		} else {
+			l.access.Swap(f)
+		}
+	}
+	l.log.Debug("log files reopened", "main", b.Main, "access", b.Access)
 }
 
 // run serves lns, says Ready and handles events until the drain is over.
@@ -181,6 +233,8 @@ func (l *loop) run(lns []worker.Listener) error {
 			}
 			if closed > 0 {
 				l.log.Warn("drain deadline reached; closed connections", "closed", closed)
+			} else {
+				l.log.Info("drained; exiting", "slot", l.slot)
 			}
 			l.pushStats()
 			return nil
@@ -288,6 +342,8 @@ func (l *loop) handle(m ipc.Message, b ipc.Body) {
 		} else {
 			l.endDrain()
 		}
+	case ipc.LogFiles:
+		l.reopenLogs(b, m.Files)
 	default:
 		m.CloseFiles()
 		l.log.Warn("unexpected message from master", "type", m.Type.String())
@@ -415,14 +471,20 @@ func (l *loop) lose(err error) {
 	}
 	l.masterLost = true
 	l.leases.lose()
-	if !errors.Is(err, io.EOF) {
-		l.log.Warn("lost the master", "err", err)
-	}
 	if by := time.Now().Add(l.cfg.ShutdownTimeout); l.drainBy.IsZero() || by.Before(l.drainBy) {
 		l.drainBy = by
 		if l.cancelDrain != nil && !l.stopNow {
 			l.armDeadline()
 		}
+	}
+	attrs := []any{"slot", l.slot, "active", l.srv.Active(), "deadline", l.drainBy}
+	if !errors.Is(err, io.EOF) {
+		attrs = append(attrs, "err", err)
+	}
+	if l.phase == serving {
+		l.log.Warn("master is gone; draining", attrs...)
+	} else {
+		l.log.Info("master is gone; still draining", attrs...)
 	}
 	switch l.phase {
 	case serving:

@@ -23,6 +23,7 @@ import (
 	"strings"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/logging"
 	"github.com/sniproxy/sniproxy/internal/testswitch"
 	"github.com/sniproxy/sniproxy/ipc"
 	"github.com/sniproxy/sniproxy/worker"
@@ -63,6 +64,10 @@ type Options struct {
 	// Switches are the e2e tests' switches (package testswitch); the zero
 	// value in production.
 	Switches testswitch.Switches
+	// Access is where the access log goes when the config names an
+	// access file (the master opened it); nil: with the other lines, on
+	// stderr. SIGUSR1 at the master swaps it (ipc.LogFiles).
+	Access *logging.Output
 }
 
 // Run is the life of a worker process: it says hello, waits for the
