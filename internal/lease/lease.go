@@ -102,14 +102,6 @@ func (p *Pool) SetReserve(n int) {
 	p.reserve = max(n, 0)
 }
 
-// SetLimit changes the limit. Permits already granted stay granted; if
-// they exceed the new limit no more are granted until enough return.
-func (p *Pool) SetLimit(limit int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.limit = limit
-}
-
 // Free returns the number of permits that may be granted now.
 func (p *Pool) Free() int {
 	p.mu.Lock()

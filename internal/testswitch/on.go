@@ -7,8 +7,6 @@ import (
 	"time"
 )
 
-const enabled = true
-
 // Read returns the switches set in the environment.
 func Read() Switches {
 	duration := func(key string) time.Duration {

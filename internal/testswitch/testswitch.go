@@ -38,6 +38,3 @@ type Switches struct {
 	// (SNIPROXYTEST_STOP_DELAY=200ms).
 	StopDelay time.Duration
 }
-
-// Enabled reports whether this binary was built with the sniproxytest tag.
-const Enabled = enabled

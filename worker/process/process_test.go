@@ -514,9 +514,9 @@ func TestListenerAddress(t *testing.T) {
 		{"bogus", ""},
 		{"reuseport/nothing", ""},
 	} {
-		got, err := ListenerAddress(tc.name)
+		got, err := listenerAddress(tc.name)
 		if got != tc.want || (err != nil) != (tc.want == "") {
-			t.Errorf("ListenerAddress(%q) = %q, %v; want %q", tc.name, got, err, tc.want)
+			t.Errorf("listenerAddress(%q) = %q, %v; want %q", tc.name, got, err, tc.want)
 		}
 	}
 }

@@ -32,7 +32,7 @@ func tcpPair(t testing.TB) (dialed, accepted *net.TCPConn) {
 	return c, a
 }
 
-// rig is client <-> [proxyC | Pipe | proxyB] <-> backend.
+// rig is client <-> [proxyC | Start | proxyB] <-> backend.
 type rig struct {
 	client, backend *net.TCPConn
 	done            chan struct{}
@@ -46,10 +46,10 @@ func newRig(t testing.TB, idle time.Duration) *rig {
 	client, proxyC := tcpPair(t)
 	proxyB, backend := tcpPair(t)
 	r := &rig{client: client, backend: backend, done: make(chan struct{})}
-	go func() {
-		defer close(r.done)
-		r.res, r.err = Pipe(proxyC, proxyB, idle, func(in, out int64) { r.in.Add(in); r.out.Add(out) })
-	}()
+	Start(proxyC, proxyB, idle, nil, func(in, out int64) { r.in.Add(in); r.out.Add(out) }, func(res Result, err error) {
+		r.res, r.err = res, err
+		close(r.done)
+	})
 	t.Cleanup(func() {
 		client.Close()
 		backend.Close()
@@ -63,7 +63,7 @@ func (r *rig) wait(t testing.TB, d time.Duration) {
 	select {
 	case <-r.done:
 	case <-time.After(d):
-		t.Fatalf("Pipe did not return within %v", d)
+		t.Fatalf("pair did not finish within %v", d)
 	}
 }
 
@@ -94,7 +94,7 @@ func TestHalfCloseClientFirst(t *testing.T) {
 	}
 	r.wait(t, 10*time.Second)
 	if r.err != nil {
-		t.Errorf("Pipe err %v; want nil", r.err)
+		t.Errorf("pair err %v; want nil", r.err)
 	}
 	if r.res.In != 7 || r.res.Out != 25 || r.in.Load() != 7 || r.out.Load() != 25 {
 		t.Errorf("counts %+v callback in=%d out=%d; want 7/25", r.res, r.in.Load(), r.out.Load())
@@ -280,10 +280,10 @@ func TestIdlePairsHoldNoPipe(t *testing.T) {
 	}
 }
 
-func BenchmarkPipe(b *testing.B) {
+func BenchmarkCopy(b *testing.B) {
 	const chunk = 1 << 20
 	buf := make([]byte, chunk)
-	// direct: no proxy; proxy: Pipe (splice); usercopy: the same topology
+	// direct: no proxy; proxy: a pair (Start, splice); usercopy: the same topology
 	// with a plain user-space io.CopyBuffer, what wrapping the conns costs.
 	for _, mode := range []string{"direct", "proxy", "usercopy"} {
 		b.Run(mode, func(b *testing.B) {

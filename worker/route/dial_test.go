@@ -193,8 +193,8 @@ func TestDialDNSRoutedLoopback(t *testing.T) {
 		}
 		t.Fatalf("Dial without AllowPrivate: got error %v; want %v", err, ErrPrivate)
 	}
-	if got := ReasonOf(err); got != ReasonDenied {
-		t.Errorf("ReasonOf(%v): got %q; want %q", err, got, ReasonDenied)
+	if got := reasonOf(err); got != ReasonDenied {
+		t.Errorf("reasonOf(%v): got %q; want %q", err, got, ReasonDenied)
 	}
 	if !strings.Contains(err.Error(), "rebind.test") || !strings.Contains(err.Error(), "127.0.0.1") {
 		t.Errorf("error %q: want it to name the host and the address", err)
@@ -509,8 +509,8 @@ func TestDialErrors(t *testing.T) {
 			if tt.also != nil && !errors.Is(err, tt.also) {
 				t.Errorf("Dial: got error %v; want it to wrap %v", err, tt.also)
 			}
-			if got := ReasonOf(err); got != tt.reason {
-				t.Errorf("ReasonOf(%v): got %q; want %q", err, got, tt.reason)
+			if got := reasonOf(err); got != tt.reason {
+				t.Errorf("reasonOf(%v): got %q; want %q", err, got, tt.reason)
 			}
 			if !strings.Contains(err.Error(), tt.message) {
 				t.Errorf("error %q: want it to contain %q", err, tt.message)
