@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/sniproxy/sniproxy/internal/dupfd"
 )
 
 // headBackend reads each connection's HTTP request head, then hands the
@@ -206,15 +206,11 @@ func tcpFiles(t *testing.T) (*os.File, *os.File) {
 // dup returns a duplicate of f.
 func dup(t *testing.T, f *os.File) *os.File {
 	t.Helper()
-	rc, err := f.SyscallConn()
+	d, err := dupfd.File(f, f.Name())
 	if err != nil {
 		t.Fatal(err)
 	}
-	nfd, derr := -1, error(nil)
-	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil || derr != nil {
-		t.Fatal(err, derr)
-	}
-	return os.NewFile(uintptr(nfd), f.Name())
+	return d
 }
 
 // expectEOF reads until c ends, which it must within 5 s.

@@ -35,6 +35,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sniproxy/sniproxy/internal/dupfd"
 )
 
 // holdPipe bounds how long a direction may wait for more bytes while it
@@ -332,14 +334,14 @@ func (p *pair) takeFiles() (*Detached, error) {
 	// Go, not by the socket; clear them anyway, nothing waits any more.
 	p.client.SetReadDeadline(time.Time{})
 	p.backend.SetReadDeadline(time.Time{})
-	c, err := dupFile(p.client, "client")
+	c, err := dupfd.File(p.client, "client")
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("proxy: detach client: %w", err)
 	}
-	b, err := dupFile(p.backend, "backend")
+	b, err := dupfd.File(p.backend, "backend")
 	if err != nil {
 		c.Close()
-		return nil, err
+		return nil, fmt.Errorf("proxy: detach backend: %w", err)
 	}
 	p.client.Close()
 	p.backend.Close()
@@ -348,27 +350,6 @@ func (p *pair) takeFiles() (*Detached, error) {
 		UpDone: !p.up.stopped, DownDone: !p.down.stopped,
 		Last: time.Unix(0, p.last.Load()),
 	}}, nil
-}
-
-// dupFile returns a close-on-exec duplicate of c's descriptor, leaving the
-// socket as it is (unlike (*net.TCPConn).File, which documents no such
-// promise).
-func dupFile(c *net.TCPConn, name string) (*os.File, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return nil, fmt.Errorf("proxy: detach %s: %w", name, err)
-	}
-	nfd := -1
-	var derr error
-	if err := rc.Control(func(fd uintptr) {
-		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return nil, fmt.Errorf("proxy: detach %s: %w", name, err)
-	}
-	if derr != nil {
-		return nil, fmt.Errorf("proxy: detach %s: dup: %w", name, derr)
-	}
-	return os.NewFile(uintptr(nfd), name), nil
 }
 
 // pair is the state both directions share.
