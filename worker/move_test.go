@@ -12,47 +12,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sniproxy/sniproxy/internal/backendtest"
 	"github.com/sniproxy/sniproxy/internal/dupfd"
 )
-
-// headBackend reads each connection's HTTP request head, then hands the
-// connection and the rest of its input to serve.
-func headBackend(t *testing.T, serve func(c net.Conn, r *bufio.Reader)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					line, err := r.ReadString('\n')
-					if err != nil {
-						return
-					}
-					if line == "\r\n" {
-						break
-					}
-				}
-				serve(c, r)
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
 
 // echoBackend answers each connection's HTTP request head with "hello",
 // then echoes every line.
 func echoBackend(t *testing.T) string {
-	return headBackend(t, func(c net.Conn, r *bufio.Reader) {
+	return backendtest.AfterHead(t, func(c net.Conn, r *bufio.Reader) {
 		io.WriteString(c, "hello\n")
 		io.Copy(c, r)
 	})
@@ -61,7 +28,7 @@ func echoBackend(t *testing.T) string {
 // floodBackend writes without end to every connection once it has read
 // the request head.
 func floodBackend(t *testing.T) string {
-	return headBackend(t, func(c net.Conn, _ *bufio.Reader) {
+	return backendtest.AfterHead(t, func(c net.Conn, _ *bufio.Reader) {
 		buf := make([]byte, 1<<16)
 		for {
 			if _, err := c.Write(buf); err != nil {
