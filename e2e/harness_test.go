@@ -320,6 +320,24 @@ func expectClosed(t *testing.T, c net.Conn, d time.Duration) {
 	}
 }
 
+// waitRefused waits until addr refuses new connections: the proxy has
+// stopped accepting.
+func waitRefused(t *testing.T, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			return
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still accepts 10s after the stop began", addr)
+		}
+		time.Sleep(10 * time.Millisecond) // poll the condition until the deadline
+	}
+}
+
 // rawBackend accepts plain TCP connections and hands each to serve, with a
 // 30 s deadline.
 func rawBackend(t *testing.T, serve func(net.Conn)) string {

@@ -181,7 +181,7 @@ func reloadUnderLoad(t *testing.T, p *proxyProc, b *tlsBackend, n int, workers [
 	t.Helper()
 	stop := make(chan struct{})
 	res, wg := tlsLoad(p.addr, "load.test", "B load.test", b, 8, stop)
-	time.Sleep(300 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond) // deliberate: load before, between and after the reloads
 	var took []time.Duration
 	lastGen := 1
 	for i := range n {
@@ -322,7 +322,7 @@ func TestReloadKeepsLongConnection(t *testing.T) {
 	// it lasts within shutdown_timeout (10s here).
 	for i := range 5 {
 		echoOnce(fmt.Sprintf("after the reload, %d", i))
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(200 * time.Millisecond) // deliberate: the connection lives on for a second
 	}
 	if !alive(first) {
 		t.Fatal("first master exited while its connection was open")
@@ -621,7 +621,7 @@ func TestReloadDrainDeadline(t *testing.T) {
 			start := time.Now()
 			for i := range tc.reloads {
 				if i > 0 {
-					time.Sleep(500 * time.Millisecond)
+					time.Sleep(500 * time.Millisecond) // deliberate: reloads spaced in time
 				}
 				p.reload(t)
 				e.echo(t, fmt.Sprintf("after reload %d", i+1))
@@ -792,7 +792,7 @@ func TestBinaryUpgrade(t *testing.T) {
 	stop := make(chan struct{})
 	res, wg := tlsLoad(p.addr, "load.test", "B load.test", b, 4, stop)
 	p.reload(t)
-	time.Sleep(300 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond) // deliberate: load after the upgrade
 	close(stop)
 	wg.Wait()
 	if res.failed() != 0 {

@@ -556,6 +556,8 @@ func TestPeerVanishes(t *testing.T) {
 			_, err := worker.Recv()
 			errc <- err
 		}()
+		// Deliberate: give Recv time to block first, so the close most
+		// likely finds it waiting (the test holds either way).
 		time.Sleep(50 * time.Millisecond)
 		master.Close()
 		select {
@@ -606,6 +608,8 @@ func TestPeerVanishes(t *testing.T) {
 			_, err := master.Recv()
 			errc <- err
 		}()
+		// Deliberate: give Recv time to block first, so the close most
+		// likely finds it waiting (the test holds either way).
 		time.Sleep(50 * time.Millisecond)
 		master.Close()
 		select {

@@ -251,6 +251,8 @@ func TestWorkerKilled(t *testing.T) {
 		_, err := master.Recv()
 		errc <- err
 	}()
+	// Deliberate: give Recv time to block first, so the kill most likely
+	// finds it waiting (the test holds either way).
 	time.Sleep(20 * time.Millisecond)
 	if err := cmd.Process.Kill(); err != nil {
 		t.Fatal(err)

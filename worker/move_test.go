@@ -38,6 +38,21 @@ func floodBackend(t *testing.T) string {
 	})
 }
 
+// stalled returns a condition for waitFor: true once the count has moved
+// and then stayed the same for 50 ms.
+func stalled(count func() uint64) func() bool {
+	var last uint64
+	var since time.Time
+	return func() bool {
+		n := count()
+		if n == 0 || n != last {
+			last, since = n, time.Now()
+			return false
+		}
+		return time.Since(since) >= 50*time.Millisecond
+	}
+}
+
 // echoLine sends line and expects it back.
 func echoLine(t *testing.T, r *bufio.Reader, c net.Conn, line string) {
 	t.Helper()
@@ -217,7 +232,7 @@ func TestMoveStuckPairsDelayNoOther(t *testing.T) {
 		idles = append(idles, held{c, r})
 	}
 	waitFor(t, "every connection proxied", func() bool { return a.srv.Active() == stuck+idle })
-	time.Sleep(500 * time.Millisecond) // the floods fill every buffer
+	waitFor(t, "the floods to fill every buffer", stalled(func() uint64 { return a.counters.Snapshot().BytesOut }))
 	a.stop()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
