@@ -242,7 +242,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := startTLSBackend(t, "B", "load.test")
-			// Two long connections are handed over at every reload after
+			// Two long connections are moved at every reload after
 			// the first, while the short ones come and go.
 			cfg := strings.Replace(reloadCfg(b.addr, 2, tc.reuse), `routes: [`,
 				fmt.Sprintf(`routes: [{match: "echo.test", backend: %q}, `, longEchoBackend(t)), 1)
@@ -472,13 +472,13 @@ func TestReloadMovesLongConnections(t *testing.T) {
 }
 
 func TestReloadMoveNegativeControl(t *testing.T) {
-	// Without migration (the test switch restores the old policy), the
+	// Without moving (the test switch restores the old policy), the
 	// second reload hurries the first generation by closing its
 	// connections: the long connection must die, or the test above proves
 	// nothing.
 	echo := echoBackend(t)
 	cfg := strings.Replace(reloadCfg(echo, 2, true), `"load.test"`, `"echo.test"`, 1)
-	p := startProxyEnv(t, cfg, "SNIPROXYTEST_NO_MIGRATION=1")
+	p := startProxyEnv(t, cfg, "SNIPROXYTEST_NO_MOVE=1")
 	c, err := openEcho(p.addr, "echo.test", 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -491,7 +491,7 @@ func TestReloadMoveNegativeControl(t *testing.T) {
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	c.Write([]byte("after the second reload\n"))
 	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("without migration, the connection survived the hurry: %v", err)
+		t.Fatalf("without moving, the connection survived the hurry: %v", err)
 	}
 }
 
@@ -597,7 +597,7 @@ func waitGone(t *testing.T, pid int, what string) {
 func TestReloadDrainDeadline(t *testing.T) {
 	// A connection outliving shutdown_timeout is closed by the old
 	// generation at the deadline; moving does not extend it: a connection
-	// handed over is closed at the deadline of the reload that first
+	// moved is closed at the deadline of the reload that first
 	// retired it.
 	for _, tc := range []struct {
 		name    string

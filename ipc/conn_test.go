@@ -169,7 +169,7 @@ func TestFilePassing(t *testing.T) {
 		t.Fatalf("Send: %v", err)
 	}
 	// Send must not have touched the description's flags (File.Fd would
-	// have made it blocking for every holder).
+	// have made it blocking for every process sharing it).
 	if !nonblocking(t, lnRC) {
 		t.Fatal("after Send, the listener's description is blocking")
 	}

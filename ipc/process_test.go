@@ -174,7 +174,7 @@ func exchange(t *testing.T, c *Conn, b Body, files ...*os.File) Body {
 }
 
 // TestWorkerProcess runs a real worker process over a Pair: hello, config,
-// ping, a listening socket handed over, and the lifeline (the worker exits
+// ping, a listening socket sent over, and the lifeline (the worker exits
 // when the master's end closes).
 func TestWorkerProcess(t *testing.T) {
 	// A sibling's pair, open while the worker starts: close-on-exec must
