@@ -39,7 +39,7 @@ func floodBackend(t *testing.T) string {
 }
 
 // stalled returns a condition for waitFor: true once the count has moved
-// and then stayed the same for 50 ms.
+// and then stayed the same for 100 ms.
 func stalled(count func() uint64) func() bool {
 	var last uint64
 	var since time.Time
@@ -49,7 +49,7 @@ func stalled(count func() uint64) func() bool {
 			last, since = n, time.Now()
 			return false
 		}
-		return time.Since(since) >= 50*time.Millisecond
+		return time.Since(since) >= 100*time.Millisecond
 	}
 }
 

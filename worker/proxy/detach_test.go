@@ -103,14 +103,27 @@ func waitParked(t *testing.T, p *Poller, n int) {
 	}
 }
 
+// countingWriter counts the bytes written through it.
+type countingWriter struct {
+	w io.Writer
+	n atomic.Int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
 // waitStalled waits until the byte count that count reads has moved and
-// then stopped for 50 ms: a direction blocked writing to a peer that
-// reads nothing, its socket buffers full.
+// then stopped for 100 ms. Counting what a client wrote towards a backend
+// that reads nothing, that is when every buffer on the way is full and the
+// pair's up direction is blocked writing.
 func waitStalled(t *testing.T, count func() int64) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	last, still := int64(0), 0
-	for still < 5 {
+	for still < 10 {
 		if time.Now().After(deadline) {
 			t.Fatalf("bytes still moving (or none moved: %d) after 10 s; want a blocked writer", last)
 		}
@@ -324,8 +337,9 @@ func TestDetachBlockedWriterTimesOut(t *testing.T) {
 	defer backend.Close()
 	m.start(proxyC, proxyB, State{})
 	// The backend reads nothing: the up direction ends up blocked writing.
-	go pattern(client, 64<<20)
-	waitStalled(t, func() int64 { m.mu.Lock(); defer m.mu.Unlock(); return m.in })
+	w := &countingWriter{w: client}
+	go pattern(w, 64<<20)
+	waitStalled(t, w.n.Load)
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	d, err := m.h.Detach(ctx)
@@ -428,12 +442,12 @@ func TestBeginDetachMany(t *testing.T) {
 		defer backend.Close()
 		end := make(chan error, 1)
 		ends = append(ends, end)
-		var in atomic.Int64
-		pairs = append(pairs, Start(proxyC, proxyB, time.Minute, p, func(n, _ int64) { in.Add(n) }, func(_ Result, err error) { end <- err }))
+		pairs = append(pairs, Start(proxyC, proxyB, time.Minute, p, nil, func(_ Result, err error) { end <- err }))
 		if i == idle {
 			// The last one's backend reads nothing: it blocks writing.
-			go pattern(client, 64<<20)
-			waitStalled(t, in.Load)
+			w := &countingWriter{w: client}
+			go pattern(w, 64<<20)
+			waitStalled(t, w.n.Load)
 		}
 	}
 	for i, h := range pairs {
