@@ -130,7 +130,7 @@ func TestSecondSignalStopsAtOnce(t *testing.T) {
 	}
 	defer c.Close()
 	p.cmd.Process.Signal(syscall.SIGTERM)
-	time.Sleep(300 * time.Millisecond)
+	waitRefused(t, p.addr) // the first signal began the stop
 	start := time.Now()
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	select {

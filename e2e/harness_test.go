@@ -5,16 +5,11 @@ package e2e
 
 import (
 	"bufio"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
+	"flag"
 	"fmt"
-	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -25,12 +20,23 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sniproxy/sniproxy/internal/backendtest"
 )
 
 // binary is the sniproxy binary built once by TestMain.
 var binary string
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if testing.Short() {
+		// Every test here runs the real binary, most with external tools
+		// (curl, openssl, systemd-analyze, unshare, dpkg-deb): none is a
+		// unit test. Build nothing and run nothing.
+		fmt.Fprintln(os.Stderr, "e2e: skipped under -short")
+		flag.Set("test.skip", ".")
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "sniproxy-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -270,35 +276,6 @@ func (p *proxyProc) logLines(msg string) []map[string]any {
 	return out
 }
 
-// certFor returns a self-signed certificate for names and a pool trusting it.
-func certFor(t *testing.T, names ...string) (tls.Certificate, *x509.CertPool) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: names[0]},
-		DNSNames:     names,
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
-}
-
 // tlsBackend is a TLS server that greets each client with "id sni\n" and
 // then echoes until EOF.
 type tlsBackend struct {
@@ -309,32 +286,8 @@ type tlsBackend struct {
 
 func startTLSBackend(t *testing.T, id string, names ...string) *tlsBackend {
 	t.Helper()
-	cert, pool := certFor(t, names...)
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				tc := c.(*tls.Conn)
-				tc.SetDeadline(time.Now().Add(30 * time.Second))
-				if err := tc.Handshake(); err != nil {
-					return
-				}
-				fmt.Fprintf(tc, "%s %s\n", id, tc.ConnectionState().ServerName)
-				io.Copy(tc, tc)
-				tc.CloseWrite()
-			}()
-		}
-	}()
-	return &tlsBackend{id: id, addr: ln.Addr().String(), pool: pool}
+	addr, pool := backendtest.TLS(t, id, names...)
+	return &tlsBackend{id: id, addr: addr, pool: pool}
 }
 
 // tlsHello dials the proxy with SNI name, trusting pool, and returns the
@@ -370,26 +323,30 @@ func expectClosed(t *testing.T, c net.Conn, d time.Duration) {
 	}
 }
 
-// rawBackend accepts plain TCP connections and hands each to serve.
+// waitRefused waits until addr refuses new connections: the proxy has
+// stopped accepting.
+func waitRefused(t *testing.T, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			return
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still accepts 10s after the stop began", addr)
+		}
+		time.Sleep(10 * time.Millisecond) // poll the condition until the deadline
+	}
+}
+
+// rawBackend accepts plain TCP connections and hands each to serve, with a
+// 30 s deadline.
 func rawBackend(t *testing.T, serve func(net.Conn)) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(30 * time.Second))
-				serve(c)
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return backendtest.Serve(t, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		serve(c)
+	})
 }

@@ -161,7 +161,6 @@ func killQueued(t *testing.T, p *proxyProc) (failed, queued int) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	time.Sleep(50 * time.Millisecond)
 	const n = 24
 	type res struct {
 		early bool
@@ -178,7 +177,9 @@ func killQueued(t *testing.T, p *proxyProc) (failed, queued int) {
 			results <- res{early: time.Since(start) < 500*time.Millisecond, err: err}
 		}()
 	}
-	time.Sleep(time.Second) // connections to the stopped worker wait in its queue
+	// Deliberate: the connections to the stopped worker wait in its queue
+	// for a second (the kernel queues them; nothing outside can see it).
+	time.Sleep(time.Second)
 	syscall.Kill(victim, syscall.SIGKILL)
 	killed := time.Now()
 	for {
@@ -367,16 +368,14 @@ func TestGracefulStop(t *testing.T) {
 		}
 		defer c.Close()
 		p.cmd.Process.Signal(syscall.SIGTERM)
-		time.Sleep(500 * time.Millisecond)
-		// Still proxying while draining.
+		// New connections are refused while draining...
+		waitRefused(t, p.addr)
+		// ...and the live one is still proxied.
 		c.Write([]byte("more"))
 		buf := make([]byte, 4)
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "more" {
 			t.Fatalf("connection broken while draining: %q, %v", buf, err)
-		}
-		if _, err := net.DialTimeout("tcp", p.addr, time.Second); err == nil {
-			t.Errorf("new connections still accepted while draining")
 		}
 		c.Close()
 		start := time.Now()
@@ -489,6 +488,9 @@ func TestLimitSparePermitsComeBack(t *testing.T) {
 			}
 			time.Sleep(time.Millisecond)
 		}
+		// The worker returns the permit right after it closed the backend
+		// connection; nothing outside the process shows that moment
+		// (/metrics lags a stats interval), so allow it 20 ms.
 		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -20,9 +20,6 @@ import (
 // (systemd-analyze verify), and the extracted binary running version and
 // check on the shipped config.
 func TestDebianPackage(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds nfpm and a release binary; not a -short test")
-	}
 	for _, tool := range []string{"dpkg-deb", "systemd-analyze", "git"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("%s is not installed; .ci/run installs it", tool)

@@ -181,7 +181,7 @@ func reloadUnderLoad(t *testing.T, p *proxyProc, b *tlsBackend, n int, workers [
 	t.Helper()
 	stop := make(chan struct{})
 	res, wg := tlsLoad(p.addr, "load.test", "B load.test", b, 8, stop)
-	time.Sleep(300 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond) // deliberate: load before, between and after the reloads
 	var took []time.Duration
 	lastGen := 1
 	for i := range n {
@@ -242,7 +242,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := startTLSBackend(t, "B", "load.test")
-			// Two long connections are handed over at every reload after
+			// Two long connections are moved at every reload after
 			// the first, while the short ones come and go.
 			cfg := strings.Replace(reloadCfg(b.addr, 2, tc.reuse), `routes: [`,
 				fmt.Sprintf(`routes: [{match: "echo.test", backend: %q}, `, longEchoBackend(t)), 1)
@@ -322,7 +322,7 @@ func TestReloadKeepsLongConnection(t *testing.T) {
 	// it lasts within shutdown_timeout (10s here).
 	for i := range 5 {
 		echoOnce(fmt.Sprintf("after the reload, %d", i))
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(200 * time.Millisecond) // deliberate: the connection lives on for a second
 	}
 	if !alive(first) {
 		t.Fatal("first master exited while its connection was open")
@@ -472,13 +472,13 @@ func TestReloadMovesLongConnections(t *testing.T) {
 }
 
 func TestReloadMoveNegativeControl(t *testing.T) {
-	// Without migration (the test switch restores the old policy), the
+	// Without moving (the test switch restores the old policy), the
 	// second reload hurries the first generation by closing its
 	// connections: the long connection must die, or the test above proves
 	// nothing.
 	echo := echoBackend(t)
 	cfg := strings.Replace(reloadCfg(echo, 2, true), `"load.test"`, `"echo.test"`, 1)
-	p := startProxyEnv(t, cfg, "SNIPROXYTEST_NO_MIGRATION=1")
+	p := startProxyEnv(t, cfg, "SNIPROXYTEST_NO_MOVE=1")
 	c, err := openEcho(p.addr, "echo.test", 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -491,7 +491,7 @@ func TestReloadMoveNegativeControl(t *testing.T) {
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	c.Write([]byte("after the second reload\n"))
 	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("without migration, the connection survived the hurry: %v", err)
+		t.Fatalf("without moving, the connection survived the hurry: %v", err)
 	}
 }
 
@@ -597,7 +597,7 @@ func waitGone(t *testing.T, pid int, what string) {
 func TestReloadDrainDeadline(t *testing.T) {
 	// A connection outliving shutdown_timeout is closed by the old
 	// generation at the deadline; moving does not extend it: a connection
-	// handed over is closed at the deadline of the reload that first
+	// moved is closed at the deadline of the reload that first
 	// retired it.
 	for _, tc := range []struct {
 		name    string
@@ -621,7 +621,7 @@ func TestReloadDrainDeadline(t *testing.T) {
 			start := time.Now()
 			for i := range tc.reloads {
 				if i > 0 {
-					time.Sleep(500 * time.Millisecond)
+					time.Sleep(500 * time.Millisecond) // deliberate: reloads spaced in time
 				}
 				p.reload(t)
 				e.echo(t, fmt.Sprintf("after reload %d", i+1))
@@ -792,7 +792,7 @@ func TestBinaryUpgrade(t *testing.T) {
 	stop := make(chan struct{})
 	res, wg := tlsLoad(p.addr, "load.test", "B load.test", b, 4, stop)
 	p.reload(t)
-	time.Sleep(300 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond) // deliberate: load after the upgrade
 	close(stop)
 	wg.Wait()
 	if res.failed() != 0 {

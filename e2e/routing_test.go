@@ -280,7 +280,7 @@ func TestGarbageAndSlowloris(t *testing.T) {
 				if _, err := c.Write([]byte{b}); err != nil {
 					return
 				}
-				time.Sleep(300 * time.Millisecond)
+				time.Sleep(300 * time.Millisecond) // deliberate: the slowloris drip
 			}
 		}()
 		expectClosed(t, c, 5*time.Second)
@@ -386,7 +386,7 @@ func (c byteConn) Write(p []byte) (int, error) {
 		if _, err := c.Conn.Write(p[i : i+1]); err != nil {
 			return i, err
 		}
-		time.Sleep(100 * time.Microsecond)
+		time.Sleep(100 * time.Microsecond) // deliberate: one byte per segment
 	}
 	return len(p), nil
 }

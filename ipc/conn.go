@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sniproxy/sniproxy/internal/dupfd"
 )
 
 const (
@@ -278,24 +280,15 @@ func (c *Conn) sendmsg(fd uintptr) bool {
 	}
 }
 
-// dupFiles returns close-on-exec duplicates of the descriptors of files.
-// It never calls File.Fd, which would put a non-blocking socket into
-// blocking mode for every process sharing it.
+// dupFiles returns close-on-exec duplicates of the descriptors of files,
+// never through File.Fd (see dupfd).
 func dupFiles(files []*os.File) ([]int, error) {
 	fds := make([]int, 0, len(files))
 	for i, f := range files {
-		rc, err := f.SyscallConn()
+		nfd, err := dupfd.Fd(f)
 		if err != nil {
 			closeFds(fds)
 			return nil, fmt.Errorf("file %d (%s): %w", i, f.Name(), err)
-		}
-		var nfd int
-		var derr error
-		if err := rc.Control(func(fd uintptr) {
-			nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
-		}); err != nil || derr != nil {
-			closeFds(fds)
-			return nil, fmt.Errorf("file %d (%s): dup: %w", i, f.Name(), errors.Join(err, derr))
 		}
 		fds = append(fds, nfd)
 	}

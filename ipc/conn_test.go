@@ -169,7 +169,7 @@ func TestFilePassing(t *testing.T) {
 		t.Fatalf("Send: %v", err)
 	}
 	// Send must not have touched the description's flags (File.Fd would
-	// have made it blocking for every holder).
+	// have made it blocking for every process sharing it).
 	if !nonblocking(t, lnRC) {
 		t.Fatal("after Send, the listener's description is blocking")
 	}
@@ -556,6 +556,8 @@ func TestPeerVanishes(t *testing.T) {
 			_, err := worker.Recv()
 			errc <- err
 		}()
+		// Deliberate: give Recv time to block first, so the close most
+		// likely finds it waiting (the test holds either way).
 		time.Sleep(50 * time.Millisecond)
 		master.Close()
 		select {
@@ -606,6 +608,8 @@ func TestPeerVanishes(t *testing.T) {
 			_, err := master.Recv()
 			errc <- err
 		}()
+		// Deliberate: give Recv time to block first, so the close most
+		// likely finds it waiting (the test holds either way).
 		time.Sleep(50 * time.Millisecond)
 		master.Close()
 		select {

@@ -98,8 +98,7 @@
 // own new workers. The one place two generations talk over this protocol
 // is the pair that moves connections between masters (Connection frames):
 // across an upgrade that changes Version, the new master refuses them and
-// the old generation closes those connections, as it would without
-// migration.
+// the old generation closes those connections instead of moving them.
 // To keep that true, a master must start its workers from its own
 // executable (/proc/self/exe), not from the path on disk, which a package
 // upgrade may have replaced. A version mismatch therefore means a bug or a

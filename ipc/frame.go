@@ -97,7 +97,7 @@ const (
 	// TypeRevoke (master → worker): the global pool ran dry; give spare
 	// permits back now (LeaseReturn): Revoke.
 	TypeRevoke
-	// TypeStopped (worker → master): told to drain or migrate, the worker
+	// TypeStopped (worker → master): told to retire or move, the worker
 	// has closed its listeners and accepts no more: Stopped.
 	TypeStopped
 

@@ -567,9 +567,9 @@ var (
 	_ encoding.BinaryUnmarshaler = (*Listeners)(nil)
 )
 
-// Move tells a draining worker to hand each of its proxied connections
+// Move tells a draining worker to move each of its proxied connections
 // to the master (a Connection frame each), to close the connections it
-// cannot hand over (not yet proxied, or stuck), and to exit. Empty payload.
+// cannot move (not yet proxied, or stuck), and to exit. Empty payload.
 type Move struct{}
 
 // Type returns TypeMove.
@@ -627,7 +627,7 @@ func (Revoke) AppendBinary(b []byte) ([]byte, error) { return b, nil }
 // UnmarshalBinary implements encoding.BinaryUnmarshaler.
 func (*Revoke) UnmarshalBinary(p []byte) error { return empty(TypeRevoke, p) }
 
-// Stopped tells the master that the worker, told to drain or migrate, has
+// Stopped tells the master that the worker, told to retire or move, has
 // closed its listeners: it accepts no more connections. Empty payload.
 type Stopped struct{}
 

@@ -54,7 +54,7 @@ func TestDecodeRejects(t *testing.T) {
 		{"listeners trailing byte", Message{Type: TypeListeners, Payload: []byte{0, 1, 0, 1, 'a', 'b'}, Files: []*os.File{pr}}, ErrBadPayload},
 		{"listeners count over MaxFiles", Message{Type: TypeListeners, Payload: []byte{0xff, 0xff}}, ErrBadPayload},
 		{"files on a ping", Message{Type: TypePing, Payload: make([]byte, 8), Files: []*os.File{pr}}, ErrBadFrame},
-		{"migrate with payload", Message{Type: TypeMove, Payload: []byte{0}}, ErrBadPayload},
+		{"move with payload", Message{Type: TypeMove, Payload: []byte{0}}, ErrBadPayload},
 		{"connection without files", Message{Type: TypeConnection, Payload: []byte("{}")}, ErrBadPayload},
 		{"connection with one file", Message{Type: TypeConnection, Files: []*os.File{pr}}, ErrBadPayload},
 		{"connection state over the cap", Message{Type: TypeConnection, Payload: make([]byte, MaxConnectionState+1), Files: []*os.File{pr, pw}}, ErrBadPayload},

@@ -174,7 +174,7 @@ func exchange(t *testing.T, c *Conn, b Body, files ...*os.File) Body {
 }
 
 // TestWorkerProcess runs a real worker process over a Pair: hello, config,
-// ping, a listening socket handed over, and the lifeline (the worker exits
+// ping, a listening socket sent over, and the lifeline (the worker exits
 // when the master's end closes).
 func TestWorkerProcess(t *testing.T) {
 	// A sibling's pair, open while the worker starts: close-on-exec must
@@ -251,6 +251,8 @@ func TestWorkerKilled(t *testing.T) {
 		_, err := master.Recv()
 		errc <- err
 	}()
+	// Deliberate: give Recv time to block first, so the kill most likely
+	// finds it waiting (the test holds either way).
 	time.Sleep(20 * time.Millisecond)
 	if err := cmd.Process.Kill(); err != nil {
 		t.Fatal(err)

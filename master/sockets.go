@@ -12,6 +12,7 @@ import (
 	"github.com/libp2p/go-reuseport"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/dupfd"
 )
 
 // socket is one listening socket the master owns for its workers.
@@ -130,37 +131,16 @@ func fileSocket(upg *tableflip.Upgrader, name, addr string, reuse bool) (*os.Fil
 		return nil, fmt.Errorf("master: listen %s: %w", addr, err)
 	}
 	defer ln.Close()
-	f, err = dupFile(ln.(*net.TCPListener), name)
+	// Not ln.File: see dupfd.
+	f, err = dupfd.File(ln.(*net.TCPListener), name)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("master: %s: %w", name, err)
 	}
 	if err := upg.AddFile(name, f); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("master: register %s: %w", name, err)
 	}
 	return f, nil
-}
-
-// dupFile duplicates c's descriptor with F_DUPFD_CLOEXEC. Unlike
-// (*net.TCPListener).File it leaves the socket non-blocking: File's Fd()
-// would clear O_NONBLOCK on the open file description every process shares,
-// making accept block everywhere.
-func dupFile(c syscall.Conn, name string) (*os.File, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return nil, fmt.Errorf("master: dup %s: %w", name, err)
-	}
-	var nfd uintptr
-	var errno syscall.Errno
-	if err := rc.Control(func(fd uintptr) {
-		nfd, _, errno = syscall.Syscall(syscall.SYS_FCNTL, fd, syscall.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return nil, fmt.Errorf("master: dup %s: %w", name, err)
-	}
-	if errno != 0 {
-		return nil, fmt.Errorf("master: dup %s: %w", name, errno)
-	}
-	return os.NewFile(nfd, name), nil
 }
 
 // forSlot returns the sockets worker slot serves out of n workers: every
@@ -217,10 +197,10 @@ func (s *socketSet) rebind(upg *tableflip.Upgrader, slot, n int) error {
 			if err != nil {
 				return fmt.Errorf("master: rebind %s: %w", sk.name, err)
 			}
-			f, err := dupFile(ln.(*net.TCPListener), sk.name)
+			f, err := dupfd.File(ln.(*net.TCPListener), sk.name)
 			ln.Close()
 			if err != nil {
-				return err
+				return fmt.Errorf("master: %s: %w", sk.name, err)
 			}
 			if err := upg.AddFile(sk.name, f); err != nil {
 				f.Close()

@@ -12,47 +12,14 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/sniproxy/sniproxy/internal/backendtest"
+	"github.com/sniproxy/sniproxy/internal/dupfd"
 )
-
-// headBackend reads each connection's HTTP request head, then hands the
-// connection and the rest of its input to serve.
-func headBackend(t *testing.T, serve func(c net.Conn, r *bufio.Reader)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					line, err := r.ReadString('\n')
-					if err != nil {
-						return
-					}
-					if line == "\r\n" {
-						break
-					}
-				}
-				serve(c, r)
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
 
 // echoBackend answers each connection's HTTP request head with "hello",
 // then echoes every line.
 func echoBackend(t *testing.T) string {
-	return headBackend(t, func(c net.Conn, r *bufio.Reader) {
+	return backendtest.AfterHead(t, func(c net.Conn, r *bufio.Reader) {
 		io.WriteString(c, "hello\n")
 		io.Copy(c, r)
 	})
@@ -61,7 +28,7 @@ func echoBackend(t *testing.T) string {
 // floodBackend writes without end to every connection once it has read
 // the request head.
 func floodBackend(t *testing.T) string {
-	return headBackend(t, func(c net.Conn, _ *bufio.Reader) {
+	return backendtest.AfterHead(t, func(c net.Conn, _ *bufio.Reader) {
 		buf := make([]byte, 1<<16)
 		for {
 			if _, err := c.Write(buf); err != nil {
@@ -69,6 +36,21 @@ func floodBackend(t *testing.T) string {
 			}
 		}
 	})
+}
+
+// stalled returns a condition for waitFor: true once the count has moved
+// and then stayed the same for 100 ms.
+func stalled(count func() uint64) func() bool {
+	var last uint64
+	var since time.Time
+	return func() bool {
+		n := count()
+		if n == 0 || n != last {
+			last, since = n, time.Now()
+			return false
+		}
+		return time.Since(since) >= 100*time.Millisecond
+	}
 }
 
 // echoLine sends line and expects it back.
@@ -206,15 +188,11 @@ func tcpFiles(t *testing.T) (*os.File, *os.File) {
 // dup returns a duplicate of f.
 func dup(t *testing.T, f *os.File) *os.File {
 	t.Helper()
-	rc, err := f.SyscallConn()
+	d, err := dupfd.File(f, f.Name())
 	if err != nil {
 		t.Fatal(err)
 	}
-	nfd, derr := -1, error(nil)
-	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil || derr != nil {
-		t.Fatal(err, derr)
-	}
-	return os.NewFile(uintptr(nfd), f.Name())
+	return d
 }
 
 // expectEOF reads until c ends, which it must within 5 s.
@@ -254,7 +232,7 @@ func TestMoveStuckPairsDelayNoOther(t *testing.T) {
 		idles = append(idles, held{c, r})
 	}
 	waitFor(t, "every connection proxied", func() bool { return a.srv.Active() == stuck+idle })
-	time.Sleep(500 * time.Millisecond) // the floods fill every buffer
+	waitFor(t, "the floods to fill every buffer", stalled(func() uint64 { return a.counters.Snapshot().BytesOut }))
 	a.stop()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()

@@ -196,7 +196,7 @@ func (p *path) end(r result) {
 }
 
 // admit takes a permit of the global limit and a slot of the sniff limit
-// (see SniffLimit).
+// (see sniffLimitFor).
 func (p *path) admit() result {
 	s := p.c.srv
 	if s.limiter != nil {

@@ -73,7 +73,7 @@ type Server struct {
 	// Dialer dials backends; a seam for tests (its Resolver).
 	Dialer *route.Dialer
 	// LingerOnStop, for the reload test's negative control only, keeps
-	// the listeners open (not accepting) this long after StopAccepting, so
+	// the listeners open (not accepting) this long after stopAccepting, so
 	// that connections queue on sockets about to be closed.
 	LingerOnStop time.Duration
 	// AccessLog gets the access log: one line per connection. New sets
@@ -83,7 +83,7 @@ type Server struct {
 
 	// sniffLimit bounds the connections of this server still in the sniff
 	// phase, so slow or silent clients cannot hold the whole connection
-	// budget: see SniffLimit.
+	// budget: see sniffLimitFor.
 	sniffLimit int64
 	sniffing   atomic.Int64
 
@@ -104,7 +104,7 @@ type Server struct {
 // New returns a Server for cfg. limiter may be nil (no limit beyond the
 // process's own).
 func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*Server, error) {
-	t, err := NewTable(cfg)
+	t, err := newTable(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -140,16 +140,16 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 			KeepAlive:    keepAlive,
 		},
 		conns:      map[*conn]struct{}{},
-		sniffLimit: int64(SniffLimit(cfg)),
+		sniffLimit: int64(sniffLimitFor(cfg)),
 	}, nil
 }
 
-// SniffLimit returns how many connections one worker lets sit in the sniff
+// sniffLimitFor returns how many connections one worker lets sit in the sniff
 // phase at once: three quarters of its share of max_connections (at least
 // 16), so clients that never finish a hello can take at most that much of
 // the budget and the rest stays for clients that do. Connections over it
 // are closed at once and counted with reason "limit".
-func SniffLimit(cfg *config.Config) int {
+func sniffLimitFor(cfg *config.Config) int {
 	workers := cfg.Workers
 	if workers <= 0 {
 		workers = runtime.NumCPU()
@@ -157,8 +157,8 @@ func SniffLimit(cfg *config.Config) int {
 	return max(16, cfg.MaxConnections*3/4/workers)
 }
 
-// NewTable builds the routing table of cfg.
-func NewTable(cfg *config.Config) (*route.Table, error) {
+// newTable builds the routing table of cfg.
+func newTable(cfg *config.Config) (*route.Table, error) {
 	var deny, allow []hostname.Pattern
 	var routes []route.Rule
 	for i, s := range cfg.Denylist {
@@ -218,17 +218,17 @@ func (s *Server) Serve(ctx context.Context, lns []Listener) error {
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
-		s.StopAccepting()
+		s.stopAccepting()
 		loops.Wait()
 		return err
 	}
-	s.StopAccepting()
+	s.stopAccepting()
 	loops.Wait()
 	return nil
 }
 
-// StopAccepting closes the listeners; accept loops end. It is idempotent.
-func (s *Server) StopAccepting() {
+// stopAccepting closes the listeners; accept loops end. It is idempotent.
+func (s *Server) stopAccepting() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true
@@ -252,7 +252,7 @@ func (s *Server) StopAccepting() {
 	s.lns = nil
 }
 
-// stopped reports whether StopAccepting was called.
+// stopped reports whether stopAccepting was called.
 func (s *Server) stopped() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -17,6 +17,7 @@ import (
 	"github.com/pires/go-proxyproto"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/backendtest"
 	"github.com/sniproxy/sniproxy/internal/stats"
 )
 
@@ -69,26 +70,13 @@ func startServer(t *testing.T, body string, lim Limiter, lopts string) *testServ
 // and keeps them open until the test ends.
 func holdBackend(t *testing.T) (string, chan string) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	got := make(chan string, 100)
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			t.Cleanup(func() { c.Close() })
-			go func() {
-				line, _ := bufio.NewReader(c).ReadString('\n')
-				got <- line
-			}()
-		}
-	}()
-	return ln.Addr().String(), got
+	addr := backendtest.Serve(t, func(c net.Conn) {
+		line, _ := bufio.NewReader(c).ReadString('\n')
+		got <- line
+		<-t.Context().Done()
+	})
+	return addr, got
 }
 
 func waitFor(t *testing.T, what string, cond func() bool) {
@@ -236,25 +224,11 @@ func TestDrainClosesAtDeadline(t *testing.T) {
 }
 
 func TestCountersMatchTraffic(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				b, _ := io.ReadAll(c)
-				c.Write([]byte(strings.ToUpper(string(b))))
-			}()
-		}
-	}()
-	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\nallowlist: [a.test]\n", ln.Addr()), nil, "")
+	backend := backendtest.Serve(t, func(c net.Conn) {
+		b, _ := io.ReadAll(c)
+		c.Write([]byte(strings.ToUpper(string(b))))
+	})
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\nallowlist: [a.test]\n", backend), nil, "")
 	var in, out int
 	for i := range 5 {
 		req := fmt.Sprintf("GET /%d HTTP/1.1\r\nHost: a.test\r\n\r\n", i)

@@ -67,7 +67,7 @@ func cmdRun(rf runFlags, sigs <-chan os.Signal, stderr io.Writer) int {
 		// Switches for the e2e tests only; see master.Options.
 		ReplaceDeadSockets: sw.ReplaceDeadSockets,
 		FreshSockets:       sw.FreshSockets,
-		NoMove:             sw.NoMigration,
+		NoMove:             sw.NoMove,
 		UpgradeTimeout:     sw.UpgradeTimeout,
 	}
 	if f := sw.HangIfFile; f != "" {

@@ -114,14 +114,6 @@ func (p *Pool) SetReserve(n int) {
 	p.reserve = max(n, 0)
 }
 
-// SetLimit changes the limit. Permits already granted stay granted; if
-// they exceed the new limit no more are granted until enough return.
-func (p *Pool) SetLimit(limit int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.limit = limit
-}
-
 // Free returns the number of permits that may be granted now.
 func (p *Pool) Free() int {
 	p.mu.Lock()
@@ -130,7 +122,7 @@ func (p *Pool) Free() int {
 }
 
 // Held returns the permits granted to workers, in total and to each.
-func (p *Pool) Held() (total int, byHolder map[int]int) {
+func (p *Pool) Held() (total int, byWorker map[int]int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	m := make(map[int]int, len(p.held))
@@ -222,7 +214,7 @@ func (c *Client) Acquire() bool {
 // TryAcquire takes a permit if one comes without making anybody wait: a
 // spare, or the answer to a request that is not urgent (see Transport).
 // It is for a connection served already, without a permit, that should
-// count again (a connection handed over by a reload).
+// count again (a connection moved by a reload).
 func (c *Client) TryAcquire() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -123,7 +123,7 @@ func TestClientsRespectLimitConcurrently(t *testing.T) {
 		if total == held {
 			break
 		}
-		time.Sleep(time.Millisecond)
+		time.Sleep(time.Millisecond) // poll the condition, 1000 times at most
 	}
 	for _, c := range clients {
 		if c.InUse() != 0 {
@@ -190,7 +190,7 @@ func BenchmarkAcquireRelease(b *testing.B) {
 type slow struct{ direct }
 
 func (s slow) Request(want int, urgent bool) (int, error) {
-	time.Sleep(2 * time.Millisecond)
+	time.Sleep(2 * time.Millisecond) // deliberate: the slow round trip
 	return s.direct.Request(want, urgent)
 }
 

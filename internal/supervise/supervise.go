@@ -41,8 +41,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Forwarded are the signals the keeper passes on to the current master.
-var Forwarded = []os.Signal{syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT}
+// forwarded are the signals the keeper passes on to the current master.
+var forwarded = []os.Signal{syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT}
 
 // Options configure a keeper.
 type Options struct {
@@ -62,7 +62,7 @@ type Options struct {
 	// Log receives the keeper's own lines.
 	Log *slog.Logger
 	// Signals, if not nil, replaces the keeper's own subscription to
-	// Forwarded (for tests).
+	// forwarded (for tests).
 	Signals <-chan os.Signal
 }
 
@@ -86,7 +86,7 @@ func Run(ctx context.Context, opts Options) int {
 	sigs := opts.Signals
 	if sigs == nil {
 		ch := make(chan os.Signal, 8)
-		signal.Notify(ch, Forwarded...)
+		signal.Notify(ch, forwarded...)
 		defer signal.Stop(ch)
 		sigs = ch
 	}

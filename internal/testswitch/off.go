@@ -2,8 +2,6 @@
 
 package testswitch
 
-const enabled = false
-
 // Read returns the zero Switches: this binary was built without the
 // sniproxytest tag, so no test switch exists in it.
 func Read() Switches { return Switches{} }

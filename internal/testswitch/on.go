@@ -7,8 +7,6 @@ import (
 	"time"
 )
 
-const enabled = true
-
 // Read returns the switches set in the environment.
 func Read() Switches {
 	duration := func(key string) time.Duration {
@@ -21,7 +19,7 @@ func Read() Switches {
 	return Switches{
 		ReplaceDeadSockets: os.Getenv("SNIPROXYTEST_REPLACE_DEAD_SOCKETS") == "1",
 		FreshSockets:       os.Getenv("SNIPROXYTEST_FRESH_SOCKETS") == "1",
-		NoMigration:        os.Getenv("SNIPROXYTEST_NO_MIGRATION") == "1",
+		NoMove:             os.Getenv("SNIPROXYTEST_NO_MOVE") == "1",
 		UpgradeTimeout:     duration("SNIPROXYTEST_UPGRADE_TIMEOUT"),
 		HangIfFile:         os.Getenv("SNIPROXYTEST_HANG_IF_FILE"),
 		StopDelay:          duration("SNIPROXYTEST_STOP_DELAY"),

@@ -25,9 +25,9 @@ type Switches struct {
 	// of inheriting them, and old workers linger briefly after closing
 	// theirs (SNIPROXYTEST_FRESH_SOCKETS=1): the reload negative control.
 	FreshSockets bool
-	// NoMigration makes a hurried generation close its connections instead
-	// of handing them over (SNIPROXYTEST_NO_MIGRATION=1).
-	NoMigration bool
+	// NoMove makes a hurried generation close its connections instead of
+	// moving them (SNIPROXYTEST_NO_MOVE=1).
+	NoMove bool
 	// UpgradeTimeout, when non-zero, replaces how long a master waits for
 	// its successor to become ready (SNIPROXYTEST_UPGRADE_TIMEOUT=2s).
 	UpgradeTimeout time.Duration
@@ -38,6 +38,3 @@ type Switches struct {
 	// (SNIPROXYTEST_STOP_DELAY=200ms).
 	StopDelay time.Duration
 }
-
-// Enabled reports whether this binary was built with the sniproxytest tag.
-const Enabled = enabled

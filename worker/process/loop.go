@@ -20,8 +20,8 @@ import (
 	"github.com/sniproxy/sniproxy/worker"
 )
 
-// StatsInterval is how often a worker process pushes counter deltas.
-const StatsInterval = time.Second
+// statsInterval is how often a worker process pushes counter deltas.
+const statsInterval = time.Second
 
 // moveTimeout bounds how long a worker tries to move its connections: the
 // next generation waits for this one to exit.
@@ -191,7 +191,7 @@ func (l *loop) run(lns []worker.Listener) error {
 	l.log.Debug("worker ready", "slot", l.slot, "listeners", len(lns))
 	go l.read()
 
-	tick := time.NewTicker(StatsInterval)
+	tick := time.NewTicker(statsInterval)
 	defer tick.Stop()
 	for {
 		var deadline <-chan time.Time

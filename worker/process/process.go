@@ -36,8 +36,8 @@ type NamedFile struct {
 	File *os.File
 }
 
-// ListenerAddress returns the config address a socket name refers to.
-func ListenerAddress(name string) (string, error) {
+// listenerAddress returns the config address a socket name refers to.
+func listenerAddress(name string) (string, error) {
 	kind, rest, ok := strings.Cut(name, "/")
 	switch {
 	case ok && kind == "shared":
@@ -137,7 +137,7 @@ func listeners(cfg *config.Config, files []NamedFile) (lns []worker.Listener, er
 		byAddr[l.Address] = l
 	}
 	for _, nf := range files {
-		addr, err := ListenerAddress(nf.Name)
+		addr, err := listenerAddress(nf.Name)
 		if err != nil {
 			return lns, err
 		}

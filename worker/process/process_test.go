@@ -9,10 +9,10 @@ import (
 	"net"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/sniproxy/sniproxy/internal/backendtest"
 	"github.com/sniproxy/sniproxy/ipc"
 )
 
@@ -182,38 +182,7 @@ func (m *fakeMaster) running() bool {
 // after the request head of an HTTP request.
 func echoBackend(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-	})
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					line, err := r.ReadString('\n')
-					if err != nil {
-						return
-					}
-					if line == "\r\n" {
-						break
-					}
-				}
-				io.Copy(c, r)
-			})
-		}
-	})
-	return ln.Addr().String()
+	return backendtest.AfterHead(t, func(c net.Conn, r *bufio.Reader) { io.Copy(c, r) })
 }
 
 // openEcho opens a connection through the worker to echo.test and checks
@@ -514,9 +483,9 @@ func TestListenerAddress(t *testing.T) {
 		{"bogus", ""},
 		{"reuseport/nothing", ""},
 	} {
-		got, err := ListenerAddress(tc.name)
+		got, err := listenerAddress(tc.name)
 		if got != tc.want || (err != nil) != (tc.want == "") {
-			t.Errorf("ListenerAddress(%q) = %q, %v; want %q", tc.name, got, err, tc.want)
+			t.Errorf("listenerAddress(%q) = %q, %v; want %q", tc.name, got, err, tc.want)
 		}
 	}
 }

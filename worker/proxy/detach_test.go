@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -66,6 +67,77 @@ func (m *moving) move() State {
 	return d.State
 }
 
+// waitProgress waits until the pair counted more bytes both ways than st.
+func (m *moving) waitProgress(st State) {
+	m.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		m.mu.Lock()
+		in, out := m.in, m.out
+		m.mu.Unlock()
+		if in > st.In && out > st.Out {
+			return
+		}
+		if time.Now().After(deadline) {
+			m.t.Fatalf("no bytes moved both ways since %+v (counted %d in, %d out)", st, in, out)
+		}
+		time.Sleep(time.Millisecond) // poll the condition until the deadline
+	}
+}
+
+// waitParked waits until p holds n parked directions.
+func waitParked(t *testing.T, p *Poller, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p.mu.Lock()
+		got := len(p.parked)
+		p.mu.Unlock()
+		if got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d directions parked; want %d", got, n)
+		}
+		time.Sleep(time.Millisecond) // poll the condition until the deadline
+	}
+}
+
+// countingWriter counts the bytes written through it.
+type countingWriter struct {
+	w io.Writer
+	n atomic.Int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// waitStalled waits until the byte count that count reads has moved and
+// then stopped for 100 ms. Counting what a client wrote towards a backend
+// that reads nothing, that is when every buffer on the way is full and the
+// pair's up direction is blocked writing.
+func waitStalled(t *testing.T, count func() int64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	last, still := int64(0), 0
+	for still < 10 {
+		if time.Now().After(deadline) {
+			t.Fatalf("bytes still moving (or none moved: %d) after 10 s; want a blocked writer", last)
+		}
+		time.Sleep(10 * time.Millisecond) // poll the condition until the deadline
+		n := count()
+		if n > 0 && n == last {
+			still++
+		} else {
+			still = 0
+		}
+		last = n
+	}
+}
+
 // fileTCP turns a detached socket back into a connection.
 func fileTCP(t *testing.T, f *os.File) *net.TCPConn {
 	t.Helper()
@@ -78,10 +150,19 @@ func fileTCP(t *testing.T, f *os.File) *net.TCPConn {
 }
 
 // pattern writes n bytes of a known sequence in random-sized chunks.
-func pattern(w io.Writer, n int) error {
+func pattern(w io.Writer, n int) error { return patternSteps(w, n, 1, nil) }
+
+// patternSteps is pattern in steps equal parts: before each part but the
+// first it waits for a token from next, so that the stream cannot end
+// before the reader of next is done with it.
+func patternSteps(w io.Writer, n, steps int, next <-chan struct{}) error {
 	buf := make([]byte, 64<<10)
+	part := n / steps
 	for off := 0; off < n; {
-		k := min(len(buf), n-off, 1+(off*7919)%len(buf))
+		if off > 0 && off%part == 0 && off/part < steps {
+			<-next
+		}
+		k := min(len(buf), n-off, 1+(off*7919)%len(buf), part-off%part)
 		for i := range k {
 			buf[i] = byte((off + i) % 251)
 		}
@@ -131,17 +212,24 @@ func TestDetachMidStreamLosesNothing(t *testing.T) {
 			defer backend.Close()
 			m.start(proxyC, proxyB, State{})
 
-			// Both ways at once, while the pair moves ten times.
-			const n = 48 << 20
+			// Both ways at once, while the pair moves ten times. Each
+			// side writes in eleven parts and starts the next part only
+			// after a move, and each move waits until bytes moved both
+			// ways since the last one: every move is mid-stream.
+			const moves = 10
+			const n = (moves + 1) << 22
 			errs := make(chan error, 4)
-			go func() { errs <- pattern(client, n); client.CloseWrite() }()
-			go func() { errs <- pattern(backend, n); backend.CloseWrite() }()
+			nextUp, nextDown := make(chan struct{}, moves), make(chan struct{}, moves)
+			go func() { errs <- patternSteps(client, n, moves+1, nextUp); client.CloseWrite() }()
+			go func() { errs <- patternSteps(backend, n, moves+1, nextDown); backend.CloseWrite() }()
 			go func() { errs <- checkPattern(backend, n) }()
 			go func() { errs <- checkPattern(client, n) }()
 			var last State
-			for range 10 {
-				time.Sleep(10 * time.Millisecond)
+			for range moves {
+				m.waitProgress(last)
 				last = m.move()
+				nextUp <- struct{}{}
+				nextDown <- struct{}{}
 			}
 			if last.In == 0 || last.Out == 0 {
 				t.Errorf("state after moves %+v; want bytes counted both ways", last)
@@ -199,7 +287,7 @@ func TestDetachIdleAndHalfClosed(t *testing.T) {
 		}
 	}
 	echo()
-	time.Sleep(20 * time.Millisecond) // both directions park
+	waitParked(t, p, 2) // both directions park
 	m.move()
 	echo()
 
@@ -249,8 +337,9 @@ func TestDetachBlockedWriterTimesOut(t *testing.T) {
 	defer backend.Close()
 	m.start(proxyC, proxyB, State{})
 	// The backend reads nothing: the up direction ends up blocked writing.
-	go pattern(client, 64<<20)
-	time.Sleep(200 * time.Millisecond)
+	w := &countingWriter{w: client}
+	go pattern(w, 64<<20)
+	waitStalled(t, w.n.Load)
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	d, err := m.h.Detach(ctx)
@@ -356,8 +445,9 @@ func TestBeginDetachMany(t *testing.T) {
 		pairs = append(pairs, Start(proxyC, proxyB, time.Minute, p, nil, func(_ Result, err error) { end <- err }))
 		if i == idle {
 			// The last one's backend reads nothing: it blocks writing.
-			go pattern(client, 64<<20)
-			time.Sleep(200 * time.Millisecond)
+			w := &countingWriter{w: client}
+			go pattern(w, 64<<20)
+			waitStalled(t, w.n.Load)
 		}
 	}
 	for i, h := range pairs {

@@ -35,6 +35,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sniproxy/sniproxy/internal/dupfd"
 )
 
 // holdPipe bounds how long a direction may wait for more bytes while it
@@ -43,8 +45,8 @@ const holdPipe = 20 * time.Millisecond
 
 // Sentinel errors.
 var (
-	// ErrIdle is returned by Pipe when neither side sent a byte for the
-	// idle timeout.
+	// ErrIdle is passed to a pair's done callback when neither side sent a
+	// byte for the idle timeout.
 	ErrIdle = errors.New("proxy: idle timeout")
 	// ErrDetached is passed to a pair's done callback when the pair was
 	// detached (Pair.Detach): its sockets were handed out, not closed.
@@ -57,36 +59,25 @@ var (
 // longAgo is a deadline in the past: it wakes a goroutine waiting to read.
 var longAgo = time.Unix(1, 0)
 
-// Result says what a Pipe moved.
+// Result says what a pair moved.
 type Result struct {
 	// In counts bytes copied client to backend; Out backend to client.
 	In, Out int64
 }
 
-// Pipe copies client to backend and backend to client until both directions
-// have ended, then closes both connections. A direction ends on EOF (passed
-// on as CloseWrite) or on an error, which closes both connections at once.
-// idle > 0 closes both when no byte moved either way for that long.
+// Start copies client to backend and backend to client until both
+// directions have ended, then closes both connections. A direction ends on
+// EOF (passed on as CloseWrite) or on an error, which closes both
+// connections at once. idle > 0 closes both when no byte moved either way
+// for that long.
 //
-// Pipe returns the byte counts and the first error other than a clean EOF:
-// ErrIdle, or a read or write error wrapped with its direction. If count is
-// not nil it is called from both directions' goroutines as bytes move, so a
-// caller can report progress of long connections; it must be cheap and safe
-// for concurrent use.
-func Pipe(client, backend *net.TCPConn, idle time.Duration, count func(in, out int64)) (Result, error) {
-	type outcome struct {
-		r   Result
-		err error
-	}
-	ch := make(chan outcome, 1)
-	Start(client, backend, idle, nil, count, func(r Result, err error) { ch <- outcome{r, err} })
-	o := <-ch
-	return o.r, o.err
-}
-
-// Start is Pipe without the wait: it starts the two directions on their own
-// goroutines and returns at once; done is called (on one of them) when both
-// have ended and both connections are closed.
+// Start returns at once: the two directions run on their own goroutines
+// (or park in poller), and done is called (on one of them) when both have
+// ended and both connections are closed, with the byte counts and the
+// first error other than a clean EOF: ErrIdle, or a read or write error
+// wrapped with its direction. If count is not nil it is called from both
+// directions as bytes move, so a caller can report progress of long
+// connections; it must be cheap and safe for concurrent use.
 //
 // This is what a server holding many idle connections wants: the caller's
 // goroutine, whose stack grew while it sniffed and dialled, can exit, and an
@@ -343,14 +334,14 @@ func (p *pair) takeFiles() (*Detached, error) {
 	// Go, not by the socket; clear them anyway, nothing waits any more.
 	p.client.SetReadDeadline(time.Time{})
 	p.backend.SetReadDeadline(time.Time{})
-	c, err := dupFile(p.client, "client")
+	c, err := dupfd.File(p.client, "client")
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("proxy: detach client: %w", err)
 	}
-	b, err := dupFile(p.backend, "backend")
+	b, err := dupfd.File(p.backend, "backend")
 	if err != nil {
 		c.Close()
-		return nil, err
+		return nil, fmt.Errorf("proxy: detach backend: %w", err)
 	}
 	p.client.Close()
 	p.backend.Close()
@@ -359,27 +350,6 @@ func (p *pair) takeFiles() (*Detached, error) {
 		UpDone: !p.up.stopped, DownDone: !p.down.stopped,
 		Last: time.Unix(0, p.last.Load()),
 	}}, nil
-}
-
-// dupFile returns a close-on-exec duplicate of c's descriptor, leaving the
-// socket as it is (unlike (*net.TCPConn).File, which documents no such
-// promise).
-func dupFile(c *net.TCPConn, name string) (*os.File, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return nil, fmt.Errorf("proxy: detach %s: %w", name, err)
-	}
-	nfd := -1
-	var derr error
-	if err := rc.Control(func(fd uintptr) {
-		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return nil, fmt.Errorf("proxy: detach %s: %w", name, err)
-	}
-	if derr != nil {
-		return nil, fmt.Errorf("proxy: detach %s: dup: %w", name, derr)
-	}
-	return os.NewFile(uintptr(nfd), name), nil
 }
 
 // pair is the state both directions share.

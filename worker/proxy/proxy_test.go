@@ -32,7 +32,7 @@ func tcpPair(t testing.TB) (dialed, accepted *net.TCPConn) {
 	return c, a
 }
 
-// rig is client <-> [proxyC | Pipe | proxyB] <-> backend.
+// rig is client <-> [proxyC | Start | proxyB] <-> backend.
 type rig struct {
 	client, backend *net.TCPConn
 	done            chan struct{}
@@ -46,10 +46,10 @@ func newRig(t testing.TB, idle time.Duration) *rig {
 	client, proxyC := tcpPair(t)
 	proxyB, backend := tcpPair(t)
 	r := &rig{client: client, backend: backend, done: make(chan struct{})}
-	go func() {
-		defer close(r.done)
-		r.res, r.err = Pipe(proxyC, proxyB, idle, func(in, out int64) { r.in.Add(in); r.out.Add(out) })
-	}()
+	Start(proxyC, proxyB, idle, nil, func(in, out int64) { r.in.Add(in); r.out.Add(out) }, func(res Result, err error) {
+		r.res, r.err = res, err
+		close(r.done)
+	})
 	t.Cleanup(func() {
 		client.Close()
 		backend.Close()
@@ -63,7 +63,7 @@ func (r *rig) wait(t testing.TB, d time.Duration) {
 	select {
 	case <-r.done:
 	case <-time.After(d):
-		t.Fatalf("Pipe did not return within %v", d)
+		t.Fatalf("pair did not finish within %v", d)
 	}
 }
 
@@ -94,7 +94,7 @@ func TestHalfCloseClientFirst(t *testing.T) {
 	}
 	r.wait(t, 10*time.Second)
 	if r.err != nil {
-		t.Errorf("Pipe err %v; want nil", r.err)
+		t.Errorf("pair err %v; want nil", r.err)
 	}
 	if r.res.In != 7 || r.res.Out != 25 || r.in.Load() != 7 || r.out.Load() != 25 {
 		t.Errorf("counts %+v callback in=%d out=%d; want 7/25", r.res, r.in.Load(), r.out.Load())
@@ -150,7 +150,7 @@ func TestOneWayDownloadIsNotIdle(t *testing.T) {
 	for i := 0; i < 16; i++ {
 		r.backend.Write([]byte("chunk;"))
 		want.WriteString("chunk;")
-		time.Sleep(idle / 4)
+		time.Sleep(idle / 4) // deliberate: the trickle being tested
 	}
 	r.backend.CloseWrite()
 	r.client.CloseWrite()
@@ -269,21 +269,26 @@ func TestIdlePairsHoldNoPipe(t *testing.T) {
 		io.ReadFull(r.client, buf)
 	}
 	// Go keeps free pipes in a sync.Pool and closes them when the pool is
-	// collected; a pipe held by a waiting splice would survive that.
-	time.Sleep(10 * holdPipe) // a splice may hold its pipe this long after the last byte
-	for range 3 {
+	// collected; a pipe held by a waiting splice would survive that. A
+	// splice gives its pipe back within holdPipe of the last byte.
+	deadline := time.Now().Add(2 * time.Second)
+	for {
 		runtime.GC()
-		time.Sleep(10 * time.Millisecond)
-	}
-	if extra := pipeFDs(t) - before; extra > 8 {
-		t.Errorf("%d pipe fds open with %d idle pairs; want no pipe held per idle pair", extra, pairs)
+		extra := pipeFDs(t) - before
+		if extra <= 8 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d pipe fds open with %d idle pairs; want no pipe held per idle pair", extra, pairs)
+		}
+		time.Sleep(10 * time.Millisecond) // poll the condition until the deadline
 	}
 }
 
-func BenchmarkPipe(b *testing.B) {
+func BenchmarkCopy(b *testing.B) {
 	const chunk = 1 << 20
 	buf := make([]byte, chunk)
-	// direct: no proxy; proxy: Pipe (splice); usercopy: the same topology
+	// direct: no proxy; proxy: a pair (Start, splice); usercopy: the same topology
 	// with a plain user-space io.CopyBuffer, what wrapping the conns costs.
 	for _, mode := range []string{"direct", "proxy", "usercopy"} {
 		b.Run(mode, func(b *testing.B) {

@@ -93,6 +93,21 @@ func (l *listener) count() int {
 	return l.accepted
 }
 
+// settledCount returns how many connections l accepted before this call:
+// it connects once more and waits for the echo, and since the accept queue
+// is first in, first out, every connection made before was accepted (and
+// counted) by then. The extra connection is not counted.
+func (l *listener) settledCount(t *testing.T) int {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", l.addr.String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	echo(t, c)
+	return l.count() - 1
+}
+
 // fullListener binds ip:port with a backlog of 0 and fills its accept queue,
 // so the kernel drops further SYNs and a dial to it hangs until its deadline.
 // It fails the test when the kernel does not behave that way (Linux does).
@@ -222,8 +237,8 @@ func TestDialDNSRoutedLoopback(t *testing.T) {
 		}
 		t.Fatalf("Dial without AllowPrivate: got error %v; want %v", err, ErrPrivate)
 	}
-	if got := ReasonOf(err); got != ReasonDenied {
-		t.Errorf("ReasonOf(%v): got %q; want %q", err, got, ReasonDenied)
+	if got := reasonOf(err); got != ReasonDenied {
+		t.Errorf("reasonOf(%v): got %q; want %q", err, got, ReasonDenied)
 	}
 	if !strings.Contains(err.Error(), "rebind.test") || !strings.Contains(err.Error(), "127.0.0.1") {
 		t.Errorf("error %q: want it to name the host and the address", err)
@@ -242,8 +257,7 @@ func TestDialDNSRoutedLoopback(t *testing.T) {
 	if got, want := res.asked, []string{"ip rebind.test.", "ip rebind.test."}; strings.Join(got, ",") != strings.Join(want, ",") {
 		t.Errorf("resolver asked %q; want %q", got, want)
 	}
-	time.Sleep(50 * time.Millisecond)
-	if got := l.count(); got != 1 {
+	if got := l.settledCount(t); got != 1 {
 		t.Errorf("listener accepted %d connections; want 1 (the refused dial must not connect)", got)
 	}
 }
@@ -274,8 +288,7 @@ func TestControlRefusesBeforeConnect(t *testing.T) {
 			}
 		})
 	}
-	time.Sleep(50 * time.Millisecond)
-	if got := l.count(); got != 0 {
+	if got := l.settledCount(t); got != 0 {
 		t.Errorf("listener accepted %d connections; want 0", got)
 	}
 }
@@ -538,8 +551,8 @@ func TestDialErrors(t *testing.T) {
 			if tt.also != nil && !errors.Is(err, tt.also) {
 				t.Errorf("Dial: got error %v; want it to wrap %v", err, tt.also)
 			}
-			if got := ReasonOf(err); got != tt.reason {
-				t.Errorf("ReasonOf(%v): got %q; want %q", err, got, tt.reason)
+			if got := reasonOf(err); got != tt.reason {
+				t.Errorf("reasonOf(%v): got %q; want %q", err, got, tt.reason)
 			}
 			if !strings.Contains(err.Error(), tt.message) {
 				t.Errorf("error %q: want it to contain %q", err, tt.message)
@@ -547,8 +560,7 @@ func TestDialErrors(t *testing.T) {
 			t.Logf("%v", err)
 		})
 	}
-	time.Sleep(50 * time.Millisecond)
-	if got := l.count(); got != 0 {
+	if got := l.settledCount(t); got != 0 {
 		t.Errorf("listener accepted %d connections; want 0", got)
 	}
 }
@@ -595,6 +607,9 @@ func TestDialTimeout(t *testing.T) {
 		}
 	})
 	t.Run("all addresses share the timeout", func(t *testing.T) {
+		if testing.Short() {
+			t.Skip("waits out two full backlogs and a 500ms dial: not a -short test")
+		}
 		needLoopback2(t)
 		a := fullListener(t, "127.0.0.1", 0)
 		fullListener(t, "127.0.0.2", a.Port())
@@ -612,6 +627,9 @@ func TestDialTimeout(t *testing.T) {
 		}
 	})
 	t.Run("slow address then working one", func(t *testing.T) {
+		if testing.Short() {
+			t.Skip("waits 2s for the first address by design: not a -short test")
+		}
 		needLoopback2(t)
 		l := listen(t, "127.0.0.1:0")
 		fullListener(t, "127.0.0.2", l.addr.Port())

@@ -88,7 +88,7 @@
 //
 // # Errors and metrics
 //
-// Every error wraps one of the sentinels; [ReasonOf] maps an error to the
+// Every error wraps one of the sentinels; the worker maps an error to the
 // label of sniproxy_connections_rejected_total: [ErrDenied] and [ErrPrivate]
 // are "denied", [ErrNoRoute] is "no_route", [ErrDial] is "dial_error".
 package route

@@ -40,22 +40,6 @@ const (
 	ReasonDialError Reason = "dial_error"
 )
 
-// ReasonOf maps an error from [Table.Decide] or [Dialer.Dial] to its metric
-// reason: "" for nil, [ReasonDenied] for [ErrDenied] and [ErrPrivate],
-// [ReasonNoRoute] for [ErrNoRoute], and [ReasonDialError] for anything else.
-func ReasonOf(err error) Reason {
-	switch {
-	case err == nil:
-		return ""
-	case errors.Is(err, ErrDenied), errors.Is(err, ErrPrivate):
-		return ReasonDenied
-	case errors.Is(err, ErrNoRoute):
-		return ReasonNoRoute
-	default:
-		return ReasonDialError
-	}
-}
-
 // Rule is one explicit route: names matching Match go to Host:Port.
 type Rule struct {
 	// Match selects the names this rule routes.

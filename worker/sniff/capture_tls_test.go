@@ -4,22 +4,19 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdh"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"testing"
 	"time"
 
 	"golang.org/x/crypto/cryptobyte"
+
+	"github.com/sniproxy/sniproxy/internal/backendtest"
 )
 
 var updateTLS = flag.Bool("update-tls", false, "regenerate testdata/tls from real TLS clients (crypto/tls, openssl, curl)")
@@ -169,7 +166,7 @@ func tlsReadHelloRecords(r io.Reader) ([]byte, error) {
 // (with pre_shared_key, which must be the last extension).
 func tlsCaptureResumption(t *testing.T, name string) []byte {
 	t.Helper()
-	cert, pool := tlsTestCert(t, name)
+	cert, pool := backendtest.Cert(t, name)
 	cfg := &tls.Config{
 		ServerName:         name,
 		RootCAs:            pool,
@@ -227,38 +224,6 @@ func tlsCaptureResumption(t *testing.T, name string) []byte {
 		t.Fatal("second ClientHello does not look like a resumption")
 	}
 	return hello
-}
-
-// tlsTestCert returns a self-signed ECDSA certificate for name and a pool
-// that trusts it.
-func tlsTestCert(t *testing.T, name string) (tls.Certificate, *x509.CertPool) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: name},
-		DNSNames:              []string{name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
 }
 
 // tlsTestECHConfigList returns an ECHConfigList (draft-ietf-tls-esni-22,
