@@ -172,7 +172,7 @@ func TestPhaseResults(t *testing.T) {
 		{name: "sniff/PROXY header timeout", lopts: ", accept_proxy_protocol: true, trusted_proxies: [127.0.0.1]", permits: 1,
 			result: "proxy_header", err: "PROXY header", reject: stats.ProxyHeader, rejected: true, proto: stats.ProtoUnknown, level: "INFO", acquired: 1},
 		{name: "sniff/PROXY header from an untrusted source", lopts: ", accept_proxy_protocol: true, trusted_proxies: [192.0.2.0/24]", permits: 1,
-			send: "PROXY TCP4 198.51.100.1 127.0.0.1 5555 443\r\n" + httpReq("echo.test"),
+			send:   "PROXY TCP4 198.51.100.1 127.0.0.1 5555 443\r\n" + httpReq("echo.test"),
 			result: "proxy_header", err: "not in trusted_proxies", reject: stats.ProxyHeader, rejected: true, proto: stats.ProtoUnknown, level: "INFO", acquired: 1},
 		{name: "sniff/garbage", permits: 1, send: "\x00\x01\x02 no protocol\r\n\r\n", result: "sniff_error", err: "000102",
 			reject: stats.SniffError, rejected: true, proto: stats.ProtoUnknown, level: "INFO", acquired: 1},

@@ -165,9 +165,9 @@ func TestFormatProxyHeader(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name, src, dst string
-		v1             string                             // the v1 line
+		v1             string                              // the v1 line
 		fam            proxyproto.AddressFamilyAndProtocol // v2's family
-		wsrc, wdst     string                             // what our reader makes of v2
+		wsrc, wdst     string                              // what our reader makes of v2
 	}{
 		{"v4", "192.0.2.1:5555", "198.51.100.2:443",
 			"PROXY TCP4 192.0.2.1 198.51.100.2 5555 443\r\n", proxyproto.TCPv4, "192.0.2.1:5555", "198.51.100.2:443"},
