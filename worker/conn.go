@@ -29,9 +29,10 @@ type conn struct {
 	start  time.Time
 	// peer is the client's address and local the one it connected to:
 	// the socket's, or those a trusted PROXY header named (IPv4-mapped
-	// addresses as IPv4). Set only by setAddrs, before the route phase;
-	// whatever says who the client is (the access log's "client", per-IP
-	// limits, the PROXY header sent to the backend) reads them.
+	// addresses as IPv4). Set only by setAddrs, before the route phase
+	// (or by Resume, from the moved state); whatever says who the client
+	// is (the access log's "client", per-IP limits, the PROXY header sent
+	// to the backend) reads them.
 	peer, local netip.AddrPort
 
 	// o is what the access log will say besides the result; written by
