@@ -116,23 +116,24 @@ func readProxyHeader(conn net.Conn, deadline time.Time) (*proxyproto.Header, []b
 // stream.
 func (p *path) readProxy() ([]byte, result) {
 	c := p.c
-	if !c.lcfg.Trusts(c.peer.Addr()) {
+	refuse := func(err error) ([]byte, result) {
 		p.countProtocol()
-		return nil, rejected(stats.ProxyHeader,
-			fmt.Errorf("worker: PROXY header from %v refused: not in trusted_proxies", c.peer.Addr()))
+		return nil, rejected(stats.ProxyHeader, err)
+	}
+	if !c.lcfg.Trusts(c.peer.Addr()) {
+		return refuse(fmt.Errorf("worker: %v is not in trusted_proxies: closed before reading a PROXY header", c.peer.Addr()))
 	}
 	deadline := c.start.Add(min(c.srv.cfg.Timeouts.ClientHello, proxyHeaderTimeout))
 	h, rest, err := readProxyHeader(c.client, deadline)
-	if err == nil {
-		var src, dst netip.AddrPort
-		var ok bool
-		if src, dst, ok, err = headerAddrs(h); err == nil && ok {
-			c.setAddrs(src, dst)
-		}
-	}
 	if err != nil {
-		p.countProtocol()
-		return nil, rejected(stats.ProxyHeader, err)
+		return refuse(err)
+	}
+	src, dst, ok, err := headerAddrs(h)
+	if err != nil {
+		return refuse(err)
+	}
+	if ok {
+		c.setAddrs(src, dst)
 	}
 	return rest, result{}
 }
