@@ -71,9 +71,9 @@ type Config struct {
 	// User and Group, when the master runs as root, are who the workers
 	// run as (with no capabilities); the master keeps root to bind
 	// sockets on a reload. Group "" means the user's primary group.
-	User  string `mapstructure:"user" yaml:"user"`
-	Group string `mapstructure:"group" yaml:"group"`
-	ControlSocket   string        `mapstructure:"control_socket" yaml:"control_socket"`
+	User          string `mapstructure:"user" yaml:"user"`
+	Group         string `mapstructure:"group" yaml:"group"`
+	ControlSocket string `mapstructure:"control_socket" yaml:"control_socket"`
 
 	// DefaultBackend (host:port) receives, bytes unchanged, the connections
 	// that are no known protocol, carry no name or find no route; "" closes
@@ -90,6 +90,13 @@ type Listener struct {
 	Address string `mapstructure:"address" yaml:"address"`
 	// AcceptProxyProtocol expects a PROXY protocol v1 or v2 header first.
 	AcceptProxyProtocol bool `mapstructure:"accept_proxy_protocol" yaml:"accept_proxy_protocol"`
+	// TrustedProxies are the CIDRs (or single addresses) that may send a
+	// PROXY header; required when AcceptProxyProtocol is true. A
+	// connection from any other source is refused. After validation each
+	// is a masked prefix ("10.0.0.0/8", "192.0.2.1/32").
+	TrustedProxies []string `mapstructure:"trusted_proxies" yaml:"trusted_proxies,omitempty"`
+	// trusted is TrustedProxies parsed, IPv4-mapped IPv6 prefixes as IPv4.
+	trusted []netip.Prefix
 	// BackendPort is dialled for DNS-routed names; 0 means the listener's
 	// own port. After validation it is never 0.
 	BackendPort int `mapstructure:"backend_port" yaml:"backend_port"`
@@ -104,6 +111,39 @@ type Listener struct {
 // ReusePort reports whether the listener uses per-worker SO_REUSEPORT
 // sockets.
 func (l Listener) ReusePort() bool { return l.Reuseport == nil || *l.Reuseport }
+
+// Trusts reports whether a is in the listener's trusted_proxies. An
+// IPv4-mapped IPv6 address (a dual-stack listener's view of an IPv4 peer)
+// is matched as the IPv4 address it maps.
+func (l Listener) Trusts(a netip.Addr) bool {
+	a = a.Unmap()
+	for _, p := range l.trusted {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// parseTrusted parses one trusted_proxies entry: a CIDR or a single
+// address, IPv4-mapped IPv6 ones as IPv4, host bits cleared.
+func parseTrusted(s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		a, aerr := netip.ParseAddr(s)
+		if aerr != nil {
+			return netip.Prefix{}, fmt.Errorf("%q: want a CIDR (10.0.0.0/8) or an IP address", s)
+		}
+		if a.Zone() != "" {
+			return netip.Prefix{}, fmt.Errorf("%q: an address with a zone", s)
+		}
+		p = netip.PrefixFrom(a, a.BitLen())
+	}
+	if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
+		p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
+	}
+	return p.Masked(), nil
+}
 
 // Timeouts are the connection phase limits.
 type Timeouts struct {
@@ -491,6 +531,7 @@ func (c *Config) validate() error {
 				l.DefaultBackend = a
 			}
 		}
+		l.checkTrusted(key, bad)
 		all = append(all, l)
 		keys = append(keys, key)
 	}
@@ -622,6 +663,28 @@ func addrsOverlap(listen string, m netip.AddrPort) bool {
 		return true
 	}
 	return false
+}
+
+// checkTrusted parses and normalises l.TrustedProxies, reporting problems
+// under key (the listener's).
+func (l *Listener) checkTrusted(key string, bad func(key, format string, args ...any)) {
+	if l.AcceptProxyProtocol && len(l.TrustedProxies) == 0 {
+		bad(key+".trusted_proxies", "required when accept_proxy_protocol is true: the CIDRs of the balancers that send PROXY headers")
+	}
+	l.trusted = nil
+	norm := make([]string, 0, len(l.TrustedProxies))
+	for j, s := range l.TrustedProxies {
+		p, err := parseTrusted(strings.TrimSpace(s))
+		if err != nil {
+			bad(fmt.Sprintf("%s.trusted_proxies[%d]", key, j), "%v", err)
+			continue
+		}
+		l.trusted = append(l.trusted, p)
+		norm = append(norm, p.String())
+	}
+	if len(norm) > 0 {
+		l.TrustedProxies = norm
+	}
 }
 
 // checkListenAddr accepts "ip:port" and ":port".

@@ -34,7 +34,7 @@ func FuzzParse(f *testing.F) {
 		base + "allowlist: [\"a.*.com\"]\n",
 		base + "routes: [{match: a.example.com, backend: \"10.0.0.1:443\"}, {match: \"*.b.example\", backend: \"[::1]:8443\"}]\n",
 		base + "backend: {proxy_protocol: v2}\n",
-		base + "listeners: [{address: \"127.0.0.1:8444\", accept_proxy_protocol: true, backend_port: 443, reuseport: false}]\n",
+		base + "listeners: [{address: \"127.0.0.1:8444\", accept_proxy_protocol: true, trusted_proxies: [10.1.0.0/8, \"::ffff:192.0.2.1\"], backend_port: 443, reuseport: false}]\n",
 		base + "log: {level: debug, format: json}\n",
 		base + "workers: -1\n",
 		"listen_addrs: [\"127.0.0.1:8443\"]\n",

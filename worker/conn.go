@@ -11,8 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/pires/go-proxyproto"
-
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/worker/proxy"
@@ -29,6 +27,13 @@ type conn struct {
 	client *net.TCPConn
 	lcfg   config.Listener
 	start  time.Time
+	// peer is the client's address and local the one it connected to:
+	// the socket's, or those a trusted PROXY header named (IPv4-mapped
+	// addresses as IPv4). Set only by setAddrs, before the route phase
+	// (or by Resume, from the moved state); whatever says who the client
+	// is (the access log's "client", per-IP limits, the PROXY header sent
+	// to the backend) reads them.
+	peer, local netip.AddrPort
 
 	// o is what the access log will say besides the result; written by
 	// the phases before the pair starts, read when the connection ends
@@ -163,19 +168,23 @@ func (c *conn) finish(r result, permit bool) {
 	c.srv.untrack(c)
 }
 
-// writeProxyHeader sends a PROXY header naming the client (or, behind a
-// PROXY-speaking balancer, the client it named) to the backend.
-func (c *conn) writeProxyHeader(backend *net.TCPConn, version string, in *proxyproto.Header) error {
-	v := byte(1)
-	if version == "v2" {
-		v = 2
+// setAddrs makes peer the connection's client and local the address it
+// connected to (see conn.peer).
+func (c *conn) setAddrs(peer, local netip.AddrPort) {
+	c.peer, c.local = unmapAddrPort(peer), unmapAddrPort(local)
+	c.o.source = c.peer.String()
+}
+
+// writeProxyHeader sends the backend a PROXY header (version "v1" or
+// "v2") naming the client (or, behind a PROXY-speaking balancer, the
+// client it named) and, in v2, the name the client asked for as the
+// authority TLV (see formatProxyHeader).
+func (c *conn) writeProxyHeader(backend *net.TCPConn, version string) error {
+	b, err := formatProxyHeader(version, c.peer, c.local, c.o.res.Name)
+	if err != nil {
+		return err
 	}
-	src, dst := c.client.RemoteAddr(), c.client.LocalAddr()
-	if in != nil && in.SourceAddr != nil && in.DestinationAddr != nil {
-		src, dst = in.SourceAddr, in.DestinationAddr
-	}
-	h := proxyproto.HeaderProxyFromAddrs(v, src, dst)
-	if _, err := h.WriteTo(backend); err != nil {
+	if _, err := backend.Write(b); err != nil {
 		return fmt.Errorf("worker: send PROXY header: %w", err)
 	}
 	return nil
@@ -234,13 +243,6 @@ func (c *conn) logDone(r result) {
 		attrs = append(attrs, slog.String("err", r.err.Error()))
 	}
 	log.LogAttrs(context.Background(), level, "connection", attrs...)
-}
-
-func addrString(a net.Addr) string {
-	if a == nil {
-		return ""
-	}
-	return a.String()
 }
 
 // statsProtocol maps what package sniff recognised to its counter.

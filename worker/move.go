@@ -208,6 +208,9 @@ func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool) 
 	o.backend, _ = netip.ParseAddrPort(st.Backend)
 	c := &conn{srv: s, id: s.nextID.Add(1), client: cc, backend: bc, lcfg: lcfg, start: st.Start,
 		o: o, moves: st.Moves, deadline: st.Deadline}
+	if peer, err := netip.ParseAddrPort(st.Client); err == nil {
+		c.setAddrs(peer, addrPortOf(cc.LocalAddr())) // the client as it was where it was sniffed
+	}
 	c.in.Store(st.Pair.In)
 	c.out.Store(st.Pair.Out)
 	if permitted && s.limiter != nil {

@@ -9,8 +9,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/pires/go-proxyproto"
-
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/worker/proxy"
 	"github.com/sniproxy/sniproxy/worker/route"
@@ -140,8 +138,7 @@ type path struct {
 	sniffing bool
 	// counted: the connection is in the protocol counter.
 	counted bool
-	hdr     *proxyproto.Header // the PROXY header the client sent, if any
-	buf     *sniff.Buffer      // the sniffed bytes, until replayed
+	buf     *sniff.Buffer // the sniffed bytes, until replayed
 	dec     route.Decision
 }
 
@@ -152,7 +149,8 @@ type path struct {
 // the life of an idle connection; the pair's done callback ends the
 // connection then.
 func (c *conn) serve() {
-	c.o = &outcome{source: addrString(c.client.RemoteAddr())}
+	c.o = &outcome{}
+	c.setAddrs(addrPortOf(c.client.RemoteAddr()), addrPortOf(c.client.LocalAddr()))
 	p := &path{c: c}
 	p.end(p.run())
 }
@@ -231,7 +229,8 @@ func (p *path) releaseBuffer() {
 	}
 }
 
-// sniff reads the PROXY header a listener expects, then the first bytes
+// sniff reads the PROXY header a listener expects (readProxy: from a
+// trusted source, within its own shorter timeout), then the first bytes
 // for the protocol and name, all within timeouts.client_hello of the
 // accept. It counts the connection under the protocol it found.
 func (p *path) sniff() result {
@@ -239,18 +238,9 @@ func (p *path) sniff() result {
 	deadline := c.start.Add(s.cfg.Timeouts.ClientHello)
 	var start []byte
 	if c.lcfg.AcceptProxyProtocol {
-		h, rest, err := readProxyHeader(c.client, deadline)
-		if err != nil {
-			p.countProtocol()
-			reason := stats.SniffError
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				reason = stats.SniffTimeout
-			}
-			return rejected(reason, err)
-		}
-		p.hdr, start = h, rest
-		if h.SourceAddr != nil {
-			c.o.source = h.SourceAddr.String()
+		var r result
+		if start, r = p.readProxy(); r.end != endNext {
+			return r
 		}
 	}
 
@@ -318,7 +308,7 @@ func (p *path) replay() result {
 	backend := c.backend // set by dial; only serve's goroutine writes it
 	backend.SetWriteDeadline(time.Now().Add(s.cfg.Timeouts.Idle))
 	if v := s.cfg.Backend.ProxyProtocol; v != "" {
-		if err := c.writeProxyHeader(backend, v, p.hdr); err != nil {
+		if err := c.writeProxyHeader(backend, v); err != nil {
 			return replayFailed(err)
 		}
 	}

@@ -28,8 +28,9 @@ func (c *fuzzProxyConn) SetReadDeadline(time.Time) error { return nil }
 
 // FuzzReadProxyHeader feeds bytes to proxyHeaderLen and readProxyHeader
 // (which hands the header to go-proxyproto): neither may panic, the length
-// must be within the bytes and decided by them alone, and a header read
-// leaves exactly the bytes after it to the client's stream.
+// must be within the bytes and decided by them alone, a header read
+// leaves exactly the bytes after it to the client's stream, and the client
+// it names, written as our v1 and v2 headers, reads back the same.
 //
 //	go test -run XXX -fuzz FuzzReadProxyHeader -fuzztime 60s -parallel 1 ./worker
 func FuzzReadProxyHeader(f *testing.F) {
@@ -119,6 +120,24 @@ func FuzzReadProxyHeader(f *testing.F) {
 		// reads fetched.
 		if !bytes.HasPrefix(b[n:], rest) {
 			t.Fatalf("rest % x is not what follows the %d-byte header", rest, n)
+		}
+		// The client a header names is passed on unchanged.
+		src, dst, ok, err := headerAddrs(h)
+		if err != nil || !ok {
+			return
+		}
+		for _, v := range []string{"v1", "v2"} {
+			out, err := formatProxyHeader(v, src, dst, "a.example")
+			if err != nil {
+				t.Fatalf("%s header for %v -> %v: %v", v, src, dst, err)
+			}
+			h2, _, err := readProxyHeader(&fuzzProxyConn{r: bytes.NewReader(out), chunk: len(out)}, time.Now().Add(time.Minute))
+			if err != nil {
+				t.Fatalf("our %s header % x does not read back: %v", v, out, err)
+			}
+			if s2, d2, ok2, err := headerAddrs(h2); err != nil || !ok2 || s2 != src || d2 != dst {
+				t.Fatalf("%s: %v -> %v read back as %v -> %v (%v, %v)", v, src, dst, s2, d2, ok2, err)
+			}
 		}
 	})
 }

@@ -158,7 +158,7 @@ func TestProxyProtocolInAndOut(t *testing.T) {
 		rest, _ := io.ReadAll(br)
 		got <- seen{h, string(rest), err}
 	}()
-	ts := startServer(t, fmt.Sprintf("routes: [{match: pp.test, backend: %q}]\nbackend: {proxy_protocol: v2}\n", ln.Addr()), nil, ", accept_proxy_protocol: true")
+	ts := startServer(t, fmt.Sprintf("routes: [{match: pp.test, backend: %q}]\nbackend: {proxy_protocol: v2}\n", ln.Addr()), nil, ", accept_proxy_protocol: true, trusted_proxies: [127.0.0.1]")
 
 	c, err := net.Dial("tcp", ts.addr)
 	if err != nil {
@@ -186,13 +186,13 @@ func TestProxyProtocolInAndOut(t *testing.T) {
 }
 
 func TestProxyProtocolMissing(t *testing.T) {
-	ts := startServer(t, "routes: [{match: pp.test, backend: \"127.0.0.1:1\"}]\n", nil, ", accept_proxy_protocol: true")
+	ts := startServer(t, "routes: [{match: pp.test, backend: \"127.0.0.1:1\"}]\n", nil, ", accept_proxy_protocol: true, trusted_proxies: [127.0.0.1]")
 	c := dialHTTP(t, ts.addr, "pp.test")
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if n, _ := c.Read(make([]byte, 1)); n != 0 {
 		t.Error("got bytes back")
 	}
-	waitFor(t, "rejected{sniff_error}", func() bool { return ts.counters.Snapshot().Rejected[stats.SniffError] == 1 })
+	waitFor(t, "rejected{proxy_header}", func() bool { return ts.counters.Snapshot().Rejected[stats.ProxyHeader] == 1 })
 }
 
 func TestDrainClosesAtDeadline(t *testing.T) {

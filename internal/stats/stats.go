@@ -16,7 +16,9 @@ import (
 // is the value of the "reason" label.
 type Reason uint8
 
-// The rejection reasons of SPEC's sniproxy_connections_rejected_total.
+// The rejection reasons of SPEC's sniproxy_connections_rejected_total. New
+// reasons go last: a successor decodes its predecessor's counters (JSON
+// arrays over the state socket) by position.
 const (
 	Limit Reason = iota
 	Denied
@@ -24,10 +26,13 @@ const (
 	SniffTimeout
 	SniffError
 	DialError
+	// ProxyHeader: a listener with accept_proxy_protocol got no valid PROXY
+	// header in time, or a connection from a source not in trusted_proxies.
+	ProxyHeader
 	NumReasons
 )
 
-var reasonNames = [NumReasons]string{"limit", "denied", "no_route", "sniff_timeout", "sniff_error", "dial_error"}
+var reasonNames = [NumReasons]string{"limit", "denied", "no_route", "sniff_timeout", "sniff_error", "dial_error", "proxy_header"}
 
 // String returns the metric label value of r.
 func (r Reason) String() string {

@@ -64,6 +64,8 @@ func TestHandlerExposesSpecMetrics(t *testing.T) {
 	var c Counters
 	c.Protocol(ProtoH2C)
 	c.Rejected(SniffTimeout)
+	c.Rejected(ProxyHeader)
+	c.Rejected(ProxyHeader)
 	c.BackendConnect(time.Second)
 	col := NewCollector(c.Snapshot, func() Process {
 		return Process{Workers: 2, WorkerRestarts: 3, ReloadsOK: 1, WorkerActive: []int64{4, 5}}
@@ -84,6 +86,7 @@ func TestHandlerExposesSpecMetrics(t *testing.T) {
 		`sniproxy_connections_total{protocol="unknown"} 0`,
 		`sniproxy_connections_rejected_total{reason="sniff_timeout"} 1`,
 		`sniproxy_connections_rejected_total{reason="limit"} 0`,
+		`sniproxy_connections_rejected_total{reason="proxy_header"} 2`,
 		`sniproxy_bytes_total{direction="in"} 0`,
 		`sniproxy_backend_connect_seconds_bucket{le="1"} 1`,
 		`sniproxy_backend_connect_seconds_count 1`,
@@ -111,5 +114,29 @@ func TestHandlerExposesSpecMetrics(t *testing.T) {
 		if resp.StatusCode != tc.code {
 			t.Errorf("healthz with healthy=%v: %d; want %d", tc.healthy, resp.StatusCode, tc.code)
 		}
+	}
+}
+
+// TestReasonNames checks every reason has its own label value, each one of
+// SPEC's, and that the reasons a predecessor already counted keep their
+// position (a successor decodes the counters it inherits by position).
+func TestReasonNames(t *testing.T) {
+	spec := map[string]bool{"limit": true, "per_ip_limit": true, "proxy_header": true, "denied": true,
+		"no_route": true, "sniff_timeout": true, "sniff_error": true, "dial_error": true}
+	seen := map[string]bool{}
+	for r := range NumReasons {
+		n := r.String()
+		if !spec[n] || seen[n] {
+			t.Errorf("reason %d is %q: not one of SPEC's reasons, or a duplicate", r, n)
+		}
+		seen[n] = true
+	}
+	for r, want := range map[Reason]string{Limit: "limit", DialError: "dial_error", ProxyHeader: "proxy_header"} {
+		if r.String() != want {
+			t.Errorf("reason %d is %q; want %q", r, r.String(), want)
+		}
+	}
+	if DialError != 5 {
+		t.Errorf("DialError is %d; want 5 (new reasons go last)", DialError)
 	}
 }
