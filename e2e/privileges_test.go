@@ -1,10 +1,8 @@
 package e2e
 
 import (
-	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -37,24 +35,7 @@ func TestWorkersDropPrivileges(t *testing.T) {
 	}
 	// The workers exec the master's binary as nobody: it must be in a
 	// directory nobody may enter (the test's own temp dirs are 0700).
-	dir, err := os.MkdirTemp("", "sniproxy-priv-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	os.Chmod(dir, 0o755)
-	bin := filepath.Join(dir, "sniproxy")
-	src, err := os.Open(binary)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dst, err := os.OpenFile(bin, os.O_CREATE|os.O_WRONLY, 0o755)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.Copy(dst, src)
-	src.Close()
-	dst.Close()
+	bin := publicBinary(t)
 
 	echo := echoBackend(t)
 	p := startProxyBin(t, bin, strings.ReplaceAll(masterConfig, "ECHO", echo)+"user: nobody\ngroup: nogroup\n")

@@ -1,7 +1,6 @@
 package master
 
 import (
-	"syscall"
 	"errors"
 	"fmt"
 	"os"
@@ -9,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/sniproxy/sniproxy/config"

@@ -5,13 +5,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"runtime"
 	"syscall"
 	"time"
 
+	"github.com/sniproxy/sniproxy/internal/peercred"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/internal/status"
 	"github.com/sniproxy/sniproxy/internal/statuspage"
@@ -176,18 +179,30 @@ func (e *endpoints) close() {
 	e.servers = nil
 }
 
-// listenControl binds the control socket. A socket file left by a master
-// that died (kill -9) would block the bind: when nothing answers on it, it
-// is removed first. A live master's socket is never touched.
+// listenControl binds the control socket, mode 0600 whatever the umask
+// (and the master serves only root and its own user: see peercred). In
+// this user's private temp directory (the last default) it makes the
+// directory first. A socket file left by a master that died (kill -9)
+// would block the bind: when nothing answers on it, it is removed first. A
+// live socket at the path is never taken over, and a path that is not a
+// socket is never removed: both are errors.
 func listenControl(network, path string) (net.Listener, error) {
-	ln, err := net.Listen(network, path)
+	if filepath.Dir(path) == peercred.UserTempDir() {
+		if err := peercred.PrivateDir(filepath.Dir(path)); err != nil {
+			return nil, err
+		}
+	}
+	if fi, err := os.Lstat(path); err == nil && fi.Mode().Type() != fs.ModeSocket {
+		return nil, fmt.Errorf("%s exists and is not a socket (%v); not removing it", path, fi.Mode().Type())
+	}
+	ln, err := listenPrivate(network, path)
 	if err == nil || !errors.Is(err, syscall.EADDRINUSE) {
 		return ln, err
 	}
 	c, derr := net.DialTimeout(network, path, time.Second)
 	if derr == nil {
 		c.Close()
-		return nil, fmt.Errorf("%w (another master is running there)", err)
+		return nil, fmt.Errorf("%w (something is listening there: another master?)", err)
 	}
 	if !errors.Is(derr, syscall.ECONNREFUSED) {
 		return nil, err
@@ -195,5 +210,23 @@ func listenControl(network, path string) (net.Listener, error) {
 	if rerr := os.Remove(path); rerr != nil {
 		return nil, fmt.Errorf("%w; removing the stale socket: %w", err, rerr)
 	}
-	return net.Listen(network, path)
+	return listenPrivate(network, path)
+}
+
+// listenPrivate binds a Unix socket at path with mode 0600: created under a
+// umask that leaves nobody else a bit (the master is starting: no other
+// goroutine creates files yet), then chmod'ed in case the umask was not
+// applied.
+func listenPrivate(network, path string) (net.Listener, error) {
+	old := syscall.Umask(0o177)
+	ln, err := net.Listen(network, path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	return ln, nil
 }

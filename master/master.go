@@ -15,6 +15,7 @@ import (
 	"github.com/cloudflare/tableflip"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/peercred"
 	"github.com/sniproxy/sniproxy/internal/status"
 	"github.com/sniproxy/sniproxy/ipc"
 )
@@ -285,7 +286,9 @@ func (m *Master) serveEndpoints() (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("master: control socket %s: %w", ctlPath, err)
 	}
-	m.endpoints.serve(ctl, m.controlHandler())
+	// Only root and this master's own user are served (SO_PEERCRED): the
+	// socket's mode alone would rest on the umask and the directory.
+	m.endpoints.serve(peercred.NewListener(ctl, m.log), m.controlHandler())
 	return ctlPath, nil
 }
 

@@ -2,6 +2,8 @@ package master
 
 import (
 	"errors"
+	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -69,7 +71,7 @@ func TestControlSocketPath(t *testing.T) {
 		{"/x.sock", "/r", yes, "/x.sock"},
 		{"", "/r:/s", yes, "/r/sniproxy.sock"},
 		{"", "", yes, "/run/sniproxy/sniproxy.sock"},
-		{"", "", no, filepath.Join(os.TempDir(), "sniproxy.sock")},
+		{"", "", no, filepath.Join(os.TempDir(), fmt.Sprintf("sniproxy-%d", os.Geteuid()), "sniproxy.sock")},
 	} {
 		if got := DefaultControlSocket(c.configured, c.runtime, c.writable); got != c.want {
 			t.Errorf("DefaultControlSocket(%q, %q) = %q; want %q", c.configured, c.runtime, got, c.want)
@@ -211,5 +213,48 @@ func TestWorkerCredential(t *testing.T) {
 	}
 	if _, err := workerCredential(parse("user: \"65534\"\n"), 1000); err == nil {
 		t.Error("a non-root master may not start workers as another user")
+	}
+}
+
+// The control socket is 0600 whatever the umask; a path that is not a
+// socket is never removed; a live socket is never taken over; a stale one
+// is.
+func TestListenControl(t *testing.T) {
+	dir := t.TempDir()
+	old := syscall.Umask(0)
+	defer syscall.Umask(old)
+
+	path := filepath.Join(dir, "ctl.sock")
+	ln, err := listenControl("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v (%v) under umask 000; want 0600", fi.Mode().Perm(), err)
+	}
+	// Live: refused, and left alone.
+	if ln2, err := listenControl("unix", path); err == nil {
+		ln2.Close()
+		t.Error("took over a live socket")
+	}
+	ln.Close() // net.UnixListener.Close removes the file; make a stale one:
+	if l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"}); err == nil {
+		l.SetUnlinkOnClose(false)
+		l.Close()
+	}
+	ln, err = listenControl("unix", path)
+	if err != nil {
+		t.Fatalf("stale socket not replaced: %v", err)
+	}
+	ln.Close()
+
+	file := filepath.Join(dir, "precious")
+	os.WriteFile(file, []byte("keep me"), 0o600)
+	if ln, err := listenControl("unix", file); err == nil {
+		ln.Close()
+		t.Error("listened on a path that is a regular file")
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me" {
+		t.Errorf("the regular file at the control socket path was touched: %q, %v", b, err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/logging"
+	"github.com/sniproxy/sniproxy/internal/peercred"
 )
 
 // Options configure a master.
@@ -78,7 +79,8 @@ const RunDir = "/run/sniproxy"
 // ControlSocketPath returns the control socket path for cfg: the configured
 // one, else sniproxy.sock in $RUNTIME_DIRECTORY (set by systemd's
 // RuntimeDirectory=; the first of its directories), else in RunDir when
-// that exists and is writable, else in the temp dir.
+// that exists and is writable, else in this user's private directory in the
+// temp dir (peercred.UserTempDir).
 func ControlSocketPath(cfg *config.Config) string {
 	return DefaultControlSocket(cfg.ControlSocket, os.Getenv("RUNTIME_DIRECTORY"), writableDir)
 }
@@ -97,7 +99,8 @@ func DefaultControlSocket(configured, runtimeDir string, writable func(dir strin
 	if writable(RunDir) {
 		return filepath.Join(RunDir, "sniproxy.sock")
 	}
-	return filepath.Join(os.TempDir(), "sniproxy.sock")
+	// Not the shared temp dir itself: another user could squat the path.
+	return filepath.Join(peercred.UserTempDir(), "sniproxy.sock")
 }
 
 // writableDir reports whether dir is a directory this process may create

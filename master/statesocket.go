@@ -41,7 +41,7 @@ type stateMsg struct {
 	// has moved to the successor so far: those not yet arrived still
 	// count (see broker.setPredecessor).
 	Moved *int `json:"moved,omitempty"`
-	Hurry   bool `json:"hurry,omitempty"`
+	Hurry bool `json:"hurry,omitempty"`
 }
 
 // successionState is what a successor inherits besides the sockets.

@@ -136,7 +136,7 @@ func postReload(sock string) (ans reloadAnswer, sent bool, err error) {
 	c := &http.Client{
 		Timeout: reloadTimeout,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return d.DialContext(ctx, "unix", sock)
+			return dialControl(ctx, &d, sock)
 		}},
 	}
 	resp, err := c.Post("http://sniproxy/reload", "application/json", nil)

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/peercred"
 	"github.com/sniproxy/sniproxy/internal/status"
 	"github.com/sniproxy/sniproxy/master"
 )
@@ -86,7 +87,7 @@ func fetchStatus(sock string) (status.Status, []byte, error) {
 	c := &http.Client{
 		Timeout: 10 * time.Second,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return d.DialContext(ctx, "unix", sock)
+			return dialControl(ctx, &d, sock)
 		}},
 	}
 	resp, err := c.Get("http://sniproxy/status")
@@ -141,4 +142,25 @@ func printStatus(w io.Writer, st status.Status) {
 		}
 		fmt.Fprintln(w)
 	}
+}
+
+// dialControl connects to the control socket at sock and makes sure the
+// process that answers is root's or this user's (SO_PEERCRED): a socket
+// another user squatted at the path could otherwise forge the master's
+// answers. A refusal is a dial error: nothing was asked.
+func dialControl(ctx context.Context, d *net.Dialer, sock string) (net.Conn, error) {
+	c, err := d.DialContext(ctx, "unix", sock)
+	if err != nil {
+		return nil, err
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, &net.OpError{Op: "dial", Net: "unix", Err: fmt.Errorf("not a Unix socket: %T", c)}
+	}
+	if cr, err := peercred.Check(uc); err != nil {
+		c.Close()
+		return nil, &net.OpError{Op: "dial", Net: "unix", Err: fmt.Errorf("%s is served by pid %d of uid %d, neither root nor you: not trusting it: %w", sock, cr.PID, cr.UID, err)}
+	}
+	return c, nil
 }
