@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/net/netutil"
+
 	"github.com/sniproxy/sniproxy/internal/peercred"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/internal/status"
@@ -159,11 +161,38 @@ type endpoints struct {
 	servers []*http.Server
 }
 
-// serve serves h on ln in the background until close.
-func (e *endpoints) serve(ln net.Listener, h http.Handler) {
-	s := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+// endpointLimits bound what one client of an endpoint can hold: the
+// metrics address may be reachable by more than its scraper, and neither
+// it nor the control socket may be tied up by clients that connect and
+// send nothing, or never finish.
+type endpointLimits struct {
+	// conns caps the connections served at once; more wait in the
+	// listen queue until one ends.
+	conns int
+	// header bounds reading a request's headers; idle a kept-alive
+	// connection between requests; write the response to a request
+	// (0: none, for the control socket, whose reload answers only once
+	// the reload is over).
+	header, idle, write time.Duration
+}
+
+// The limits of the metrics address and of the control socket.
+var (
+	metricsLimits = endpointLimits{conns: 64, header: 5 * time.Second, idle: 30 * time.Second, write: 30 * time.Second}
+	controlLimits = endpointLimits{conns: 16, header: 5 * time.Second, idle: 30 * time.Second}
+)
+
+// serve serves h on ln in the background until close, within lim.
+func (e *endpoints) serve(ln net.Listener, h http.Handler, lim endpointLimits) {
+	s := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: lim.header,
+		IdleTimeout:       lim.idle,
+		WriteTimeout:      lim.write,
+		MaxHeaderBytes:    16 << 10,
+	}
 	e.servers = append(e.servers, s)
-	go s.Serve(ln)
+	go s.Serve(netutil.LimitListener(ln, lim.conns))
 }
 
 // close closes the servers, letting requests under way finish for at

@@ -279,7 +279,7 @@ func (m *Master) serveEndpoints() (string, error) {
 		if err != nil {
 			return "", fmt.Errorf("master: metrics listener: %w", err)
 		}
-		m.endpoints.serve(ln, m.metricsHandler())
+		m.endpoints.serve(ln, m.metricsHandler(), metricsLimits)
 	}
 	ctlPath := ControlSocketPath(m.cfg)
 	ctl, err := m.upg.ListenWithCallback("unix", ctlPath, listenControl)
@@ -288,7 +288,7 @@ func (m *Master) serveEndpoints() (string, error) {
 	}
 	// Only root and this master's own user are served (SO_PEERCRED): the
 	// socket's mode alone would rest on the umask and the directory.
-	m.endpoints.serve(peercred.NewListener(ctl, m.log), m.controlHandler())
+	m.endpoints.serve(peercred.NewListener(ctl, m.log), m.controlHandler(), controlLimits)
 	return ctlPath, nil
 }
 

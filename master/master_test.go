@@ -3,7 +3,9 @@ package master
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -257,4 +259,57 @@ func TestListenControl(t *testing.T) {
 	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me" {
 		t.Errorf("the regular file at the control socket path was touched: %q, %v", b, err)
 	}
+}
+
+// The endpoints bound what a client can hold: a request whose headers never
+// end is dropped after the header timeout, and connections over the cap
+// wait instead of being served.
+func TestEndpointLimits(t *testing.T) {
+	serve := func(lim endpointLimits) (string, *endpoints) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var e endpoints
+		e.serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) }), lim)
+		t.Cleanup(e.close)
+		return ln.Addr().String(), &e
+	}
+
+	addr, _ := serve(endpointLimits{conns: 4, header: 300 * time.Millisecond, idle: time.Second})
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n")) // and never the end of the headers
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	start := time.Now()
+	io.Copy(io.Discard, c)
+	if d := time.Since(start); d > 4*time.Second {
+		t.Errorf("a request with unfinished headers held its connection %v; want about the 300ms header timeout", d)
+	}
+
+	addr, _ = serve(endpointLimits{conns: 2, header: 5 * time.Second, idle: 5 * time.Second})
+	var idle []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = append(idle, c)
+	}
+	client := &http.Client{Timeout: 300 * time.Millisecond}
+	if resp, err := client.Get("http://" + addr + "/"); err == nil {
+		resp.Body.Close()
+		t.Fatal("a third connection was served with the cap of 2 taken")
+	}
+	idle[0].Close()
+	client.Timeout = 5 * time.Second
+	resp, err := client.Get("http://" + addr + "/")
+	if err != nil {
+		t.Fatalf("once a connection closed: %v", err)
+	}
+	resp.Body.Close()
+	idle[1].Close()
 }
