@@ -815,23 +815,37 @@ func goVersion(t *testing.T) string {
 	return strings.TrimSpace(string(out))
 }
 
-func TestReloadHoldsMaxConnections(t *testing.T) {
+// startLimited starts a proxy of 2 workers with max_connections limit in
+// front of an echo backend and opens n long connections through it; they
+// are closed when the test ends.
+func startLimited(t *testing.T, limit, n int) (*proxyProc, []net.Conn) {
+	t.Helper()
 	echo := echoBackend(t)
-	cfg := strings.Replace(reloadCfg(echo, 2, true), `"load.test"`, `"echo.test"`, 1) + "max_connections: 6\n"
+	cfg := strings.Replace(reloadCfg(echo, 2, true), `"load.test"`, `"echo.test"`, 1) + fmt.Sprintf("max_connections: %d\n", limit)
 	p := startProxy(t, cfg)
 	var held []net.Conn
-	defer func() {
+	t.Cleanup(func() {
 		for _, c := range held {
 			c.Close()
 		}
-	}()
-	for range 4 {
+	})
+	for range n {
 		c, err := openEcho(p.addr, "echo.test", 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
 		held = append(held, c)
 	}
+	return p, held
+}
+
+func TestReloadHoldsMaxConnections(t *testing.T) {
+	p, held := startLimited(t, 6, 4)
+	defer func() {
+		for _, c := range held[4:] {
+			c.Close()
+		}
+	}()
 	p.reload(t)
 	// The old generation's 4 still count: 2 more fit, not 6.
 	ok := 0
@@ -854,22 +868,12 @@ func TestReloadHoldsMaxConnections(t *testing.T) {
 // were served without), so with a limit of 4 and 4 long connections moved,
 // new ones were admitted: 5 and more open at once.
 func TestReloadHurryHoldsMaxConnections(t *testing.T) {
-	echo := echoBackend(t)
-	cfg := strings.Replace(reloadCfg(echo, 2, true), `"load.test"`, `"echo.test"`, 1) + "max_connections: 4\n"
-	p := startProxy(t, cfg)
-	var held []net.Conn
-	defer func() {
-		for _, c := range held {
+	p, held := startLimited(t, 4, 4)
+	defer func() { // what got in beyond the first 4 (startLimited closes those)
+		for _, c := range held[4:] {
 			c.Close()
 		}
 	}()
-	for range 4 {
-		c, err := openEcho(p.addr, "echo.test", 5*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		held = append(held, c)
-	}
 	p.reload(t) // generation 1 drains with the 4
 	// Clients keep trying while generation 2 hurries generation 1 (the 4
 	// move to generation 2, which then drains): none may get in, at any
