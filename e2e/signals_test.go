@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"net/http"
 	"strings"
 	"syscall"
 	"testing"
@@ -31,4 +32,45 @@ control_socket: "CTLSOCK"
 		t.Errorf("no graceful stop in the log:\n%s", logs)
 	}
 	waitAllGone(t, 10*time.Second, kids...)
+}
+
+// TestHealthzDuringStop: from the moment a stop begins /healthz answers
+// 503, so a load balancer stops sending, while the metrics stay served
+// until the drain is over.
+func TestHealthzDuringStop(t *testing.T) {
+	echo := echoBackend(t)
+	p := startProxy(t, strings.ReplaceAll(masterConfig, "ECHO", echo))
+	c, err := openEcho(p.addr, "echo.test", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := func(path string) int {
+		resp, err := http.Get("http://" + p.metrics + path)
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := get("/healthz"); code != 200 {
+		t.Fatalf("/healthz before the stop: %d", code)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	// The held connection keeps the drain going (shutdown_timeout 5s).
+	deadline := time.Now().Add(5 * time.Second)
+	for get("/healthz") != 503 {
+		if time.Now().After(deadline) {
+			t.Fatal("/healthz still not 503 5s after SIGTERM")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if code := get("/metrics"); code != 200 {
+		t.Errorf("/metrics while draining: %d; want 200", code)
+	}
+	c.Close()
+	select {
+	case <-p.done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the master did not exit after its last connection closed")
+	}
 }
