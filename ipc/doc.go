@@ -60,7 +60,7 @@
 //	 8       9       10      11      12
 //
 //	bytes 0-3   magic "SNIP" (0x53 0x4e 0x49 0x50)
-//	byte  4     protocol version: Version (2)
+//	byte  4     protocol version: Version (3)
 //	byte  5     message type: TypeHello (1) ... TypeStopped (16)
 //	byte  6     number of file descriptors sent with the frame, 0..253;
 //	            non-zero only for TypeListeners and TypeConnection (2)

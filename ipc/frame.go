@@ -12,7 +12,7 @@ import (
 // the Proto of every Hello. Any change a peer built from other sources could
 // misread (a new message type, a changed payload layout, a changed header)
 // increments it; there are no minor versions. See the package doc.
-const Version = 2
+const Version = 3
 
 // Frame limits.
 const (
@@ -100,6 +100,15 @@ const (
 	// TypeStopped (worker → master): told to drain or migrate, the worker
 	// has closed its listeners and accepts no more: Stopped.
 	TypeStopped
+	// TypeHealth (master → worker): the backends' health table, right
+	// after the Config and whenever a backend goes up or down: Health.
+	TypeHealth
+	// TypeDialReport (worker → master): the outcomes of dials to pool
+	// backends since the last report (passive health): DialReport.
+	TypeDialReport
+	// TypeBackendStats (worker → master): per-backend connection counter
+	// deltas: BackendStats.
+	TypeBackendStats
 
 	numTypes // first invalid type
 )
@@ -121,6 +130,9 @@ var typeNames = [numTypes]string{
 	TypeConnection:   "connection",
 	TypeRevoke:       "revoke",
 	TypeStopped:      "stopped",
+	TypeHealth:       "health",
+	TypeDialReport:   "dial_report",
+	TypeBackendStats: "backend_stats",
 }
 
 // String returns the snake_case name of t, or "type(N)" for an unknown t.
