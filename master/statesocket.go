@@ -53,6 +53,13 @@ type successionState struct {
 	History     []status.Sample `json:"history,omitempty"`
 	Reloads     []status.Reload `json:"reloads,omitempty"`
 	ReloadBegan time.Time       `json:"reload_began,omitzero"`
+	// Health is the backends' health table (health.Table's binary form),
+	// HealthChanges how often each backend's state changed (by health
+	// key), BackendCounts the connections made to each pool backend: a
+	// successor starts from them rather than from "all up" and zero.
+	Health        []byte            `json:"health,omitempty"`
+	HealthChanges map[string]uint64 `json:"health_changes,omitempty"`
+	BackendCounts []backendCount    `json:"backend_counts,omitempty"`
 }
 
 // readyInfo names a new generation.

@@ -79,6 +79,9 @@ type succession struct {
 	// reloadBegan is when the predecessor began the reload that started
 	// this master (zero from a predecessor of an older build).
 	reloadBegan time.Time
+	// inherited is the predecessor's succession state; nil for a first
+	// master.
+	inherited *successionState
 }
 
 // newSuccession returns the succession of a first master (generation 1).
@@ -107,6 +110,7 @@ func (s *succession) inherit() error {
 		return fmt.Errorf("master: no succession state from the previous generation: %v", err)
 	}
 	st := msg.State
+	s.inherited = st
 	s.predecessor = h
 	s.generation = st.Generation + 1
 	s.counters.inherit(*st)
