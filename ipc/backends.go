@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
+	"time"
 )
 
 // Limits of the backend messages.
@@ -55,6 +56,10 @@ type DialResult struct {
 	// Reason says why the dials failed ("connection refused", "timeout"),
 	// at most MaxBackendString bytes.
 	Reason string
+	// Last is when the run's last dial ended: the master ignores a run
+	// older than the backend's last change of state (another worker's
+	// later result has been counted already).
+	Last time.Time
 }
 
 // DialReport carries a worker's dial outcomes to pool backends since its
@@ -63,7 +68,8 @@ type DialResult struct {
 //
 // Encoding: uint32 count (≤ MaxBackendEntries), then per result: uint16
 // key length, key, one byte (1 if OK, else 0), uint32 Count (≥ 1), uint16
-// reason length, reason (empty if OK).
+// reason length, reason (empty if OK), int64 Last in nanoseconds since the
+// Unix epoch (0 for the zero time).
 type DialReport struct {
 	Results []DialResult
 }
@@ -94,6 +100,14 @@ func (r DialReport) AppendBinary(b []byte) ([]byte, error) {
 		b = append(b, ok)
 		b = binary.BigEndian.AppendUint32(b, res.Count)
 		b = appendString16(b, res.Reason)
+		var ns int64
+		if !res.Last.IsZero() {
+			ns = res.Last.UnixNano()
+			if ns == 0 || !time.Unix(0, ns).Equal(res.Last) {
+				return nil, fmt.Errorf("ipc: encode %v: result %d: time %v not representable: %w", TypeDialReport, i, res.Last, ErrBadPayload)
+			}
+		}
+		b = binary.BigEndian.AppendUint64(b, uint64(ns))
 	}
 	return b, nil
 }
@@ -119,6 +133,9 @@ func (r *DialReport) UnmarshalBinary(p []byte) error {
 		res.Reason = d.string16(0)
 		if res.OK && res.Reason != "" {
 			d.fail("result %d: a success with a reason", i)
+		}
+		if ns := int64(d.uint64()); ns != 0 {
+			res.Last = time.Unix(0, ns)
 		}
 		out = append(out, res)
 	}

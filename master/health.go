@@ -258,6 +258,14 @@ func (h *healthPart) observe(obs []observation) {
 		if t == nil {
 			continue // not a backend of this config
 		}
+		if o.r.Source == health.Dial {
+			// Workers report in batches: a run that ended before the
+			// backend's last change (which a later result of another
+			// worker caused) says nothing new.
+			if s, ok := h.table.Get(o.key); ok && o.r.At.Before(s.Since) {
+				continue
+			}
+		}
 		// After rise+fall equal results the state cannot change further.
 		for range min(o.n, t.th.Rise+t.th.Fall+1) {
 			tr, ok := h.table.Observe(o.key, o.r, t.th)
@@ -292,7 +300,11 @@ func (h *healthPart) dialResults(rep ipc.DialReport) {
 	now := h.now()
 	obs := make([]observation, 0, len(rep.Results))
 	for _, r := range rep.Results {
-		obs = append(obs, observation{key: r.Key, r: health.Result{OK: r.OK, Source: health.Dial, Err: r.Reason, At: now}, n: int(r.Count)})
+		at := r.Last
+		if at.IsZero() || at.After(now) {
+			at = now
+		}
+		obs = append(obs, observation{key: r.Key, r: health.Result{OK: r.OK, Source: health.Dial, Err: r.Reason, At: at}, n: int(r.Count)})
 	}
 	h.observe(obs)
 }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/health"
@@ -27,6 +28,8 @@ type DialRun struct {
 	OK     bool
 	Count  uint32
 	Reason string
+	// Last is when the run's last dial ended.
+	Last time.Time
 }
 
 // BackendCount is one pool backend's connection counts in this process:
@@ -57,14 +60,16 @@ func (d *dialRuns) add(key string, ok bool, reason string) {
 	if !seen {
 		d.keys = append(d.keys, key)
 	}
+	now := time.Now()
 	if n := len(rs); n > 0 && rs[n-1].OK == ok && rs[n-1].Reason == reason && rs[n-1].Count < 1<<31 {
 		rs[n-1].Count++
+		rs[n-1].Last = now
 		return
 	}
 	if len(rs) >= maxRunsPerKey {
 		rs = append(rs[:0], rs[1:]...)
 	}
-	d.runs[key] = append(rs, DialRun{Key: key, OK: ok, Count: 1, Reason: reason})
+	d.runs[key] = append(rs, DialRun{Key: key, OK: ok, Count: 1, Reason: reason, Last: now})
 }
 
 // take returns every run since the last take, those of one key in order.

@@ -70,7 +70,7 @@ func (l *loop) reportDials() {
 		n := min(len(runs), ipc.MaxBackendEntries)
 		rep := ipc.DialReport{Results: make([]ipc.DialResult, n)}
 		for i, r := range runs[:n] {
-			rep.Results[i] = ipc.DialResult{Key: r.Key, OK: r.OK, Count: r.Count, Reason: r.Reason}
+			rep.Results[i] = ipc.DialResult{Key: r.Key, OK: r.OK, Count: r.Count, Reason: r.Reason, Last: r.Last}
 		}
 		runs = runs[n:]
 		if err := l.conn.SendBody(rep); err != nil {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -110,7 +111,8 @@ func Failure(err error) string {
 // DialPool connects to a backend of dec.Pool for a client at client (the
 // address source_hash hashes; a PROXY header's source when the client came
 // through one). The backends are tried in the order the pool's Balancer
-// gives (the up primaries, else the up backups, else all), each with an
+// gives (the up primaries, else the up backups, else all), then, should
+// all of those fail, the rest (down primaries, then backups), each with an
 // equal share of the time left in ctx but at least 2s (or all that is
 // left), until one answers: one dead backend costs the client nothing as
 // long as time is left. report, if not nil, hears the outcome of every
@@ -128,6 +130,18 @@ func (d *Dialer) DialPool(ctx context.Context, dec Decision, client netip.Addr, 
 	}
 	var buf [16]int
 	order := p.bal.Pick(buf[:0], client, p.Up)
+	if n := len(order); n < len(p.Backends) {
+		// The last resort, when every candidate failed: the others,
+		// primaries (down) first, then backups — the health verdict is
+		// older than this dial's.
+		for pass := range 2 {
+			for i, b := range p.Backends {
+				if b.Backup == (pass == 1) && !slices.Contains(order[:n], i) {
+					order = append(order, i)
+				}
+			}
+		}
+	}
 	var first error
 	tried := 0
 	for k, i := range order {
