@@ -225,14 +225,28 @@ routes:
 	if len(used) < 2 {
 		t.Errorf("24 client addresses all reached %v; want a spread", used)
 	}
-	// Both workers served: source_hash is the same in each.
+	// Some client address was served by both workers: the same backend
+	// from each (checked above).
 	var lines []map[string]any
 	waitFor(t, "access log lines", func() bool { lines = p.logLines("connection"); return len(lines) >= 24*6 })
-	pids := map[any]bool{}
+	workersOf := map[string]map[any]bool{}
 	for _, l := range lines {
-		pids[l["pid"]] = true
+		host, _, _ := net.SplitHostPort(fmt.Sprint(l["client"]))
+		if workersOf[host] == nil {
+			workersOf[host] = map[any]bool{}
+		}
+		workersOf[host][l["pid"]] = true
 	}
-	t.Logf("backends by client count: %v; worker pids in the access log: %d", used, len(pids))
+	both := 0
+	for _, w := range workersOf {
+		if len(w) == 2 {
+			both++
+		}
+	}
+	if both == 0 {
+		t.Errorf("no client address was served by both workers: %v", workersOf)
+	}
+	t.Logf("backends by client count: %v; client addresses served by both workers: %d of %d", used, both, len(workersOf))
 }
 
 // TestPoolFailoverNoClientErrors: looping clients see no failure while a
@@ -289,8 +303,10 @@ routes:
 
 // downLines and upLines return the log lines of backend addr going down
 // or up.
-func downLines(p *proxyProc, addr string) []map[string]any { return stateLines(p, "backend down", addr) }
-func upLines(p *proxyProc, addr string) []map[string]any   { return stateLines(p, "backend up", addr) }
+func downLines(p *proxyProc, addr string) []map[string]any {
+	return stateLines(p, "backend down", addr)
+}
+func upLines(p *proxyProc, addr string) []map[string]any { return stateLines(p, "backend up", addr) }
 
 func stateLines(p *proxyProc, msg, addr string) []map[string]any {
 	var out []map[string]any
