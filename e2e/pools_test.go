@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -382,6 +383,43 @@ routes:
 	if got := len(downLines(p, bad)); got != 1 {
 		t.Errorf("%d 'backend down' lines for it; want 1 (the new generation inherits the state)", got)
 	}
+	// sniproxy status, text and JSON, lists both backends with their state.
+	out, code := run(t, nil, "status", "-c", p.cfgPath)
+	if code != 0 {
+		t.Fatalf("status: exit %d\n%s", code, out)
+	}
+	for _, want := range []string{"ROUTE", bad + "  ", good.addr + "  ", "down", "tls handshake"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status does not say %q:\n%s", want, out)
+		}
+	}
+	out, code = run(t, nil, "status", "-c", p.cfgPath, "--json")
+	var st struct {
+		Backends []struct {
+			Route       string    `json:"route"`
+			Address     string    `json:"address"`
+			LastError   string    `json:"last_error"`
+			Up          bool      `json:"up"`
+			Since       time.Time `json:"since"`
+			Connections uint64    `json:"connections"`
+		} `json:"backends"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); code != 0 || err != nil {
+		t.Fatalf("status --json: exit %d, %v\n%s", code, err, out)
+	}
+	if len(st.Backends) != 2 {
+		t.Fatalf("status --json lists %d backends; want 2:\n%s", len(st.Backends), out)
+	}
+	b, g := st.Backends[0], st.Backends[1]
+	if b.Address != bad || b.Up || b.Since.IsZero() || !strings.Contains(b.LastError, "tls handshake") {
+		t.Errorf("bad backend in status: %+v", b)
+	}
+	if g.Address != good.addr || !g.Up {
+		t.Errorf("good backend in status: %+v; want up", g)
+	}
+	// The connections of both generations: the old one's draining workers
+	// push their last counts through the state socket.
+	p.waitMetric(t, fmt.Sprintf(`sniproxy_backend_connections_total{backend=%q,route="app.test"}`, good.addr), 40)
 }
 
 // TestPoolBackups: a backup serves only while no primary is up.

@@ -166,6 +166,16 @@ func (c *counters) attachSuccessor(s *stateSocket, generation, reserve int, bega
 	return nil
 }
 
+// withSuccessor runs f with the successor's state socket (nil when none is
+// attached) under mu: what f counts is either in the succession state
+// already sent or, when f sees the successor, for f to send it on (outside
+// mu, as add does) — never both, never neither.
+func (c *counters) withSuccessor(f func(succ *stateSocket)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	f(c.successor)
+}
+
 // detachSuccessor stops sending changes (the successor failed).
 func (c *counters) detachSuccessor() {
 	c.mu.Lock()

@@ -59,9 +59,13 @@ type labels struct{ route, backend string }
 // starts from its predecessor's verdicts (no "all up" window after a
 // reload) and its counters stay monotonic.
 type healthPart struct {
-	log     *slog.Logger
-	list    func() []*child
-	targets map[string]*target
+	log  *slog.Logger
+	list func() []*child
+	// succession runs a function with the successor's state socket, if
+	// one is attached (counters.withSuccessor), so that counts reach the
+	// successor exactly once.
+	succession func(func(succ *stateSocket))
+	targets    map[string]*target
 	order   []*target // targets in config order, for the probers
 	entries []poolEntry
 	now     func() time.Time
@@ -354,20 +358,52 @@ func (h *healthPart) broadcastLocked() {
 	h.welcomed = alive
 }
 
-// addStats adds worker c's per-backend counter deltas.
+// addStats adds worker c's per-backend counter deltas, and sends the
+// connections on to the successor once one is attached.
 func (h *healthPart) addStats(c *child, s ipc.BackendStats) {
+	var succ *stateSocket
+	add := func(to *stateSocket) {
+		succ = to
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		mine := h.byChild[c]
+		if mine == nil {
+			mine = map[labels]int64{}
+			h.byChild[c] = mine
+		}
+		for _, d := range s.Deltas {
+			l := labels{d.Route, d.Backend}
+			h.conns[l] += d.Connections
+			h.active[l] += d.Active
+			mine[l] += d.Active
+		}
+	}
+	if h.succession == nil {
+		add(nil)
+	} else {
+		h.succession(add)
+	}
+	if succ == nil {
+		return
+	}
+	var out []backendCount
+	for _, d := range s.Deltas {
+		if d.Connections > 0 {
+			out = append(out, backendCount{Route: d.Route, Backend: d.Backend, Connections: d.Connections})
+		}
+	}
+	if len(out) > 0 {
+		succ.send(stateMsg{Backends: out})
+	}
+}
+
+// addPredecessor counts connections the predecessor's draining workers
+// made.
+func (h *healthPart) addPredecessor(bs []backendCount) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	mine := h.byChild[c]
-	if mine == nil {
-		mine = map[labels]int64{}
-		h.byChild[c] = mine
-	}
-	for _, d := range s.Deltas {
-		l := labels{d.Route, d.Backend}
-		h.conns[l] += d.Connections
-		h.active[l] += d.Active
-		mine[l] += d.Active
+	for _, b := range bs {
+		h.conns[labels{b.Route, b.Backend}] += b.Connections
 	}
 }
 

@@ -142,6 +142,8 @@ func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error),
 	m.relay = newRelay(m.log, m.sup.list)
 	m.succession = newSuccession(m.log, flip, m.counters, m.broker, m.relay, m.sup, m.opts.NoMove)
 	m.health = newHealthPart(m.log, m.cfg, m.sup.list)
+	m.health.succession = m.counters.withSuccessor
+	m.succession.health = m.health
 	m.sup.welcome = m.health.welcome
 	m.counters.fill = m.health.fill
 	m.shutdown = &shutdown{log: m.log, sup: m.sup, relay: m.relay, signals: m.opts.Signals,

@@ -38,6 +38,9 @@ type stateMsg struct {
 	// from its lease pool, so the successor never grants them twice.
 	Reserve *int `json:"reserve,omitempty"`
 	Hurry   bool `json:"hurry,omitempty"`
+	// Backends are connections the predecessor's draining workers made
+	// to pool backends since the State (deltas).
+	Backends []backendCount `json:"backends,omitempty"`
 }
 
 // successionState is what a successor inherits besides the sockets.

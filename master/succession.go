@@ -82,6 +82,9 @@ type succession struct {
 	// inherited is the predecessor's succession state; nil for a first
 	// master.
 	inherited *successionState
+	// health is the health part, for the counts the draining predecessor
+	// sends on (nil in tests that have none).
+	health *healthPart
 }
 
 // newSuccession returns the succession of a first master (generation 1).
@@ -144,6 +147,9 @@ func (s *succession) readPredecessor(h *stateSocket) {
 		}
 		if msg.Delta != nil {
 			s.counters.addPredecessor(*msg.Delta)
+		}
+		if len(msg.Backends) > 0 && s.health != nil {
+			s.health.addPredecessor(msg.Backends)
 		}
 		if msg.Reserve != nil {
 			s.broker.setReserve(*msg.Reserve)
