@@ -66,9 +66,9 @@ type healthPart struct {
 	// successor exactly once.
 	succession func(func(succ *stateSocket))
 	targets    map[string]*target
-	order   []*target // targets in config order, for the probers
-	entries []poolEntry
-	now     func() time.Time
+	order      []*target // targets in config order, for the probers
+	entries    []poolEntry
+	now        func() time.Time
 	// probe runs one check of t (tcpCheck or tlsCheck; a fake in tests).
 	probe func(ctx context.Context, t *target) error
 
