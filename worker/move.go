@@ -30,6 +30,9 @@ type movedState struct {
 	// connection go ends: moving does not extend it. Zero: no deadline.
 	Deadline time.Time `json:"deadline,omitzero"`
 	Moves    int       `json:"moves"`
+	// Idle is the route's own idle timeout, if it has one: it goes on
+	// applying after the move (zero: the global one).
+	Idle time.Duration `json:"idle,omitempty"`
 }
 
 // Move sends every proxied connection away with send, for another process
@@ -148,6 +151,7 @@ func (c *conn) movedState(ps proxy.State, drainBy time.Time) movedState {
 		Pair:     ps,
 		Deadline: deadline,
 		Moves:    c.moves + 1,
+		Idle:     c.idle,
 	}
 	if c.o.backend.IsValid() {
 		st.Backend = c.o.backend.String()
@@ -188,7 +192,7 @@ func (s *Server) Resume(state []byte, client, backend *os.File) error {
 	o := &outcome{res: st.Sniff, source: st.Client, rule: st.Rule}
 	o.backend, _ = netip.ParseAddrPort(st.Backend)
 	c := &conn{srv: s, id: s.nextID.Add(1), client: cc, backend: bc, lcfg: lcfg, start: st.Start,
-		o: o, moves: st.Moves, deadline: st.Deadline}
+		o: o, moves: st.Moves, deadline: st.Deadline, idle: st.Idle}
 	c.in.Store(st.Pair.In)
 	c.out.Store(st.Pair.Out)
 	s.rec.Opened()
@@ -199,7 +203,11 @@ func (s *Server) Resume(state []byte, client, backend *os.File) error {
 		c.timer.Store(time.AfterFunc(time.Until(c.deadline), c.close))
 	}
 	// Set before Resume returns, so a Move right after finds the pair.
-	c.pipe = proxy.Resume(cc, bc, st.Pair, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(false))
+	idle := s.cfg.Timeouts.Idle
+	if c.idle > 0 {
+		idle = c.idle
+	}
+	c.pipe = proxy.Resume(cc, bc, st.Pair, idle, s.poller, c.count, c.pipeDone(false))
 	c.mu.Unlock()
 	if s.limiter != nil {
 		go c.acquireLate()
