@@ -39,8 +39,11 @@
 // (relay.mu is held while a moved connection is sent to a worker and
 // takes supervisor.mu to list them; broker.mu is held while the
 // succession state is sent, which takes counters.mu, which takes
-// health.mu to add the health table; health.mu is held while the table is
-// sent to the workers, which takes supervisor.mu to list them.) The locks inside
+// health.mu to add the health table and to count per-backend connections.)
+// The health part sends its table to the workers under its own sendMu,
+// taken under no other lock and before health.mu and supervisor.mu, never
+// under health.mu: a worker slow to read cannot stall the master's
+// readers. The locks inside
 // lease.Pool, stateSocket (its writer) and ipc.Conn are leaves: taken
 // last, under any of these.
 package master

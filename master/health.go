@@ -74,21 +74,29 @@ type healthPart struct {
 
 	stopOnce sync.Once
 	cancel   context.CancelFunc
-	probers  sync.WaitGroup
+	probers  sync.WaitGroup // the probers and the broadcaster
+	// dirty wakes the broadcaster after a change (capacity 1).
+	dirty chan struct{}
+	// sendMu serialises sending the table (welcome, broadcast).
+	sendMu sync.Mutex
 
-	mu       sync.Mutex
-	table    health.Table
-	changes  map[string]uint64 // by key
-	welcomed map[*child]bool   // workers sent the table after their config
-	conns    map[labels]uint64
-	active   map[labels]int64
-	byChild  map[*child]map[labels]int64 // each worker's open connections
+	mu      sync.Mutex
+	table   health.Table
+	version uint64 // incremented on every change
+	// encoded is the table's Health message at encodedVersion.
+	encoded        ipc.Health
+	encodedVersion uint64
+	changes        map[string]uint64 // by key
+	welcomed       map[*child]bool   // workers sent the table after their config
+	conns          map[labels]uint64
+	active         map[labels]int64
+	byChild        map[*child]map[labels]int64 // each worker's open connections
 }
 
 // newHealthPart returns the health part of cfg's pools; list lists the
 // workers to send the table to.
 func newHealthPart(log *slog.Logger, cfg *config.Config, list func() []*child) *healthPart {
-	h := &healthPart{log: log, list: list, targets: map[string]*target{}, now: time.Now,
+	h := &healthPart{log: log, list: list, targets: map[string]*target{}, now: time.Now, dirty: make(chan struct{}, 1),
 		changes: map[string]uint64{}, welcomed: map[*child]bool{},
 		conns: map[labels]uint64{}, active: map[labels]int64{}, byChild: map[*child]map[labels]int64{}}
 	h.probe = h.check
@@ -148,10 +156,12 @@ func (h *healthPart) inherit(st *successionState) {
 	h.table.Reconcile(keys, h.now())
 }
 
-// start starts one prober per target.
+// start starts one prober per target, and the broadcaster.
 func (h *healthPart) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel
+	h.probers.Add(1)
+	go h.broadcaster(ctx)
 	for _, t := range h.order {
 		h.probers.Add(1)
 		go h.prober(ctx, t)
@@ -287,7 +297,7 @@ func (h *healthPart) observe(obs []observation) {
 		}
 	}
 	if changed {
-		h.broadcastLocked()
+		h.changedLocked()
 	}
 }
 
@@ -313,49 +323,94 @@ func (h *healthPart) dialResults(rep ipc.DialReport) {
 	h.observe(obs)
 }
 
-// encodeLocked returns the Health message of the table.
-func (h *healthPart) encodeLocked() (ipc.Health, error) {
-	b, err := h.table.MarshalBinary()
-	return ipc.Health{Table: b}, err
+// current returns the Health message of the table as it is now, encoded
+// once per change.
+func (h *healthPart) current() (ipc.Health, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.encodedVersion != h.version || h.encoded.Table == nil {
+		b, err := h.table.MarshalBinary()
+		if err != nil {
+			h.log.Error("encoding the health table failed", "err", err)
+			return ipc.Health{}, false
+		}
+		h.encoded, h.encodedVersion = ipc.Health{Table: b}, h.version
+	}
+	return h.encoded, true
 }
 
 // welcome sends worker c the table, right after its config (the
 // supervisor calls it on Hello): c serves its first connection with it.
 // From then on c gets every change.
 func (h *healthPart) welcome(c *child) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	msg, err := h.encodeLocked()
-	if err != nil {
-		h.log.Error("encoding the health table failed", "err", err)
+	// sendMu orders this send with the broadcasts: each sends the table
+	// as it is when it holds sendMu, so a worker never gets an older
+	// table after a newer one. Sends never happen under mu: a worker
+	// slow to read must not stop the master from reading the workers.
+	h.sendMu.Lock()
+	defer h.sendMu.Unlock()
+	msg, ok := h.current()
+	if !ok {
 		return
 	}
 	if err := c.conn.SendBody(msg); err != nil {
 		h.log.Warn("sending the health table to a worker failed", "slot", c.slot, "err", err)
 		return
 	}
+	h.mu.Lock()
 	h.welcomed[c] = true
+	h.mu.Unlock()
 }
 
-// broadcastLocked sends the table to every worker welcomed and alive, and
-// forgets the others.
-func (h *healthPart) broadcastLocked() {
-	msg, err := h.encodeLocked()
-	if err != nil {
-		h.log.Error("encoding the health table failed", "err", err)
+// changed tells the broadcaster that the table changed.
+func (h *healthPart) changedLocked() {
+	h.version++
+	select {
+	case h.dirty <- struct{}{}:
+	default: // a broadcast is due already; it sends the latest table
+	}
+}
+
+// broadcaster sends the table to every welcomed worker after each change,
+// until ctx is done.
+func (h *healthPart) broadcaster(ctx context.Context) {
+	defer h.probers.Done()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-h.dirty:
+		}
+		h.broadcast()
+	}
+}
+
+// broadcast sends the current table to every worker welcomed and alive,
+// and forgets the others.
+func (h *healthPart) broadcast() {
+	h.sendMu.Lock()
+	defer h.sendMu.Unlock()
+	msg, ok := h.current()
+	if !ok {
 		return
 	}
+	kids := h.list()
+	h.mu.Lock()
+	var to []*child
 	alive := map[*child]bool{}
-	for _, c := range h.list() {
-		if c == nil || !h.welcomed[c] {
-			continue
+	for _, c := range kids {
+		if c != nil && h.welcomed[c] {
+			alive[c] = true
+			to = append(to, c)
 		}
-		alive[c] = true
+	}
+	h.welcomed = alive
+	h.mu.Unlock()
+	for _, c := range to {
 		if err := c.conn.SendBody(msg); err != nil {
 			h.log.Debug("sending the health table to a worker failed", "slot", c.slot, "err", err)
 		}
 	}
-	h.welcomed = alive
 }
 
 // addStats adds worker c's per-backend counter deltas, and sends the
