@@ -256,6 +256,9 @@ func (c *Config) validateRoutes(bad func(key, format string, args ...any)) {
 		for j, a := range r.ALPN {
 			if a == "" || len(a) > maxALPNLen {
 				bad(fmt.Sprintf("%s.alpn[%d]", key, j), "%q: a protocol name is 1 to %d bytes", a, maxALPNLen)
+			} else if strings.Contains(a, ",") {
+				// The worker sees the offered protocols joined by ",".
+				bad(fmt.Sprintf("%s.alpn[%d]", key, j), "%q: a protocol name with a comma cannot be matched", a)
 			}
 		}
 		switch {
