@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -110,7 +111,9 @@ func newHealthPart(log *slog.Logger, cfg *config.Config, list func() []*child) *
 			key := r.HealthKey(a)
 			h.entries = append(h.entries, poolEntry{route: r.Match, address: a, key: key, backup: pool[j].Backup})
 			if t := h.targets[key]; t != nil {
-				if !strings.Contains(strings.Join(t.routes, "\x00")+"\x00", r.Match+"\x00") {
+				// Checked once, as the first route using it says (its
+				// interval, timeout, rise and fall).
+				if !slices.Contains(t.routes, r.Match) {
 					t.routes = append(t.routes, r.Match)
 				}
 				continue
@@ -168,8 +171,9 @@ func (h *healthPart) start() {
 	}
 }
 
-// stop stops the probers and waits for them: a retiring generation
-// leaves the checks to its successor. It is idempotent.
+// stop stops the probers and the broadcaster and waits for them: a
+// retiring generation leaves the checks to its successor. It is
+// idempotent.
 func (h *healthPart) stop() {
 	h.stopOnce.Do(func() {
 		if h.cancel != nil {
