@@ -256,6 +256,9 @@ func (c *Config) validateRoutes(bad func(key, format string, args ...any)) {
 		for j, a := range r.ALPN {
 			if a == "" || len(a) > maxALPNLen {
 				bad(fmt.Sprintf("%s.alpn[%d]", key, j), "%q: a protocol name is 1 to %d bytes", a, maxALPNLen)
+			} else if strings.Contains(a, ",") {
+				// The worker sees the offered protocols joined by ",".
+				bad(fmt.Sprintf("%s.alpn[%d]", key, j), "%q: a protocol name with a comma cannot be matched", a)
 			}
 		}
 		switch {
@@ -394,4 +397,43 @@ func (c *Config) DefaultBackendFor(l Listener) string {
 		return l.DefaultBackend
 	}
 	return c.DefaultBackend
+}
+
+// HasPool reports whether the route's backends form a pool: balanced, their
+// health shared by every worker, their connections counted per backend. A
+// route has one when it lists backends or has a health check; a single
+// backend without a check is dialled as it stands.
+func (r Route) HasPool() bool { return len(r.Backends) > 0 || r.HealthCheck != nil }
+
+// PoolAddresses returns the addresses of the route's pool backends in
+// canonical host:port form ("" for a single backend without a port, which
+// has no pool), in the order of Pool.
+func (r Route) PoolAddresses() []string {
+	pool := r.Pool()
+	out := make([]string, len(pool))
+	for i, b := range pool {
+		if a, err := canonicalHostPort(b.Address); err == nil {
+			out[i] = a
+		}
+	}
+	return out
+}
+
+// HealthKey names a backend of this route, at address (canonical
+// host:port), in the health table the master shares with the workers: the
+// address and how it is checked, "10.0.0.6:443 tcp", "10.0.0.7:443 tls
+// app.example.com", or "10.0.0.8:443 dial" for a pool without an active
+// check (dial results alone, and the master's tcp check of a backend they
+// took down). Routes that check a backend the same way share its state.
+// The form is stable across versions: a successor keeps the state of every
+// key its predecessor had.
+func (r Route) HealthKey(address string) string {
+	switch hc := r.HealthCheck; {
+	case hc == nil:
+		return address + " dial"
+	case hc.Type == HealthTLS && hc.SNI != "":
+		return address + " tls " + hc.SNI
+	default:
+		return address + " " + hc.Type
+	}
 }

@@ -196,6 +196,7 @@ func TestPoolErrors(t *testing.T) {
 		{"unknown check key", route(pool + "    health_check: {path: /}\n"), "routes[0].health_check.path", "unknown key"},
 		{"empty alpn", route(pool + "    alpn: [\"h2\", \"\"]\n"), "routes[0].alpn[1]", "1 to 255 bytes"},
 		{"long alpn", route(pool + "    alpn: [\"" + strings.Repeat("x", 256) + "\"]\n"), "routes[0].alpn[0]", "1 to 255 bytes"},
+		{"comma in alpn", route(pool + "    alpn: [\"h2,http/1.1\"]\n"), "routes[0].alpn[0]", "comma"},
 		{"route proxy protocol", route(pool + "    proxy_protocol: v3\n"), "routes[0].proxy_protocol", "v3"},
 		{"negative route timeout", route(pool + "    timeouts: {idle: -1s}\n"), "routes[0].timeouts.idle", "negative"},
 		{"client_hello per route", route(pool + "    timeouts: {client_hello: 1s}\n"), "routes[0].timeouts.client_hello", "unknown key"},

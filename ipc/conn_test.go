@@ -75,6 +75,19 @@ func bodies() []Body {
 		Move{},
 		Revoke{},
 		Stopped{},
+		Health{},
+		Health{Table: []byte("H\x01\x01\x0e127.0.0.1:1 tcp\x00\x00\x00\x00\x03\x00")},
+		DialReport{},
+		DialReport{Results: []DialResult{
+			{Key: "10.0.0.6:443 tcp", OK: true, Count: 7, Last: time.Unix(1_900_000_000, 5)},
+			{Key: "10.0.0.7:443 tls app.example.com", Count: 3, Reason: "connection refused"},
+			{Key: "10.0.0.6:443 tcp", Count: 1, Reason: "timeout"},
+		}},
+		BackendStats{},
+		BackendStats{Deltas: []BackendDelta{
+			{Route: "*.api.example.com", Backend: "10.0.0.6:443", Connections: 12, Active: 3},
+			{Route: "~[a-z]+\\.example\\.net", Backend: "[::1]:443", Connections: 1<<64 - 1, Active: -5},
+		}},
 	}
 }
 

@@ -6,8 +6,11 @@
 // Config (a worker never reads the config file), connection-permit leases
 // (LeaseRequest, LeaseGrant, LeaseReturn, and Revoke when a sibling needs
 // the spares), counter deltas (Stats, about once
-// a second and a final flush), Retire and Stop, Ping and Pong, and listening
-// sockets (Listeners, with their descriptors). During a reload that must
+// a second and a final flush), Retire and Stop, Ping and Pong, listening
+// sockets (Listeners, with their descriptors), and the pool backends'
+// shared health: the master's table (Health, right after the Config and on
+// every change), the worker's dial outcomes (DialReport) and per-backend
+// connection deltas (BackendStats). During a reload that must
 // retire a draining generation early (a hurry), Move asks its workers to hand their
 // proxied connections back as Connection frames (client and backend
 // sockets and an opaque state); the old master passes them to the new one
@@ -60,9 +63,9 @@
 //	 8       9       10      11      12
 //
 //	bytes 0-3   magic "SNIP" (0x53 0x4e 0x49 0x50)
-//	byte  4     protocol version: Version (2)
-//	byte  5     message type: TypeHello (1) ... TypeStopped (16),
-//	            17-19 reserved (backend health), TypeLogFiles (20)
+//	byte  4     protocol version: Version (3)
+//	byte  5     message type: TypeHello (1) ... TypeBackendStats (19),
+//	            TypeLogFiles (20)
 //	byte  6     number of file descriptors sent with the frame, 0..253;
 //	            non-zero only for TypeListeners, TypeConnection (2) and
 //	            TypeLogFiles (1 or 2)

@@ -12,7 +12,7 @@ import (
 // the Proto of every Hello. Any change a peer built from other sources could
 // misread (a new message type, a changed payload layout, a changed header)
 // increments it; there are no minor versions. See the package doc.
-const Version = 2
+const Version = 3
 
 // Frame limits.
 const (
@@ -100,12 +100,15 @@ const (
 	// TypeStopped (worker → master): told to retire or move, the worker
 	// has closed its listeners and accepts no more: Stopped.
 	TypeStopped
-
-	// Codes 17-19 are reserved for the backend health messages.
-	_
-	_
-	_
-
+	// TypeHealth (master → worker): the backends' health table, right
+	// after the Config and whenever a backend goes up or down: Health.
+	TypeHealth
+	// TypeDialReport (worker → master): the outcomes of dials to pool
+	// backends since the last report (passive health): DialReport.
+	TypeDialReport
+	// TypeBackendStats (worker → master): per-backend connection counter
+	// deltas: BackendStats.
+	TypeBackendStats
 	// TypeLogFiles (master → worker): the log files to write to from now
 	// on (at start, and after SIGUSR1 reopened them): LogFiles.
 	TypeLogFiles
@@ -130,6 +133,9 @@ var typeNames = [numTypes]string{
 	TypeConnection:   "connection",
 	TypeRevoke:       "revoke",
 	TypeStopped:      "stopped",
+	TypeHealth:       "health",
+	TypeDialReport:   "dial_report",
+	TypeBackendStats: "backend_stats",
 	TypeLogFiles:     "log_files",
 }
 

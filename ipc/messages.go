@@ -91,6 +91,12 @@ func Decode(m Message) (Body, error) {
 		b, err = decode[Revoke](m.Payload)
 	case TypeStopped:
 		b, err = decode[Stopped](m.Payload)
+	case TypeHealth:
+		b, err = decode[Health](m.Payload)
+	case TypeDialReport:
+		b, err = decode[DialReport](m.Payload)
+	case TypeBackendStats:
+		b, err = decode[BackendStats](m.Payload)
 	case TypeConnection:
 		b, err = decode[Connection](m.Payload)
 		if err == nil && len(m.Files) != 2 {

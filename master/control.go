@@ -50,7 +50,7 @@ func (m *Master) status() status.Status {
 			IdleSeconds:        cfg.Timeouts.Idle.Seconds(),
 			ShutdownSeconds:    cfg.ShutdownTimeout.Seconds(),
 		},
-		Backends: []status.Backend{},
+		Backends: m.health.statuses(),
 	}
 	if st.Reloads == nil {
 		st.Reloads = []status.Reload{}
@@ -86,6 +86,7 @@ func (m *Master) sampleEvery(interval time.Duration, done <-chan struct{}) {
 // and the status page (GET / and GET /status.json).
 func (m *Master) metricsHandler() http.Handler {
 	col := stats.NewCollector(m.counters.snapshot, m.process, m.opts.Version, runtime.Version())
+	col.Backends = m.health.metrics
 	h := stats.Handler(col, m.healthy)
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", h)

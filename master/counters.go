@@ -28,6 +28,9 @@ type counters struct {
 	// first. Both are inherited across reloads.
 	history status.History
 	reloads []status.Reload
+	// fill, when set, adds the other parts' state (the health part's) to
+	// the succession state; it is called under mu.
+	fill func(*successionState)
 }
 
 // inherit starts from the predecessor's succession state.
@@ -153,11 +156,24 @@ func (c *counters) attachSuccessor(s *stateSocket, generation, reserve int, bega
 	st := successionState{Generation: generation, Totals: c.totals, Restarts: c.restarts,
 		ReloadsOK: c.reloadsOK, ReloadsFailed: c.reloadsFailed, Reserve: reserve,
 		History: c.history.Samples(), Reloads: c.reloads, ReloadBegan: began}
+	if c.fill != nil {
+		c.fill(&st)
+	}
 	if err := s.send(stateMsg{State: &st}); err != nil {
 		return err
 	}
 	c.successor = s
 	return nil
+}
+
+// withSuccessor runs f with the successor's state socket (nil when none is
+// attached) under mu: what f counts is either in the succession state
+// already sent or, when f sees the successor, for f to send it on (outside
+// mu, as add does) — never both, never neither.
+func (c *counters) withSuccessor(f func(succ *stateSocket)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	f(c.successor)
 }
 
 // detachSuccessor stops sending changes (the successor failed).

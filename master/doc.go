@@ -21,6 +21,11 @@
 //   - relay (relay.go): moved connections, from the predecessor to this
 //     generation's workers and from them to the successor.
 //   - shutdown (shutdown.go): retire the workers, drain, stop now.
+//   - health (health.go): the pool backends' health table, one for every
+//     worker: active checks (one jittered prober per backend and check,
+//     never one per worker; a pool without a check gets a tcp check of its
+//     down backends), the workers' dial reports, up/down decisions sent to
+//     every worker; the per-backend connection counters.
 //   - endpoints (control.go): the metrics and control servers.
 //
 // The master's loop (Master.loop) owns the order of events: signals,
@@ -29,11 +34,16 @@
 // Lock order. A part holds its own lock while it calls into another only
 // along this order, never against it:
 //
-//	relay.mu → broker.mu → counters.mu → supervisor.mu → child.mu
+//	relay.mu → broker.mu → counters.mu → health.mu → supervisor.mu → child.mu
 //
 // (relay.mu is held while a moved connection is sent to a worker and
 // takes supervisor.mu to list them; broker.mu is held while the
-// succession state is sent, which takes counters.mu.) The locks inside
+// succession state is sent, which takes counters.mu, which takes
+// health.mu to add the health table and to count per-backend connections.)
+// The health part sends its table to the workers under its own sendMu,
+// taken under no other lock and before health.mu and supervisor.mu, never
+// under health.mu: a worker slow to read cannot stall the master's
+// readers. The locks inside
 // lease.Pool, stateSocket (its writer) and ipc.Conn are leaves: taken
 // last, under any of these.
 package master

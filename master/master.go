@@ -59,6 +59,7 @@ type Master struct {
 	relay      *relay
 	succession *succession
 	shutdown   *shutdown
+	health     *healthPart
 	endpoints  endpoints
 }
 
@@ -82,6 +83,9 @@ func Run(opts Options) error {
 	m.generation.Store(int64(m.succession.generation))
 	defer m.succession.close()
 	defer m.removePIDFile()
+	m.health.inherit(m.succession.inherited)
+	m.health.start()
+	defer m.health.stop()
 	suffix := ""
 	if opts.FreshSockets {
 		suffix = fmt.Sprintf("@%d", m.succession.generation)
@@ -250,6 +254,11 @@ func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error),
 	m.broker = newBroker(m.log, m.cfg.MaxConnections, m.sup.list)
 	m.relay = newRelay(m.log, m.sup.list, m.broker)
 	m.succession = newSuccession(m.log, flip, m.counters, m.broker, m.relay, m.sup, m.opts.NoMove)
+	m.health = newHealthPart(m.log, m.cfg, m.sup.list)
+	m.health.succession = m.counters.withSuccessor
+	m.succession.health = m.health
+	m.sup.welcome = m.health.welcome
+	m.counters.fill = m.health.fill
 	m.shutdown = &shutdown{log: m.log, sup: m.sup, relay: m.relay, signals: m.opts.Signals,
 		closeSockets: closeSockets,
 		active:       func() int64 { return m.counters.snapshot().Active },
@@ -346,6 +355,10 @@ func (m *Master) handleWorker(c *child, msg ipc.Message, body ipc.Body) {
 	case ipc.Stats:
 		m.counters.add(b.Delta)
 		c.addStats(b.Delta)
+	case ipc.DialReport:
+		m.health.dialResults(b)
+	case ipc.BackendStats:
+		m.health.addStats(c, b)
 	default:
 		m.log.Warn("unexpected message from worker", "slot", c.slot, "type", msg.Type.String())
 	}
@@ -357,6 +370,7 @@ func (m *Master) reap(c *child) {
 	freed := m.broker.drop(c)
 	lost := c.active()
 	m.counters.lost(lost)
+	m.health.lost(c)
 	m.sup.remove(c)
 	if m.opts.ReplaceDeadSockets && !m.sup.isRetiring() {
 		if err := m.socks.rebind(m.upg, c.slot, m.sup.n); err != nil {
@@ -464,6 +478,7 @@ func (m *Master) retireGeneration(out reloadOutcome, kids []*child, deadline tim
 	// The successor serves metrics and the control socket now; they
 	// share the listening sockets, so closing ours refuses nobody.
 	m.endpoints.close()
+	m.health.stop() // the successor checks the backends now
 	m.shutdown.drain(kids, deadline)
 	out.successor.close()
 	// Every connection a worker moved must be sent on before the move

@@ -42,6 +42,9 @@ type stateMsg struct {
 	// count (see broker.setPredecessor).
 	Moved *int `json:"moved,omitempty"`
 	Hurry bool `json:"hurry,omitempty"`
+	// Backends are connections the predecessor's draining workers made
+	// to pool backends since the State (deltas).
+	Backends []backendCount `json:"backends,omitempty"`
 }
 
 // successionState is what a successor inherits besides the sockets.
@@ -57,6 +60,13 @@ type successionState struct {
 	History     []status.Sample `json:"history,omitempty"`
 	Reloads     []status.Reload `json:"reloads,omitempty"`
 	ReloadBegan time.Time       `json:"reload_began,omitzero"`
+	// Health is the backends' health table (health.Table's binary form),
+	// HealthChanges how often each backend's state changed (by health
+	// key), BackendCounts the connections made to each pool backend: a
+	// successor starts from them rather than from "all up" and zero.
+	Health        []byte            `json:"health,omitempty"`
+	HealthChanges map[string]uint64 `json:"health_changes,omitempty"`
+	BackendCounts []backendCount    `json:"backend_counts,omitempty"`
 }
 
 // readyInfo names a new generation.

@@ -79,6 +79,12 @@ type succession struct {
 	// reloadBegan is when the predecessor began the reload that started
 	// this master (zero from a predecessor of an older build).
 	reloadBegan time.Time
+	// inherited is the predecessor's succession state; nil for a first
+	// master.
+	inherited *successionState
+	// health is the health part, for the counts the draining predecessor
+	// sends on (nil in tests that have none).
+	health *healthPart
 }
 
 // newSuccession returns the succession of a first master (generation 1).
@@ -107,6 +113,7 @@ func (s *succession) inherit() error {
 		return fmt.Errorf("master: no succession state from the previous generation: %v", err)
 	}
 	st := msg.State
+	s.inherited = st
 	s.predecessor = h
 	s.generation = st.Generation + 1
 	s.counters.inherit(*st)
@@ -140,6 +147,9 @@ func (s *succession) readPredecessor(h *stateSocket) {
 		}
 		if msg.Delta != nil {
 			s.counters.addPredecessor(*msg.Delta)
+		}
+		if len(msg.Backends) > 0 && s.health != nil {
+			s.health.addPredecessor(msg.Backends)
 		}
 		if msg.Reserve != nil {
 			moved := -1

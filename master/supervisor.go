@@ -69,6 +69,9 @@ type supervisor struct {
 	configYAML []byte
 	// handle gets the messages the supervisor leaves to other parts.
 	handle workerHandler
+	// welcome, when set, is called right after a worker was sent its
+	// config (the health part sends it the health table).
+	welcome func(*child)
 	// now and after are the clock (time.Now, time.AfterFunc; fakes in
 	// tests).
 	now   func() time.Time
@@ -250,6 +253,8 @@ func (s *supervisor) read(c *child) {
 		case ipc.Hello:
 			if err := c.conn.SendBody(ipc.Config{YAML: s.configYAML}); err != nil {
 				s.log.Warn("sending config to worker failed", "slot", c.slot, "err", err)
+			} else if s.welcome != nil {
+				s.welcome(c)
 			}
 		case ipc.Stopped:
 			c.stoppedOnce.Do(func() { close(c.stopped) })

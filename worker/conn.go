@@ -14,6 +14,7 @@ import (
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/worker/proxy"
+	"github.com/sniproxy/sniproxy/worker/route"
 	"github.com/sniproxy/sniproxy/worker/sniff"
 )
 
@@ -44,6 +45,13 @@ type conn struct {
 	// deadline, if set, is when an earlier generation's drain ends for
 	// this connection (it was moved here): it is closed then.
 	deadline time.Time
+
+	// pool and poolBackend are the pool backend the connection reached,
+	// once dialled (pool nil otherwise): finish releases it. idle is the
+	// route's idle timeout (0: the global one).
+	pool        *route.Pool
+	poolBackend int
+	idle        time.Duration
 
 	mu      sync.Mutex
 	backend *net.TCPConn
@@ -114,7 +122,11 @@ func (c *conn) startPair(permit bool) {
 	s := c.srv
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.pipe = proxy.Start(c.client, c.backend, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(permit))
+	idle := s.cfg.Timeouts.Idle
+	if c.idle > 0 {
+		idle = c.idle
+	}
+	c.pipe = proxy.Start(c.client, c.backend, idle, s.poller, c.count, c.pipeDone(permit))
 }
 
 // outcome is what the access log says of a connection besides its result.
@@ -159,6 +171,9 @@ func (c *conn) pipeDone(permit bool) func(proxy.Result, error) {
 func (c *conn) finish(r result, permit bool) {
 	if r.end == endRejected {
 		c.srv.rec.Rejected(r.reason)
+	}
+	if c.pool != nil {
+		c.pool.Release(c.poolBackend)
 	}
 	c.logDone(r)
 	if permit {

@@ -30,6 +30,9 @@ type movedState struct {
 	// connection go ends: moving does not extend it. Zero: no deadline.
 	Deadline time.Time `json:"deadline,omitzero"`
 	Moves    int       `json:"moves"`
+	// Idle is the route's own idle timeout, if it has one: it goes on
+	// applying after the move (zero: the global one).
+	Idle time.Duration `json:"idle,omitempty"`
 }
 
 // Move sends every proxied connection away with send, for another process
@@ -155,6 +158,7 @@ func (c *conn) movedState(ps proxy.State, drainBy time.Time) movedState {
 		Pair:     ps,
 		Deadline: deadline,
 		Moves:    c.moves + 1,
+		Idle:     c.idle,
 	}
 	if c.o.backend.IsValid() {
 		st.Backend = c.o.backend.String()
@@ -207,7 +211,7 @@ func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool) 
 	o := &outcome{res: st.Sniff, source: st.Client, rule: st.Rule}
 	o.backend, _ = netip.ParseAddrPort(st.Backend)
 	c := &conn{srv: s, id: s.nextID.Add(1), client: cc, backend: bc, lcfg: lcfg, start: st.Start,
-		o: o, moves: st.Moves, deadline: st.Deadline}
+		o: o, moves: st.Moves, deadline: st.Deadline, idle: st.Idle}
 	if peer, err := netip.ParseAddrPort(st.Client); err == nil {
 		c.setAddrs(peer, addrPortOf(cc.LocalAddr())) // the client as it was where it was sniffed
 	}
@@ -224,7 +228,11 @@ func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool) 
 		c.timer.Store(time.AfterFunc(time.Until(c.deadline), c.close))
 	}
 	// Set before Resume returns, so a Move right after finds the pair.
-	c.pipe = proxy.Resume(cc, bc, st.Pair, s.cfg.Timeouts.Idle, s.poller, c.count, c.pipeDone(false))
+	idle := s.cfg.Timeouts.Idle
+	if c.idle > 0 {
+		idle = c.idle
+	}
+	c.pipe = proxy.Resume(cc, bc, st.Pair, idle, s.poller, c.count, c.pipeDone(false))
 	c.mu.Unlock()
 	if s.limiter != nil && !permitted {
 		go c.acquireLate()

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"syscall"
 	"time"
@@ -140,6 +142,12 @@ type path struct {
 	counted bool
 	buf     *sniff.Buffer // the sniffed bytes, until replayed
 	dec     route.Decision
+	// unknown is set by sniff when the bytes are no known protocol and a
+	// default backend takes them.
+	unknown error
+	// proxyHeader is the PROXY protocol version to send the backend ("",
+	// "v1", "v2"): the route's, else backend.proxy_protocol.
+	proxyHeader string
 }
 
 // serve runs the phases admit → sniff → route → dial → replay → copy in
@@ -252,9 +260,42 @@ func (p *path) sniff() result {
 		if errors.Is(err, sniff.ErrTimeout) {
 			return rejected(stats.SniffTimeout, err)
 		}
-		return rejected(stats.SniffError, fmt.Errorf("%w (first bytes %s)", err, sniff.HexPrefix(buf.Bytes(), 32)))
+		err = fmt.Errorf("%w (first bytes %s)", err, sniff.HexPrefix(buf.Bytes(), 32))
+		if errors.Is(err, sniff.ErrNotProtocol) && p.defaultBackend() != "" {
+			// No known protocol: the default backend gets the bytes as
+			// they came (the sslh case, SSH on :443).
+			p.unknown = err
+			return result{}
+		}
+		return rejected(stats.SniffError, err)
 	}
 	return result{}
+}
+
+// defaultBackend returns the default backend of the connection's
+// listener, "" for none.
+func (p *path) defaultBackend() string {
+	return p.c.srv.cfg.DefaultBackendFor(p.c.lcfg)
+}
+
+// toDefault sends the connection to the default backend instead of
+// refusing it for why; it returns false when there is none.
+func (p *path) toDefault(why error) bool {
+	def := p.defaultBackend()
+	if def == "" {
+		return false
+	}
+	host, port, err := splitHostPort(def)
+	if err != nil {
+		return false
+	}
+	c := p.c
+	p.dec = route.Decision{Rule: route.RuleDefault, Host: host, Port: port, Name: p.dec.Name}
+	c.o.rule = "default_backend"
+	if log := c.srv.log; log.Enabled(context.Background(), slog.LevelDebug) {
+		log.Debug("to the default backend", "conn", c.id, "backend", def, "why", why)
+	}
+	return true
 }
 
 // countProtocol counts the connection under the protocol sniffed so far
@@ -268,26 +309,59 @@ func (p *path) countProtocol() {
 func (p *path) route() result {
 	c, s := p.c, p.c.srv
 	p.endSniff()
-	dec, err := s.table.Decide(c.o.res.Name, c.lcfg.BackendPort)
+	if p.unknown != nil && p.toDefault(p.unknown) {
+		return result{}
+	}
+	res := c.o.res
+	dec, err := s.table.DecideALPN(res.Name, res.ALPN, c.lcfg.BackendPort)
 	if dec.Rule >= 0 {
 		c.o.rule = s.cfg.Routes[dec.Rule].Match
 	}
+	p.dec = dec
 	if err != nil {
+		if route.FallbackOK(dec, err) && p.toDefault(err) {
+			return result{}
+		}
 		return rejected(routeReason(err), err)
 	}
-	p.dec = dec
 	return result{}
 }
 
-// dial connects to the backend within timeouts.connect.
+// dial connects to the backend within the route's connect timeout
+// (timeouts.connect unless the route has its own): a pool's backends in
+// the balancer's order with failover, a DNS-routed name without an answer
+// to the default backend if there is one.
 func (p *path) dial() result {
 	c, s := p.c, p.c.srv
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.Connect)
+	connect := s.cfg.Timeouts.Connect
+	p.proxyHeader = s.cfg.Backend.ProxyProtocol
+	if p.dec.Rule >= 0 {
+		r := s.cfg.Routes[p.dec.Rule]
+		connect, c.idle = r.EffectiveTimeouts(s.cfg.Timeouts)
+		p.proxyHeader = r.ProxyHeader(s.cfg.Backend.ProxyProtocol)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), connect)
 	t0 := time.Now()
-	backend, addr, err := s.Dialer.Dial(ctx, p.dec)
+	var (
+		backend *net.TCPConn
+		addr    netip.AddrPort
+		err     error
+	)
+	if pool := p.dec.Pool; pool != nil {
+		var i int
+		backend, i, addr, err = s.Dialer.DialPool(ctx, p.dec, p.clientAddr(), s.reportDial(pool))
+		if err == nil {
+			c.pool, c.poolBackend = pool, i
+		}
+	} else {
+		backend, addr, err = s.Dialer.Dial(ctx, p.dec)
+	}
 	cancel()
 	c.o.backend = addr
 	if err != nil {
+		if p.dec.Rule == route.RuleDNS && route.FallbackOK(p.dec, err) && p.toDefault(err) {
+			return p.dial()
+		}
 		return rejected(routeReason(err), err)
 	}
 	s.rec.BackendConnect(time.Since(t0))
@@ -306,8 +380,12 @@ func (p *path) dial() result {
 func (p *path) replay() result {
 	c, s := p.c, p.c.srv
 	backend := c.backend // set by dial; only serve's goroutine writes it
-	backend.SetWriteDeadline(time.Now().Add(s.cfg.Timeouts.Idle))
-	if v := s.cfg.Backend.ProxyProtocol; v != "" {
+	idle := s.cfg.Timeouts.Idle
+	if c.idle > 0 {
+		idle = c.idle // the route's
+	}
+	backend.SetWriteDeadline(time.Now().Add(idle))
+	if v := p.proxyHeader; v != "" {
 		if err := c.writeProxyHeader(backend, v); err != nil {
 			return replayFailed(err)
 		}

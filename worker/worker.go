@@ -28,7 +28,6 @@ import (
 	"time"
 
 	"github.com/sniproxy/sniproxy/config"
-	"github.com/sniproxy/sniproxy/internal/hostname"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/worker/proxy"
 	"github.com/sniproxy/sniproxy/worker/route"
@@ -70,7 +69,15 @@ type Server struct {
 	rec     Recorder
 	limiter Limiter
 	table   *route.Table
-	// Dialer dials backends; a seam for tests (its Resolver).
+	// pools are the routes' pools, by route index (nil for a route
+	// without one); SetHealth updates them.
+	pools []*route.Pool
+	// dials collects the outcomes of dials to pool backends for the
+	// master (TakeDialRuns).
+	dials dialRuns
+	// Dialer dials backends; a seam for tests (its Resolver). Its Timeout
+	// is zero: the dial phase bounds each dial by the route's connect
+	// timeout.
 	Dialer *route.Dialer
 	// LingerOnStop, for the reload test's negative control only, keeps
 	// the listeners open (not accepting) this long after stopAccepting, so
@@ -104,7 +111,7 @@ type Server struct {
 // New returns a Server for cfg. limiter may be nil (no limit beyond the
 // process's own).
 func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*Server, error) {
-	t, err := newTable(cfg)
+	t, pools, err := newRoutes(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -132,8 +139,8 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 		rec:       rec,
 		limiter:   limiter,
 		table:     t,
+		pools:     pools,
 		Dialer: &route.Dialer{
-			Timeout:      cfg.Timeouts.Connect,
 			AllowPrivate: cfg.Backend.AllowPrivate,
 			Family:       route.Family(cfg.Backend.DNSFamily),
 			Forbidden:    forbidden,
@@ -157,36 +164,10 @@ func sniffLimitFor(cfg *config.Config) int {
 	return max(16, cfg.MaxConnections*3/4/workers)
 }
 
-// newTable builds the routing table of cfg.
+// newTable builds the routing table of cfg (in tests).
 func newTable(cfg *config.Config) (*route.Table, error) {
-	var deny, allow []hostname.Pattern
-	var routes []route.Rule
-	for i, s := range cfg.Denylist {
-		p, err := hostname.ParsePattern(s)
-		if err != nil {
-			return nil, fmt.Errorf("worker: denylist[%d]: %w", i, err)
-		}
-		deny = append(deny, p)
-	}
-	for i, s := range cfg.Allowlist {
-		p, err := hostname.ParsePattern(s)
-		if err != nil {
-			return nil, fmt.Errorf("worker: allowlist[%d]: %w", i, err)
-		}
-		allow = append(allow, p)
-	}
-	for i, r := range cfg.Routes {
-		p, err := hostname.ParsePattern(r.Match)
-		if err != nil {
-			return nil, fmt.Errorf("worker: routes[%d].match: %w", i, err)
-		}
-		host, port, err := hostname.ParseBackend(r.Backend)
-		if err != nil {
-			return nil, fmt.Errorf("worker: routes[%d].backend: %w", i, err)
-		}
-		routes = append(routes, route.Rule{Match: p, Host: host, Port: port})
-	}
-	return route.NewTable(deny, routes, allow), nil
+	t, _, err := newRoutes(cfg)
+	return t, err
 }
 
 // Serve accepts on every listener until ctx is done, then closes the

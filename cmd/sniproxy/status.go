@@ -133,6 +133,7 @@ func printStatus(w io.Writer, st status.Status) {
 		protos = append(protos, fmt.Sprintf("%s %d", p, t.Protocols[p]))
 	}
 	fmt.Fprintf(w, "protocols: %s\n", strings.Join(protos, ", "))
+	printBackends(w, st.Backends)
 	if len(st.Reloads) > 0 {
 		r := st.Reloads[0]
 		fmt.Fprintf(w, "last reload: %s, %s, took %s", r.Time.Local().Format(time.DateTime), r.Result,

@@ -17,11 +17,28 @@ type Process struct {
 	WorkerActive []int64
 }
 
+// Backend is one pool backend's values for the sniproxy_backend_* metrics:
+// its labels (the route's match and the backend's host:port, from the
+// config), whether it is up, the connections made to it and open now, and
+// how often its state changed.
+type Backend struct {
+	Route, Backend string
+	Up             bool
+	Connections    uint64
+	Active         int64
+	Changes        uint64
+}
+
 // Collector exports totals as SPEC's sniproxy_* metrics. It reads them at
 // scrape time through its functions, which must be safe for concurrent use.
 type Collector struct {
 	totals  func() Snapshot
 	process func() Process
+	// Backends, when not nil, returns the pool backends for the
+	// sniproxy_backend_* metrics. Set it before the first scrape.
+	Backends func() []Backend
+
+	backendUp, backendConns, backendActive, backendChanges *prometheus.Desc
 
 	active, conns, rejected, bytes, connect *prometheus.Desc
 	workers, restarts, reloads, buildInfo   *prometheus.Desc
@@ -55,6 +72,14 @@ func NewCollector(totals func() Snapshot, process func() Process, version, goVer
 			"Client connections open in each worker, by worker slot.", []string{"slot"}, nil),
 		buildInfo: prometheus.NewDesc("sniproxy_build_info",
 			"Always 1; labels say which build runs.", []string{"version", "goversion"}, nil),
+		backendUp: prometheus.NewDesc("sniproxy_backend_up",
+			"Whether a pool backend is up (1) or down (0), as every worker sees it.", []string{"route", "backend"}, nil),
+		backendConns: prometheus.NewDesc("sniproxy_backend_connections_total",
+			"Connections made to a pool backend.", []string{"route", "backend"}, nil),
+		backendActive: prometheus.NewDesc("sniproxy_backend_connections_active",
+			"Connections open to a pool backend.", []string{"route", "backend"}, nil),
+		backendChanges: prometheus.NewDesc("sniproxy_backend_state_changes_total",
+			"Times a pool backend went up or down.", []string{"route", "backend"}, nil),
 		version:   version,
 		goVersion: goVersion,
 	}
@@ -62,7 +87,8 @@ func NewCollector(totals func() Snapshot, process func() Process, version, goVer
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.active, c.conns, c.rejected, c.bytes, c.connect, c.workers, c.restarts, c.reloads, c.buildInfo, c.workerActive} {
+	for _, d := range []*prometheus.Desc{c.active, c.conns, c.rejected, c.bytes, c.connect, c.workers, c.restarts, c.reloads, c.buildInfo, c.workerActive,
+		c.backendUp, c.backendConns, c.backendActive, c.backendChanges} {
 		ch <- d
 	}
 }
@@ -95,4 +121,17 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.workerActive, prometheus.GaugeValue, float64(max(n, 0)), strconv.Itoa(slot))
 	}
 	ch <- prometheus.MustNewConstMetric(c.buildInfo, prometheus.GaugeValue, 1, c.version, c.goVersion)
+	if c.Backends == nil {
+		return
+	}
+	for _, b := range c.Backends() {
+		up := 0.0
+		if b.Up {
+			up = 1
+		}
+		ch <- prometheus.MustNewConstMetric(c.backendUp, prometheus.GaugeValue, up, b.Route, b.Backend)
+		ch <- prometheus.MustNewConstMetric(c.backendConns, prometheus.CounterValue, float64(b.Connections), b.Route, b.Backend)
+		ch <- prometheus.MustNewConstMetric(c.backendActive, prometheus.GaugeValue, float64(max(b.Active, 0)), b.Route, b.Backend)
+		ch <- prometheus.MustNewConstMetric(c.backendChanges, prometheus.CounterValue, float64(b.Changes), b.Route, b.Backend)
+	}
 }

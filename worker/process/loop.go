@@ -97,6 +97,7 @@ type loop struct {
 	cancelDrain context.CancelFunc
 	stopNow     bool // end the drain at once: Stop, or the connections moved
 	prev        stats.Snapshot
+	backends    backends
 }
 
 // newLoop makes the loop and its server for cfg.
@@ -193,6 +194,8 @@ func (l *loop) run(lns []worker.Listener) error {
 
 	tick := time.NewTicker(statsInterval)
 	defer tick.Stop()
+	dials := time.NewTicker(DialReportInterval)
+	defer dials.Stop()
 	for {
 		var deadline <-chan time.Time
 		if l.deadline != nil {
@@ -240,6 +243,8 @@ func (l *loop) run(lns []worker.Listener) error {
 			return nil
 		case <-tick.C:
 			l.pushStats()
+		case <-dials.C:
+			l.reportDials()
 		}
 	}
 }
@@ -290,6 +295,8 @@ func (l *loop) handle(m ipc.Message, b ipc.Body) {
 		}
 	case ipc.Ping:
 		l.conn.SendBody(ipc.Pong(b))
+	case ipc.Health:
+		l.setHealth(b)
 	case ipc.Revoke:
 		// Every spare goes back to the pool, for a sibling that found it
 		// dry.
@@ -498,8 +505,10 @@ func (l *loop) lose(err error) {
 	}
 }
 
-// pushStats sends the counters' delta since the last push, if any.
+// pushStats sends the counters' delta since the last push, if any, and
+// the pool backends' (pushBackendStats).
 func (l *loop) pushStats() {
+	l.pushBackendStats()
 	cur := l.counters.Snapshot()
 	d := cur.Sub(l.prev)
 	if d == (stats.Snapshot{}) {

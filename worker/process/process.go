@@ -71,13 +71,17 @@ type Options struct {
 }
 
 // Run is the life of a worker process: it says hello, waits for the
-// config, serves until told to retire, move or stop or until the master is
+// config and the health table (which the master sends together), serves until told to retire, move or stop or until the master is
 // gone, and returns once every connection has ended (or moved).
 func Run(o Options) error {
 	if err := o.Conn.SendBody(ipc.Hello{Proto: ipc.Version, Slot: o.Slot, PID: os.Getpid(), Generation: o.Generation}); err != nil {
 		return fmt.Errorf("process: hello: %w", err)
 	}
 	cfg, err := recvConfig(o.Conn)
+	if err != nil {
+		return err
+	}
+	table, err := recvHealth(o.Conn)
 	if err != nil {
 		return err
 	}
@@ -92,6 +96,7 @@ func Run(o Options) error {
 		}
 		return err
 	}
+	l.srv.SetHealth(table)
 	return l.run(lns)
 }
 

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sniproxy/sniproxy/internal/backendtest"
+	"github.com/sniproxy/sniproxy/internal/health"
 	"github.com/sniproxy/sniproxy/ipc"
 )
 
@@ -75,6 +76,11 @@ func startProcess(t *testing.T, yaml string, autoGrant bool) *fakeMaster {
 		t.Fatal("no hello")
 	}
 	if err := mc.SendBody(ipc.Config{YAML: fmt.Appendf(nil, "listeners: [{address: %q}]\n%s", addr, yaml)}); err != nil {
+		t.Fatal(err)
+	}
+	var empty health.Table
+	tb, _ := empty.MarshalBinary()
+	if err := mc.SendBody(ipc.Health{Table: tb}); err != nil {
 		t.Fatal(err)
 	}
 	if _, ok := m.recv().body.(ipc.Ready); !ok {

@@ -102,9 +102,9 @@ type localAddrs struct {
 // Dial connects to dec's backend and returns the connection, with TCP
 // keep-alive set per KeepAlive, and the address it reached.
 //
-// An explicit route (dec.Rule >= 0) may reach any address; a host name is
-// resolved by Resolver and each address tried in turn. A DNS-routed name
-// (dec.Rule == -1) is resolved by DNS, as an absolute name, and each address
+// An explicit route (dec.Rule >= 0) or a default backend (RuleDefault) may
+// reach any address; a host name is resolved by Resolver and each address
+// tried in turn. A DNS-routed name (dec.Rule == RuleDNS) is resolved by DNS, as an absolute name, and each address
 // that passes the address policy is tried in turn; the policy is enforced in
 // the socket's Control hook, on the address actually being connected,
 // before any packet is sent.
@@ -116,7 +116,7 @@ type localAddrs struct {
 // [ErrDial]. The cause is wrapped too (context.DeadlineExceeded, the
 // *net.OpError, the *net.DNSError).
 func (d *Dialer) Dial(ctx context.Context, dec Decision) (*net.TCPConn, netip.AddrPort, error) {
-	dnsRouted := dec.Rule < 0
+	dnsRouted := dec.Rule == RuleDNS
 	if dec.Host == "" {
 		return nil, netip.AddrPort{}, fmt.Errorf("dial: no host: %w", ErrNoRoute)
 	}

@@ -7,15 +7,24 @@
 // fixes, and nothing else:
 //
 //  1. denylist: a match refuses ([ErrDenied]); it always wins;
-//  2. routes: the first matching rule gives an explicit backend; a rule
-//     without a port inherits the listener's backend port;
+//  2. routes: the first matching rule (its match — exact, "*.suffix" or a
+//     "~regex" over the whole name — and, when it has an alpn list, one of
+//     those protocols offered by the client: [Table.DecideALPN]) gives an
+//     explicit backend or a pool ([Pool], dialled with failover by
+//     [Dialer.DialPool]); a rule without a port inherits the listener's
+//     backend port;
 //  3. allowlist: when non-empty, a name that matches none is refused
 //     ([ErrDenied]);
 //  4. DNS routing: the name itself is dialled at the listener's backend port.
 //
 // [NewTable] indexes the three lists by exact name, "*.suffix" and IP
 // address, so Decide takes the same time for ten routes as for a hundred
-// thousand; "first match" still means the first in config order.
+// thousand; "first match" still means the first in config order. Regular
+// expressions cannot be indexed: each "~" route costs one match per look-up.
+//
+// A refusal that found no route (no name, not in the allowlist, a DNS-routed
+// name without an answer) may go to a default backend instead
+// ([FallbackOK]); a denylist or private-address refusal never does.
 //
 // Names that are IP addresses (anything [net/netip] parses, or whose last
 // label is a number the way WHATWG URL hosts are, such as "127.1",

@@ -2,6 +2,7 @@ package route
 
 import (
 	"net/netip"
+	"regexp"
 
 	"github.com/sniproxy/sniproxy/internal/hostname"
 )
@@ -23,25 +24,24 @@ import (
 // of the suffix map). The first keyed match is the lowest position among the
 // hits.
 //
-// # The scan list, and what later rule kinds need
+// # The scan list and conditional rules
 //
 // A pattern the maps cannot hold goes to the scan list, in list order, and
 // is tried in turn. The answer is the lower of the first keyed match and the
 // first scan-list match: the scan stops at its first match, or as soon as it
-// reaches a position above the keyed match, which then wins. No pattern kind
-// needs the scan list today (the zero Pattern matches nothing and is left
-// out); it is where the kinds the SPEC plans go:
+// reaches a position above the keyed match, which then wins. A route whose
+// match is a "~regex" has no key and goes there, so a look-up costs one map
+// probe per key plus one regexp per "~" rule before the answer, however many
+// keyed rules there are.
 //
-//   - a "~regex" match has no key: its rule goes to the scan list, so a
-//     look-up costs one map probe per key plus one regexp per "~" rule
-//     before the answer, however many keyed rules there are;
-//   - a rule with a condition besides its match (an alpn list) cannot be
-//     summed up by one position per key any more: a key then maps to the
-//     positions of the rules with that key, ascending, up to and including
-//     the first one without conditions; the key's candidate is the first of
-//     them whose conditions hold, and the keyed match is the lowest
-//     candidate over all the name's keys, as now. A rule with conditions and
-//     no key goes to the scan list, which checks its conditions too.
+// A rule with a condition besides its match (an alpn list) cannot be summed
+// up by one position per key: a key maps to the first position with that
+// key, as before, and when that rule is conditional, more lists the next
+// positions with the same key, ascending, up to and including the first one
+// without a condition (later ones can never be first). The key's candidate
+// is the first of them whose condition holds; the keyed match is the lowest
+// candidate over all the name's keys, as before. A conditional rule in the
+// scan list has its condition checked there too.
 //
 // TestIndexScanList moves random patterns into the scan list to check the
 // merge.
@@ -55,32 +55,108 @@ type index struct {
 	lengths [4]uint64
 	longest int
 	scan    []scanEntry // patterns without a key, by position
+	// more maps the position of a conditional entry that heads its key's
+	// list to the later positions with that key, up to and including the
+	// first unconditional one; nil when no entry is conditional.
+	more map[int][]int
+	// cond marks the conditional entries by position; nil when none is.
+	cond []bool
 }
+
+// isCond reports whether the entry at pos is conditional.
+func (x *index) isCond(pos int) bool { return x.cond != nil && x.cond[pos] }
 
 // scanEntry is a pattern of the scan list and its position in its list.
 type scanEntry struct {
 	pos int
 	p   hostname.Pattern
+	re  *regexp.Regexp // when not nil, the match instead of p
+}
+
+// matches reports whether the entry's pattern matches name.
+func (e *scanEntry) matches(name string) bool {
+	if e.re != nil {
+		return e.re.MatchString(name)
+	}
+	return e.p.Match(name)
+}
+
+// indexEntry is one pattern to index: a name pattern, or a regular
+// expression (re not nil), and whether a condition besides the match
+// applies to it.
+type indexEntry struct {
+	p    hostname.Pattern
+	re   *regexp.Regexp
+	cond bool
 }
 
 // newIndex indexes ps, positions being indices into ps.
 func newIndex(ps []hostname.Pattern) index {
+	es := make([]indexEntry, len(ps))
+	for i, p := range ps {
+		es[i] = indexEntry{p: p}
+	}
+	return newEntryIndex(es)
+}
+
+// newEntryIndex indexes es, positions being indices into es.
+func newEntryIndex(es []indexEntry) index {
 	var x index
-	keep := func(m *map[string]int, k string, pos int) {
+	// open holds, per map and key, the head of a chain still open: every
+	// entry with that key so far is conditional.
+	type chainKey struct {
+		kind int
+		key  string
+		addr netip.Addr
+	}
+	open := map[chainKey]int{}
+	place := func(ck chainKey, pos int, cond bool, have bool, head int) {
+		if !have {
+			if cond {
+				open[ck] = pos
+			}
+			return
+		}
+		h, ok := open[ck]
+		if !ok || h != head {
+			return // the key's chain ended at an unconditional entry
+		}
+		if x.more == nil {
+			x.more = map[int][]int{}
+		}
+		x.more[head] = append(x.more[head], pos)
+		if !cond {
+			delete(open, ck)
+		}
+	}
+	keep := func(m *map[string]int, kind int, k string, pos int, cond bool) {
 		if *m == nil {
 			*m = map[string]int{}
 		}
-		if _, ok := (*m)[k]; !ok {
+		head, have := (*m)[k]
+		if !have {
 			(*m)[k] = pos
 		}
+		place(chainKey{kind: kind, key: k}, pos, cond, have, head)
 	}
-	for pos, p := range ps {
+	for pos, e := range es {
+		if e.cond {
+			if x.cond == nil {
+				x.cond = make([]bool, len(es))
+			}
+			x.cond[pos] = true
+		}
+		if e.re != nil {
+			x.scan = append(x.scan, scanEntry{pos: pos, re: e.re})
+			continue
+		}
+		p := e.p
 		if n := p.Name(); n != "" {
-			keep(&x.exact, n, pos)
+			keep(&x.exact, 0, n, pos, e.cond)
 			continue
 		}
 		if s := p.Suffix(); s != "" {
-			keep(&x.suffix, s, pos)
+			keep(&x.suffix, 1, s, pos, e.cond)
 			x.lengths[len(s)/64] |= 1 << (len(s) % 64)
 			x.longest = max(x.longest, len(s))
 			continue
@@ -89,26 +165,42 @@ func newIndex(ps []hostname.Pattern) index {
 			if x.addr == nil {
 				x.addr = map[netip.Addr]int{}
 			}
-			if _, ok := x.addr[a]; !ok {
+			head, have := x.addr[a]
+			if !have {
 				x.addr[a] = pos
 			}
+			place(chainKey{kind: 2, addr: a}, pos, e.cond, have, head)
 			continue
 		}
-		// The zero Pattern matches nothing: nothing to index. A later
-		// pattern kind without a key ("~regex") is appended to x.scan
-		// here, as scanEntry{pos, p}.
+		// The zero Pattern matches nothing: nothing to index.
 	}
 	return x
 }
 
-// first returns the position of the first pattern that matches name, or -1.
-// name is lowercased without a trailing dot, as Decide makes it; a and isAddr
-// are what hostname.ParseIPLiteral says of it.
-func (x *index) first(name string, a netip.Addr, isAddr bool) int {
+// first returns the position of the first pattern that matches name and
+// whose condition holds, or -1. name is lowercased without a trailing dot,
+// as Decide makes it; a and isAddr are what hostname.ParseIPLiteral says of
+// it. holds reports whether the condition of the conditional entry at a
+// position holds; nil means none does.
+func (x *index) first(name string, a netip.Addr, isAddr bool, holds func(pos int) bool) int {
 	best := -1
 	hit := func(pos int) {
-		if best < 0 || pos < best {
-			best = pos
+		for i := -1; ; i++ {
+			p := pos
+			if i >= 0 {
+				chain := x.more[pos]
+				if i >= len(chain) {
+					return
+				}
+				p = chain[i]
+			}
+			if best >= 0 && p >= best {
+				return
+			}
+			if !x.isCond(p) || (holds != nil && holds(p)) {
+				best = p
+				return
+			}
 		}
 	}
 	if pos, ok := x.exact[name]; ok {
@@ -131,11 +223,12 @@ func (x *index) first(name string, a netip.Addr, isAddr bool) int {
 			}
 		}
 	}
-	for _, e := range x.scan {
+	for i := range x.scan {
+		e := &x.scan[i]
 		if best >= 0 && e.pos > best {
 			break
 		}
-		if e.p.Match(name) {
+		if e.matches(name) && (!x.isCond(e.pos) || (holds != nil && holds(e.pos))) {
 			hit(e.pos)
 			break
 		}

@@ -3,9 +3,11 @@ package route
 import (
 	"fmt"
 	"math/rand/v2"
+	"regexp"
 	"strings"
 	"testing"
 
+	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/hostname"
 )
 
@@ -58,8 +60,39 @@ func randRules(r *rand.Rand, max int) []Rule {
 	ports := []int{0, 0, 8443, 70000}
 	for i := range rules {
 		rules[i] = Rule{Match: randPattern(r), Host: hosts[r.IntN(len(hosts))], Port: ports[r.IntN(len(ports))]}
+		switch r.IntN(8) {
+		case 0:
+			// A regular expression: the same names as the pattern, or a
+			// class of them.
+			res := []string{`~.*\.a`, `~[a-c]+\.b`, `~a|b\.c`, `~x` + regexp.QuoteMeta(rules[i].Match.String())}
+			re, err := config.CompileMatch(res[r.IntN(len(res))])
+			if err != nil {
+				panic(err)
+			}
+			rules[i].Regexp = re
+		case 1, 2:
+			rules[i].ALPN = randALPN[:1+r.IntN(len(randALPN))]
+			if r.IntN(2) == 0 {
+				rules[i].ALPN = rules[i].ALPN[len(rules[i].ALPN)-1:]
+			}
+		}
 	}
 	return rules
+}
+
+// randALPN are the protocols random rules ask for and random clients offer.
+var randALPN = []string{"h2", "acme-tls/1", "http/1.1"}
+
+// randOffer returns what a random client offers: nothing, or some of
+// randALPN joined by ",".
+func randOffer(r *rand.Rand) string {
+	var ps []string
+	for _, p := range randALPN {
+		if r.IntN(2) == 0 {
+			ps = append(ps, p)
+		}
+	}
+	return strings.Join(ps, ",")
 }
 
 func randName(r *rand.Rand) string {
@@ -81,11 +114,17 @@ func randName(r *rand.Rand) string {
 // exactly, error text included.
 func sameDecision(t *testing.T, tab *Table, deny []hostname.Pattern, routes []Rule, allow []hostname.Pattern, name string, port int) {
 	t.Helper()
-	got, gotErr := tab.Decide(name, port)
-	want, wantErr := linearDecide(deny, routes, allow, name, port)
+	sameDecisionALPN(t, tab, deny, routes, allow, name, "", port)
+}
+
+// sameDecisionALPN is sameDecision for a client offering alpn.
+func sameDecisionALPN(t *testing.T, tab *Table, deny []hostname.Pattern, routes []Rule, allow []hostname.Pattern, name, alpn string, port int) {
+	t.Helper()
+	got, gotErr := tab.DecideALPN(name, alpn, port)
+	want, wantErr := linearDecideALPN(deny, routes, allow, name, alpn, port)
 	if got != want || fmt.Sprint(gotErr) != fmt.Sprint(wantErr) {
-		t.Fatalf("Decide(%q, %d) with deny %v, routes %v, allow %v:\nindexed %+v, %v\nlinear  %+v, %v",
-			name, port, deny, routes, allow, got, gotErr, want, wantErr)
+		t.Fatalf("DecideALPN(%q, %q, %d) with deny %v, routes %v, allow %v:\nindexed %+v, %v\nlinear  %+v, %v",
+			name, alpn, port, deny, routes, allow, got, gotErr, want, wantErr)
 	}
 }
 
@@ -101,7 +140,7 @@ func TestDecideIndexedEqualsLinear(t *testing.T) {
 		}
 		tab := NewTable(deny, routes, allow)
 		for range 40 {
-			sameDecision(t, tab, deny, routes, allow, randName(r), ports[r.IntN(len(ports))])
+			sameDecisionALPN(t, tab, deny, routes, allow, randName(r), randOffer(r), ports[r.IntN(len(ports))])
 		}
 	}
 }
@@ -159,7 +198,7 @@ func TestIndexScanList(t *testing.T) {
 		for range 40 {
 			name := strings.ToLower(strings.TrimSuffix(randName(r), "."))
 			a, isAddr := hostname.ParseIPLiteral(name)
-			if got, want := x.first(name, a, isAddr), linearFirst(ps, name); got != want {
+			if got, want := x.first(name, a, isAddr, nil), linearFirst(ps, name); got != want {
 				t.Fatalf("first(%q) over %v, scan %v: got %d; want %d", name, ps, scan, got, want)
 			}
 		}

@@ -11,9 +11,14 @@ import (
 // pattern, route and allow pattern tried in turn. It is the oracle the
 // indexed Decide is compared with, and the "before" of BenchmarkDecide.
 func linearDecide(deny []hostname.Pattern, routes []Rule, allow []hostname.Pattern, name string, backendPort int) (Decision, error) {
+	return linearDecideALPN(deny, routes, allow, name, "", backendPort)
+}
+
+// linearDecideALPN is linearDecide for a client offering alpn.
+func linearDecideALPN(deny []hostname.Pattern, routes []Rule, allow []hostname.Pattern, name, alpn string, backendPort int) (Decision, error) {
 	name = strings.ToLower(strings.TrimSuffix(name, "."))
 	refuse := func(r Reason, err error) (Decision, error) {
-		return Decision{Rule: -1, Name: name, Reason: r}, err
+		return Decision{Rule: -1, Name: name, Reason: r, Fallback: r == ReasonNoRoute}, err
 	}
 	if name == "" {
 		return refuse(ReasonNoRoute, fmt.Errorf("no name: %w", ErrNoRoute))
@@ -29,15 +34,25 @@ func linearDecide(deny []hostname.Pattern, routes []Rule, allow []hostname.Patte
 		}
 	}
 	for i, r := range routes {
-		if !r.Match.Match(name) {
+		if r.Regexp != nil {
+			if !r.Regexp.MatchString(name) {
+				continue
+			}
+		} else if !r.Match.Match(name) {
 			continue
+		}
+		if len(r.ALPN) > 0 && !r.offers(alpn) {
+			continue
+		}
+		if r.Pool != nil {
+			return Decision{Rule: i, Pool: r.Pool, Name: name}, nil
 		}
 		port := r.Port
 		if port == 0 {
 			port = backendPort
 		}
 		if r.Host == "" || port < 1 || port > 65535 {
-			return refuse(ReasonNoRoute, fmt.Errorf("name %q: route %d (%s) has no backend host or port: %w", name, i, r.Match, ErrNoRoute))
+			return refuse(ReasonNoRoute, fmt.Errorf("name %q: route %d (%s) has no backend host or port: %w", name, i, r, ErrNoRoute))
 		}
 		return Decision{Rule: i, Host: r.Host, Port: port, Name: name}, nil
 	}
@@ -50,11 +65,15 @@ func linearDecide(deny []hostname.Pattern, routes []Rule, allow []hostname.Patte
 			}
 		}
 		if !allowed {
-			return refuse(ReasonDenied, fmt.Errorf("name %q: not in allowlist: %w", name, ErrDenied))
+			d, err := refuse(ReasonDenied, fmt.Errorf("name %q: not in allowlist: %w", name, ErrDenied))
+			d.Fallback = true
+			return d, err
 		}
 	}
 	if hostname.IsAddress(name) {
-		return refuse(ReasonDenied, fmt.Errorf("name %q: an IP address is not routed through DNS: %w", name, ErrDenied))
+		d, err := refuse(ReasonDenied, fmt.Errorf("name %q: an IP address is not routed through DNS: %w", name, ErrDenied))
+		d.Fallback = true
+		return d, err
 	}
 	if backendPort < 1 || backendPort > 65535 {
 		return refuse(ReasonNoRoute, fmt.Errorf("name %q: no backend port: %w", name, ErrNoRoute))
