@@ -164,12 +164,6 @@ func sniffLimitFor(cfg *config.Config) int {
 	return max(16, cfg.MaxConnections*3/4/workers)
 }
 
-// newTable builds the routing table of cfg (in tests).
-func newTable(cfg *config.Config) (*route.Table, error) {
-	t, _, err := newRoutes(cfg)
-	return t, err
-}
-
 // Serve accepts on every listener until ctx is done, then closes the
 // listeners (these copies only: a socket shared with other processes stays
 // open there) and returns once every accept loop has ended. Connections
