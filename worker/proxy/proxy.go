@@ -25,7 +25,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"net"
 	"os"
@@ -141,7 +140,16 @@ func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *
 			failed = append(failed, d)
 			continue
 		}
-		d.rc, d.lr, d.waitFn, d.poller = rc, &io.LimitedReader{R: d.src}, d.peek, poller
+		wc, err := d.dst.SyscallConn()
+		if err != nil {
+			d.err = fmt.Errorf("proxy: %s: %w", d.name, err)
+			failed = append(failed, d)
+			continue
+		}
+		d.rc, d.wc, d.waitFn, d.poller = rc, wc, d.peek, poller
+		if poller != nil {
+			d.pipes = poller.pipes
+		}
 	}
 	if idle > 0 {
 		// Armed once both directions are set up (a resumed pair may be
@@ -453,8 +461,8 @@ type direction struct {
 	poller  *Poller
 	state   atomic.Int32 // running or parked
 	parkID  uint64
-	rc      syscall.RawConn
-	lr      *io.LimitedReader
+	rc, wc  syscall.RawConn // of src, of dst
+	pipes   *pipePool       // nil: a pipe of its own for each transfer
 	waitFn  func(fd uintptr) bool
 	eof     bool
 	peekErr error
@@ -534,13 +542,12 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 		// that long past the last byte. A read deadline is safe here: it
 		// can only end a wait for src with the pipe empty, never a write
 		// of bytes already spliced in.
-		d.lr.N = 1 << 62
 		d.src.SetReadDeadline(time.Now().Add(holdPipe))
-		n, err := d.dst.ReadFrom(d.lr)
+		n, err := d.transfer()
 		d.src.SetReadDeadline(time.Time{})
 		switch {
 		case err == nil:
-			// ReadFrom ends without error only at EOF: N is unreachable.
+			// transfer ends without error only at EOF.
 			d.eof = true
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			err = nil
