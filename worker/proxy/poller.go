@@ -23,7 +23,9 @@ const (
 // no pipe, no buffer.
 //
 // The epoll descriptor itself is waited on through Go's poller, so the
-// Poller needs no thread of its own. The zero value is not usable; create
+// Poller needs no thread of its own. A Poller also lends splice pipes to
+// the pairs started with it, at most maxPipes at once, and closes those
+// left unused for pipeLinger. The zero value is not usable; create
 // one with NewPoller and Close it when no pair uses it any more.
 type Poller struct {
 	ep     *os.File

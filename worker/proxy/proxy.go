@@ -1,13 +1,19 @@
 // Package proxy copies bytes both ways between a client and a backend TCP
 // connection.
 //
-// Bulk data moves with Linux splice(2) through the kernel: each direction
-// hands *net.TCPConn to (*net.TCPConn).ReadFrom, never a wrapper that would
-// force a user-space copy. An idle connection holds no pipe and no buffer:
-// each direction first waits for readability on the socket itself (through
-// syscall.RawConn, peeking one byte), and only then splices, with a read
-// deadline that ends the splice's own wait for more data after holdPipe, so
-// Go's splice pipe is borrowed only while data moves.
+// Bulk data moves with Linux splice(2) through the kernel: socket to pipe,
+// pipe to socket, waiting through Go's poller (syscall.RawConn). An idle
+// connection holds no pipe and no buffer: each direction first waits for
+// readability on the socket itself (peeking one byte), and only then
+// borrows a pipe and splices, with a read deadline that ends the wait for
+// more data after holdPipe, so a pipe is borrowed only while data moves.
+//
+// The pipes come from a pool per Poller (one per worker): at most maxPipes
+// are open at once, and a free one is closed once unused for pipeLinger,
+// so a quiet worker holds none. A direction that finds no pipe within the
+// bound copies through a user-space buffer instead. (Go's own splice,
+// behind (*net.TCPConn).ReadFrom, keeps its pipes in a sync.Pool, unbounded
+// and freed only by garbage collections a quiet worker never runs.)
 //
 // A FIN from one side is passed on as a half-close (CloseWrite) and the
 // other direction keeps flowing. The idle timeout counts silence in both
@@ -536,7 +542,7 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 			d.stopped = true
 			return nil, false
 		}
-		// Splice what is queued and whatever follows, letting Go's splice
+		// Splice what is queued and whatever follows, letting the splice
 		// loop wait for more while the stream flows; the read deadline
 		// ends that wait holdPipe after it began, so a pipe is held at most
 		// that long past the last byte. A read deadline is safe here: it
