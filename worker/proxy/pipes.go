@@ -221,56 +221,78 @@ func (d *direction) transfer() (int64, error) {
 // error, or a deadline on src; inPipe is what p still holds when it stops
 // (only after a failed write to dst).
 func (d *direction) splice(p *pipe) (written int64, inPipe int, err error) {
+	s := &d.sp
+	*s = spliceState{p: p}
+	defer func() { *s = spliceState{} }()
 	for {
-		var serr error
-		err = d.rc.Read(func(fd uintptr) bool {
-			for {
-				n, e := unix.Splice(int(fd), nil, p.w, nil, spliceSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-				switch e {
-				case unix.EINTR:
-					continue
-				case unix.EAGAIN:
-					// The pipe is empty here: src has nothing yet.
-					return false
-				}
-				inPipe, serr = int(n), e
-				return true
-			}
-		})
-		if err == nil && serr != nil {
-			err = os.NewSyscallError("splice", serr)
+		err = d.rc.Read(d.drainFn)
+		if err == nil && s.err != nil {
+			err = os.NewSyscallError("splice", s.err)
 		}
-		if err != nil || inPipe == 0 {
-			return written, 0, err // inPipe == 0: EOF
+		if err != nil || s.inPipe == 0 {
+			return s.written, 0, err // inPipe == 0: EOF
 		}
-		for inPipe > 0 {
-			err = d.wc.Write(func(fd uintptr) bool {
-				for {
-					n, e := unix.Splice(p.r, nil, int(fd), nil, inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-					switch e {
-					case unix.EINTR:
-						continue
-					case unix.EAGAIN:
-						return false // dst's send buffer is full
-					}
-					if n > 0 {
-						inPipe -= int(n)
-						written += n
-					} else if e == nil {
-						// Never seen: the pipe had bytes for dst.
-						e = io.ErrNoProgress
-					}
-					serr = e
-					return true
-				}
-			})
-			if err == nil && serr != nil {
-				err = os.NewSyscallError("splice", serr)
+		for s.inPipe > 0 {
+			err = d.wc.Write(d.pumpFn)
+			if err == nil && s.err != nil {
+				err = os.NewSyscallError("splice", s.err)
 			}
 			if err != nil {
-				return written, inPipe, err
+				return s.written, s.inPipe, err
 			}
 		}
+	}
+}
+
+// spliceState is what splice's callbacks share with it. They are method
+// values made once per direction (d.drainFn, d.pumpFn), so a splice
+// allocates nothing.
+type spliceState struct {
+	p       *pipe
+	inPipe  int   // bytes in p
+	written int64 // bytes from p into dst
+	err     error // of the last splice(2)
+}
+
+// drain is the syscall.RawConn.Read callback of splice: it moves what src
+// has into the empty pipe; false means src has nothing yet.
+func (d *direction) drain(fd uintptr) bool {
+	s := &d.sp
+	for {
+		n, err := unix.Splice(int(fd), nil, s.p.w, nil, spliceSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		switch err {
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			// The pipe is empty here: src has nothing yet.
+			return false
+		}
+		s.inPipe, s.err = int(max(n, 0)), err
+		return true
+	}
+}
+
+// pump is the syscall.RawConn.Write callback of splice: it moves what it
+// can of the pipe's bytes into dst; false means dst's send buffer is full.
+func (d *direction) pump(fd uintptr) bool {
+	s := &d.sp
+	for {
+		n, err := unix.Splice(s.p.r, nil, int(fd), nil, s.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		switch err {
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return false
+		}
+		if n > 0 {
+			s.inPipe -= int(n)
+			s.written += n
+		} else if err == nil {
+			// Never seen: the pipe had bytes for dst.
+			err = io.ErrNoProgress
+		}
+		s.err = err
+		return true
 	}
 }
 

@@ -153,6 +153,7 @@ func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *
 			continue
 		}
 		d.rc, d.wc, d.waitFn, d.poller = rc, wc, d.peek, poller
+		d.drainFn, d.pumpFn = d.drain, d.pump
 		if poller != nil {
 			d.pipes = poller.pipes
 		}
@@ -469,6 +470,9 @@ type direction struct {
 	parkID  uint64
 	rc, wc  syscall.RawConn // of src, of dst
 	pipes   *pipePool       // nil: a pipe of its own for each transfer
+	sp      spliceState
+	drainFn func(fd uintptr) bool
+	pumpFn  func(fd uintptr) bool
 	waitFn  func(fd uintptr) bool
 	eof     bool
 	peekErr error
