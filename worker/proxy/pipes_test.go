@@ -134,3 +134,48 @@ func TestPipeBound(t *testing.T) {
 		time.Sleep(10 * time.Millisecond) // poll the fds until the deadline
 	}
 }
+
+// TestPipePool checks the pool's books: the bound counts lent and free
+// pipes, a clean pipe is lent again, a dirty one is closed, and a closed
+// pool lends nothing and closes what comes back.
+func TestPipePool(t *testing.T) {
+	before := pipeFDs(t)
+	pp := newPipePool(2, time.Hour)
+	a, b := pp.get(), pp.get()
+	if a == nil || b == nil {
+		t.Fatal("no pipe within the bound")
+	}
+	if c := pp.get(); c != nil {
+		t.Fatal("a third pipe from a pool of 2")
+	}
+	if got := pp.overflow.Load(); got != 1 {
+		t.Errorf("overflow %d; want 1", got)
+	}
+	if n := pipeFDs(t) - before; n != 4 {
+		t.Errorf("%d pipe fds with 2 pipes lent; want 4", n)
+	}
+	pp.put(a, false)
+	if again := pp.get(); again != a {
+		t.Error("a free pipe was not lent again")
+	}
+	pp.put(a, true) // dirty: closed, and its place in the bound is free
+	if n := pipeFDs(t) - before; n != 2 {
+		t.Errorf("%d pipe fds after a dirty pipe came back; want 2", n)
+	}
+	c := pp.get()
+	if c == nil {
+		t.Fatal("no pipe after a dirty one was closed")
+	}
+	pp.put(c, false)
+	pp.close()
+	if n := pipeFDs(t) - before; n != 2 {
+		t.Errorf("%d pipe fds after close with one pipe lent; want 2", n)
+	}
+	if d := pp.get(); d != nil {
+		t.Error("a closed pool lent a pipe")
+	}
+	pp.put(b, false)
+	if n := pipeFDs(t) - before; n != 0 {
+		t.Errorf("%d pipe fds after the last pipe came back to a closed pool; want 0", n)
+	}
+}
