@@ -32,10 +32,18 @@ const (
 )
 
 // pipe is one splice pipe: bytes are spliced from a socket into w and
-// from r into the other socket.
+// from r into the other socket. It also carries the state of the splice
+// that holds it, and its syscall.RawConn callbacks, made once per pipe, so
+// that neither a splice nor an idle direction costs an allocation.
 type pipe struct {
 	r, w int
 	free time.Time // when it was given back, while in the pool
+
+	inPipe  int   // bytes in the pipe
+	written int64 // bytes from the pipe into dst, this transfer
+	err     error // of the last splice(2)
+	drainFn func(fd uintptr) bool
+	pumpFn  func(fd uintptr) bool
 }
 
 // close closes both ends.
@@ -113,6 +121,7 @@ func (pp *pipePool) get() *pipe {
 // put gives p back. A pipe that still holds bytes (a splice into the
 // other socket failed) is closed: they belong to a stream that ended.
 func (pp *pipePool) put(p *pipe, dirty bool) {
+	p.err = nil
 	if pp == nil {
 		p.close()
 		return
@@ -199,7 +208,9 @@ func newPipe() *pipe {
 		return nil
 	}
 	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, spliceSize)
-	return &pipe{r: fds[0], w: fds[1]}
+	p := &pipe{r: fds[0], w: fds[1]}
+	p.drainFn, p.pumpFn = p.drain, p.pump
+	return p
 }
 
 // transfer moves bytes from d.src to d.dst, as (*net.TCPConn).ReadFrom
@@ -221,63 +232,51 @@ func (d *direction) transfer() (int64, error) {
 // error, or a deadline on src; inPipe is what p still holds when it stops
 // (only after a failed write to dst).
 func (d *direction) splice(p *pipe) (written int64, inPipe int, err error) {
-	s := &d.sp
-	*s = spliceState{p: p}
-	defer func() { *s = spliceState{} }()
+	p.inPipe, p.written, p.err = 0, 0, nil
 	for {
-		err = d.rc.Read(d.drainFn)
-		if err == nil && s.err != nil {
-			err = os.NewSyscallError("splice", s.err)
+		err = d.rc.Read(p.drainFn)
+		if err == nil && p.err != nil {
+			err = os.NewSyscallError("splice", p.err)
 		}
-		if err != nil || s.inPipe == 0 {
-			return s.written, 0, err // inPipe == 0: EOF
+		if err != nil || p.inPipe == 0 {
+			return p.written, 0, err // inPipe == 0: EOF
 		}
-		for s.inPipe > 0 {
-			err = d.wc.Write(d.pumpFn)
-			if err == nil && s.err != nil {
-				err = os.NewSyscallError("splice", s.err)
+		for p.inPipe > 0 {
+			err = d.wc.Write(p.pumpFn)
+			if err == nil && p.err != nil {
+				err = os.NewSyscallError("splice", p.err)
 			}
 			if err != nil {
-				return s.written, s.inPipe, err
+				return p.written, p.inPipe, err
 			}
 		}
 	}
 }
 
-// spliceState is what splice's callbacks share with it. They are method
-// values made once per direction (d.drainFn, d.pumpFn), so a splice
-// allocates nothing.
-type spliceState struct {
-	p       *pipe
-	inPipe  int   // bytes in p
-	written int64 // bytes from p into dst
-	err     error // of the last splice(2)
-}
-
-// drain is the syscall.RawConn.Read callback of splice: it moves what src
-// has into the empty pipe; false means src has nothing yet.
-func (d *direction) drain(fd uintptr) bool {
-	s := &d.sp
+// drain is the syscall.RawConn.Read callback of splice: it moves what the
+// source socket fd has into the empty pipe; false means fd has nothing
+// yet.
+func (p *pipe) drain(fd uintptr) bool {
 	for {
-		n, err := unix.Splice(int(fd), nil, s.p.w, nil, spliceSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		n, err := unix.Splice(int(fd), nil, p.w, nil, spliceSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 		switch err {
 		case unix.EINTR:
 			continue
 		case unix.EAGAIN:
-			// The pipe is empty here: src has nothing yet.
+			// The pipe is empty here: fd has nothing yet.
 			return false
 		}
-		s.inPipe, s.err = int(max(n, 0)), err
+		p.inPipe, p.err = int(max(n, 0)), err
 		return true
 	}
 }
 
 // pump is the syscall.RawConn.Write callback of splice: it moves what it
-// can of the pipe's bytes into dst; false means dst's send buffer is full.
-func (d *direction) pump(fd uintptr) bool {
-	s := &d.sp
+// can of the pipe's bytes into the destination socket fd; false means fd's
+// send buffer is full.
+func (p *pipe) pump(fd uintptr) bool {
 	for {
-		n, err := unix.Splice(s.p.r, nil, int(fd), nil, s.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		n, err := unix.Splice(p.r, nil, int(fd), nil, p.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 		switch err {
 		case unix.EINTR:
 			continue
@@ -285,13 +284,13 @@ func (d *direction) pump(fd uintptr) bool {
 			return false
 		}
 		if n > 0 {
-			s.inPipe -= int(n)
-			s.written += n
+			p.inPipe -= int(n)
+			p.written += n
 		} else if err == nil {
-			// Never seen: the pipe had bytes for dst.
+			// Never seen: the pipe had bytes for fd.
 			err = io.ErrNoProgress
 		}
-		s.err = err
+		p.err = err
 		return true
 	}
 }

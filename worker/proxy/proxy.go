@@ -28,6 +28,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -138,22 +139,20 @@ func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *
 	// Every direction is set up before either starts: a started one may
 	// abort the pair at once, which looks at both.
 	var failed []*direction
+	crc, cerr := client.SyscallConn()
+	brc, berr := backend.SyscallConn()
 	for _, d := range live {
-		rc, err := d.src.SyscallConn()
+		rc, wc, err := crc, brc, cmp.Or(cerr, berr)
+		if !d.up {
+			rc, wc, err = brc, crc, cmp.Or(berr, cerr)
+		}
 		if err != nil {
 			// Only a closed conn has none: end that direction now.
 			d.err = fmt.Errorf("proxy: %s: %w", d.name, err)
 			failed = append(failed, d)
 			continue
 		}
-		wc, err := d.dst.SyscallConn()
-		if err != nil {
-			d.err = fmt.Errorf("proxy: %s: %w", d.name, err)
-			failed = append(failed, d)
-			continue
-		}
 		d.rc, d.wc, d.waitFn, d.poller = rc, wc, d.peek, poller
-		d.drainFn, d.pumpFn = d.drain, d.pump
 		if poller != nil {
 			d.pipes = poller.pipes
 		}
@@ -470,9 +469,6 @@ type direction struct {
 	parkID  uint64
 	rc, wc  syscall.RawConn // of src, of dst
 	pipes   *pipePool       // nil: a pipe of its own for each transfer
-	sp      spliceState
-	drainFn func(fd uintptr) bool
-	pumpFn  func(fd uintptr) bool
 	waitFn  func(fd uintptr) bool
 	eof     bool
 	peekErr error
