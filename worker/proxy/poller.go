@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,7 +23,9 @@ const (
 // no pipe, no buffer.
 //
 // The epoll descriptor itself is waited on through Go's poller, so the
-// Poller needs no thread of its own. The zero value is not usable; create
+// Poller needs no thread of its own. A Poller also lends splice pipes to
+// the pairs started with it, at most maxPipes at once, and closes those
+// left unused for pipeLinger. The zero value is not usable; create
 // one with NewPoller and Close it when no pair uses it any more.
 type Poller struct {
 	ep     *os.File
@@ -32,10 +35,20 @@ type Poller struct {
 	nextID uint64
 	closed chan struct{}
 	done   chan struct{}
+	// pipes lends splice pipes to the directions of every pair started
+	// with this Poller: at most maxPipes at once, none kept long once the
+	// worker is quiet.
+	pipes *pipePool
 }
 
 // NewPoller creates a Poller and starts its wait loop.
 func NewPoller() (*Poller, error) {
+	return newPollerPipes(maxPipes, pipeLinger)
+}
+
+// newPollerPipes is NewPoller with a pipe pool of at most max pipes, each
+// closed once free for linger.
+func newPollerPipes(max int, linger time.Duration) (*Poller, error) {
 	fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("proxy: epoll_create1: %w", err)
@@ -50,6 +63,7 @@ func NewPoller() (*Poller, error) {
 		parked: map[uint64]*direction{},
 		closed: make(chan struct{}),
 		done:   make(chan struct{}),
+		pipes:  newPipePool(max, linger),
 	}
 	go p.loop()
 	return p, nil
@@ -64,6 +78,7 @@ func (p *Poller) Close() error {
 	default:
 	}
 	close(p.closed)
+	p.pipes.close()
 	err := p.ep.Close() // ends the wait loop
 	<-p.done
 	p.mu.Lock()

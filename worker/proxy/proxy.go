@@ -1,13 +1,19 @@
 // Package proxy copies bytes both ways between a client and a backend TCP
 // connection.
 //
-// Bulk data moves with Linux splice(2) through the kernel: each direction
-// hands *net.TCPConn to (*net.TCPConn).ReadFrom, never a wrapper that would
-// force a user-space copy. An idle connection holds no pipe and no buffer:
-// each direction first waits for readability on the socket itself (through
-// syscall.RawConn, peeking one byte), and only then splices, with a read
-// deadline that ends the splice's own wait for more data after holdPipe, so
-// Go's splice pipe is borrowed only while data moves.
+// Bulk data moves with Linux splice(2) through the kernel: socket to pipe,
+// pipe to socket, waiting through Go's poller (syscall.RawConn). An idle
+// connection holds no pipe and no buffer: each direction first waits for
+// readability on the socket itself (peeking one byte), and only then
+// borrows a pipe and splices, with a read deadline that ends the wait for
+// more data after holdPipe, so a pipe is borrowed only while data moves.
+//
+// The pipes come from a pool per Poller (one per worker): at most maxPipes
+// are open at once, and a free one is closed once unused for pipeLinger,
+// so a quiet worker holds none. A direction that finds no pipe within the
+// bound copies through a user-space buffer instead. (Go's own splice,
+// behind (*net.TCPConn).ReadFrom, keeps its pipes in a sync.Pool, unbounded
+// and freed only by garbage collections a quiet worker never runs.)
 //
 // A FIN from one side is passed on as a half-close (CloseWrite) and the
 // other direction keeps flowing. The idle timeout counts silence in both
@@ -22,10 +28,10 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"net"
 	"os"
@@ -133,15 +139,23 @@ func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *
 	// Every direction is set up before either starts: a started one may
 	// abort the pair at once, which looks at both.
 	var failed []*direction
+	crc, cerr := client.SyscallConn()
+	brc, berr := backend.SyscallConn()
 	for _, d := range live {
-		rc, err := d.src.SyscallConn()
+		rc, wc, err := crc, brc, cmp.Or(cerr, berr)
+		if !d.up {
+			rc, wc, err = brc, crc, cmp.Or(berr, cerr)
+		}
 		if err != nil {
 			// Only a closed conn has none: end that direction now.
 			d.err = fmt.Errorf("proxy: %s: %w", d.name, err)
 			failed = append(failed, d)
 			continue
 		}
-		d.rc, d.lr, d.waitFn, d.poller = rc, &io.LimitedReader{R: d.src}, d.peek, poller
+		d.rc, d.wc, d.waitFn, d.poller = rc, wc, d.peek, poller
+		if poller != nil {
+			d.pipes = poller.pipes
+		}
 	}
 	if idle > 0 {
 		// Armed once both directions are set up (a resumed pair may be
@@ -453,8 +467,8 @@ type direction struct {
 	poller  *Poller
 	state   atomic.Int32 // running or parked
 	parkID  uint64
-	rc      syscall.RawConn
-	lr      *io.LimitedReader
+	rc, wc  syscall.RawConn // of src, of dst
+	pipes   *pipePool       // nil: a pipe of its own for each transfer
 	waitFn  func(fd uintptr) bool
 	eof     bool
 	peekErr error
@@ -528,19 +542,18 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 			d.stopped = true
 			return nil, false
 		}
-		// Splice what is queued and whatever follows, letting Go's splice
+		// Splice what is queued and whatever follows, letting the splice
 		// loop wait for more while the stream flows; the read deadline
 		// ends that wait holdPipe after it began, so a pipe is held at most
 		// that long past the last byte. A read deadline is safe here: it
 		// can only end a wait for src with the pipe empty, never a write
 		// of bytes already spliced in.
-		d.lr.N = 1 << 62
 		d.src.SetReadDeadline(time.Now().Add(holdPipe))
-		n, err := d.dst.ReadFrom(d.lr)
+		n, err := d.transfer()
 		d.src.SetReadDeadline(time.Time{})
 		switch {
 		case err == nil:
-			// ReadFrom ends without error only at EOF: N is unreachable.
+			// transfer ends without error only at EOF.
 			d.eof = true
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			err = nil
