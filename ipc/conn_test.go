@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"reflect"
 	"runtime"
@@ -75,6 +76,11 @@ func bodies() []Body {
 		Move{},
 		Revoke{},
 		Stopped{},
+		PerIP{Key: netip.MustParseAddr("192.0.2.7"), Conns: 4, Tokens: 1},
+		PerIP{Key: netip.MustParseAddr("2001:db8::"), Tokens: 16},
+		PerIP{Key: netip.MustParseAddr("192.0.2.7"), Conns: 3, Return: true},
+		PerIPGrant{Key: netip.MustParseAddr("192.0.2.7"), Conns: 4, Tokens: 1},
+		PerIPGrant{Key: netip.MustParseAddr("2001:db8::"), Retry: 250 * time.Millisecond},
 	}
 }
 
