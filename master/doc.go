@@ -29,11 +29,11 @@
 // Lock order. A part holds its own lock while it calls into another only
 // along this order, never against it:
 //
-//	relay.mu → broker.mu → counters.mu → supervisor.mu → child.mu
+//	relay.mu → broker.mu → perIP.mu → counters.mu → supervisor.mu → child.mu
 //
 // (relay.mu is held while a moved connection is sent to a worker and
-// takes supervisor.mu to list them; broker.mu is held while the
-// succession state is sent, which takes counters.mu.) The locks inside
-// lease.Pool, stateSocket (its writer) and ipc.Conn are leaves: taken
+// takes supervisor.mu to list them; broker.mu and perIP.mu are held while
+// the succession state is sent, which takes counters.mu.) The locks inside
+// lease.Pool, perip.Table, stateSocket (its writer) and ipc.Conn are leaves: taken
 // last, under any of these.
 package master
