@@ -34,6 +34,9 @@ type conn struct {
 	// is (the access log's "client", per-IP limits, the PROXY header sent
 	// to the backend) reads them.
 	peer, local netip.AddrPort
+	// perIPKey is the client key whose per-client slot the connection
+	// holds (admitPerIP), until finish gives it back; invalid if none.
+	perIPKey netip.Addr
 
 	// o is what the access log will say besides the result; written by
 	// the phases before the pair starts, read when the connection ends
@@ -164,6 +167,7 @@ func (c *conn) finish(r result, permit bool) {
 	if permit {
 		c.srv.limiter.Release()
 	}
+	c.releasePerIP()
 	c.srv.rec.Closed()
 	c.srv.untrack(c)
 }

@@ -89,11 +89,11 @@ func (c *Client) Acquire(key netip.Addr) bool {
 			c.m[key] = l
 		}
 		now := c.now()
-		if now.Before(l.denyUntil) {
-			return false
-		}
 		needC := c.lim.Conns > 0 && l.spare == 0
 		needT := c.lim.Rate > 0 && l.tokens == 0
+		if (needC || needT) && now.Before(l.denyUntil) {
+			return false
+		}
 		if !needC && !needT {
 			if c.lim.Conns > 0 {
 				l.spare--

@@ -422,3 +422,19 @@ func BenchmarkClientAcquireWarm(b *testing.B) {
 		c.Release(k)
 	}
 }
+
+// TestClientSpareBeatsRefusal: a slot freed locally admits the client's
+// next connection at once, even within the retry of a refusal.
+func TestClientSpareBeatsRefusal(t *testing.T) {
+	clk := newClock()
+	lim := Limits{Conns: 1}
+	ft := &fakeTransport{tb: NewTable(lim, 10, clk.now), worker: 1}
+	c := NewClient(ft, lim, 64, 1, clk.now)
+	if !c.Acquire(a) || c.Acquire(a) {
+		t.Fatal("want the first admitted, the second refused")
+	}
+	c.Release(a)
+	if !c.Acquire(a) {
+		t.Error("refused with a spare slot in hand")
+	}
+}

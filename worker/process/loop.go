@@ -14,6 +14,7 @@ import (
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/lease"
 	"github.com/sniproxy/sniproxy/internal/logging"
+	"github.com/sniproxy/sniproxy/internal/perip"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/internal/testswitch"
 	"github.com/sniproxy/sniproxy/ipc"
@@ -72,6 +73,10 @@ type loop struct {
 	counters *stats.Counters
 	leases   *leases
 	client   *lease.Client
+	// perIP and perIPLeases enforce the per-client limits; nil when
+	// both are off.
+	perIP       *perip.Client
+	perIPLeases *perIPLeases
 	// access is the access log's output when it has a file of its own.
 	access *logging.Output
 
@@ -122,6 +127,12 @@ func newLoop(o Options, cfg *config.Config) (*loop, error) {
 		return nil, fmt.Errorf("process: %w", err)
 	}
 	srv.AccessLog = accessLog(o, cfg)
+	if lim := cfg.Limits; lim.On() {
+		l.perIPLeases = &perIPLeases{conn: o.Conn, log: o.Log}
+		l.perIP = perip.NewClient(l.perIPLeases, perip.Limits{Conns: lim.PerIPConnections, Rate: lim.PerIPRate},
+			lim.IPv6Prefix, max(cfg.Workers, 1), nil)
+		srv.PerIP = l.perIP
+	}
 	if o.Switches.FreshSockets {
 		// The reload negative control (see testswitch.Switches).
 		srv.LingerOnStop = 300 * time.Millisecond
@@ -181,6 +192,10 @@ func (l *loop) run(lns []worker.Listener) error {
 	// Whatever happens, no connection waits for a grant that will not
 	// come once the loop is gone.
 	defer l.leases.lose()
+	if l.perIP != nil {
+		defer l.perIPLeases.lose()
+		go l.perIP.Run(l.done)
+	}
 	ctx, stopAccepting := context.WithCancel(context.Background())
 	defer stopAccepting()
 	l.stopAccepting = stopAccepting
@@ -288,6 +303,12 @@ func (l *loop) handle(m ipc.Message, b ipc.Body) {
 		if err := l.leases.grant(b.N); err != nil && l.phase == serving {
 			l.lose(err)
 		}
+	case ipc.PerIPGrant:
+		if l.perIPLeases == nil {
+			l.lose(errNoPerIPRequest)
+		} else if err := l.perIPLeases.grant(b); err != nil && l.phase == serving {
+			l.lose(err)
+		}
 	case ipc.Ping:
 		l.conn.SendBody(ipc.Pong(b))
 	case ipc.Revoke:
@@ -385,6 +406,9 @@ func (l *loop) startDrain() {
 	}
 	l.phase = draining
 	l.client.Drain()
+	if l.perIP != nil {
+		l.perIP.Drain()
+	}
 	if !l.masterLost {
 		l.conn.SendBody(ipc.Stopped{})
 	}
@@ -471,6 +495,9 @@ func (l *loop) lose(err error) {
 	}
 	l.masterLost = true
 	l.leases.lose()
+	if l.perIPLeases != nil {
+		l.perIPLeases.lose()
+	}
 	if by := time.Now().Add(l.cfg.ShutdownTimeout); l.drainBy.IsZero() || by.Before(l.drainBy) {
 		l.drainBy = by
 		if l.cancelDrain != nil && !l.stopNow {
