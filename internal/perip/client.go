@@ -47,6 +47,8 @@ type Client struct {
 	cond *sync.Cond // a request completed
 	m    map[netip.Addr]*lease
 	reqs uint64 // requests sent (tests)
+	// draining: the worker retires; slots go back as connections close.
+	draining bool
 }
 
 // NewClient returns a Client enforcing lim through t for a proxy of
@@ -156,9 +158,9 @@ func (c *Client) Release(key netip.Addr) {
 	l.spare++
 	l.used = c.now()
 	extra := 0
-	if l.spare > c.block || len(c.m) > maxLeases {
+	if l.spare > c.block || len(c.m) > maxLeases || c.draining {
 		keep := c.block
-		if len(c.m) > maxLeases {
+		if len(c.m) > maxLeases || c.draining {
 			keep = 0
 		}
 		extra = l.spare - keep
@@ -212,10 +214,12 @@ func (c *Client) Run(stop <-chan struct{}) {
 	}
 }
 
-// Drain gives back every spare slot and token at once: a retiring worker
-// admits no more connections.
+// Drain gives back every spare slot and token at once, and from then on
+// each slot as its connection closes: a retiring worker admits no more
+// connections, and the successor counts what it holds.
 func (c *Client) Drain() {
 	c.mu.Lock()
+	c.draining = true
 	now := c.now()
 	for _, l := range c.m {
 		l.used = now.Add(-SpareTTL) // unused long enough to go back now

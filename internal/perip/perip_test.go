@@ -438,3 +438,22 @@ func TestClientSpareBeatsRefusal(t *testing.T) {
 		t.Error("refused with a spare slot in hand")
 	}
 }
+
+// TestClientDrain: a retiring worker gives its spares back at once and
+// each slot as its connection closes.
+func TestClientDrain(t *testing.T) {
+	clk := newClock()
+	lim := Limits{Conns: 10, Rate: 100}
+	tb := NewTable(lim, 10, clk.now)
+	c := NewClient(&fakeTransport{tb: tb, worker: 1}, lim, 64, 1, clk.now)
+	c.Acquire(a)
+	c.Acquire(a)
+	c.Drain()
+	if h, _ := tb.Held(a); h != 2 {
+		t.Fatalf("held %d after Drain; want the 2 in use", h)
+	}
+	c.Release(a)
+	if h, _ := tb.Held(a); h != 1 {
+		t.Fatalf("held %d after a close while draining; want 1", h)
+	}
+}
