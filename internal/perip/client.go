@@ -7,8 +7,14 @@ import (
 )
 
 // SpareTTL is how long a worker keeps a client's unused slots and tokens
-// before it gives them back (Client.Sweep).
+// before it gives them back (Client.Sweep), at least; at most half as long
+// again.
 const SpareTTL = time.Second
+
+// sweepsTTL is the sweeps (one every SpareTTL/2, see Run) a lease must
+// stay unused to be given back: the accept path reads no clock, it only
+// notes the sweep count.
+const sweepsTTL = 3
 
 // maxLeases bounds the keys a Client keeps leases of when they have no
 // open connection: beyond it, spares go back at once.
@@ -28,7 +34,7 @@ type Transport interface {
 type lease struct {
 	inUse, spare int // slots: by open connections, unused
 	tokens       int
-	used         time.Time // last Acquire or Release
+	used         uint64    // Client.sweeps at the last Acquire or Release
 	denyUntil    time.Time // refuse without asking until then
 	fetching     bool
 }
@@ -47,6 +53,8 @@ type Client struct {
 	cond *sync.Cond // a request completed
 	m    map[netip.Addr]*lease
 	reqs uint64 // requests sent (tests)
+	// sweeps counts Sweep calls: the clock of leases' use.
+	sweeps uint64
 	// draining: the worker retires; slots go back as connections close.
 	draining bool
 }
@@ -90,12 +98,8 @@ func (c *Client) Acquire(key netip.Addr) bool {
 			l = &lease{}
 			c.m[key] = l
 		}
-		now := c.now()
 		needC := c.lim.Conns > 0 && l.spare == 0
 		needT := c.lim.Rate > 0 && l.tokens == 0
-		if (needC || needT) && now.Before(l.denyUntil) {
-			return false
-		}
 		if !needC && !needT {
 			if c.lim.Conns > 0 {
 				l.spare--
@@ -104,8 +108,11 @@ func (c *Client) Acquire(key netip.Addr) bool {
 			if c.lim.Rate > 0 {
 				l.tokens--
 			}
-			l.used = now
+			l.used = c.sweeps
 			return true
+		}
+		if !l.denyUntil.IsZero() && c.now().Before(l.denyUntil) {
+			return false
 		}
 		if l.fetching {
 			c.cond.Wait()
@@ -156,7 +163,7 @@ func (c *Client) Release(key netip.Addr) {
 	}
 	l.inUse--
 	l.spare++
-	l.used = c.now()
+	l.used = c.sweeps
 	extra := 0
 	if l.spare > c.block || len(c.m) > maxLeases || c.draining {
 		keep := c.block
@@ -173,9 +180,9 @@ func (c *Client) Release(key netip.Addr) {
 	}
 }
 
-// Sweep gives back the spares and tokens unused for SpareTTL and forgets
-// the leases that hold nothing. A worker calls it every SpareTTL/2 or so
-// (Run).
+// Sweep gives back the spares and tokens unused for the last sweepsTTL
+// sweeps and forgets the leases that hold nothing. A worker calls it every
+// SpareTTL/2 (Run).
 func (c *Client) Sweep() {
 	type ret struct {
 		key           netip.Addr
@@ -183,12 +190,12 @@ func (c *Client) Sweep() {
 	}
 	var back []ret
 	c.mu.Lock()
-	now := c.now()
+	c.sweeps++
 	for k, l := range c.m {
 		if l.fetching {
 			continue
 		}
-		if (l.spare > 0 || l.tokens > 0) && now.Sub(l.used) >= SpareTTL {
+		if (l.spare > 0 || l.tokens > 0) && c.sweeps-l.used >= sweepsTTL {
 			back = append(back, ret{k, l.spare, l.tokens})
 			l.spare, l.tokens = 0, 0
 		}
@@ -220,10 +227,7 @@ func (c *Client) Run(stop <-chan struct{}) {
 func (c *Client) Drain() {
 	c.mu.Lock()
 	c.draining = true
-	now := c.now()
-	for _, l := range c.m {
-		l.used = now.Add(-SpareTTL) // unused long enough to go back now
-	}
+	c.sweeps += sweepsTTL // every lease unused long enough to go back now
 	c.mu.Unlock()
 	c.Sweep()
 }

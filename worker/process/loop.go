@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -130,7 +131,7 @@ func newLoop(o Options, cfg *config.Config) (*loop, error) {
 	if lim := cfg.Limits; lim.On() {
 		l.perIPLeases = &perIPLeases{conn: o.Conn, log: o.Log}
 		l.perIP = perip.NewClient(l.perIPLeases, perip.Limits{Conns: lim.PerIPConnections, Rate: lim.PerIPRate},
-			lim.IPv6Prefix, max(cfg.Workers, 1), nil)
+			lim.IPv6Prefix, workersOf(cfg), nil)
 		srv.PerIP = l.perIP
 	}
 	if o.Switches.FreshSockets {
@@ -535,4 +536,13 @@ func (l *loop) pushStats() {
 	if err := l.conn.SendBody(ipc.Stats{Delta: d}); err == nil {
 		l.prev = cur
 	}
+}
+
+// workersOf is the number of workers cfg starts (workers: 0 is one per
+// CPU, as the master counts them).
+func workersOf(cfg *config.Config) int {
+	if cfg.Workers > 0 {
+		return cfg.Workers
+	}
+	return runtime.NumCPU()
 }
