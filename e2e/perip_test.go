@@ -62,7 +62,7 @@ const perIPRejected = `sniproxy_connections_rejected_total{reason="per_ip_limit"
 // TestPerIPConnectionsAcrossWorkers: limits.per_ip_connections holds across
 // both workers: of 10 connections from one client, exactly 3 are served,
 // the rest refused and counted per_ip_limit, while another client still
-// gets in; a slot comes back when a connection closes.
+// gets in; a client permit comes back when a connection closes.
 func TestPerIPConnectionsAcrossWorkers(t *testing.T) {
 	p := startProxy(t, strings.ReplaceAll(masterConfig, "ECHO", echoBackend(t))+"limits: {per_ip_connections: 3}\n")
 	p.workers(t, 2)
@@ -92,7 +92,7 @@ func TestPerIPConnectionsAcrossWorkers(t *testing.T) {
 	waitAdmitted(t, p.addr, "127.0.0.2")
 }
 
-// waitAdmitted waits until a connection from src is served (a slot freed
+// waitAdmitted waits until a connection from src is served (a client permit freed
 // in one worker reaches the others within perip.SpareTTL) and keeps it
 // open until the test ends.
 func waitAdmitted(t *testing.T, proxy, src string) {

@@ -9,9 +9,9 @@ import (
 )
 
 // PerIP asks the master for a lease of client Key's per-client limits
-// (limits.per_ip_*): Conns connection slots and Tokens rate tokens, each 0
+// (limits.per_ip_*): Conns client permits and Tokens rate tokens, each 0
 // when the worker needs none; the master answers with a PerIPGrant. With
-// Return set it gives Conns slots and Tokens tokens back instead, and
+// Return set it gives Conns client permits and Tokens tokens back instead, and
 // nothing is answered.
 //
 // Encoding: one flags byte (bit 0 Return, no other bit set), the key (one
@@ -69,7 +69,7 @@ func (p *PerIP) UnmarshalBinary(b []byte) error {
 	return nil
 }
 
-// PerIPGrant answers a PerIP request for Key: Conns slots and Tokens
+// PerIPGrant answers a PerIP request for Key: Conns client permits and Tokens
 // tokens, both 0 when the client is over a limit; then Retry says how long
 // the worker may refuse the client without asking again.
 //

@@ -19,7 +19,7 @@ const perIPFullLog = 10 * time.Second
 
 // perIP is the master's side of the per-client limits (package perip):
 // the table of client keys, the leases its workers ask for (ipc PerIP),
-// and, during a reload, the feed of its slots to the successor, which
+// and, during a reload, the feed of its client permits to the successor, which
 // counts them as reserves per key until they close (the way the broker
 // feeds it the global reserve).
 type perIP struct {
@@ -47,7 +47,7 @@ func newPerIP(log *slog.Logger, cfg *config.Config) *perIP {
 func (p *perIP) handle(c *child, b ipc.PerIP) {
 	if b.Return {
 		if err := p.t.Return(c.id, b.Key, b.Conns, b.Tokens); err != nil {
-			p.log.Error("worker returned per-client slots it does not hold", "slot", c.slot, "worker_id", c.id, "err", err)
+			p.log.Error("worker returned client permits it does not hold", "slot", c.slot, "worker_id", c.id, "err", err)
 		}
 		p.flush()
 		return
@@ -74,14 +74,14 @@ func (p *perIP) logFull() {
 	p.fullSeen, p.fullAt = full, time.Now()
 }
 
-// drop takes back every slot of c, which exited.
+// drop takes back every client permit of c, which exited.
 func (p *perIP) drop(c *child) int {
 	n := p.t.Drop(c.id)
 	p.flush()
 	return n
 }
 
-// flush sends the successor, if any, the slots now held of every key that
+// flush sends the successor, if any, the client permits now held of every key that
 // changed.
 func (p *perIP) flush() {
 	p.mu.Lock()
@@ -116,7 +116,7 @@ func (p *perIP) detachSuccessor() {
 	p.mu.Unlock()
 }
 
-// inherit takes the predecessor's state: its slots count as reserves.
+// inherit takes the predecessor's state: its client permits count as reserves.
 func (p *perIP) inherit(s *perip.State) { p.t.Inherit(s) }
 
 // predecessorChanged takes the predecessor's new counts of some keys.

@@ -16,7 +16,7 @@ func perIPConfig(conns int) *config.Config {
 }
 
 // TestPerIPGrantAndSuccession: a worker's request is answered over ipc;
-// the successor gets the slots held in the succession state, then every
+// the successor gets the client permits held in the succession state, then every
 // change in order, and counts them against each client's limit.
 func TestPerIPGrantAndSuccession(t *testing.T) {
 	w := newFakeWorker(t, 0, 1, true)
@@ -37,7 +37,7 @@ func TestPerIPGrantAndSuccession(t *testing.T) {
 	}
 	m := recvState(t, theirs)
 	if m.State == nil || m.State.PerIP == nil || m.State.PerIP.Held[key] != 2 {
-		t.Fatalf("succession state %+v; want 2 slots of %v", m.State, key)
+		t.Fatalf("succession state %+v; want 2 client permits of %v", m.State, key)
 	}
 	succ := newPerIP(quietLog(), perIPConfig(3))
 	succ.inherit(m.State.PerIP)

@@ -46,7 +46,7 @@ type stateMsg struct {
 	// count (see broker.setPredecessor).
 	Moved *int `json:"moved,omitempty"`
 	Hurry bool `json:"hurry,omitempty"`
-	// PerIP, predecessor to successor, is the slots its workers now hold
+	// PerIP, predecessor to successor, is the client permits its workers now hold
 	// of every client key whose count changed (see perIP).
 	PerIP map[netip.Addr]int `json:"per_ip,omitempty"`
 }
@@ -64,7 +64,7 @@ type successionState struct {
 	History     []status.Sample `json:"history,omitempty"`
 	Reloads     []status.Reload `json:"reloads,omitempty"`
 	ReloadBegan time.Time       `json:"reload_began,omitzero"`
-	// PerIP is the per-client table's state: the slots held per client
+	// PerIP is the per-client table's state: the client permits held per client
 	// key (reserves for the successor) and the buckets not full.
 	PerIP *perip.State `json:"per_ip,omitempty"`
 }

@@ -34,7 +34,7 @@ type conn struct {
 	// is (the access log's "client", per-IP limits, the PROXY header sent
 	// to the backend) reads them.
 	peer, local netip.AddrPort
-	// perIPKey is the client key whose per-client slot the connection
+	// perIPKey is the client key whose client permit the connection
 	// holds (admitPerIP), until finish gives it back; invalid if none.
 	perIPKey netip.Addr
 

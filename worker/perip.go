@@ -39,7 +39,7 @@ func (p *path) admitPerIP() result {
 	return result{}
 }
 
-// releasePerIP gives back the client's slot, once (conn.finish).
+// releasePerIP gives back the client's client permit, once (conn.finish).
 func (c *conn) releasePerIP() {
 	if c.perIPKey.IsValid() {
 		c.srv.PerIP.Release(c.perIPKey)

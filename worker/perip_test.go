@@ -21,7 +21,9 @@ func (tt tableTransport) Request(key netip.Addr, conns, tokens int) (perip.Grant
 	return tt.t.Grant(1, key, conns, tokens), nil
 }
 
-func (tt tableTransport) Return(key netip.Addr, conns, tokens int) { tt.t.Return(1, key, conns, tokens) }
+func (tt tableTransport) Return(key netip.Addr, conns, tokens int) {
+	tt.t.Return(1, key, conns, tokens)
+}
 
 // closedAtOnce reports whether c is closed without an answer.
 func closedAtOnce(c net.Conn) error {
@@ -33,7 +35,7 @@ func closedAtOnce(c net.Conn) error {
 }
 
 // TestPerIPLimit: a client over limits.per_ip_connections is closed at
-// once and counted per_ip_limit; its slot comes back when a connection
+// once and counted per_ip_limit; its client permit comes back when a connection
 // ends; behind a PROXY header the client is the one the header names.
 func TestPerIPLimit(t *testing.T) {
 	for _, proxied := range []bool{false, true} {
@@ -92,11 +94,11 @@ func TestPerIPLimit(t *testing.T) {
 				key = netip.MustParseAddr("192.0.2.1")
 			}
 			if h, _ := table.Held(key); h != 2 {
-				t.Errorf("the master's table holds %d slots of %v, want 2", h, key)
+				t.Errorf("the master's table holds %d client permits of %v, want 2", h, key)
 			}
 			first.(*net.TCPConn).SetLinger(0)
 			first.Close()
-			waitFor(t, "the slot back", func() bool { return srv.Active() == map[bool]int{false: 1, true: 2}[proxied] })
+			waitFor(t, "the client permit back", func() bool { return srv.Active() == map[bool]int{false: 1, true: 2}[proxied] })
 			dial("192.0.2.1")
 			select {
 			case <-got:

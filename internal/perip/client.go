@@ -6,7 +6,7 @@ import (
 	"time"
 )
 
-// SpareTTL is how long a worker keeps a client's unused slots and tokens
+// SpareTTL is how long a worker keeps a client's unused client permits and tokens
 // before it gives them back (Client.Sweep), at least; at most half as long
 // again.
 const SpareTTL = time.Second
@@ -23,16 +23,16 @@ const maxLeases = 100_000
 // Transport carries a Client's requests to the master's Table, usually
 // over ipc.
 type Transport interface {
-	// Request asks for conns slots and tokens rate tokens of key and waits
+	// Request asks for conns client permits and tokens rate tokens of key and waits
 	// for the answer.
 	Request(key netip.Addr, conns, tokens int) (Grant, error)
-	// Return gives slots and tokens back without waiting.
+	// Return gives client permits and tokens back without waiting.
 	Return(key netip.Addr, conns, tokens int)
 }
 
 // lease is what a worker holds of one key.
 type lease struct {
-	inUse, spare int // slots: by open connections, unused
+	inUse, spare int // client permits: by open connections, unused
 	tokens       int
 	used         uint64    // Client.sweeps at the last Acquire or Release
 	denyUntil    time.Time // refuse without asking until then
@@ -45,7 +45,7 @@ type Client struct {
 	t      Transport
 	lim    Limits
 	prefix int
-	// block and tblock are the slots and tokens asked for at once.
+	// block and tblock are the client permits and tokens asked for at once.
 	block, tblock int
 	now           func() time.Time
 
@@ -55,7 +55,7 @@ type Client struct {
 	reqs uint64 // requests sent (tests)
 	// sweeps counts Sweep calls: the clock of leases' use.
 	sweeps uint64
-	// draining: the worker retires; slots go back as connections close.
+	// draining: the worker retires; client permits go back as connections close.
 	draining bool
 }
 
@@ -83,7 +83,7 @@ func NewClient(t Transport, lim Limits, prefix, workers int, now func() time.Tim
 func (c *Client) Key(addr netip.Addr) netip.Addr { return Key(addr, c.prefix) }
 
 // Acquire admits a new connection of the client key (see Key): it takes
-// a slot (if limits.per_ip_connections is on) and a token (if
+// a client permit (if limits.per_ip_connections is on) and a token (if
 // limits.per_ip_rate is on) from its lease, asking the master only when
 // the lease has none (one round trip, not one per connection). A client
 // the master refused is refused locally for the Retry it said. Every
@@ -148,8 +148,8 @@ func (c *Client) Acquire(key netip.Addr) bool {
 	}
 }
 
-// Release gives back the slot of a connection of key that ended. The
-// slot stays with the worker as a spare for the client's next connection
+// Release gives back the client permit of a connection of key that ended. The
+// client permit stays with the worker as a spare for the client's next connection
 // (up to a lease's worth, for at most SpareTTL).
 func (c *Client) Release(key netip.Addr) {
 	if c.lim.Conns == 0 {
@@ -221,8 +221,8 @@ func (c *Client) Run(stop <-chan struct{}) {
 	}
 }
 
-// Drain gives back every spare slot and token at once, and from then on
-// each slot as its connection closes: a retiring worker admits no more
+// Drain gives back every spare client permit and token at once, and from then on
+// each client permit as its connection closes: a retiring worker admits no more
 // connections, and the successor counts what it holds.
 func (c *Client) Drain() {
 	c.mu.Lock()

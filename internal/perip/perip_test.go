@@ -84,7 +84,7 @@ func TestTableConns(t *testing.T) {
 		t.Fatalf("another client: %+v", g)
 	}
 	if err := tb.Return(2, a, 3, 0); err == nil {
-		t.Error("worker 2 returned 3 slots it does not hold")
+		t.Error("worker 2 returned 3 client permits it does not hold")
 	}
 	if err := tb.Return(1, a, 1, 0); err != nil {
 		t.Fatal(err)
@@ -149,7 +149,7 @@ func TestTableGrantWholeOrNothing(t *testing.T) {
 		t.Fatalf("no token, yet %+v", g)
 	}
 	if h, _ := tb.Held(a); h != 1 {
-		t.Errorf("a refused request holds slots: %d", h)
+		t.Errorf("a refused request holds client permits: %d", h)
 	}
 }
 
@@ -188,8 +188,8 @@ func TestTableBoundedUnderFlood(t *testing.T) {
 	if grown > 40<<20 {
 		t.Errorf("heap grew %d bytes for %d keys", grown, keys)
 	}
-	// Keys that hold slots are never evicted; when every key holds one,
-	// a new client is refused (and counted), not another's slot taken.
+	// Keys that hold client permits are never evicted; when every key holds one,
+	// a new client is refused (and counted), not another's client permit taken.
 	tb = NewTable(Limits{Conns: 1}, 3, clk.now)
 	for i := range uint32(3) {
 		tb.Grant(1, key(i), 1, 0)
@@ -205,7 +205,7 @@ func TestTableBoundedUnderFlood(t *testing.T) {
 		t.Fatalf("after a key went idle: %+v", g)
 	}
 	if h, _ := tb.Held(key(0)); h != 1 {
-		t.Errorf("a key holding a slot was evicted")
+		t.Errorf("a key holding a client permit was evicted")
 	}
 	// Sweep forgets idle keys with full buckets.
 	tb = NewTable(Limits{Conns: 1, Rate: 1}, 10, clk.now)
@@ -217,11 +217,11 @@ func TestTableBoundedUnderFlood(t *testing.T) {
 	}
 	clk.add(time.Second)
 	if n := tb.Sweep(); n != 1 {
-		t.Errorf("%d keys left after the sweep, want 1 (b holds a slot)", n)
+		t.Errorf("%d keys left after the sweep, want 1 (b holds a client permit)", n)
 	}
 }
 
-// TestTableSuccession: the successor counts the predecessor's slots as
+// TestTableSuccession: the successor counts the predecessor's client permits as
 // reserves per key, follows their changes, and inherits buckets.
 func TestTableSuccession(t *testing.T) {
 	clk := newClock()
@@ -239,7 +239,7 @@ func TestTableSuccession(t *testing.T) {
 	succ := NewTable(Limits{Conns: 3, Rate: 1}, 10, clk.now)
 	succ.Inherit(&got)
 	if g := succ.Grant(7, a, 1, 0); g.Conns != 0 {
-		t.Fatalf("successor granted over the predecessor's slots: %+v (state %s)", g, js)
+		t.Fatalf("successor granted over the predecessor's client permits: %+v (state %s)", g, js)
 	}
 	if g := succ.Grant(7, b, 1, 1); g.Conns != 1 {
 		t.Fatalf("another client: %+v", g)
@@ -255,13 +255,13 @@ func TestTableSuccession(t *testing.T) {
 	for k, n := range c {
 		succ.SetReserve(k, n)
 	}
-	// One slot free now, but the bucket (inherited empty) has no token.
+	// One client permit free now, but the bucket (inherited empty) has no token.
 	if g := succ.Grant(7, a, 1, 1); g.Conns != 0 {
 		t.Fatalf("inherited empty bucket gave a token: %+v", g)
 	}
 	clk.add(time.Second)
 	if g := succ.Grant(7, a, 1, 1); g.Conns != 1 {
-		t.Fatalf("a slot came free: %+v", g)
+		t.Fatalf("a client permit came free: %+v", g)
 	}
 	succ.ClearReserves()
 	if _, r := succ.Held(a); r != 0 {
@@ -325,7 +325,7 @@ func TestClientLeaseReuse(t *testing.T) {
 		c.Release(a)
 	}
 	if h, _ := tb.Held(a); h != c.block {
-		t.Errorf("master counts %d slots, want the lease of %d", h, c.block)
+		t.Errorf("master counts %d client permits, want the lease of %d", h, c.block)
 	}
 	for range sweepsTTL - 1 {
 		c.Sweep()
@@ -377,7 +377,7 @@ func TestClientLimitAcrossWorkers(t *testing.T) {
 	}
 	clk.add(denyRetry)
 	if !c1.Acquire(a) {
-		t.Error("refused after a sibling's slot came back")
+		t.Error("refused after a sibling's client permit came back")
 	}
 }
 
@@ -434,7 +434,7 @@ func BenchmarkClientAcquireWarm(b *testing.B) {
 	}
 }
 
-// TestClientSpareBeatsRefusal: a slot freed locally admits the client's
+// TestClientSpareBeatsRefusal: a client permit freed locally admits the client's
 // next connection at once, even within the retry of a refusal.
 func TestClientSpareBeatsRefusal(t *testing.T) {
 	clk := newClock()
@@ -446,12 +446,12 @@ func TestClientSpareBeatsRefusal(t *testing.T) {
 	}
 	c.Release(a)
 	if !c.Acquire(a) {
-		t.Error("refused with a spare slot in hand")
+		t.Error("refused with a spare client permit in hand")
 	}
 }
 
 // TestClientDrain: a retiring worker gives its spares back at once and
-// each slot as its connection closes.
+// each client permit as its connection closes.
 func TestClientDrain(t *testing.T) {
 	clk := newClock()
 	lim := Limits{Conns: 10, Rate: 100}

@@ -26,19 +26,21 @@
 //
 // # Master: Table
 //
-// The master owns a Table: for each client key, the connection slots
+// A client permit is the right of one client to hold one open connection
+// under limits.per_ip_connections: what a permit (package lease) is to
+// max_connections, for one client key. The master owns a Table: for each client key, the client permits
 // granted to workers and a token bucket. A worker asks for a small lease
-// for a key (Grant) when a connection of that client finds no spare slot or
+// for a key (Grant) when a connection of that client finds no spare client permit or
 // token; it hands them to later connections of the same client locally,
 // and gives back what it has not used for a while (Return). The table holds
 // at most a fixed number of keys (NewTable's size); a key that holds no
-// slot is idle and may be evicted, least recently used first, so a flood of
+// client permit is idle and may be evicted, least recently used first, so a flood of
 // distinct sources never grows it. Only when every key in the table holds
-// slots (with the default size of max(100000, 2 × max_connections), more
+// client permits (with the default size of max(100000, 2 × max_connections), more
 // clients than there can be open connections) is a new client refused,
 // counted per_ip_limit, until one of them closes.
 //
-// A successor inherits the slots the predecessor's workers hold as a
+// A successor inherits the client permits the predecessor's workers hold as a
 // reserve per key (State, then SetReserve as they close), and the buckets
 // not yet full, so a reload neither lets a client exceed its limits nor
 // refills its bucket.
@@ -87,7 +89,7 @@ func (l Limits) On() bool { return l.Conns > 0 || l.Rate > 0 }
 // burst is the bucket's size.
 func (l Limits) burst() float64 { return max(1, l.Rate) }
 
-// Grant is the master's answer to a request for a key: Conns slots and
+// Grant is the master's answer to a request for a key: Conns client permits and
 // Tokens rate tokens (both 0 when the client is over a limit), and, when
 // refused, how long the worker may refuse it without asking again.
 type Grant struct {
@@ -95,7 +97,7 @@ type Grant struct {
 	Retry         time.Duration
 }
 
-// holding is the slots of one key a worker holds.
+// holding is the client permits of one key a worker holds.
 type holding struct {
 	worker int
 	n      int
@@ -104,9 +106,9 @@ type holding struct {
 // entry is one key of a Table.
 type entry struct {
 	key     netip.Addr
-	held    int       // slots granted to workers, Σ by
+	held    int       // client permits granted to workers, Σ by
 	by      []holding // per worker, usually one or two
-	reserve int       // slots held by the predecessor's workers
+	reserve int       // client permits held by the predecessor's workers
 	tokens  float64
 	filled  time.Time // when tokens was last refilled
 	// prev and next link the idle list (held and reserve 0), least
@@ -115,7 +117,7 @@ type entry struct {
 	idle       bool
 }
 
-// State is what a successor inherits of a Table: the slots held per key
+// State is what a successor inherits of a Table: the client permits held per key
 // and the buckets that are not full. It is JSON on the state socket.
 type State struct {
 	Held   map[netip.Addr]int     `json:"held,omitempty"`
@@ -148,7 +150,7 @@ func NewTable(lim Limits, size int, now func() time.Time) *Table {
 	return &Table{lim: lim, size: max(size, 1), now: now, m: map[netip.Addr]*entry{}}
 }
 
-// Grant answers worker's request for key: up to conns slots (0: it needs
+// Grant answers worker's request for key: up to conns client permits (0: it needs
 // none) and up to tokens rate tokens (0: it needs none). A request is
 // granted whole or not at all: when either part cannot be given at least
 // one, neither is, and Retry says when asking again makes sense.
@@ -197,8 +199,8 @@ func (t *Table) Grant(worker int, key netip.Addr, conns, tokens int) Grant {
 	return g
 }
 
-// Return takes back conns slots and tokens unused rate tokens of key from
-// worker. Returning more slots than the worker holds is an error and
+// Return takes back conns client permits and tokens unused rate tokens of key from
+// worker. Returning more client permits than the worker holds is an error and
 // changes nothing.
 func (t *Table) Return(worker int, key netip.Addr, conns, tokens int) error {
 	t.mu.Lock()
@@ -206,14 +208,14 @@ func (t *Table) Return(worker int, key netip.Addr, conns, tokens int) error {
 	e := t.m[key]
 	if e == nil {
 		if conns > 0 && t.lim.Conns > 0 {
-			return fmt.Errorf("perip: worker %d returns %d slots of %v but holds none", worker, conns, key)
+			return fmt.Errorf("perip: worker %d returns %d client permits of %v but holds none", worker, conns, key)
 		}
 		return nil // tokens of a key evicted meanwhile: its bucket is full
 	}
 	if conns > 0 && t.lim.Conns > 0 {
 		i := e.find(worker)
 		if i < 0 || e.by[i].n < conns {
-			return fmt.Errorf("perip: worker %d returns %d slots of %v but holds fewer", worker, conns, key)
+			return fmt.Errorf("perip: worker %d returns %d client permits of %v but holds fewer", worker, conns, key)
 		}
 		t.releaseLocked(e, i, conns)
 	}
@@ -224,7 +226,7 @@ func (t *Table) Return(worker int, key netip.Addr, conns, tokens int) error {
 	return nil
 }
 
-// Drop takes back every slot of a worker that is gone and returns how many.
+// Drop takes back every client permit of a worker that is gone and returns how many.
 func (t *Table) Drop(worker int) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -238,7 +240,7 @@ func (t *Table) Drop(worker int) int {
 	return n
 }
 
-// SetReserve sets the slots of key held by the predecessor's workers.
+// SetReserve sets the client permits of key held by the predecessor's workers.
 func (t *Table) SetReserve(key netip.Addr, n int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -270,7 +272,7 @@ func (t *Table) ClearReserves() {
 	}
 }
 
-// Inherit takes the predecessor's state: its slots become reserves, its
+// Inherit takes the predecessor's state: its client permits become reserves, its
 // buckets this table's.
 func (t *Table) Inherit(s *State) {
 	if s == nil {
@@ -298,7 +300,7 @@ func (t *Table) Inherit(s *State) {
 }
 
 // Snapshot returns the state a successor inherits, and from then on
-// records the keys whose slots change (see Changes).
+// records the keys whose client permits change (see Changes).
 func (t *Table) Snapshot() *State {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -328,7 +330,7 @@ func (t *Table) Untrack() {
 	t.mu.Unlock()
 }
 
-// Changes returns the slots now held of every key whose count changed
+// Changes returns the client permits now held of every key whose count changed
 // since the last Snapshot or Changes (0 for a key held no more), or nil.
 func (t *Table) Changes() map[netip.Addr]int {
 	t.mu.Lock()
@@ -373,7 +375,7 @@ func (t *Table) Len() (keys int, refusedFull uint64) {
 	return len(t.m), t.full
 }
 
-// Held returns the slots of key held by workers and by the predecessor.
+// Held returns the client permits of key held by workers and by the predecessor.
 func (t *Table) Held(key netip.Addr) (held, reserve int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -384,7 +386,7 @@ func (t *Table) Held(key netip.Addr) (held, reserve int) {
 }
 
 // addLocked adds key, evicting the least recently used idle key if the
-// table is full; nil if every key holds slots.
+// table is full; nil if every key holds client permits.
 func (t *Table) addLocked(key netip.Addr, now time.Time) *entry {
 	if len(t.m) >= t.size {
 		if t.head == nil {
@@ -430,7 +432,7 @@ func (e *entry) find(worker int) int {
 	return -1
 }
 
-// holdLocked grants n slots of e to worker.
+// holdLocked grants n client permits of e to worker.
 func (t *Table) holdLocked(e *entry, worker, n int) {
 	if i := e.find(worker); i >= 0 {
 		e.by[i].n += n
@@ -442,7 +444,7 @@ func (t *Table) holdLocked(e *entry, worker, n int) {
 	t.touchLocked(e)
 }
 
-// releaseLocked takes back n of the slots e.by[i] holds.
+// releaseLocked takes back n of the client permits e.by[i] holds.
 func (t *Table) releaseLocked(e *entry, i, n int) {
 	e.by[i].n -= n
 	e.held -= n

@@ -62,7 +62,7 @@ func (l *perIPLeases) Request(key netip.Addr, conns, tokens int) (perip.Grant, e
 }
 
 // Return implements perip.Transport; once the master is gone nothing goes
-// back (it drops this worker's slots when it exits).
+// back (it drops this worker's client permits when it exits).
 func (l *perIPLeases) Return(key netip.Addr, conns, tokens int) {
 	l.mu.Lock()
 	lost := l.lost
@@ -71,7 +71,7 @@ func (l *perIPLeases) Return(key netip.Addr, conns, tokens int) {
 		return
 	}
 	if err := l.conn.SendBody(ipc.PerIP{Key: key, Conns: conns, Tokens: tokens, Return: true}); err != nil {
-		l.log.Debug("returning per-client slots failed", "key", key, "err", err)
+		l.log.Debug("returning client permits failed", "key", key, "err", err)
 	}
 }
 

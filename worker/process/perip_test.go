@@ -24,7 +24,7 @@ func TestProcessPerIPLease(t *testing.T) {
 	}()
 	req, _ := expect[ipc.PerIP](m)
 	if req.Return || req.Key != key || req.Conns != 4 || req.Tokens != 0 {
-		t.Fatalf("request %+v; want 4 slots of %v (a lease of 8/2 for one worker)", req, key)
+		t.Fatalf("request %+v; want 4 client permits of %v (a lease of 8/2 for one worker)", req, key)
 	}
 	m.send(ipc.PerIPGrant{Key: key, Conns: 4})
 	if err := <-done; err != nil {
