@@ -62,7 +62,8 @@
 //	bytes 0-3   magic "SNIP" (0x53 0x4e 0x49 0x50)
 //	byte  4     protocol version: Version (2)
 //	byte  5     message type: TypeHello (1) ... TypeStopped (16),
-//	            17-19 reserved (backend health), TypeLogFiles (20)
+//	            17-19 reserved (backend health), TypeLogFiles (20),
+//	            TypePerIP (21), TypePerIPGrant (22)
 //	byte  6     number of file descriptors sent with the frame, 0..253;
 //	            non-zero only for TypeListeners, TypeConnection (2) and
 //	            TypeLogFiles (1 or 2)
