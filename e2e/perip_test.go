@@ -1,12 +1,16 @@
 package e2e
 
 import (
+	"encoding/json"
 	"io"
 	"net"
+	"net/http"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/sniproxy/sniproxy/internal/status"
 )
 
 // openEchoFrom is openEcho from the loopback source address src.
@@ -130,6 +134,18 @@ func TestPerIPRate(t *testing.T) {
 		t.Fatalf("%d of 5 connections served at 0.2/s; want 1", served)
 	}
 	p.waitMetric(t, perIPRejected, 4)
+	var st struct {
+		Limits status.Limits `json:"limits"`
+	}
+	resp, err := http.Get("http://" + p.metrics + "/status.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = json.NewDecoder(resp.Body).Decode(&st)
+	resp.Body.Close()
+	if err != nil || st.Limits.PerIPRate != 0.2 || st.Limits.PerIPConnections != 0 {
+		t.Errorf("status.json limits %+v, %v; want per_ip_rate 0.2", st.Limits, err)
+	}
 	c, err := openEchoFrom(p.addr, "127.0.0.3")
 	if err != nil {
 		t.Fatalf("another client refused: %v", err)
