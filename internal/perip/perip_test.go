@@ -468,3 +468,35 @@ func TestClientDrain(t *testing.T) {
 		t.Fatalf("held %d after a close while draining; want 1", h)
 	}
 }
+
+// TestClientBoundedUnderFlood: a worker's leases of clients with no open
+// connection stay bounded under a flood of distinct sources.
+func TestClientBoundedUnderFlood(t *testing.T) {
+	lim := Limits{Conns: 4}
+	tb := NewTable(lim, 1_000_000, nil)
+	c := NewClient(&fakeTransport{tb: tb, worker: 1}, lim, 64, 1, nil)
+	for i := range uint32(maxLeases + 50_000) {
+		k := key(i)
+		if !c.Acquire(k) {
+			t.Fatalf("client %d refused", i)
+		}
+		c.Release(k)
+	}
+	if n := c.Leases(); n > maxLeases+1 {
+		t.Errorf("%d leases held; want at most %d", n, maxLeases+1)
+	}
+	for range sweepsTTL {
+		c.Sweep()
+	}
+	if n := c.Leases(); n != 0 {
+		t.Errorf("after the sweeps: %d leases in the worker; want 0", n)
+	}
+	var held int
+	for i := range uint32(maxLeases + 50_000) {
+		h, _ := tb.Held(key(i))
+		held += h
+	}
+	if held != 0 {
+		t.Errorf("the table still counts %d client permits", held)
+	}
+}
