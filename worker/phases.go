@@ -193,10 +193,10 @@ func (p *path) end(r result) {
 	c.finish(r, p.permit)
 }
 
-// admit takes a slot of the client's per-client limits (admitPerIP; on a
-// listener that expects a PROXY header, the sniff phase does, once the
-// header names the client), a permit of the global limit and a slot of
-// the sniff limit (see sniffLimitFor).
+// admit takes a client permit and rate token of the per-client limits
+// (admitPerIP; on a listener that expects a PROXY header, the sniff phase
+// does, once the header names the client), a permit of the global limit
+// and a slot of the sniff limit (see sniffLimitFor).
 func (p *path) admit() result {
 	s := p.c.srv
 	if !p.c.lcfg.AcceptProxyProtocol {
