@@ -40,6 +40,14 @@
 // clients than there can be open connections) is a new client refused,
 // counted per_ip_limit, until one of them closes.
 //
+// The limits are never exceeded (the Table never grants more than a
+// client's limit, less what the predecessor still holds). The price of
+// leases is the other way: near its limit a client may be refused by one
+// worker while another holds unused client permits or tokens of its lease,
+// for at most 1.5 × SpareTTL. Leases are small to keep that rare: half a
+// worker's share of the limit, at most 16, and one at a time for limits
+// below twice the workers.
+//
 // A successor inherits the client permits the predecessor's workers hold as a
 // reserve per key (State, then SetReserve as they close), and the buckets
 // not yet full, so a reload neither lets a client exceed its limits nor
