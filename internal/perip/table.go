@@ -46,7 +46,7 @@
 // worker while another holds unused client permits or tokens of its lease,
 // for at most 1.5 × SpareTTL. Leases are small to keep that rare: half a
 // worker's share of the limit, at most 16, and one at a time for limits
-// below twice the workers.
+// below four times the workers.
 //
 // A successor inherits the client permits the predecessor's workers hold as a
 // reserve per key (State, then SetReserve as they close), and the buckets
