@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -57,10 +58,12 @@ type Config struct {
 	// Listeners is every listening address with its options.
 	Listeners []Listener `mapstructure:"listeners" yaml:"listeners"`
 	// Workers is the number of worker processes; 0 means one per CPU.
-	Workers         int           `mapstructure:"workers" yaml:"workers"`
-	Timeouts        Timeouts      `mapstructure:"timeouts" yaml:"timeouts"`
-	Metrics         Metrics       `mapstructure:"metrics" yaml:"metrics"`
-	MaxConnections  int           `mapstructure:"max_connections" yaml:"max_connections"`
+	Workers        int      `mapstructure:"workers" yaml:"workers"`
+	Timeouts       Timeouts `mapstructure:"timeouts" yaml:"timeouts"`
+	Metrics        Metrics  `mapstructure:"metrics" yaml:"metrics"`
+	MaxConnections int      `mapstructure:"max_connections" yaml:"max_connections"`
+	// Limits are the per-client limits (see [Limits]).
+	Limits          Limits        `mapstructure:"limits" yaml:"limits"`
 	ShutdownTimeout time.Duration `mapstructure:"shutdown_timeout" yaml:"shutdown_timeout"`
 	Allowlist       []string      `mapstructure:"allowlist" yaml:"allowlist"`
 	Denylist        []string      `mapstructure:"denylist" yaml:"denylist"`
@@ -84,6 +87,25 @@ type Config struct {
 	// EmbeddedSource.
 	Source string `mapstructure:"-" yaml:"-"`
 }
+
+// Limits are the per-client limits, global across workers and kept across
+// a reload. A client is its address (the one a trusted PROXY header names,
+// if any): an IPv4 address as is, an IPv6 address masked to IPv6Prefix
+// bits, so that one host's many addresses count as one client.
+type Limits struct {
+	// PerIPConnections bounds a client's open connections; 0 = off.
+	PerIPConnections int `mapstructure:"per_ip_connections" yaml:"per_ip_connections"`
+	// PerIPRate bounds a client's new connections per second: a token
+	// bucket refilled at this rate holding at most max(1, PerIPRate)
+	// tokens (the burst); 0 = off.
+	PerIPRate float64 `mapstructure:"per_ip_rate" yaml:"per_ip_rate"`
+	// IPv6Prefix is the prefix length (1..128) IPv6 clients are grouped
+	// by; default 64.
+	IPv6Prefix int `mapstructure:"ipv6_prefix" yaml:"ipv6_prefix"`
+}
+
+// On reports whether either per-client limit is on.
+func (l Limits) On() bool { return l.PerIPConnections > 0 || l.PerIPRate > 0 }
 
 // Listener is one listening address and its options.
 type Listener struct {
@@ -380,6 +402,7 @@ var defaults = map[string]any{
 	"metrics.enabled":       true,
 	"metrics.address":       "127.0.0.1:9000",
 	"max_connections":       10000,
+	"limits.ipv6_prefix":    64,
 	"shutdown_timeout":      "30s",
 	"backend.dns_family":    "any",
 	"log.level":             "info",
@@ -589,6 +612,15 @@ func (c *Config) validate() error {
 	}
 	if c.MaxConnections <= 0 {
 		bad("max_connections", "must be positive (got %d)", c.MaxConnections)
+	}
+	if c.Limits.PerIPConnections < 0 {
+		bad("limits.per_ip_connections", "must be 0 (off) or positive (got %d)", c.Limits.PerIPConnections)
+	}
+	if r := c.Limits.PerIPRate; r < 0 || math.IsNaN(r) || math.IsInf(r, 0) {
+		bad("limits.per_ip_rate", "must be 0 (off) or a positive number of connections per second (got %v)", r)
+	}
+	if p := c.Limits.IPv6Prefix; p < 1 || p > 128 {
+		bad("limits.ipv6_prefix", "must be 1..128 (got %d)", p)
 	}
 	for i, p := range c.Allowlist {
 		if _, err := hostname.ParsePattern(p); err != nil {

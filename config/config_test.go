@@ -239,3 +239,35 @@ func TestDefaultsForMissingKeys(t *testing.T) {
 		t.Errorf("defaults not applied: %+v", c)
 	}
 }
+
+func TestLimitsValidation(t *testing.T) {
+	base := "listen_addrs: [\"127.0.0.1:8443\"]\nmetrics: {enabled: false}\n"
+	for _, tc := range []struct {
+		yaml string
+		key  string // "" = valid
+	}{
+		{"limits: {per_ip_connections: 3, per_ip_rate: 2.5, ipv6_prefix: 48}\n", ""},
+		{"limits: {per_ip_connections: -1}\n", "limits.per_ip_connections"},
+		{"limits: {per_ip_rate: -0.5}\n", "limits.per_ip_rate"},
+		{"limits: {ipv6_prefix: 0}\n", "limits.ipv6_prefix"},
+		{"limits: {ipv6_prefix: 129}\n", "limits.ipv6_prefix"},
+	} {
+		cfg, err := Parse([]byte(base+tc.yaml), nil)
+		if tc.key == "" {
+			if err != nil {
+				t.Errorf("%q: %v", tc.yaml, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.key) {
+			t.Errorf("%q: err %v, want one naming %s (cfg %+v)", tc.yaml, err, tc.key, cfg)
+		}
+	}
+	cfg, err := Parse([]byte(base), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Limits.IPv6Prefix != 64 || cfg.Limits.On() {
+		t.Errorf("defaults %+v, want ipv6_prefix 64 and both limits off", cfg.Limits)
+	}
+}

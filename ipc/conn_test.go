@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"reflect"
 	"runtime"
@@ -88,6 +89,11 @@ func bodies() []Body {
 			{Route: "*.api.example.com", Backend: "10.0.0.6:443", Connections: 12, Active: 3},
 			{Route: "~[a-z]+\\.example\\.net", Backend: "[::1]:443", Connections: 1<<64 - 1, Active: -5},
 		}},
+		PerIP{Key: netip.MustParseAddr("192.0.2.7"), Conns: 4, Tokens: 1},
+		PerIP{Key: netip.MustParseAddr("2001:db8::"), Tokens: 16},
+		PerIP{Key: netip.MustParseAddr("192.0.2.7"), Conns: 3, Return: true},
+		PerIPGrant{Key: netip.MustParseAddr("192.0.2.7"), Conns: 4, Tokens: 1},
+		PerIPGrant{Key: netip.MustParseAddr("2001:db8::"), Retry: 250 * time.Millisecond},
 	}
 }
 

@@ -65,7 +65,7 @@
 //	bytes 0-3   magic "SNIP" (0x53 0x4e 0x49 0x50)
 //	byte  4     protocol version: Version (3)
 //	byte  5     message type: TypeHello (1) ... TypeBackendStats (19),
-//	            TypeLogFiles (20)
+//	            TypeLogFiles (20), TypePerIP (21), TypePerIPGrant (22)
 //	byte  6     number of file descriptors sent with the frame, 0..253;
 //	            non-zero only for TypeListeners, TypeConnection (2) and
 //	            TypeLogFiles (1 or 2)

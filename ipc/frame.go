@@ -112,6 +112,12 @@ const (
 	// TypeLogFiles (master → worker): the log files to write to from now
 	// on (at start, and after SIGUSR1 reopened them): LogFiles.
 	TypeLogFiles
+	// TypePerIP (worker → master): a request for, or a return of, a
+	// client's per-client limit lease: PerIP.
+	TypePerIP
+	// TypePerIPGrant (master → worker): the answer to a PerIP request:
+	// PerIPGrant.
+	TypePerIPGrant
 
 	numTypes // first invalid type
 )
@@ -137,6 +143,8 @@ var typeNames = [numTypes]string{
 	TypeDialReport:   "dial_report",
 	TypeBackendStats: "backend_stats",
 	TypeLogFiles:     "log_files",
+	TypePerIP:        "per_ip",
+	TypePerIPGrant:   "per_ip_grant",
 }
 
 // String returns the snake_case name of t, or "type(N)" for an unknown t.

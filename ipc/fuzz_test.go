@@ -143,3 +143,34 @@ func checkMessage(t *testing.T, m Message) {
 		t.Fatalf("%v payload %x decodes to %v, which encodes to %x", m.Type, m.Payload, b, p)
 	}
 }
+
+// FuzzPerIP decodes arbitrary PerIP and PerIPGrant payloads: never a
+// panic, and whatever decodes re-encodes to the same bytes.
+func FuzzPerIP(f *testing.F) {
+	for _, b := range bodies() {
+		switch b.(type) {
+		case PerIP, PerIPGrant:
+			p, err := b.AppendBinary(nil)
+			if err != nil {
+				f.Fatal(err)
+			}
+			f.Add(byte(b.Type()), p)
+		}
+	}
+	f.Add(byte(TypePerIP), []byte{1, 16, 0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0})
+	f.Add(byte(TypePerIPGrant), []byte{4, 127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff})
+	f.Fuzz(func(t *testing.T, typ byte, p []byte) {
+		m := Message{Type: TypePerIP + Type(typ%2), Payload: p}
+		b, err := Decode(m)
+		if err != nil {
+			if !errors.Is(err, ErrBadPayload) {
+				t.Fatalf("decode %v % x: %v", m.Type, p, err)
+			}
+			return
+		}
+		again, err := b.AppendBinary(nil)
+		if err != nil || !bytes.Equal(again, p) {
+			t.Fatalf("%v % x decodes to %+v, re-encodes to % x (%v)", m.Type, p, b, again, err)
+		}
+	})
+}

@@ -108,6 +108,10 @@ func Decode(m Message) (Body, error) {
 			err = fmt.Errorf("ipc: decode %v: %d files, want %d: %w", m.Type, len(m.Files), l.count(), ErrBadPayload)
 		}
 		b = l
+	case TypePerIP:
+		b, err = decode[PerIP](m.Payload)
+	case TypePerIPGrant:
+		b, err = decode[PerIPGrant](m.Payload)
 	default:
 		return nil, fmt.Errorf("ipc: decode: unknown message type %d: %w", m.Type, ErrBadFrame)
 	}

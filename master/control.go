@@ -44,6 +44,8 @@ func (m *Master) status() status.Status {
 		Reloads:       reloads,
 		Limits: status.Limits{
 			MaxConnections:     cfg.MaxConnections,
+			PerIPConnections:   cfg.Limits.PerIPConnections,
+			PerIPRate:          cfg.Limits.PerIPRate,
 			Workers:            m.sup.n,
 			ClientHelloSeconds: cfg.Timeouts.ClientHello.Seconds(),
 			ConnectSeconds:     cfg.Timeouts.Connect.Seconds(),

@@ -4,6 +4,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sniproxy/sniproxy/internal/perip"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/internal/status"
 )
@@ -151,11 +152,17 @@ func (c *counters) process() stats.Process {
 // and when the reload began) to s and, if that worked, every later change: one step under mu, so no
 // Delta is counted twice or lost, and the State goes first.
 func (c *counters) attachSuccessor(s *stateSocket, generation, reserve int, began time.Time) error {
+	return c.attachSuccessorWith(s, generation, reserve, began, nil)
+}
+
+// attachSuccessorWith is attachSuccessor with the per-client table's
+// state in the succession state.
+func (c *counters) attachSuccessorWith(s *stateSocket, generation, reserve int, began time.Time, perIP *perip.State) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	st := successionState{Generation: generation, Totals: c.totals, Restarts: c.restarts,
 		ReloadsOK: c.reloadsOK, ReloadsFailed: c.reloadsFailed, Reserve: reserve,
-		History: c.history.Samples(), Reloads: c.reloads, ReloadBegan: began}
+		History: c.history.Samples(), Reloads: c.reloads, ReloadBegan: began, PerIP: perIP}
 	if c.fill != nil {
 		c.fill(&st)
 	}

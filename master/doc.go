@@ -34,16 +34,16 @@
 // Lock order. A part holds its own lock while it calls into another only
 // along this order, never against it:
 //
-//	relay.mu → broker.mu → counters.mu → health.mu → supervisor.mu → child.mu
+//	relay.mu → broker.mu → perIP.mu → counters.mu → health.mu → supervisor.mu → child.mu
 //
 // (relay.mu is held while a moved connection is sent to a worker and
-// takes supervisor.mu to list them; broker.mu is held while the
-// succession state is sent, which takes counters.mu, which takes
+// takes supervisor.mu to list them; broker.mu and perIP.mu are held while
+// the succession state is sent, which takes counters.mu, which takes
 // health.mu to add the health table and to count per-backend connections.)
 // The health part sends its table to the workers under its own sendMu,
 // taken under no other lock and before health.mu and supervisor.mu, never
 // under health.mu: a worker slow to read cannot stall the master's
 // readers. The locks inside
-// lease.Pool, stateSocket (its writer) and ipc.Conn are leaves: taken
+// lease.Pool, perip.Table, stateSocket (its writer) and ipc.Conn are leaves: taken
 // last, under any of these.
 package master

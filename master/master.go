@@ -55,6 +55,7 @@ type Master struct {
 
 	sup        *supervisor
 	broker     *broker
+	perip      *perIP
 	counters   *counters
 	relay      *relay
 	succession *succession
@@ -106,6 +107,7 @@ func Run(opts Options) error {
 	sampling := make(chan struct{})
 	defer close(sampling)
 	go m.sampleEvery(status.SampleInterval, sampling)
+	go m.perip.sweepEvery(perIPSweep, sampling)
 	if err := m.startWorkers(); err != nil {
 		return err
 	}
@@ -252,6 +254,7 @@ func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error),
 	m.counters = &counters{}
 	m.sup = newSupervisor(m.log, n, start, cfgYAML, m.handleWorker)
 	m.broker = newBroker(m.log, m.cfg.MaxConnections, m.sup.list)
+	m.perip = newPerIP(m.log, m.cfg)
 	m.relay = newRelay(m.log, m.sup.list, m.broker)
 	m.succession = newSuccession(m.log, flip, m.counters, m.broker, m.relay, m.sup, m.opts.NoMove)
 	m.health = newHealthPart(m.log, m.cfg, m.sup.list)
@@ -259,6 +262,7 @@ func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error),
 	m.succession.health = m.health
 	m.sup.welcome = m.health.welcome
 	m.counters.fill = m.health.fill
+	m.succession.perip = m.perip
 	m.shutdown = &shutdown{log: m.log, sup: m.sup, relay: m.relay, signals: m.opts.Signals,
 		closeSockets: closeSockets,
 		active:       func() int64 { return m.counters.snapshot().Active },
@@ -352,6 +356,8 @@ func (m *Master) handleWorker(c *child, msg ipc.Message, body ipc.Body) {
 		m.broker.request(c, b.Want, b.Urgent)
 	case ipc.LeaseReturn:
 		m.broker.giveBack(c, b.N)
+	case ipc.PerIP:
+		m.perip.handle(c, b)
 	case ipc.Stats:
 		m.counters.add(b.Delta)
 		c.addStats(b.Delta)
@@ -368,6 +374,7 @@ func (m *Master) handleWorker(c *child, msg ipc.Message, body ipc.Body) {
 // connections are gone with it.
 func (m *Master) reap(c *child) {
 	freed := m.broker.drop(c)
+	m.perip.drop(c)
 	lost := c.active()
 	m.counters.lost(lost)
 	m.health.lost(c)

@@ -2,14 +2,18 @@ package master
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/sniproxy/sniproxy/internal/perip"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/internal/status"
 	"github.com/sniproxy/sniproxy/ipc"
@@ -45,6 +49,9 @@ type stateMsg struct {
 	// Backends are connections the predecessor's draining workers made
 	// to pool backends since the State (deltas).
 	Backends []backendCount `json:"backends,omitempty"`
+	// PerIP, predecessor to successor, is the client permits its workers now hold
+	// of every client key whose count changed (see perIP).
+	PerIP map[netip.Addr]int `json:"per_ip,omitempty"`
 }
 
 // successionState is what a successor inherits besides the sockets.
@@ -67,6 +74,9 @@ type successionState struct {
 	Health        []byte            `json:"health,omitempty"`
 	HealthChanges map[string]uint64 `json:"health_changes,omitempty"`
 	BackendCounts []backendCount    `json:"backend_counts,omitempty"`
+	// PerIP is the per-client table's state: the client permits held per client
+	// key (reserves for the successor) and the buckets not full.
+	PerIP *perip.State `json:"per_ip,omitempty"`
 }
 
 // readyInfo names a new generation.
@@ -109,10 +119,27 @@ func (s *stateSocket) send(m stateMsg) error {
 	return nil
 }
 
-// recv reads one message; a line over 64 KiB is an error.
+// maxStateLine bounds one message on the state socket. The succession
+// state carries the per-client table (up to its size in keys, some 40
+// bytes each in JSON).
+const maxStateLine = 64 << 20
+
+// recv reads one message; a line over maxStateLine is an error.
 func (s *stateSocket) recv() (stateMsg, error) {
 	var m stateMsg
 	line, err := s.r.ReadSlice('\n')
+	if errors.Is(err, bufio.ErrBufferFull) {
+		// A long line (the succession state): read on, within the bound.
+		long := bytes.Clone(line)
+		for errors.Is(err, bufio.ErrBufferFull) && len(long) <= maxStateLine {
+			line, err = s.r.ReadSlice('\n')
+			long = append(long, line...)
+		}
+		if err == nil && len(long) > maxStateLine {
+			err = fmt.Errorf("master: state socket: a message over %d bytes", maxStateLine)
+		}
+		line = long
+	}
 	if err != nil {
 		return m, err
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/sniproxy/sniproxy/internal/perip"
 	"github.com/sniproxy/sniproxy/internal/status"
 	"github.com/sniproxy/sniproxy/ipc"
 )
@@ -63,6 +64,8 @@ type succession struct {
 	broker     *broker
 	relay      *relay
 	sup        *supervisor
+	// perip is the per-client table (nil in tests that need none).
+	perip *perIP
 	// noMove makes a hurried generation close its connections instead of
 	// moving them (the e2e negative control).
 	noMove bool
@@ -119,6 +122,9 @@ func (s *succession) inherit() error {
 	s.counters.inherit(*st)
 	s.reloadBegan = st.ReloadBegan
 	s.broker.setPredecessor(st.Reserve, 0)
+	if s.perip != nil {
+		s.perip.inherit(st.PerIP)
+	}
 	s.predecessorDone = make(chan struct{})
 	go s.readPredecessor(h)
 	mf, err := s.upg.File(moveSocketName)
@@ -158,12 +164,18 @@ func (s *succession) readPredecessor(h *stateSocket) {
 			}
 			s.broker.setPredecessor(*msg.Reserve, moved)
 		}
+		if msg.PerIP != nil && s.perip != nil {
+			s.perip.predecessorChanged(msg.PerIP)
+		}
 	}
 	// The predecessor is gone, and its connections with it.
 	s.counters.predecessorGone()
 	// Its workers hold nothing now; what it moved and has not arrived
 	// yet still counts.
 	s.broker.setPredecessor(0, -1)
+	if s.perip != nil {
+		s.perip.predecessorGone()
+	}
 	close(s.predecessorDone)
 	s.log.Info("previous generation exited")
 }
@@ -277,7 +289,12 @@ func (s *succession) attachSuccessor(began time.Time) (*stateSocket, *ipc.Conn, 
 		return nil, nil, err
 	}
 	err = s.broker.attachSuccessor(h, func(reserve int) error {
-		return s.counters.attachSuccessor(h, s.generation, reserve, began)
+		if s.perip == nil {
+			return s.counters.attachSuccessor(h, s.generation, reserve, began)
+		}
+		return s.perip.attachSuccessor(h, func(st *perip.State) error {
+			return s.counters.attachSuccessorWith(h, s.generation, reserve, began, st)
+		})
 	})
 	if err != nil {
 		h.close()
@@ -291,6 +308,9 @@ func (s *succession) attachSuccessor(began time.Time) (*stateSocket, *ipc.Conn, 
 // detachSuccessor undoes attachSuccessor after a failed Upgrade.
 func (s *succession) detachSuccessor(h *stateSocket, mc *ipc.Conn) {
 	s.broker.detachSuccessor()
+	if s.perip != nil {
+		s.perip.detachSuccessor()
+	}
 	s.counters.detachSuccessor()
 	s.relay.setSuccessor(nil)
 	h.close()

@@ -35,6 +35,9 @@ type conn struct {
 	// is (the access log's "client", per-IP limits, the PROXY header sent
 	// to the backend) reads them.
 	peer, local netip.AddrPort
+	// perIPKey is the client key whose client permit the connection
+	// holds (admitPerIP), until finish gives it back; invalid if none.
+	perIPKey netip.Addr
 
 	// o is what the access log will say besides the result; written by
 	// the phases before the pair starts, read when the connection ends
@@ -179,6 +182,7 @@ func (c *conn) finish(r result, permit bool) {
 	if permit {
 		c.srv.limiter.Release()
 	}
+	c.releasePerIP()
 	c.srv.rec.Closed()
 	c.srv.untrack(c)
 }

@@ -201,10 +201,17 @@ func (p *path) end(r result) {
 	c.finish(r, p.permit)
 }
 
-// admit takes a permit of the global limit and a slot of the sniff limit
-// (see sniffLimitFor).
+// admit takes a client permit and rate token of the per-client limits
+// (admitPerIP; on a listener that expects a PROXY header, the sniff phase
+// does, once the header names the client), a permit of the global limit
+// and a slot of the sniff limit (see sniffLimitFor).
 func (p *path) admit() result {
 	s := p.c.srv
+	if !p.c.lcfg.AcceptProxyProtocol {
+		if r := p.admitPerIP(); r.end != endNext {
+			return r
+		}
+	}
 	if s.limiter != nil {
 		if !s.limiter.Acquire() {
 			return rejected(stats.Limit, errors.New("worker: max_connections reached"))
@@ -248,6 +255,9 @@ func (p *path) sniff() result {
 	if c.lcfg.AcceptProxyProtocol {
 		var r result
 		if start, r = p.readProxy(); r.end != endNext {
+			return r
+		}
+		if r = p.admitPerIP(); r.end != endNext {
 			return r
 		}
 	}

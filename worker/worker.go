@@ -87,6 +87,9 @@ type Server struct {
 	// it to the server's logger; nil writes none (log.access: false). Set
 	// it before Serve.
 	AccessLog *slog.Logger
+	// PerIP, if set, enforces the per-client limits (limits.per_ip_*).
+	// Set it before Serve.
+	PerIP PerIPLimiter
 
 	// sniffLimit bounds the connections of this server still in the sniff
 	// phase, so slow or silent clients cannot hold the whole connection

@@ -29,10 +29,12 @@ const (
 	// ProxyHeader: a listener with accept_proxy_protocol got no valid PROXY
 	// header in time, or a connection from a source not in trusted_proxies.
 	ProxyHeader
+	// PerIPLimit: over limits.per_ip_connections or limits.per_ip_rate.
+	PerIPLimit
 	NumReasons
 )
 
-var reasonNames = [NumReasons]string{"limit", "denied", "no_route", "sniff_timeout", "sniff_error", "dial_error", "proxy_header"}
+var reasonNames = [NumReasons]string{"limit", "denied", "no_route", "sniff_timeout", "sniff_error", "dial_error", "proxy_header", "per_ip_limit"}
 
 // String returns the metric label value of r.
 func (r Reason) String() string {

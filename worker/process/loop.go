@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -14,6 +15,7 @@ import (
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/lease"
 	"github.com/sniproxy/sniproxy/internal/logging"
+	"github.com/sniproxy/sniproxy/internal/perip"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/internal/testswitch"
 	"github.com/sniproxy/sniproxy/ipc"
@@ -72,6 +74,10 @@ type loop struct {
 	counters *stats.Counters
 	leases   *leases
 	client   *lease.Client
+	// perIP and perIPLeases enforce the per-client limits; nil when
+	// both are off.
+	perIP       *perip.Client
+	perIPLeases *perIPLeases
 	// access is the access log's output when it has a file of its own.
 	access *logging.Output
 
@@ -123,6 +129,12 @@ func newLoop(o Options, cfg *config.Config) (*loop, error) {
 		return nil, fmt.Errorf("process: %w", err)
 	}
 	srv.AccessLog = accessLog(o, cfg)
+	if lim := cfg.Limits; lim.On() {
+		l.perIPLeases = &perIPLeases{conn: o.Conn, log: o.Log}
+		l.perIP = perip.NewClient(l.perIPLeases, perip.Limits{Conns: lim.PerIPConnections, Rate: lim.PerIPRate},
+			lim.IPv6Prefix, workersOf(cfg), nil)
+		srv.PerIP = l.perIP
+	}
 	if o.Switches.FreshSockets {
 		// The reload negative control (see testswitch.Switches).
 		srv.LingerOnStop = 300 * time.Millisecond
@@ -182,6 +194,10 @@ func (l *loop) run(lns []worker.Listener) error {
 	// Whatever happens, no connection waits for a grant that will not
 	// come once the loop is gone.
 	defer l.leases.lose()
+	if l.perIP != nil {
+		defer l.perIPLeases.lose()
+		go l.perIP.Run(l.done)
+	}
 	ctx, stopAccepting := context.WithCancel(context.Background())
 	defer stopAccepting()
 	l.stopAccepting = stopAccepting
@@ -293,6 +309,12 @@ func (l *loop) handle(m ipc.Message, b ipc.Body) {
 		if err := l.leases.grant(b.N); err != nil && l.phase == serving {
 			l.lose(err)
 		}
+	case ipc.PerIPGrant:
+		if l.perIPLeases == nil {
+			l.lose(errNoPerIPRequest)
+		} else if err := l.perIPLeases.grant(b); err != nil && l.phase == serving {
+			l.lose(err)
+		}
 	case ipc.Ping:
 		l.conn.SendBody(ipc.Pong(b))
 	case ipc.Health:
@@ -392,6 +414,9 @@ func (l *loop) startDrain() {
 	}
 	l.phase = draining
 	l.client.Drain()
+	if l.perIP != nil {
+		l.perIP.Drain()
+	}
 	if !l.masterLost {
 		l.conn.SendBody(ipc.Stopped{})
 	}
@@ -478,6 +503,9 @@ func (l *loop) lose(err error) {
 	}
 	l.masterLost = true
 	l.leases.lose()
+	if l.perIPLeases != nil {
+		l.perIPLeases.lose()
+	}
 	if by := time.Now().Add(l.cfg.ShutdownTimeout); l.drainBy.IsZero() || by.Before(l.drainBy) {
 		l.drainBy = by
 		if l.cancelDrain != nil && !l.stopNow {
@@ -517,4 +545,13 @@ func (l *loop) pushStats() {
 	if err := l.conn.SendBody(ipc.Stats{Delta: d}); err == nil {
 		l.prev = cur
 	}
+}
+
+// workersOf is the number of workers cfg starts (workers: 0 is one per
+// CPU, as the master counts them).
+func workersOf(cfg *config.Config) int {
+	if cfg.Workers > 0 {
+		return cfg.Workers
+	}
+	return runtime.NumCPU()
 }

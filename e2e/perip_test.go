@@ -1,0 +1,184 @@
+package e2e
+
+import (
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sniproxy/sniproxy/internal/status"
+)
+
+// openEchoFrom is openEcho from the loopback source address src.
+func openEchoFrom(proxy, src string) (net.Conn, error) {
+	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
+	c, err := d.Dial("tcp", proxy)
+	if err != nil {
+		return nil, err
+	}
+	req := "GET / HTTP/1.1\r\nHost: echo.test\r\n\r\n"
+	if _, err := c.Write([]byte(req)); err != nil {
+		c.Close()
+		return nil, err
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, len(req))); err != nil {
+		c.Close()
+		return nil, err
+	}
+	c.SetReadDeadline(time.Time{})
+	return c, nil
+}
+
+// openManyFrom opens n connections from src at once and returns those that
+// reached the backend and how many did not.
+func openManyFrom(t *testing.T, proxy, src string, n int) (held []net.Conn, refused int) {
+	t.Helper()
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			c, err := openEchoFrom(proxy, src)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				refused++
+				return
+			}
+			held = append(held, c)
+		})
+	}
+	wg.Wait()
+	t.Cleanup(func() {
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	return held, refused
+}
+
+const perIPRejected = `sniproxy_connections_rejected_total{reason="per_ip_limit"}`
+
+// TestPerIPConnectionsAcrossWorkers: limits.per_ip_connections holds across
+// both workers: of 10 connections from one client, exactly 3 are served,
+// the rest refused and counted per_ip_limit, while another client still
+// gets in; a client permit comes back when a connection closes.
+func TestPerIPConnectionsAcrossWorkers(t *testing.T) {
+	p := startProxy(t, strings.ReplaceAll(masterConfig, "ECHO", echoBackend(t))+"limits: {per_ip_connections: 3}\n")
+	p.workers(t, 2)
+	held, refused := openManyFrom(t, p.addr, "127.0.0.2", 10)
+	if len(held) != 3 || refused != 7 {
+		t.Fatalf("%d connections from 127.0.0.2 served, %d refused; want exactly 3 and 7", len(held), refused)
+	}
+	p.waitMetric(t, perIPRejected, 7)
+	other, refused := openManyFrom(t, p.addr, "127.0.0.3", 3)
+	if len(other) != 3 || refused != 0 {
+		t.Fatalf("127.0.0.3: %d served, %d refused; want 3 and 0", len(other), refused)
+	}
+	refusedLogged := 0
+	byWorker := map[any]int{} // connections from 127.0.0.2 each worker saw
+	for _, l := range p.logLines("connection") {
+		if client, _ := l["client"].(string); strings.HasPrefix(client, "127.0.0.2:") {
+			byWorker[l["worker"]]++
+			if l["result"] == "per_ip_limit" {
+				refusedLogged++
+			}
+		}
+	}
+	if refusedLogged != 7 {
+		t.Errorf("%d access-log lines of refusals; want 7", refusedLogged)
+	}
+	t.Logf("access-log lines of 127.0.0.2 (the refusals; the 3 served are still open) by worker: %v", byWorker)
+	held[0].Close()
+	p.waitMetric(t, `sniproxy_connections_active`, 5)
+	waitAdmitted(t, p.addr, "127.0.0.2")
+}
+
+// waitAdmitted waits until a connection from src is served (a client permit freed
+// in one worker reaches the others within perip.SpareTTL) and keeps it
+// open until the test ends.
+func waitAdmitted(t *testing.T, proxy, src string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := openEchoFrom(proxy, src)
+		if err == nil {
+			t.Cleanup(func() { c.Close() })
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no connection from %s served within 10s: %v", src, err)
+		}
+		time.Sleep(50 * time.Millisecond) // poll the condition until the deadline
+	}
+}
+
+// TestPerIPRate: limits.per_ip_rate 0.2 (a burst of 1, a token every 5 s):
+// of 5 connections in quick succession from one client one is served, the
+// rest refused; another client is not affected.
+func TestPerIPRate(t *testing.T) {
+	p := startProxy(t, strings.ReplaceAll(masterConfig, "ECHO", echoBackend(t))+"limits: {per_ip_rate: 0.2}\n")
+	p.workers(t, 2)
+	served := 0
+	for range 5 {
+		if c, err := openEchoFrom(p.addr, "127.0.0.2"); err == nil {
+			served++
+			c.Close()
+		}
+	}
+	if served != 1 {
+		t.Fatalf("%d of 5 connections served at 0.2/s; want 1", served)
+	}
+	p.waitMetric(t, perIPRejected, 4)
+	var st struct {
+		Limits status.Limits `json:"limits"`
+	}
+	resp, err := http.Get("http://" + p.metrics + "/status.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = json.NewDecoder(resp.Body).Decode(&st)
+	resp.Body.Close()
+	if err != nil || st.Limits.PerIPRate != 0.2 || st.Limits.PerIPConnections != 0 {
+		t.Errorf("status.json limits %+v, %v; want per_ip_rate 0.2", st.Limits, err)
+	}
+	c, err := openEchoFrom(p.addr, "127.0.0.3")
+	if err != nil {
+		t.Fatalf("another client refused: %v", err)
+	}
+	c.Close()
+}
+
+// TestPerIPKeptAcrossReload: the successor counts the connections the
+// predecessor's workers still hold: with 3 open from a client, a 4th after
+// a reload is refused; once one of the 3 closes, the client gets in.
+func TestPerIPKeptAcrossReload(t *testing.T) {
+	cfg := strings.ReplaceAll(masterConfig, "ECHO", echoBackend(t)) + "limits: {per_ip_connections: 3}\n"
+	cfg = strings.Replace(cfg, "shutdown_timeout: 5", "shutdown_timeout: 60", 1)
+	p := startProxy(t, cfg)
+	p.workers(t, 2)
+	held, refused := openManyFrom(t, p.addr, "127.0.0.2", 3)
+	if len(held) != 3 || refused != 0 {
+		t.Fatalf("before the reload: %d served, %d refused; want 3 and 0", len(held), refused)
+	}
+	_, gen := p.reload(t)
+	if gen != 2 {
+		t.Fatalf("reload made generation %d", gen)
+	}
+	if c, err := openEchoFrom(p.addr, "127.0.0.2"); err == nil {
+		c.Close()
+		t.Fatal("a 4th connection after the reload was served")
+	}
+	p.waitMetric(t, perIPRejected, 1)
+	if c, err := openEchoFrom(p.addr, "127.0.0.3"); err != nil {
+		t.Fatalf("another client refused after the reload: %v", err)
+	} else {
+		c.Close()
+	}
+	held[0].Close()
+	waitAdmitted(t, p.addr, "127.0.0.2")
+}
