@@ -90,6 +90,7 @@ func TestReloadTrustsOnlyRootOrItself(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			squatter.Process.Kill()
 		}
+		killAllOf(t, cfg) // a successor, had a reload reached it
 	})
 	for deadline := time.Now().Add(15 * time.Second); ; {
 		if _, err := os.Stat(sock); err == nil {

@@ -185,6 +185,11 @@ func startProxyArgv(t *testing.T, bin, cfg string, argv func(cfgPath string) []s
 				}
 			}
 		}
+		// Whatever is left of this proxy (a successor the config named no
+		// PID file for, its workers, a supervisor's orphans): every
+		// process whose command line names this test's config or its
+		// listen address.
+		killAllOf(t, p.cfgPath, listen)
 		if t.Failed() {
 			t.Logf("sniproxy output:\n%s", p.logs.String())
 		}
@@ -349,4 +354,52 @@ func rawBackend(t *testing.T, serve func(net.Conn)) string {
 		c.SetDeadline(time.Now().Add(30 * time.Second))
 		serve(c)
 	})
+}
+
+// killAllOf ends every process whose command line contains one of marks:
+// TERM, then KILL after 10 s.
+func killAllOf(t *testing.T, marks ...string) {
+	t.Helper()
+	find := func() []int {
+		var pids []int
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || pid == os.Getpid() {
+				continue
+			}
+			b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+			if err != nil {
+				continue
+			}
+			for _, m := range marks {
+				if strings.Contains(string(b), m) && alive(pid) {
+					pids = append(pids, pid)
+					break
+				}
+			}
+		}
+		return pids
+	}
+	left := find()
+	if len(left) == 0 {
+		return
+	}
+	t.Logf("ending processes left by the test: %v", left)
+	for _, pid := range left {
+		syscall.Kill(pid, syscall.SIGTERM)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		left = find()
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			for _, pid := range left {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
