@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"net"
 	"net/http"
 	"strings"
 	"syscall"
@@ -72,5 +73,45 @@ func TestHealthzDuringStop(t *testing.T) {
 	case <-p.done:
 	case <-time.After(15 * time.Second):
 		t.Fatal("the master did not exit after its last connection closed")
+	}
+}
+
+// TestSilentClientsCannotTakeTheBudget: with a small max_connections,
+// clients that connect and send nothing once held every permit until
+// client_hello (the sniff share had a floor of 16 per worker). Now those
+// past the share that have sent nothing for a while give their permits to
+// newcomers, on the worker the newcomer reached or, through the master's
+// revoke, on another.
+func TestSilentClientsCannotTakeTheBudget(t *testing.T) {
+	echo := echoBackend(t)
+	cfg := strings.ReplaceAll(masterConfig, "ECHO", echo) + "max_connections: 8\n"
+	cfg = strings.Replace(cfg, "client_hello: 3", "client_hello: 10", 1)
+	p := startProxy(t, cfg)
+	p.workers(t, 2)
+	var silent []net.Conn
+	defer func() {
+		for _, c := range silent {
+			c.Close()
+		}
+	}()
+	for range 8 {
+		c, err := net.DialTimeout("tcp", p.addr, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		silent = append(silent, c)
+	}
+	// Every permit is taken: a newcomer now is refused.
+	p.waitMetric(t, "sniproxy_connections_active", 8)
+	time.Sleep(2500 * time.Millisecond) // deliberate: the silent ones become slow (evicted after 2s)
+	for i := range 2 {
+		c, err := openEcho(p.addr, "echo.test", 5*time.Second)
+		if err != nil {
+			t.Fatalf("client %d with 8 silent ones holding every permit: %v", i+1, err)
+		}
+		c.Close()
+	}
+	if n := len(p.logLines("evicted connections with no complete hello to free their permits")); n == 0 {
+		t.Error("no eviction logged")
 	}
 }

@@ -68,6 +68,10 @@ type conn struct {
 	// resumed connection): permitNone, permitHeld, or permitDone once the
 	// connection finished.
 	permit atomic.Int32
+	// stolen is set when the connection, slow to send its hello, was
+	// evicted for another one under pressure and its permit went with
+	// the eviction (see Server.stealSniffers): it must not give it back.
+	stolen atomic.Bool
 	// movedPermit is set when the pair was detached to be moved while
 	// holding a permit: sendMoved releases it after the send.
 	movedPermit atomic.Bool

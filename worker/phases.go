@@ -198,7 +198,7 @@ func (p *path) end(r result) {
 	if !p.counted {
 		c.srv.rec.Protocol(stats.ProtoUnknown)
 	}
-	c.finish(r, p.permit)
+	c.finish(r, p.permit && !c.stolen.Load())
 }
 
 // admit takes a client permit and rate token of the per-client limits
@@ -213,17 +213,21 @@ func (p *path) admit() result {
 		}
 	}
 	if s.limiter != nil {
-		if !s.limiter.Acquire() {
+		// At the limit, a connection that has sent no complete hello
+		// for a while, past this worker's sniff share, gives its permit
+		// to this one (stealSniffers).
+		if !s.limiter.Acquire() && s.stealSniffers(1, false) == 0 {
 			return rejected(stats.Limit, errors.New("worker: max_connections reached"))
 		}
 		p.permit = true
 	}
 	// Accepted connections already have TCP keepalive (Go's default for a
 	// listener, 15s); backends get it from the dialer.
-	if s.sniffing.Add(1) > s.sniffLimit {
-		s.sniffing.Add(-1)
-		return rejected(stats.Limit, errors.New("worker: too many connections in the sniff phase"))
-	}
+	//
+	// Over the sniff share, slow ones make room; young ones are a burst
+	// of clients that all send their hellos at once, not refused (the
+	// permits bound them, and they leave the phase in milliseconds).
+	s.addSniffer(p.c)
 	p.sniffing = true
 	return result{}
 }
@@ -232,7 +236,7 @@ func (p *path) admit() result {
 func (p *path) endSniff() {
 	if p.sniffing {
 		p.sniffing = false
-		p.c.srv.sniffing.Add(-1)
+		p.c.srv.removeSniffer(p.c)
 	}
 }
 
@@ -266,6 +270,10 @@ func (p *path) sniff() result {
 	p.buf = buf
 	c.o.res = res
 	p.countProtocol()
+	if err != nil && c.stolen.Load() {
+		return rejected(stats.SniffTimeout, fmt.Errorf("worker: evicted after %v with no complete hello, its permit needed by another connection: %w",
+			time.Since(c.start).Round(time.Millisecond), err))
+	}
 	if err != nil && !errors.Is(err, sniff.ErrNoName) {
 		if errors.Is(err, sniff.ErrTimeout) {
 			return rejected(stats.SniffTimeout, err)

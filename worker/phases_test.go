@@ -153,8 +153,6 @@ func TestPhaseResults(t *testing.T) {
 		lopts   string
 		permits int
 		send    string // "" sends nothing: the client stays silent
-		// noSniffSlot sets the sniff limit to 0.
-		noSniffSlot bool
 		result      string
 		err         string // a part of the logged err; "" for none
 		reject      stats.Reason
@@ -165,8 +163,6 @@ func TestPhaseResults(t *testing.T) {
 	}{
 		{name: "admit/limit", permits: 0, send: httpReq("echo.test"), result: "limit", err: "max_connections reached",
 			reject: stats.Limit, rejected: true, proto: stats.ProtoUnknown, level: "INFO"},
-		{name: "admit/sniff limit", permits: 1, noSniffSlot: true, send: httpReq("echo.test"), result: "limit",
-			err: "too many connections in the sniff phase", reject: stats.Limit, rejected: true, proto: stats.ProtoUnknown, level: "INFO", acquired: 1},
 		{name: "sniff/no PROXY header", lopts: ", accept_proxy_protocol: true, trusted_proxies: [127.0.0.1]", permits: 1, send: httpReq("echo.test"),
 			result: "proxy_header", err: "PROXY", reject: stats.ProxyHeader, rejected: true, proto: stats.ProtoUnknown, level: "INFO", acquired: 1},
 		{name: "sniff/PROXY header timeout", lopts: ", accept_proxy_protocol: true, trusted_proxies: [127.0.0.1]", permits: 1,
@@ -188,11 +184,7 @@ func TestPhaseResults(t *testing.T) {
 			proto: stats.ProtoHTTP, level: "INFO", acquired: 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var prep func(*Server)
-			if tc.noSniffSlot {
-				prep = func(s *Server) { s.sniffLimit = 0 }
-			}
-			srv, addr, counters, lim, logs := phaseServer(t, routes, tc.lopts, tc.permits, prep)
+			srv, addr, counters, lim, logs := phaseServer(t, routes, tc.lopts, tc.permits, nil)
 			c, err := net.Dial("tcp", addr)
 			if err != nil {
 				t.Fatal(err)

@@ -96,6 +96,10 @@ type Server struct {
 	// budget: see sniffLimitFor.
 	sniffLimit int64
 	sniffing   atomic.Int64
+	// sniffMu guards sniffers, the connections in the sniff phase (see
+	// sniffers.go).
+	sniffMu  sync.Mutex
+	sniffers map[*conn]struct{}
 
 	// poller parks idle pairs without goroutines; nil if it could not be
 	// made (pairs then park on goroutines).
@@ -151,20 +155,21 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 		},
 		conns:      map[*conn]struct{}{},
 		sniffLimit: int64(sniffLimitFor(cfg)),
+		sniffers:   map[*conn]struct{}{},
 	}, nil
 }
 
-// sniffLimitFor returns how many connections one worker lets sit in the sniff
-// phase at once: three quarters of its share of max_connections (at least
-// 16), so clients that never finish a hello can take at most that much of
-// the budget and the rest stays for clients that do. Connections over it
-// are closed at once and counted with reason "limit".
+// sniffLimitFor returns this worker's sniff share: how many of its
+// connections may sit in the sniff phase undisturbed, three quarters of its
+// share of max_connections (at least 1). Past it, connections slow to send
+// their hello give their permits up when they are needed (sniffers.go), so
+// clients that never finish a hello cannot hold the whole budget.
 func sniffLimitFor(cfg *config.Config) int {
 	workers := cfg.Workers
 	if workers <= 0 {
 		workers = runtime.NumCPU()
 	}
-	return max(16, cfg.MaxConnections*3/4/workers)
+	return max(1, cfg.MaxConnections*3/4/workers)
 }
 
 // Serve accepts on every listener until ctx is done, then closes the

@@ -8,7 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"strings"
 	"syscall"
 	"testing"
@@ -259,30 +258,65 @@ func TestCountersMatchTraffic(t *testing.T) {
 	}
 }
 
-func TestSniffLimit(t *testing.T) {
-	// max_connections 40 over 1 worker: 30 may sniff at once.
-	ts := startServer(t, "workers: 1\nmax_connections: 40\n", NewLocalLimiter(40), "")
-	if got := ts.srv.sniffLimit; got != 30 {
-		t.Fatalf("sniff limit %d; want 30", got)
+// The sniff share under pressure: young connections are never refused for
+// the phase (a burst), but once their permits are all taken, those past
+// the share that have sent no hello for evictAfter give their permits to
+// newcomers; within the share they are left alone.
+func TestSniffShareUnderPressure(t *testing.T) {
+	// max_connections 8 over 1 worker: a share of 6; client_hello 2s, so
+	// a connection is evicted after 1s.
+	ts := startServer(t, "workers: 1\nmax_connections: 8\n", NewLocalLimiter(8), "")
+	if got := ts.srv.sniffLimit; got != 6 {
+		t.Fatalf("sniff share %d; want 6", got)
 	}
-	for range 30 {
+	var silent []net.Conn
+	defer func() {
+		for _, c := range silent {
+			c.Close()
+		}
+	}()
+	for range 8 {
 		c, err := net.Dial("tcp", ts.addr)
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
+		silent = append(silent, c)
 	}
-	waitFor(t, "30 sniffing", func() bool { return ts.srv.sniffing.Load() == 30 })
-	over, err := net.Dial("tcp", ts.addr)
+	// A burst past the share is let in: every permit is taken.
+	waitFor(t, "8 sniffing", func() bool { return ts.srv.sniffing.Load() == 8 })
+	// A 9th now: nobody is slow yet, so the limit refuses it.
+	c9, err := net.Dial("tcp", ts.addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer over.Close()
-	over.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := over.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Errorf("31st silent client: %v; want closed at once", err)
-	}
+	defer c9.Close()
 	waitFor(t, "rejected{limit}", func() bool { return ts.counters.Snapshot().Rejected[stats.Limit] == 1 })
-	// The silent ones time out (client_hello 2s) and free their slots.
-	waitFor(t, "sniff slots freed", func() bool { return ts.srv.sniffing.Load() == 0 })
+
+	time.Sleep(1100 * time.Millisecond) // deliberate: the silent ones become slow
+	// Now a newcomer takes the permit of the oldest slow one past the
+	// share; then a second; a third finds the share reached and is
+	// refused.
+	if got := ts.srv.stealSniffers(1, false); got != 1 {
+		t.Fatalf("stealSniffers: %d; want 1", got)
+	}
+	ts.srv.limiter.Release() // as admit would have used it
+	if got := ts.srv.EvictSlowSniffers(); got != 1 {
+		t.Errorf("EvictSlowSniffers: %d; want the 1 left past the share", got)
+	}
+	if got := ts.srv.EvictSlowSniffers(); got != 0 {
+		t.Errorf("EvictSlowSniffers within the share: %d; want 0", got)
+	}
+	if got := ts.srv.sniffing.Load(); got != 6 {
+		t.Errorf("%d sniffing after the evictions; want the share, 6", got)
+	}
+	waitFor(t, "2 evictions counted as sniff_timeout", func() bool { return ts.counters.Snapshot().Rejected[stats.SniffTimeout] >= 2 })
+	// The 2 permits came back: 2 new connections get in (and are
+	// sniffed, which only an admitted connection is).
+	for range 2 {
+		dialHTTP(t, ts.addr, "nowhere.test")
+	}
+	waitFor(t, "2 newcomers sniffed", func() bool { return ts.counters.Snapshot().Conns[stats.ProtoHTTP] == 2 })
+	if got := ts.counters.Snapshot().Rejected[stats.Limit]; got != 1 {
+		t.Errorf("rejected{limit} %d after the evictions; want still 1", got)
+	}
 }

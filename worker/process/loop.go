@@ -321,7 +321,9 @@ func (l *loop) handle(m ipc.Message, b ipc.Body) {
 		l.setHealth(b)
 	case ipc.Revoke:
 		// Every spare goes back to the pool, for a sibling that found it
-		// dry.
+		// dry; and the permits of connections past this worker's sniff
+		// share that have sent no hello for too long, evicted first.
+		l.srv.EvictSlowSniffers()
 		l.client.Revoke(l.client.Spare())
 	case ipc.Connection:
 		// The master granted the connection's permit with it (it counted
