@@ -149,17 +149,17 @@ func TestPhaseResults(t *testing.T) {
 	routes := fmt.Sprintf("routes: [{match: echo.test, backend: %q}, {match: down.test, backend: %q}]\ndenylist: [bad.test]\n", echo, refusing)
 	httpReq := func(host string) string { return "GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n" }
 	for _, tc := range []struct {
-		name    string
-		lopts   string
-		permits int
-		send    string // "" sends nothing: the client stays silent
-		result      string
-		err         string // a part of the logged err; "" for none
-		reject      stats.Reason
-		rejected    bool
-		proto       stats.Protocol
-		level       string
-		acquired    int
+		name     string
+		lopts    string
+		permits  int
+		send     string // "" sends nothing: the client stays silent
+		result   string
+		err      string // a part of the logged err; "" for none
+		reject   stats.Reason
+		rejected bool
+		proto    stats.Protocol
+		level    string
+		acquired int
 	}{
 		{name: "admit/limit", permits: 0, send: httpReq("echo.test"), result: "limit", err: "max_connections reached",
 			reject: stats.Limit, rejected: true, proto: stats.ProtoUnknown, level: "INFO"},
