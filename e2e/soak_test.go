@@ -224,8 +224,12 @@ func TestSoak(t *testing.T) {
 	t0 := time.Now()
 	recs := make([]soakRec, warm+n+clean)
 
+	// The time bound of the whole load: 60 s plus 20 ms a connection
+	// (3,000: 2 min; 100,000: 34 min); a client's own deadline is 20 s.
+	deadline := time.Now().Add(60*time.Second + time.Duration(warm+n+clean)*20*time.Millisecond)
+
 	// Warm up (every behaviour once at least), then the baseline.
-	soakLoad(env, recs, 0, warm, conc, nil)
+	soakLoad(env, recs, 0, warm, conc, nil, deadline)
 	soakQuiet(t, p, 30*time.Second)
 	base := soakProcs(t, p)
 
@@ -237,7 +241,7 @@ func TestSoak(t *testing.T) {
 	wg.Go(func() { soakKiller(p, chaos, seed, stop) })
 	wg.Go(func() { soakReloader(p, chaos, &started, n, stop) })
 	tc := time.Now()
-	soakLoad(env, recs, chaosFrom, n, conc, &started)
+	soakLoad(env, recs, chaosFrom, n, conc, &started, deadline)
 	chaosTime := time.Since(tc)
 	close(stop)
 	wg.Wait()
@@ -253,7 +257,7 @@ func TestSoak(t *testing.T) {
 	m1 := soakQuiet(t, p, 30*time.Second)
 
 	// The clean phase: no kills, no reloads: the counters must balance exactly.
-	soakLoad(env, recs, cleanFrom, clean, conc, nil)
+	soakLoad(env, recs, cleanFrom, clean, conc, nil, deadline)
 	m2 := soakQuiet(t, p, 30*time.Second)
 	total := time.Since(t0)
 
@@ -265,8 +269,9 @@ func TestSoak(t *testing.T) {
 }
 
 // soakLoad runs connections from..from+n on conc clients; started counts
-// the connections begun.
-func soakLoad(env *soakEnv, recs []soakRec, from, n, conc int, started *atomic.Int64) {
+// the connections begun. Past the deadline it starts no more: they stay
+// unstarted, and the test fails on them.
+func soakLoad(env *soakEnv, recs []soakRec, from, n, conc int, started *atomic.Int64, deadline time.Time) {
 	next := make(chan int)
 	var wg sync.WaitGroup
 	for range conc {
@@ -277,6 +282,10 @@ func soakLoad(env *soakEnv, recs []soakRec, from, n, conc int, started *atomic.I
 		})
 	}
 	for i := from; i < from+n; i++ {
+		if time.Now().After(deadline) {
+			recs[i].unmet = errors.New("not started: the soak's time bound passed")
+			continue
+		}
 		if started != nil {
 			started.Add(1)
 		}
