@@ -180,22 +180,27 @@ type soakEnv struct {
 }
 
 // TestSoak drives connections with a seeded mix of client and backend
-// faults through the proxy while workers are SIGKILLed at random and two
-// reloads happen, then checks that:
+// faults through the proxy (two workers) while workers are SIGKILLed at
+// random and two reloads happen, then checks that:
 //   - every transfer that completed has the SHA-256 of what was sent or
 //     served, and no client ever got a byte that was not;
 //   - every connection a client made has exactly one access-log line with a
 //     result its behaviour allows, or none and was open when a worker was
-//     killed (a SIGKILLed worker writes no line for what it held);
+//     killed (a SIGKILLed worker writes no line for what it held); a hurry
+//     may close connections still sniffed or dialled (soakCheckConns);
 //   - the counters balance: during the chaos within the bounds the kills
-//     allow (a killed worker loses at most its last second of counts, see
-//     soakCheckCounters); in a final phase without kills exactly:
-//     accepted (sum of sniproxy_connections_total) = finished (access-log
-//     lines of proxied connections) + rejected (sum of
-//     sniproxy_connections_rejected_total), and both equal the
-//     connections made and their lines;
-//   - the processes come back to their baseline: fds exactly, threads and
-//     RSS within a bound.
+//     allow (a killed worker loses its last second of counts, see
+//     soakCheckCounters); in a final phase without kills exactly: accepted
+//     (sum of sniproxy_connections_total) = the connections made = their
+//     access-log lines = finished (lines of proxied connections) + rejected
+//     (sum of sniproxy_connections_rejected_total = rejection lines), and
+//     the byte counters = the lines' bytes;
+//   - the processes come back to their baseline (soakBack): every fd but
+//     pipes exactly, threads and RSS within a bound. (The binary exposes no
+//     goroutine count; threads stand in for it.)
+//
+// Size: -soak.n (default 3,000, for CI: ~25 s here), -soak.c concurrent
+// clients, -soak.seed.
 func TestSoak(t *testing.T) {
 	seed, n, conc := *soakSeed, *soakN, *soakConc
 	env := &soakEnv{seed: seed}
@@ -228,7 +233,7 @@ func TestSoak(t *testing.T) {
 	// (3,000: 2 min; 100,000: 34 min); a client's own deadline is 20 s.
 	deadline := time.Now().Add(60*time.Second + time.Duration(warm+n+clean)*20*time.Millisecond)
 
-	// Warm up (every behaviour once at least), then the baseline.
+	// Warm up with 200 connections of the same mix, then the baseline.
 	soakLoad(env, recs, 0, warm, conc, nil, deadline)
 	soakQuiet(t, p, 30*time.Second)
 	base := soakProcs(t, p)
@@ -974,12 +979,13 @@ func soakCheckCounters(t *testing.T, recs []soakRec, lines map[string][]soakLine
 	}
 }
 
-// soakBack waits until the processes are back at the baseline: the same
-// number of workers, each process with the baseline's fds (exact: the
-// master and every worker hold only their listeners, ipc and log once no
-// connection is open), threads within 4 of it and RSS within 64 MiB of it
-// (the Go heap grew under load and is returned to the OS lazily; the bound
-// catches a leak of a few hundred bytes per connection at full size).
+// soakBack waits until the processes are back at the baseline (see
+// soakCompare): the same number of workers, each process with the
+// baseline's fds (once no connection is open, the master and every worker
+// hold only their listeners, ipc, log and runtime fds), threads within 4
+// of it and RSS within 64 MiB of it (the Go heap grew under load and is
+// returned to the OS lazily; the bound catches a leak of a few hundred
+// bytes per connection at full size).
 func soakBack(t *testing.T, p *proxyProc, base []soakProc, conc int) []soakProc {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
