@@ -3,9 +3,11 @@ package sniff
 import (
 	"crypto/tls"
 	"errors"
+	"io"
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -232,15 +234,19 @@ func tlsPipeHello(t *testing.T, b []byte) (tlsDiffHello, bool) {
 			return nil, errTLSOracleStop
 		},
 	})
-	wrote := make(chan struct{})
-	go func() {
-		defer close(wrote)
+	// The client writes b, then closes (EOF for a prefix), while it reads
+	// whatever the server sends (an alert): net.Pipe is unbuffered, so a
+	// server that stopped reading and writes its alert would otherwise
+	// wait for a client still blocked writing the rest of b.
+	var wg sync.WaitGroup
+	wg.Go(func() { _, _ = io.Copy(io.Discard, cli) })
+	wg.Go(func() {
 		_, _ = cli.Write(b)
-		_ = cli.Close() // EOF for a prefix; the alert write then fails, which is fine
-	}()
+		_ = cli.Close()
+	})
 	err := srv.Handshake()
 	_ = srvConn.Close() // unblocks the writer if the server stopped reading early
-	<-wrote
+	wg.Wait()
 	if time.Now().After(deadline) {
 		t.Fatalf("crypto/tls handshake did not end within the deadline: %v", err)
 	}
