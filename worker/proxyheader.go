@@ -54,7 +54,7 @@ func proxyHeaderLen(b []byte) (int, error) {
 		}
 		return n, nil
 	case bytes.HasPrefix(b, proxyV1Prefix):
-		if i := bytes.Index(b, []byte("\r\n")); i >= 0 {
+		if i := bytes.Index(b[:min(len(b), proxyV1Max)], []byte("\r\n")); i >= 0 {
 			return i + 2, nil
 		}
 		if len(b) >= proxyV1Max {

@@ -73,7 +73,7 @@ func FuzzReadProxyHeader(f *testing.F) {
 				t.Fatalf("proxyHeaderLen = %d, %v; want 0 and an errProxyHeader", n, err)
 			}
 		case n > 0:
-			if n > len(b) || n > proxyV2Max {
+			if n > len(b) || n > proxyV2Max || (b[0] == 'P' && n > proxyV1Max) {
 				t.Fatalf("proxyHeaderLen = %d for %d bytes", n, len(b))
 			}
 			// The length is decided by the header's own bytes.

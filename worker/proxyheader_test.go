@@ -131,6 +131,8 @@ func TestReadProxyHeaderMalformed(t *testing.T) {
 		{"v1 bad port", []byte("PROXY TCP4 192.0.2.1 198.51.100.2 99999 2\r\nhello\n")},
 		{"v1 no CR", []byte("PROXY TCP4 192.0.2.1 198.51.100.2 1 2\nhello\n" + strings.Repeat("x", 120))},
 		{"v1 too long", []byte("PROXY TCP4 " + strings.Repeat("1", 120) + "\r\n")},
+		// A long UNKNOWN line (see TestProxyHeaderLenV1Max).
+		{"v1 UNKNOWN too long", []byte("PROXY UNKNOWN " + strings.Repeat("x", 120) + "\r\nhello\n")},
 		{"v1 cut short", []byte("PROXY TCP4 192.0.2.1")},
 		{"v2 UDP", append(v2(0x21, 0x12, ip4), "hello\n"...)},
 		{"v2 bad command", append(v2(0x22, 0x11, ip4), "hello\n"...)},
@@ -148,6 +150,36 @@ func TestReadProxyHeaderMalformed(t *testing.T) {
 			}
 			if !errors.Is(err, errProxyHeader) {
 				t.Errorf("got %v; want an errProxyHeader", err)
+			}
+		})
+	}
+}
+
+// TestProxyHeaderLenV1Max is FuzzReadProxyHeader's crasher
+// testdata/fuzz/FuzzReadProxyHeader/2bb7387923b9ffb6, shortened: a v1 line
+// whose CRLF comes after the 107 bytes a v1 header may have was measured
+// up to that CRLF (2,547 bytes there) instead of refused. go-proxyproto
+// refused such a line in turn, so readProxyHeader's result did not change.
+func TestProxyHeaderLenV1Max(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		want int // 0 with wantErr: refused
+	}{
+		{"CRLF at byte 107", []byte("PROXY UNKNOWN " + strings.Repeat("x", 91) + "\r\n"), proxyV1Max},
+		{"CRLF at byte 108", []byte("PROXY UNKNOWN " + strings.Repeat("x", 92) + "\r\n"), 0},
+		{"crasher", []byte("PROXY UNKNOWN ff:fff.\x0f\x0f" + strings.Repeat("\xee", 2520) + "\r\n#"), 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n, err := proxyHeaderLen(tc.b)
+			if tc.want > 0 {
+				if n != tc.want || err != nil {
+					t.Fatalf("proxyHeaderLen = %d, %v; want %d", n, err, tc.want)
+				}
+				return
+			}
+			if n != 0 || !errors.Is(err, errProxyHeader) {
+				t.Fatalf("proxyHeaderLen = %d, %v; want an errProxyHeader", n, err)
 			}
 		})
 	}
