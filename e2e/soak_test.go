@@ -151,10 +151,11 @@ type soakRec struct {
 	corrupt  error // bytes other than those sent or served: never excused
 }
 
-// soakKill is one SIGKILL of a worker.
+// soakKill is one SIGKILL of a worker: the kill syscall ran between at and
+// done; the worker died (and its sockets closed) soon after.
 type soakKill struct {
-	pid int
-	at  time.Time
+	pid      int
+	at, done time.Time
 }
 
 // soakChaos kills workers at random and runs the reloads; errors are
@@ -544,10 +545,12 @@ func soakKiller(p *proxyProc, chaos *soakChaos, seed uint64, stop <-chan struct{
 			}
 			young = append(young, now)
 		}
-		chaos.mu.Lock()
-		chaos.kills = append(chaos.kills, soakKill{pid: pid, at: now})
-		chaos.mu.Unlock()
+		at := time.Now()
 		syscall.Kill(pid, syscall.SIGKILL)
+		done := time.Now()
+		chaos.mu.Lock()
+		chaos.kills = append(chaos.kills, soakKill{pid: pid, at: at, done: done})
+		chaos.mu.Unlock()
 	}
 }
 
@@ -883,10 +886,16 @@ func soakHurriedDuring(hurries []time.Time, rec soakRec, l soakLine) bool {
 	return false
 }
 
-// soakKilledDuring reports whether a worker was killed while rec was open.
+// soakKilledDuring reports whether a worker was killed while rec was open
+// in it: the connection began before the worker died (at most 50 ms after
+// the kill syscall returned: a loaded box may still run it that long) and
+// the worker was done with it after the kill began. The worker ends a
+// connection (and writes its line) just after the client saw the end: a
+// kill up to 250 ms after it may still lose the line of a transfer the
+// client verified.
 func soakKilledDuring(kills []soakKill, rec soakRec) bool {
 	for _, k := range kills {
-		if !k.at.Before(rec.start) && !k.at.After(rec.end) {
+		if !rec.start.After(k.done.Add(50*time.Millisecond)) && !rec.end.Add(250*time.Millisecond).Before(k.at) {
 			return true
 		}
 	}
