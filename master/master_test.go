@@ -313,3 +313,32 @@ func TestEndpointLimits(t *testing.T) {
 	resp.Body.Close()
 	idle[1].Close()
 }
+
+// A port some client socket happens to use as its local port is not
+// "another instance listening": only a listening socket is.
+func TestCheckPortFree(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	if !portListened(uint16(port)) {
+		t.Errorf("portListened(%d) false with a listener on it", port)
+	}
+	if err := checkPortFree(fmt.Sprintf("127.0.0.1:%d", port)); !errors.Is(err, ErrPortShared) {
+		t.Errorf("checkPortFree with a listener: %v; want ErrPortShared", err)
+	}
+	// A connection whose client side has the port as its local port.
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, _ := ln.Accept()
+	defer s.Close()
+	local := c.LocalAddr().(*net.TCPAddr).Port
+	ln.Close()
+	if err := checkPortFree(fmt.Sprintf("[::]:%d", local)); err != nil {
+		t.Errorf("checkPortFree on a port only a client socket uses: %v; want nil", err)
+	}
+}

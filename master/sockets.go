@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
+	"strings"
 	"syscall"
 
 	"github.com/cloudflare/tableflip"
@@ -100,9 +102,18 @@ var ErrPortShared = errors.New("another process listens on this address (another
 // a bind without SO_REUSEPORT fails then with EADDRINUSE. Only a first
 // master checks (it inherits no socket: whoever listens is not this
 // instance); a successor shares its predecessor's sockets by design.
+//
+// EADDRINUSE alone is not proof: a connected socket whose local port is
+// the same (a client that got it as its ephemeral port) makes the test
+// bind fail too, and does not stop the real one (SO_REUSEADDR). So the
+// refusal also needs a listening socket on that port (/proc/net/tcp,
+// tcp6).
 func checkPortFree(addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if errors.Is(err, syscall.EADDRINUSE) {
+		if ap, perr := netip.ParseAddrPort(addr); perr == nil && !portListened(ap.Port()) {
+			return nil
+		}
 		return fmt.Errorf("master: listen %s: %w", addr, ErrPortShared)
 	}
 	if err != nil {
@@ -210,4 +221,27 @@ func (s *socketSet) rebind(upg *tableflip.Upgrader, slot, n int) error {
 		}
 	}
 	return nil
+}
+
+// portListened reports whether some TCP socket of this host's network
+// namespace listens on port, per /proc/net/tcp and tcp6 (true when they
+// cannot be read: the caller then refuses, as it would have).
+func portListened(port uint16) bool {
+	want := fmt.Sprintf(":%04X", port)
+	read := 0
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		read++
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fields := strings.Fields(line)
+			// sl local_address rem_address st ...; st 0A is LISTEN.
+			if len(fields) > 3 && fields[3] == "0A" && strings.HasSuffix(fields[1], want) {
+				return true
+			}
+		}
+	}
+	return read == 0
 }
