@@ -427,7 +427,7 @@ func TestProxyHeaderOutMapped(t *testing.T) {
 	backend, got := headerBackend(t)
 	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv6unspecified, Port: 0})
 	if err != nil {
-		t.Skipf("no dual-stack listener: %v", err)
+		t.Fatalf("no dual-stack listener ([::]:0 with IPv4 mapped) on this host: %v", err)
 	}
 	ln.Close()
 	port := ln.Addr().(*net.TCPAddr).Port
@@ -438,7 +438,7 @@ func TestProxyHeaderOutMapped(t *testing.T) {
 	_, logs := ppServer(t, ln, "", fmt.Sprintf("routes: [{match: pp.test, backend: %q}]\nbackend: {proxy_protocol: v1}\n", backend))
 	c, err := net.Dial("tcp4", fmt.Sprintf("127.0.0.1:%d", port))
 	if err != nil {
-		t.Skipf("no IPv4 through a dual-stack listener: %v", err)
+		t.Fatalf("no IPv4 through a dual-stack listener: %v", err)
 	}
 	defer c.Close()
 	io.WriteString(c, "GET / HTTP/1.1\r\nHost: pp.test\r\n\r\n")
