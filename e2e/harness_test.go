@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -401,5 +402,30 @@ func killAllOf(t *testing.T, marks ...string) {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// loopClients runs each of n goroutines calling once in a loop until the
+// returned stop is called; stop waits for them.
+func loopClients(n int, once func()) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				once()
+			}
+		}()
+	}
+	return func() {
+		close(done)
+		wg.Wait()
 	}
 }

@@ -252,27 +252,14 @@ routes:
 `, a.addr, b.addr))
 	var ok, failed atomic.Int64
 	var firstErr atomic.Value
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if _, err := ask(p.addr, "pool.test"); err != nil {
-					failed.Add(1)
-					firstErr.CompareAndSwap(nil, err.Error())
-				} else {
-					ok.Add(1)
-				}
-			}
-		}()
-	}
+	stop := loopClients(4, func() {
+		if _, err := ask(p.addr, "pool.test"); err != nil {
+			failed.Add(1)
+			firstErr.CompareAndSwap(nil, err.Error())
+		} else {
+			ok.Add(1)
+		}
+	})
 	waitFor(t, "traffic", func() bool { return ok.Load() > 50 })
 	b.stop()
 	waitFor(t, "B down", func() bool { return len(downLines(p, b.addr)) > 0 })
@@ -283,8 +270,7 @@ routes:
 	waitFor(t, "B up again", func() bool { return len(upLines(p, b.addr)) > ups })
 	served := b.accepted.Load()
 	waitFor(t, "B serving again", func() bool { return b.accepted.Load() > served+10 })
-	close(stop)
-	wg.Wait()
+	stop()
 	// Stopping a backend resets the connections in its accept queue (the
 	// kernel does, when the listener closes): those reached it before it
 	// stopped, and no proxy can save them. Every other request must succeed: no client is refused for

@@ -890,31 +890,17 @@ func TestReloadHurryHoldsMaxConnections(t *testing.T) {
 	// moment of the move.
 	var mu sync.Mutex
 	admitted := 0
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if c, err := openEcho(p.addr, "echo.test", time.Second); err == nil {
-					mu.Lock()
-					admitted++
-					held = append(held, c)
-					mu.Unlock()
-				}
-			}
-		}()
-	}
+	stop := loopClients(4, func() {
+		if c, err := openEcho(p.addr, "echo.test", time.Second); err == nil {
+			mu.Lock()
+			admitted++
+			held = append(held, c)
+			mu.Unlock()
+		}
+	})
 	p.reload(t)
 	time.Sleep(500 * time.Millisecond) // deliberate: clients keep trying just after the reload too
-	close(stop)
-	wg.Wait()
+	stop()
 	if admitted > 0 {
 		t.Errorf("%d new connections admitted during and after the hurry, with 4 open and max_connections 4", admitted)
 	}
