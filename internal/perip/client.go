@@ -180,6 +180,26 @@ func (c *Client) Release(key netip.Addr) {
 	}
 }
 
+// Adopt counts as in use the client permit of key that the master granted
+// with a connection moved here (Table.Transfer); it is given back by the
+// connection's Release like any other. It reports whether it counted one:
+// false when limits.per_ip_connections is off (the master granted none).
+func (c *Client) Adopt(key netip.Addr) bool {
+	if c.lim.Conns == 0 || !key.IsValid() {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	l := c.m[key]
+	if l == nil {
+		l = &lease{}
+		c.m[key] = l
+	}
+	l.inUse++
+	l.used = c.sweeps
+	return true
+}
+
 // Sweep gives back the spares and tokens unused for the last sweepsTTL
 // sweeps and forgets the leases that hold nothing. A worker calls it every
 // SpareTTL/2 (Run).

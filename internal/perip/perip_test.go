@@ -500,3 +500,65 @@ func TestClientBoundedUnderFlood(t *testing.T) {
 		t.Errorf("the table still counts %d client permits", held)
 	}
 }
+
+// TestTransferAndAdopt: the client permit of a moved connection is
+// granted to the worker that resumes it whatever the limit, counts
+// against the client until that connection closes, and then goes back
+// like any other.
+func TestTransferAndAdopt(t *testing.T) {
+	clk := newClock()
+	lim := Limits{Conns: 2}
+	tb := NewTable(lim, 1, clk.now)
+	// The predecessor held 2 of a's client permits; both connections move.
+	tb.SetReserve(a, 2)
+	tb.Transfer(1, a)
+	tb.SetReserve(a, 1) // the first arrived: no longer in flight
+	tb.Transfer(2, a)
+	tb.SetReserve(a, 0)
+	if h, r := tb.Held(a); h != 2 || r != 0 {
+		t.Fatalf("after two transfers: held %d, reserve %d; want 2, 0", h, r)
+	}
+	if g := tb.Grant(3, a, 1, 0); g.Conns != 0 {
+		t.Fatalf("a third connection of a client at its limit of 2 was granted: %+v", g)
+	}
+	// Over the limit (the client had 2 here and 1 elsewhere) and over the
+	// table's size of 1: still counted, never refused.
+	tb.Transfer(2, a)
+	tb.Transfer(2, b)
+	if h, _ := tb.Held(a); h != 3 {
+		t.Fatalf("held %d after a transfer over the limit; want 3", h)
+	}
+	if h, _ := tb.Held(b); h != 1 {
+		t.Fatalf("held %d of a key over the table's size; want 1", h)
+	}
+
+	c := NewClient(&fakeTransport{tb: tb, worker: 2}, lim, 64, 1, clk.now)
+	for _, k := range []netip.Addr{a, a, b} {
+		if !c.Adopt(k) {
+			t.Fatalf("Adopt(%v) counted nothing", k)
+		}
+	}
+	c.Release(a)
+	c.Release(b)
+	c.Drain() // the spares go back; the connection still open keeps its permit
+	if h, _ := tb.Held(a); h != 2 {
+		t.Fatalf("held %d with worker 1's and one adopted connection open; want 2", h)
+	}
+	if h, _ := tb.Held(b); h != 0 {
+		t.Fatalf("held %d of b after its connection closed; want 0", h)
+	}
+	c.Release(a) // returns it, or fakeTransport panics on a permit not held
+	if h, _ := tb.Held(a); h != 1 {
+		t.Fatalf("held %d after the adopted connections closed; want worker 1's 1", h)
+	}
+
+	// Limit off: nothing is counted on either side.
+	off := NewTable(Limits{Rate: 5}, 10, clk.now)
+	off.Transfer(1, a)
+	if h, _ := off.Held(a); h != 0 {
+		t.Errorf("per_ip_connections off: Transfer counted %d", h)
+	}
+	if NewClient(&fakeTransport{tb: off, worker: 1}, Limits{Rate: 5}, 64, 1, clk.now).Adopt(a) {
+		t.Error("per_ip_connections off: Adopt counted a client permit")
+	}
+}

@@ -51,7 +51,10 @@
 // A successor inherits the client permits the predecessor's workers hold as a
 // reserve per key (State, then SetReserve as they close), and the buckets
 // not yet full, so a reload neither lets a client exceed its limits nor
-// refills its bucket.
+// refills its bucket. A connection the predecessor moves here (a hurry)
+// brings its client permit along: the master grants it to the worker that
+// resumes the connection whatever the limit (Transfer), and that worker's
+// Client counts it as in use (Adopt).
 package perip
 
 import (
@@ -232,6 +235,28 @@ func (t *Table) Return(worker int, key netip.Addr, conns, tokens int) error {
 		e.tokens = min(e.tokens+float64(tokens), t.lim.burst())
 	}
 	return nil
+}
+
+// Transfer grants worker one client permit of key whatever the limit: the
+// permit of a connection the predecessor moved here, which is open and
+// counted already (as the predecessor's reserve until it arrives). The
+// worker adopts it (Client.Adopt) and gives it back like any other. It
+// does nothing when limits.per_ip_connections is off or key is invalid;
+// a full table takes the key over its size (an open connection).
+func (t *Table) Transfer(worker int, key netip.Addr) {
+	if t.lim.Conns <= 0 || !key.IsValid() {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e := t.m[key]
+	if e == nil {
+		now := t.now()
+		if e = t.addLocked(key, now); e == nil {
+			e = t.newLocked(key, now)
+		}
+	}
+	t.holdLocked(e, worker, 1)
 }
 
 // Drop takes back every client permit of a worker that is gone and returns how many.
