@@ -261,6 +261,34 @@ func recvDecoded(t *testing.T, c *Conn) (Message, Body) {
 	return m, b
 }
 
+// TestConnectionKey: a Connection's client key (none, IPv4, IPv6)
+// survives encoding, and its payload re-encodes to the same bytes.
+func TestConnectionKey(t *testing.T) {
+	for _, c := range []Connection{
+		{State: []byte(`{"moves":1}`)},
+		{Key: netip.MustParseAddr("192.0.2.7")},
+		{Key: netip.MustParseAddr("2001:db8::"), State: []byte(`{}`)},
+	} {
+		p, err := c.AppendBinary(nil)
+		if err != nil {
+			t.Fatalf("%+v: %v", c, err)
+		}
+		var got Connection
+		if err := got.UnmarshalBinary(p); err != nil {
+			t.Fatalf("%+v: decode: %v", c, err)
+		}
+		if got.Key != c.Key || !bytes.Equal(got.State, c.State) {
+			t.Fatalf("got %+v; want %+v", got, c)
+		}
+		if again, _ := got.AppendBinary(nil); !bytes.Equal(again, p) {
+			t.Fatalf("%+v re-encodes to %q, not %q", c, again, p)
+		}
+	}
+	if _, err := (Connection{Key: netip.MustParseAddr("fe80::1%eth0")}).AppendBinary(nil); !errors.Is(err, ErrBadPayload) {
+		t.Errorf("a key with a zone: %v; want ErrBadPayload", err)
+	}
+}
+
 func TestConnectionPassing(t *testing.T) {
 	master, worker := pair(t)
 	// Two pipes stand for the client and backend sockets: what matters
@@ -276,7 +304,8 @@ func TestConnectionPassing(t *testing.T) {
 		reads, writes = append(reads, pr), append(writes, pw)
 	}
 	state := []byte(`{"listener":"127.0.0.1:443","in":12}`)
-	if err := worker.SendBody(Connection{State: state}, reads...); err != nil {
+	key := netip.MustParseAddr("2001:db8:1:2::")
+	if err := worker.SendBody(Connection{Key: key, State: state}, reads...); err != nil {
 		t.Fatalf("Send: %v", err)
 	}
 	if err := worker.SendBody(Connection{State: state}, reads[0]); !errors.Is(err, ErrBadPayload) {
@@ -284,8 +313,8 @@ func TestConnectionPassing(t *testing.T) {
 	}
 	m, b := recvDecoded(t, master)
 	defer m.CloseFiles()
-	if got := b.(Connection).State; !bytes.Equal(got, state) {
-		t.Fatalf("state %q; want %q", got, state)
+	if got := b.(Connection); !bytes.Equal(got.State, state) || got.Key != key {
+		t.Fatalf("state %q, key %v; want %q, %v", got.State, got.Key, state, key)
 	}
 	for i, w := range writes {
 		msg := fmt.Sprintf("file %d", i)

@@ -63,7 +63,7 @@
 //	 8       9       10      11      12
 //
 //	bytes 0-3   magic "SNIP" (0x53 0x4e 0x49 0x50)
-//	byte  4     protocol version: Version (3)
+//	byte  4     protocol version: Version (4)
 //	byte  5     message type: TypeHello (1) ... TypeBackendStats (19),
 //	            TypeLogFiles (20), TypePerIP (21), TypePerIPGrant (22)
 //	byte  6     number of file descriptors sent with the frame, 0..253;

@@ -12,7 +12,7 @@ import (
 // the Proto of every Hello. Any change a peer built from other sources could
 // misread (a new message type, a changed payload layout, a changed header)
 // increments it; there are no minor versions. See the package doc.
-const Version = 3
+const Version = 4
 
 // Frame limits.
 const (

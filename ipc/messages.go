@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
+	"net/netip"
 	"os"
 	"time"
 
@@ -596,10 +597,17 @@ const MaxConnectionState = 64 << 10
 
 // Connection is one proxied connection on its way to another process: the
 // frame carries exactly two descriptors, the client socket then the
-// backend socket, and State, what the worker package needs to go on
-// serving it (opaque here; at most MaxConnectionState bytes). Masters pass
-// it on without looking inside.
+// backend socket. Key is the client key the connection counts under for
+// limits.per_ip_connections where it comes from (the masters keep its
+// client permit counted all the way: see perip.Table.Transfer), or, when
+// it holds no client permit there, the client's address; invalid if
+// unknown. State is what the worker package needs to go on serving it
+// (opaque here; at most MaxConnectionState bytes). Masters pass it on
+// without looking inside State.
+//
+// Encoding: the key's length (0, 4 or 16), then its bytes, then State.
 type Connection struct {
+	Key   netip.Addr
 	State []byte
 }
 
@@ -611,15 +619,33 @@ func (c Connection) AppendBinary(b []byte) ([]byte, error) {
 	if len(c.State) > MaxConnectionState {
 		return nil, fmt.Errorf("ipc: encode %v: %d bytes, limit %d: %w", TypeConnection, len(c.State), MaxConnectionState, ErrTooLarge)
 	}
+	if !c.Key.IsValid() {
+		b = append(b, 0)
+	} else {
+		var err error
+		if b, err = appendKey(b, TypeConnection, c.Key); err != nil {
+			return nil, err
+		}
+	}
 	return append(b, c.State...), nil
 }
 
 // UnmarshalBinary implements encoding.BinaryUnmarshaler.
 func (c *Connection) UnmarshalBinary(p []byte) error {
-	if len(p) > MaxConnectionState {
-		return fmt.Errorf("ipc: decode %v: %d bytes, limit %d: %w", TypeConnection, len(p), MaxConnectionState, ErrBadPayload)
+	var key netip.Addr
+	rest := p
+	if len(p) > 0 && p[0] == 0 {
+		rest = p[1:]
+	} else {
+		var err error
+		if key, rest, err = readKey(TypeConnection, p); err != nil {
+			return err
+		}
 	}
-	c.State = append([]byte(nil), p...)
+	if len(rest) > MaxConnectionState {
+		return fmt.Errorf("ipc: decode %v: state of %d bytes, limit %d: %w", TypeConnection, len(rest), MaxConnectionState, ErrBadPayload)
+	}
+	*c = Connection{Key: key, State: append([]byte(nil), rest...)}
 	return nil
 }
 

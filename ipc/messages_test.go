@@ -65,7 +65,11 @@ func TestDecodeRejects(t *testing.T) {
 		{"move with payload", Message{Type: TypeMove, Payload: []byte{0}}, ErrBadPayload},
 		{"connection without files", Message{Type: TypeConnection, Payload: []byte("{}")}, ErrBadPayload},
 		{"connection with one file", Message{Type: TypeConnection, Files: []*os.File{pr}}, ErrBadPayload},
-		{"connection state over the cap", Message{Type: TypeConnection, Payload: make([]byte, MaxConnectionState+1), Files: []*os.File{pr, pw}}, ErrBadPayload},
+		{"connection state over the cap", Message{Type: TypeConnection, Payload: make([]byte, 1+MaxConnectionState+1), Files: []*os.File{pr, pw}}, ErrBadPayload},
+		{"connection key of 5 bytes", Message{Type: TypeConnection, Payload: []byte{5, 192, 0, 2, 1, 1, '{', '}'}, Files: []*os.File{pr, pw}}, ErrBadPayload},
+		{"connection truncated key", Message{Type: TypeConnection, Payload: []byte{16, 0x20, 1}, Files: []*os.File{pr, pw}}, ErrBadPayload},
+		{"connection without key byte", Message{Type: TypeConnection, Files: []*os.File{pr, pw}}, ErrBadPayload},
+		{"connection of an older version (no key)", Message{Type: TypeConnection, Payload: []byte(`{"moves":1}`), Files: []*os.File{pr, pw}}, ErrBadPayload},
 		{"unknown type", Message{Type: numTypes}, ErrBadFrame},
 	}
 	for _, tt := range tests {
