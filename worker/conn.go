@@ -36,8 +36,14 @@ type conn struct {
 	// to the backend) reads them.
 	peer, local netip.AddrPort
 	// perIPKey is the client key whose client permit the connection
-	// holds (admitPerIP), until finish gives it back; invalid if none.
+	// holds (admitPerIP, or adopted by Resume), until finish gives it
+	// back; invalid if none.
 	perIPKey netip.Addr
+	// movedPerIPKey takes perIPKey's place when the pair was detached to
+	// be moved: sendMoved sends the connection with it and only then
+	// gives its client permit back. Written by the pair's done callback,
+	// which runs before the pair reports it stopped; read after.
+	movedPerIPKey netip.Addr
 
 	// o is what the access log will say besides the result; written by
 	// the phases before the pair starts, read when the connection ends
@@ -161,13 +167,17 @@ func (c *conn) pipeDone(permit bool) func(proxy.Result, error) {
 		if c.permit.Swap(permitDone) == permitHeld {
 			permit = true
 		}
-		if errors.Is(err, proxy.ErrDetached) && permit {
-			// Moved: the permit is given back only once the connection
-			// has been sent on (Server.sendMoved), so that the master
-			// hears of the move before it sees the permit come back and
-			// no moment passes in which the connection counts nowhere.
-			c.movedPermit.Store(true)
-			permit = false
+		if errors.Is(err, proxy.ErrDetached) {
+			// Moved: the permit and the client permit are given back
+			// only once the connection has been sent on
+			// (Server.sendMoved), so that the master hears of the move
+			// before it sees them come back and no moment passes in
+			// which the connection counts nowhere.
+			if permit {
+				c.movedPermit.Store(true)
+				permit = false
+			}
+			c.movedPerIPKey, c.perIPKey = c.perIPKey, netip.Addr{}
 		}
 		c.finish(copyResult(err), permit)
 	}

@@ -35,6 +35,9 @@ type movedState struct {
 	Idle time.Duration `json:"idle,omitempty"`
 }
 
+// SendMoved sends one moved connection on (see Server.Move).
+type SendMoved func(key netip.Addr, state []byte, client, backend *os.File) error
+
 // Move sends every proxied connection away with send, for another process
 // to resume (see Resume), and closes the connections still being sniffed
 // or dialled. It is for a draining server whose generation must exit
@@ -47,11 +50,13 @@ type movedState struct {
 // writing to a peer that does not read) delays no other; one still not
 // stopped when ctx is done is closed. drainBy is this server's drain
 // deadline (zero: none); the connection keeps the earlier of it and the
-// one it came with. send gets the state and both sockets; it must not keep
-// the files, which are closed after it returns. Once sent, a connection is
-// finished here (its permit returned, Active decremented) with result
+// one it came with. send gets the connection's client key (ipc.Connection's
+// Key: the one its client permit is counted under, else the client's
+// address), the state and both sockets; it must not keep the files, which
+// are closed after it returns. Once sent, a connection is finished here
+// (its permit and client permit returned, Active decremented) with result
 // "moved" in a debug log line; the receiving server logs it when it ends.
-func (s *Server) Move(ctx context.Context, drainBy time.Time, send func(state []byte, client, backend *os.File) error) (moved, closed int) {
+func (s *Server) Move(ctx context.Context, drainBy time.Time, send SendMoved) (moved, closed int) {
 	if !s.moving.CompareAndSwap(false, true) {
 		return 0, 0
 	}
@@ -114,14 +119,15 @@ func (s *Server) Move(ctx context.Context, drainBy time.Time, send func(state []
 
 // sendMoved detaches a stopped pair and sends its connection; false if it
 // could not (it is closed then, or it had ended by itself).
-func (s *Server) sendMoved(ctx context.Context, c *conn, drainBy time.Time, send func(state []byte, client, backend *os.File) error) bool {
+func (s *Server) sendMoved(ctx context.Context, c *conn, drainBy time.Time, send SendMoved) bool {
 	d, err := c.pipe.Detach(ctx) // stopped already: returns at once
-	// The permit goes back after the send, whatever its outcome (see
+	// The permits go back after the send, whatever its outcome (see
 	// conn.pipeDone): the master must see the connection leave first.
 	defer func() {
 		if c.movedPermit.Swap(false) {
 			s.limiter.Release()
 		}
+		c.releaseMovedPerIP()
 	}()
 	if err != nil {
 		if !errors.Is(err, proxy.ErrClosed) {
@@ -132,7 +138,7 @@ func (s *Server) sendMoved(ctx context.Context, c *conn, drainBy time.Time, send
 	defer d.Close()
 	state, err := json.Marshal(c.movedState(d.State, drainBy))
 	if err == nil {
-		err = send(state, d.Client, d.Backend)
+		err = send(c.movedKey(), state, d.Client, d.Backend)
 	}
 	if err != nil {
 		s.log.Warn("moving a connection failed; closed", "conn", c.id, "err", err)
@@ -178,14 +184,32 @@ func (c *conn) movedState(ps proxy.State, drainBy time.Time) movedState {
 // Without one, the connection takes a permit when one is free (it is
 // served either way: a live connection is not dropped for the limit).
 //
+// key is the client key the connection came with (ipc.Connection's Key;
+// invalid: none). Under limits.per_ip_connections the master granted this
+// worker that client's permit with the connection (perip.Table.Transfer,
+// under the key PerIP.Key maps it to): Resume counts it in PerIP (Adopt),
+// and it is given back when the connection ends, or when Resume fails, so
+// that the connection counts against its client as long as it is open.
+//
 // Resume must not be called once Drain has returned.
-func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool) (err error) {
+func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool, key netip.Addr) (err error) {
 	if permitted && s.limiter != nil {
 		defer func() {
 			if err != nil {
 				s.limiter.Release()
 			}
 		}()
+	}
+	var perIPKey netip.Addr
+	if s.PerIP != nil && key.IsValid() {
+		if k := s.PerIP.Key(key); s.PerIP.Adopt(k) {
+			perIPKey = k
+			defer func() {
+				if err != nil {
+					s.PerIP.Release(k)
+				}
+			}()
+		}
 	}
 	defer client.Close()
 	defer backend.Close()
@@ -211,7 +235,7 @@ func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool) 
 	o := &outcome{res: st.Sniff, source: st.Client, rule: st.Rule}
 	o.backend, _ = netip.ParseAddrPort(st.Backend)
 	c := &conn{srv: s, id: s.nextID.Add(1), client: cc, backend: bc, lcfg: lcfg, start: st.Start,
-		o: o, moves: st.Moves, deadline: st.Deadline, idle: st.Idle}
+		o: o, moves: st.Moves, deadline: st.Deadline, idle: st.Idle, perIPKey: perIPKey}
 	if peer, err := netip.ParseAddrPort(st.Client); err == nil {
 		c.setAddrs(peer, addrPortOf(cc.LocalAddr())) // the client as it was where it was sniffed
 	}

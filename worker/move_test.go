@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"testing"
@@ -100,10 +101,10 @@ func TestMoveResumesConnections(t *testing.T) {
 		from.stop()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		return from.srv.Move(ctx, drainBy, func(state []byte, cl, be *os.File) error {
+		return from.srv.Move(ctx, drainBy, func(_ netip.Addr, state []byte, cl, be *os.File) error {
 			// In-process, the receiver gets duplicates, as SCM_RIGHTS
 			// would give it.
-			return to.srv.Resume(state, dup(t, cl), dup(t, be), false)
+			return to.srv.Resume(state, dup(t, cl), dup(t, be), false, netip.Addr{})
 		})
 	}
 	moved, closed := move(a, b, time.Time{})
@@ -148,7 +149,7 @@ func TestMoveResumesConnections(t *testing.T) {
 func TestResumeRejectsBadState(t *testing.T) {
 	s := startServer(t, "", nil, "")
 	cl, pe := tcpFiles(t)
-	if err := s.srv.Resume([]byte("{not json"), cl, pe, false); err == nil || !strings.Contains(err.Error(), "state") {
+	if err := s.srv.Resume([]byte("{not json"), cl, pe, false, netip.Addr{}); err == nil || !strings.Contains(err.Error(), "state") {
 		t.Fatalf("Resume with a bad state: %v", err)
 	}
 	if s.srv.Active() != 0 || s.counters.Active() != 0 {
@@ -238,13 +239,13 @@ func TestMoveStuckPairsDelayNoOther(t *testing.T) {
 	defer cancel()
 	var ins []int64
 	start := time.Now()
-	moved, closed := a.srv.Move(ctx, time.Time{}, func(state []byte, cl, be *os.File) error {
+	moved, closed := a.srv.Move(ctx, time.Time{}, func(_ netip.Addr, state []byte, cl, be *os.File) error {
 		var st movedState
 		if err := json.Unmarshal(state, &st); err != nil {
 			return err
 		}
 		ins = append(ins, st.Pair.In)
-		return b.srv.Resume(state, dup(t, cl), dup(t, be), false)
+		return b.srv.Resume(state, dup(t, cl), dup(t, be), false, netip.Addr{})
 	})
 	if moved != idle || closed != stuck {
 		t.Fatalf("moved %d, closed %d; want the %d idle moved and the %d stuck closed", moved, closed, idle, stuck)

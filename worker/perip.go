@@ -11,10 +11,13 @@ import (
 // (limits.per_ip_*, global across workers): package perip's Client. Key
 // maps a client address to its key (IPv6 grouped by limits.ipv6_prefix);
 // every Acquire that reports true is followed by one Release of the same
-// key when the connection ends.
+// key when the connection ends. Adopt counts the client permit a moved
+// connection came with (granted by the master with it); when it reports
+// true, one Release follows too.
 type PerIPLimiter interface {
 	Key(netip.Addr) netip.Addr
 	Acquire(key netip.Addr) bool
+	Adopt(key netip.Addr) bool
 	Release(key netip.Addr)
 }
 
@@ -44,5 +47,25 @@ func (c *conn) releasePerIP() {
 	if c.perIPKey.IsValid() {
 		c.srv.PerIP.Release(c.perIPKey)
 		c.perIPKey = netip.Addr{}
+	}
+}
+
+// movedKey returns the key a moved connection goes with (ipc.Connection's
+// Key): the client key whose client permit it held here, or, with none,
+// the client's address (the next generation may limit per client where
+// this one does not).
+func (c *conn) movedKey() netip.Addr {
+	if c.movedPerIPKey.IsValid() {
+		return c.movedPerIPKey
+	}
+	return c.peer.Addr().Unmap().WithZone("")
+}
+
+// releaseMovedPerIP gives back the client permit of a connection moved
+// away, once it is sent (Server.sendMoved).
+func (c *conn) releaseMovedPerIP() {
+	if c.movedPerIPKey.IsValid() {
+		c.srv.PerIP.Release(c.movedPerIPKey)
+		c.movedPerIPKey = netip.Addr{}
 	}
 }

@@ -1,11 +1,14 @@
 package worker
 
 import (
+	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
 	"testing"
 	"time"
@@ -106,5 +109,89 @@ func TestPerIPLimit(t *testing.T) {
 				t.Fatalf("a connection after one ended did not reach the backend; log %v", logs.get())
 			}
 		})
+	}
+}
+
+// workerTransport answers a perip.Client from a Table in the same process
+// as the worker with the given id.
+type workerTransport struct {
+	t  *perip.Table
+	id int
+}
+
+func (wt workerTransport) Request(key netip.Addr, conns, tokens int) (perip.Grant, error) {
+	return wt.t.Grant(wt.id, key, conns, tokens), nil
+}
+
+func (wt workerTransport) Return(key netip.Addr, conns, tokens int) {
+	if err := wt.t.Return(wt.id, key, conns, tokens); err != nil {
+		panic(err)
+	}
+}
+
+// TestMoveKeepsClientPermit: a moved connection is sent with its client
+// key while its client permit is still held where it comes from; the
+// server that resumes it counts the client permit the master granted with
+// it, so the client stays at its limit, and gives it back when the
+// connection closes.
+func TestMoveKeepsClientPermit(t *testing.T) {
+	backend := echoBackend(t)
+	routes := fmt.Sprintf("routes: [{match: echo.test, backend: %q}]\nlimits: {per_ip_connections: 2}\n", backend)
+	lim := perip.Limits{Conns: 2}
+	table := perip.NewTable(lim, 100, nil)
+	from := perip.NewClient(workerTransport{table, 1}, lim, 64, 1, nil)
+	to := perip.NewClient(workerTransport{table, 2}, lim, 64, 1, nil)
+	a := startServerWith(t, routes, nil, "", func(s *Server) { s.PerIP = from })
+	b := startServerWith(t, routes, nil, "", func(s *Server) { s.PerIP = to })
+	client := netip.MustParseAddr("127.0.0.1")
+
+	type open struct {
+		c net.Conn
+		r *bufio.Reader
+	}
+	var conns []open
+	for range 2 {
+		c := dialHTTP(t, a.addr, "echo.test")
+		r := bufio.NewReader(c)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if s, err := r.ReadString('\n'); err != nil || s != "hello\n" {
+			t.Fatalf("first answer %q, %v", s, err)
+		}
+		conns = append(conns, open{c, r})
+	}
+	a.stop()
+	from.Drain() // as a retiring worker process does
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	moved, closed := a.srv.Move(ctx, time.Time{}, func(key netip.Addr, state []byte, cl, be *os.File) error {
+		if key != client {
+			return fmt.Errorf("sent with key %v; want %v", key, client)
+		}
+		// Each one moved before counts once (transferred, given back).
+		if h, _ := table.Held(client); h != 2 {
+			return fmt.Errorf("at the send the master counts %d client permits; want 2 (this one's not given back yet)", h)
+		}
+		table.Transfer(2, key) // the master, as it gives the connection to a worker
+		return b.srv.Resume(state, dup(t, cl), dup(t, be), false, key)
+	})
+	if moved != 2 || closed != 0 {
+		t.Fatalf("moved %d, closed %d; want 2 and 0", moved, closed)
+	}
+	if h, _ := table.Held(client); h != 2 {
+		t.Fatalf("after the move the master counts %d client permits; want the 2 moved", h)
+	}
+	for i, o := range conns {
+		echoLine(t, o.r, o.c, fmt.Sprintf("moved %d", i))
+	}
+	if third := dialHTTP(t, b.addr, "echo.test"); closedAtOnce(third) != nil {
+		t.Fatal("a third connection of a client at its limit of 2 was admitted after the move")
+	}
+	for _, o := range conns {
+		o.c.Close()
+	}
+	waitFor(t, "the moved connections to end", func() bool { return b.srv.Active() == 0 })
+	to.Drain()
+	if h, _ := table.Held(client); h != 0 {
+		t.Errorf("the master counts %d client permits after every connection closed", h)
 	}
 }

@@ -32,6 +32,13 @@ type testServer struct {
 
 func startServer(t *testing.T, body string, lim Limiter, lopts string) *testServer {
 	t.Helper()
+	return startServerWith(t, body, lim, lopts, nil)
+}
+
+// startServerWith is startServer with prep run on the Server before it
+// serves.
+func startServerWith(t *testing.T, body string, lim Limiter, lopts string, prep func(*Server)) *testServer {
+	t.Helper()
 	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -46,6 +53,9 @@ func startServer(t *testing.T, body string, lim Limiter, lopts string) *testServ
 	srv, err := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), &counters, lim)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if prep != nil {
+		prep(srv)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ts := &testServer{srv: srv, addr: addr, counters: &counters, cancel: cancel, served: make(chan struct{})}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"runtime"
 	"time"
@@ -333,13 +334,19 @@ func (l *loop) handle(m ipc.Message, b ipc.Body) {
 			// Draining may be over before it could be served.
 			m.CloseFiles()
 			l.client.Release()
+			if l.perIP != nil {
+				// Its client permit too, if the master granted one.
+				if k := l.perIP.Key(b.Key); b.Key.IsValid() && l.perIP.Adopt(k) {
+					l.perIP.Release(k)
+				}
+			}
 			l.log.Warn("a connection moved to a retiring worker was closed")
 			return
 		}
 		// Here, not on a goroutine: the connection must be tracked before
-		// a retire that follows it is handled. Resume gives the permit
-		// back if it fails.
-		if err := l.srv.Resume(b.State, m.Files[0], m.Files[1], true); err != nil {
+		// a retire that follows it is handled. Resume adopts its client
+		// permit, and gives both permits back if it fails.
+		if err := l.srv.Resume(b.State, m.Files[0], m.Files[1], true, b.Key); err != nil {
 			l.log.Warn("could not resume a moved connection", "err", err)
 		}
 	case ipc.Retire: // retire
@@ -489,8 +496,8 @@ func (l *loop) moveConnections(drainBy time.Time) {
 	// time its successor waits for this generation to exit.
 	l.conn.SetWriteDeadline(time.Now().Add(moveTimeout + time.Second))
 	defer l.conn.SetWriteDeadline(time.Time{})
-	moved, closed := l.srv.Move(ctx, drainBy, func(state []byte, client, backend *os.File) error {
-		return l.conn.SendBody(ipc.Connection{State: state}, client, backend)
+	moved, closed := l.srv.Move(ctx, drainBy, func(key netip.Addr, state []byte, client, backend *os.File) error {
+		return l.conn.SendBody(ipc.Connection{Key: key, State: state}, client, backend)
 	})
 	l.log.Info("moved connections to the next generation", "slot", l.slot, "active", active,
 		"moved", moved, "closed", closed, "took", time.Since(t0))
