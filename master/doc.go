@@ -43,7 +43,9 @@
 // The health part sends its table to the workers under its own sendMu,
 // taken under no other lock and before health.mu and supervisor.mu, never
 // under health.mu: a worker slow to read cannot stall the master's
-// readers. The locks inside
+// readers. perIP.pred.mu (the predecessor's client counts) is taken under
+// relay.mu or under none, never with perIP.mu held, and takes only
+// perip.Table's lock. The locks inside
 // lease.Pool, perip.Table, stateSocket (its writer) and ipc.Conn are leaves: taken
 // last, under any of these.
 package master

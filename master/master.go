@@ -256,6 +256,7 @@ func (m *Master) compose(flip flipper, start func(slot, id int) (*child, error),
 	m.broker = newBroker(m.log, m.cfg.MaxConnections, m.sup.list)
 	m.perip = newPerIP(m.log, m.cfg)
 	m.relay = newRelay(m.log, m.sup.list, m.broker)
+	m.relay.clients = m.perip
 	m.succession = newSuccession(m.log, flip, m.counters, m.broker, m.relay, m.sup, m.opts.NoMove)
 	m.health = newHealthPart(m.log, m.cfg, m.sup.list)
 	m.health.succession = m.counters.withSuccessor
@@ -351,7 +352,7 @@ func (m *Master) ready(ctlPath string) error {
 func (m *Master) handleWorker(c *child, msg ipc.Message, body ipc.Body) {
 	switch b := body.(type) {
 	case ipc.Connection:
-		m.relay.toSuccessor(msg)
+		m.relay.toSuccessor(msg, b.Key)
 	case ipc.LeaseRequest:
 		m.broker.request(c, b.Want, b.Urgent)
 	case ipc.LeaseReturn:

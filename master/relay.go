@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -32,6 +33,9 @@ type relay struct {
 	// permits carries each moved connection's permit (the broker's):
 	// granted to the worker that takes it, counted when it goes on.
 	permits movedPermits
+	// clients does the same for its client permit (the per-client
+	// table's); nil: none. Set before the relay is used.
+	clients movedClientPermits
 
 	// mu is held while a moved connection is sent to a worker: retire
 	// takes it, so once it returns no worker gets one (it could arrive
@@ -54,6 +58,22 @@ type movedPermits interface {
 	sentToSuccessor()
 }
 
+// movedClientPermits is what the relay needs of the per-client table: a
+// moved connection keeps counting against its client's
+// limits.per_ip_connections all the way (see perIP). key is the client key
+// the connection came with (ipc.Connection's Key).
+type movedClientPermits interface {
+	// arrived grants the client permit of a connection the predecessor
+	// moved here to c (nil: no worker took it).
+	arrived(c *child, key netip.Addr)
+	// notArrived takes it back from c, which did not take it.
+	notArrived(c *child, key netip.Addr)
+	// movesEnded says no connection arrives from the predecessor any more.
+	movesEnded()
+	// sentToSuccessor counts a connection moved on to the successor.
+	sentToSuccessor(key netip.Addr)
+}
+
 // newRelay returns a relay with nothing to receive from a predecessor.
 func newRelay(log *slog.Logger, workers func() []*child, permits movedPermits) *relay {
 	r := &relay{log: log, workers: workers, permits: permits, sendTimeout: moveSendTimeout, fromPredecessor: make(chan struct{})}
@@ -72,6 +92,9 @@ func (r *relay) receiveFrom(mc *ipc.Conn) {
 func (r *relay) receive(mc *ipc.Conn) {
 	defer close(r.fromPredecessor)
 	defer mc.Close()
+	if r.clients != nil {
+		defer r.clients.movesEnded()
+	}
 	n := 0
 	for {
 		msg, err := mc.Recv()
@@ -81,12 +104,14 @@ func (r *relay) receive(mc *ipc.Conn) {
 			}
 			break
 		}
-		if _, err := ipc.Decode(msg); err != nil || msg.Type != ipc.TypeConnection {
+		b, err := ipc.Decode(msg)
+		conn, ok := b.(ipc.Connection)
+		if err != nil || !ok {
 			msg.CloseFiles()
 			r.log.Warn("unexpected message on the move socket", "type", msg.Type.String(), "err", err)
 			continue
 		}
-		if r.toWorker(msg) {
+		if r.toWorker(msg, conn.Key) {
 			n++
 		}
 		msg.CloseFiles()
@@ -96,13 +121,14 @@ func (r *relay) receive(mc *ipc.Conn) {
 	}
 }
 
-// toWorker sends a moved connection to a ready worker, round robin, with
-// its permit; false if none took it (the connection is then closed).
-func (r *relay) toWorker(msg ipc.Message) bool {
+// toWorker sends a moved connection of client key to a ready worker,
+// round robin, with its permit and its client permit; false if none took
+// it (the connection is then closed).
+func (r *relay) toWorker(msg ipc.Message, key netip.Addr) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.retiring {
-		r.permits.arrived(nil)
+		r.arrived(nil, key)
 		r.log.Warn("a connection from the previous generation came after this one began to retire; it is closed")
 		return false
 	}
@@ -119,9 +145,9 @@ func (r *relay) toWorker(msg ipc.Message) bool {
 		// drains and exits as on a lost master and is replaced, and the
 		// next worker gets the connection.
 		//
-		// The permit is granted first: the worker may end the connection
-		// and give it back before Send returns.
-		r.permits.arrived(c)
+		// The permits are granted first: the worker may end the
+		// connection and give them back before Send returns.
+		r.arrived(c, key)
 		c.conn.SetWriteDeadline(time.Now().Add(r.sendTimeout))
 		err := c.conn.Send(msg)
 		c.conn.SetWriteDeadline(time.Time{})
@@ -129,12 +155,24 @@ func (r *relay) toWorker(msg ipc.Message) bool {
 			return true
 		}
 		r.permits.notArrived(c)
+		if r.clients != nil {
+			r.clients.notArrived(c, key)
+		}
 		r.log.Error("a worker did not take a connection from the previous generation; cutting it off", "slot", c.slot, "pid", c.pid(), "err", err)
 		c.conn.Close()
 	}
-	r.permits.arrived(nil)
+	r.arrived(nil, key)
 	r.log.Warn("no worker could take a connection from the previous generation; it is closed")
 	return false
+}
+
+// arrived grants c (nil: none) the permits of a moved connection of
+// client key.
+func (r *relay) arrived(c *child, key netip.Addr) {
+	r.permits.arrived(c)
+	if r.clients != nil {
+		r.clients.arrived(c, key)
+	}
 }
 
 // retire waits for a send to a worker under way and makes toWorker refuse
@@ -152,9 +190,9 @@ func (r *relay) setSuccessor(mc *ipc.Conn) { r.successor.Store(mc) }
 // hasSuccessor reports whether a move socket to the successor is set.
 func (r *relay) hasSuccessor() bool { return r.successor.Load() != nil }
 
-// toSuccessor sends a connection a worker moved (after a hurry) to the
-// successor, which sends it to one of its workers.
-func (r *relay) toSuccessor(msg ipc.Message) {
+// toSuccessor sends a connection of client key a worker moved (after a
+// hurry) to the successor, which sends it to one of its workers.
+func (r *relay) toSuccessor(msg ipc.Message, key netip.Addr) {
 	err := errors.New("no successor")
 	if mc := r.successor.Load(); mc != nil {
 		err = mc.Send(msg)
@@ -163,8 +201,11 @@ func (r *relay) toSuccessor(msg ipc.Message) {
 		r.log.Warn("moving a connection to the next generation failed; it is closed", "err", err)
 		return
 	}
-	// Before the worker's permit comes back (its next message).
+	// Before the worker's permits come back (its next messages).
 	r.permits.sentToSuccessor()
+	if r.clients != nil {
+		r.clients.sentToSuccessor(key)
+	}
 }
 
 // closeSuccessor closes the move socket to the successor: call it once

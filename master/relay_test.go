@@ -1,7 +1,7 @@
 package master
 
 import (
-	"os"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
@@ -9,10 +9,22 @@ import (
 	"github.com/sniproxy/sniproxy/ipc"
 )
 
-// movedConn returns a Connection message carrying two descriptors.
+// movedConn returns a Connection message carrying two descriptors, of
+// no client key.
 func movedConn(t *testing.T, state string) ipc.Message {
+	return movedConnOf(t, netip.Addr{}, state)
+}
+
+// movedConnOf returns a Connection message of client key carrying two
+// descriptors.
+func movedConnOf(t *testing.T, key netip.Addr, state string) ipc.Message {
+	t.Helper()
 	f := tempFile(t)
-	return ipc.Message{Type: ipc.TypeConnection, Payload: []byte(state), Files: []*os.File{f, f}}
+	m, err := ipc.Encode(ipc.Connection{Key: key, State: []byte(state)}, f, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }
 
 // expectConn reads the worker's next message, which must be the moved
@@ -36,7 +48,7 @@ func TestRelayToWorkers(t *testing.T) {
 	r := newRelay(quietLog(), workersOf(a, notReady, broken, c), &countPermits{})
 	broken.c.conn.Close() // its sends fail: the next worker gets it
 	for _, s := range []string{"1", "2", "3", "4"} {
-		if !r.toWorker(movedConn(t, s)) {
+		if !r.toWorker(movedConn(t, s), netip.Addr{}) {
 			t.Fatalf("connection %s not taken", s)
 		}
 	}
@@ -46,7 +58,7 @@ func TestRelayToWorkers(t *testing.T) {
 	expectConn(t, c, "4")
 	notReady.expectNothing(t, 10*time.Millisecond)
 	r.retire()
-	if r.toWorker(movedConn(t, "5")) {
+	if r.toWorker(movedConn(t, "5"), netip.Addr{}) {
 		t.Error("a connection reached a worker after retire")
 	}
 	a.expectNothing(t, 10*time.Millisecond)
@@ -86,7 +98,7 @@ func TestRelayReceivesFromPredecessor(t *testing.T) {
 // A connection a hurried worker moves goes to the successor's move socket.
 func TestRelayToSuccessor(t *testing.T) {
 	r := newRelay(quietLog(), workersOf(), &countPermits{})
-	r.toSuccessor(movedConn(t, "lost")) // no successor: closed, no panic
+	r.toSuccessor(movedConn(t, "lost"), netip.Addr{}) // no successor: closed, no panic
 	mc, wf, err := ipc.Pair()
 	if err != nil {
 		t.Fatal(err)
@@ -98,11 +110,14 @@ func TestRelayToSuccessor(t *testing.T) {
 	}
 	t.Cleanup(func() { succ.Close() })
 	r.setSuccessor(mc)
-	r.toSuccessor(movedConn(t, "z"))
+	r.toSuccessor(movedConn(t, "z"), netip.Addr{})
 	succ.SetReadDeadline(time.Now().Add(waitLimit))
 	msg, err := succ.Recv()
-	if err != nil || msg.Type != ipc.TypeConnection || string(msg.Payload) != "z" || len(msg.Files) != 2 {
+	if err != nil || msg.Type != ipc.TypeConnection || len(msg.Files) != 2 {
 		t.Fatalf("successor got %v %q (%d files), %v", msg.Type, msg.Payload, len(msg.Files), err)
+	}
+	if b, err := ipc.Decode(msg); err != nil || string(b.(ipc.Connection).State) != "z" {
+		t.Fatalf("successor got %+v, %v; want the connection z", b, err)
 	}
 	msg.CloseFiles()
 	r.closeSuccessor()

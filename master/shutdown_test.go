@@ -1,6 +1,7 @@
 package master
 
 import (
+	"net/netip"
 	"os"
 	"sync"
 	"syscall"
@@ -59,7 +60,7 @@ func TestShutdownStopThenStopNow(t *testing.T) {
 			t.Errorf("retire returned before worker %d stopped accepting", c.id)
 		}
 	}
-	if !p.sup.isRetiring() || p.relay.toWorker(ipc.Message{Type: ipc.TypeConnection}) {
+	if !p.sup.isRetiring() || p.relay.toWorker(ipc.Message{Type: ipc.TypeConnection}, netip.Addr{}) {
 		t.Error("supervisor or relay not retiring")
 	}
 	drained := make(chan struct{})

@@ -30,7 +30,8 @@ const stateSocketName = "handover"
 // Predecessor to successor: first a State (the succession state), then a
 // Delta for every stats push of the predecessor's draining workers (its
 // Active is the change in the predecessor's live connections) and a
-// Reserve whenever its permits held change; EOF when the predecessor
+// Reserve whenever its permits held change (with Moved, and PerIP and
+// PerIPMoved for the per-client counts); EOF when the predecessor
 // exits. Successor to predecessor: Ready with its PID and generation just
 // before it signals readiness; Hurry when it must reload again while the
 // predecessor still drains.
@@ -52,6 +53,11 @@ type stateMsg struct {
 	// PerIP, predecessor to successor, is the client permits its workers now hold
 	// of every client key whose count changed (see perIP).
 	PerIP map[netip.Addr]int `json:"per_ip,omitempty"`
+	// PerIPMoved, predecessor to successor, counts per client key the
+	// connections it has moved to the successor so far, for the keys
+	// whose count changed: those not yet arrived still count against
+	// their client (see perIP). Sent before the lower PerIP count.
+	PerIPMoved map[netip.Addr]int `json:"per_ip_moved,omitempty"`
 }
 
 // successionState is what a successor inherits besides the sockets.

@@ -164,6 +164,9 @@ func (s *succession) readPredecessor(h *stateSocket) {
 			}
 			s.broker.setPredecessor(*msg.Reserve, moved)
 		}
+		if msg.PerIPMoved != nil && s.perip != nil {
+			s.perip.predecessorMoved(msg.PerIPMoved)
+		}
 		if msg.PerIP != nil && s.perip != nil {
 			s.perip.predecessorChanged(msg.PerIP)
 		}
@@ -171,7 +174,7 @@ func (s *succession) readPredecessor(h *stateSocket) {
 	// The predecessor is gone, and its connections with it.
 	s.counters.predecessorGone()
 	// Its workers hold nothing now; what it moved and has not arrived
-	// yet still counts.
+	// yet still counts (client permits too: see perIP.predecessorGone).
 	s.broker.setPredecessor(0, -1)
 	if s.perip != nil {
 		s.perip.predecessorGone()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -250,8 +251,7 @@ func TestReloadWhilePredecessorDrainsHurriesFirst(t *testing.T) {
 	// The hurried predecessor sends its last counts and moves a connection,
 	// then exits.
 	pred.state.send(stateMsg{Delta: &stats.Snapshot{Active: -1, BytesOut: 7}})
-	f := tempFile(t)
-	if err := pred.move.Send(ipc.Message{Type: ipc.TypeConnection, Payload: []byte("st"), Files: []*os.File{f, f}}); err != nil {
+	if err := pred.move.Send(movedConn(t, "st")); err != nil {
 		t.Fatal(err)
 	}
 	msg, b := w.recv(t)
@@ -359,7 +359,7 @@ func TestHurry(t *testing.T) {
 			if !p.sup.isRetiring() {
 				t.Error("supervisor not retiring")
 			}
-			if p.relay.toWorker(ipc.Message{Type: ipc.TypeConnection}) {
+			if p.relay.toWorker(ipc.Message{Type: ipc.TypeConnection}, netip.Addr{}) {
 				t.Error("a moved connection reached a worker after the hurry")
 			}
 		})
