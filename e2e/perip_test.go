@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -181,4 +182,71 @@ func TestPerIPKeptAcrossReload(t *testing.T) {
 	}
 	held[0].Close()
 	waitAdmitted(t, p.addr, "127.0.0.2")
+}
+
+// TestPerIPKeptAcrossHurry: connections moved by a hurry keep counting
+// against their client's limits.per_ip_connections. With a limit of 2
+// and 2 long connections from one client, a reload while the previous
+// generation still drains moves them (and a third moves them again): a
+// 3rd connection from that client is refused after each, counted
+// per_ip_limit, while the 2 moved ones still echo; once they close, the
+// client gets in. Before, the moved connections took no client permit
+// where they went and their old ones came back, so the client could open
+// 2 more.
+func TestPerIPKeptAcrossHurry(t *testing.T) {
+	cfg := strings.ReplaceAll(masterConfig, "ECHO", longEchoBackend(t)) + "limits: {per_ip_connections: 2}\n"
+	cfg = strings.Replace(cfg, "shutdown_timeout: 5", "shutdown_timeout: 60", 1)
+	p := startProxy(t, cfg)
+	p.workers(t, 2)
+	held, refused := openManyFrom(t, p.addr, "127.0.0.2", 2)
+	if len(held) != 2 || refused != 0 {
+		t.Fatalf("before the reloads: %d served, %d refused; want 2 and 0", len(held), refused)
+	}
+	if _, gen := p.reload(t); gen != 2 { // generation 1 drains with the 2
+		t.Fatalf("first reload made generation %d", gen)
+	}
+	for i, wantGen := range []int{3, 4} {
+		// Generation wantGen-1 hurries wantGen-2: the 2 move to it, and
+		// it drains with them while wantGen serves.
+		if _, gen := p.reload(t); gen != wantGen {
+			t.Fatalf("reload made generation %d; want %d", gen, wantGen)
+		}
+		if c, err := openEchoFrom(p.addr, "127.0.0.2"); err == nil {
+			c.Close()
+			t.Fatalf("after hurry %d: a 3rd connection of a client at per_ip_connections 2 was served", i+1)
+		}
+		p.waitMetric(t, perIPRejected, float64(i+1))
+		for j, c := range held {
+			msg := fmt.Sprintf("moved %d, hurry %d\n", j, i+1)
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.WriteString(c, msg); err != nil {
+				t.Fatalf("moved connection %d after hurry %d: %v", j, i+1, err)
+			}
+			buf := make([]byte, len(msg))
+			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+				t.Fatalf("moved connection %d after hurry %d: %q, %v", j, i+1, buf, err)
+			}
+			c.SetDeadline(time.Time{})
+		}
+		if c, err := openEchoFrom(p.addr, "127.0.0.3"); err != nil {
+			t.Fatalf("another client refused after hurry %d: %v", i+1, err)
+		} else {
+			c.Close()
+		}
+	}
+	for _, c := range held {
+		c.Close()
+	}
+	waitAdmitted(t, p.addr, "127.0.0.2")
+	moves := 0
+	for _, l := range p.logLines("connection") {
+		if client, _ := l["client"].(string); strings.HasPrefix(client, "127.0.0.2:") {
+			if m, ok := l["moves"].(float64); ok && m == 2 {
+				moves++
+			}
+		}
+	}
+	if moves != 2 {
+		t.Errorf("%d access-log lines of 127.0.0.2 with moves=2; want the 2 long connections, moved by both hurries", moves)
+	}
 }
