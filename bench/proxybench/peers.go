@@ -343,8 +343,10 @@ metrics:
 log:
   level: warn
   format: text
-`, listen, w, sniName, backendAddr, n+1000, metricsPort)
-		desc = fmt.Sprintf("a master and workers: %d (-workers), GOMAXPROCS=%d (Go default), max_connections %d, metrics on, log warn",
+  access: false
+control_socket: %q
+`, listen, w, sniName, backendAddr, n+1000, metricsPort, filepath.Join(dir, "sniproxy.sock"))
+		desc = fmt.Sprintf("a master and workers: %d (-workers), GOMAXPROCS=%d (Go default), max_connections %d, metrics on, log warn, no access log, control socket in the temp dir",
 			w, runtime.NumCPU(), n+1000)
 		if proto == protoHTTP {
 			desc = "the same config and listener: sniproxy sniffs TLS or HTTP/1 per connection and routes the Host header bench.test"
