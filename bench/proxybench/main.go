@@ -3,16 +3,26 @@
 // stream + ssl_preread, HAProxy in TCP mode, and Debian's sniproxy 0.6 by
 // dlundquist), all on loopback:
 //
+//   - rate, tls, http: short connections from -clients loops for
+//     -duration: connect, then a raw ClientHello and a 1-byte reply (rate),
+//     a full TLS handshake with a crypto/tls backend and 1 byte of
+//     application data (tls), or an HTTP/1.1 request routed by its Host
+//     header and a small response (http); then close. Connections per
+//     second, latency percentiles, and the proxy's CPU per connection.
+//   - pingpong: one connection; 1 byte out and its echo back, -pingpongs
+//     times; the round trip's p50 and p99 and what the proxy adds to them.
 //   - throughput: one connection streams -bytes through the proxy, client
-//     to backend (upload) and backend to client (download); MB/s.
+//     to backend (upload) and backend to client (download), then -streams
+//     connections download -bytes between them; MB/s and proxy CPU per GB.
 //   - idle: -conns connections sit idle through the proxy; memory (VmRSS of
 //     the proxy's process tree) and file descriptors added per connection.
-//   - rate: -clients loops of connect, ClientHello, one byte back, close,
-//     for -duration; connections per second and latency percentiles.
+//   - all: every mode, then one Markdown summary table with sniproxy's
+//     ratio to the best peer for each figure.
 //
-// Every client opens with a real TLS ClientHello for bench.test made by
-// crypto/tls; the backend is a plain TCP program that never speaks TLS, so
-// each proxy only peeks the hello and then copies raw bytes.
+// Except in tls and http, every client opens with a real TLS ClientHello
+// for bench.test made by crypto/tls and the backend is a plain TCP program
+// that never speaks TLS, so each proxy only peeks the hello and then
+// copies raw bytes.
 //
 // Every peer is started by this program with a generated config in a
 // temporary directory, on free loopback ports, in the foreground, and is
@@ -20,9 +30,10 @@
 //
 // Run from the module root:
 //
+//	go run ./bench/proxybench -mode all
 //	go run ./bench/proxybench -mode throughput -bytes 1GiB
 //	go run ./bench/proxybench -mode idle -conns 10000
-//	go run ./bench/proxybench -mode rate -duration 10s
+//	go run ./bench/proxybench -mode rate,tls,http -duration 10s
 //
 // See bench/README.md.
 package main
