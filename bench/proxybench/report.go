@@ -230,13 +230,20 @@ func (t *throughputReport) table() string {
 		proxy := "—\t—\t—\t—\t—\t—"
 		for i, c := range t.UploadCPU {
 			if c.Target == r.Target {
-				proxy = fmt.Sprintf("%.2f\t%.0f%%\t%.2f\t%.0f%%\t%.2f\t%.0f%%", c.Median, 100*t.UploadSys[i].Median,
-					t.DownloadCPU[i].Median, 100*t.DownloadSys[i].Median, t.MultiCPU[i].Median, 100*t.MultiSys[i].Median)
+				multi := "—\t—"
+				if t.Streams > 1 {
+					multi = fmt.Sprintf("%.2f\t%.0f%%", t.MultiCPU[i].Median, 100*t.MultiSys[i].Median)
+				}
+				proxy = fmt.Sprintf("%.2f\t%.0f%%\t%.2f\t%.0f%%\t%s", c.Median, 100*t.UploadSys[i].Median,
+					t.DownloadCPU[i].Median, 100*t.DownloadSys[i].Median, multi)
 			}
 		}
 		down, _ := rowMedian(t.DownloadSelfCPU, r.Target)
-		multi, _ := rowMedian(t.MultiSelfCPU, r.Target)
-		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%.2f\t\n", r.Target, proxy, r.Median, down, multi)
+		multi := "—"
+		if m, ok := rowMedian(t.MultiSelfCPU, r.Target); ok {
+			multi = fmt.Sprintf("%.2f", m)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%s\t\n", r.Target, proxy, r.Median, down, multi)
 	}
 	tw.Flush()
 	return b.String()
