@@ -14,7 +14,7 @@ import (
 )
 
 // backendMode is what the backend does with each connection after reading
-// the ClientHello.
+// its preamble (the ClientHello, or the HTTP request).
 type backendMode int32
 
 const (
@@ -27,6 +27,17 @@ const (
 	modeReply
 	// modeHold accepts and holds the connection, reading nothing.
 	modeHold
+	// modeEcho writes back every byte it reads, until EOF.
+	modeEcho
+	// modeHTTPReply writes httpResponse, then waits for EOF.
+	modeHTTPReply
+)
+
+// httpRequest is what the HTTP Host workload's client sends, and
+// httpResponse what the backend answers.
+const (
+	httpRequest  = "GET / HTTP/1.1\r\nHost: " + sniName + "\r\n\r\n"
+	httpResponse = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n"
 )
 
 // chunk is the size of every read and write buffer of the client and the
@@ -42,13 +53,14 @@ type backendResult struct {
 
 // backend is the plain TCP server behind every target, in this process.
 // It never speaks TLS: it checks that the bytes a proxy passed on start
-// with the exact ClientHello the client sent, then acts per its mode.
+// with the exact preamble the client sent (the ClientHello, or the HTTP
+// request), then acts per its mode.
 type backend struct {
-	ln      *net.TCPListener
-	hello   []byte
-	mode    atomic.Int32
-	want    atomic.Int64
-	opLimit time.Duration
+	ln       *net.TCPListener
+	preamble []byte
+	mode     atomic.Int32
+	want     atomic.Int64
+	opLimit  time.Duration
 
 	results  chan backendResult
 	accepted atomic.Int64
@@ -60,18 +72,19 @@ type backend struct {
 	wg    sync.WaitGroup
 }
 
-// startBackend listens on a free loopback port and serves in mode.
-func startBackend(hello []byte, mode backendMode, opLimit time.Duration) (*backend, error) {
+// startBackend listens on a free loopback port and serves in mode; every
+// connection must start with preamble.
+func startBackend(preamble []byte, mode backendMode, opLimit time.Duration) (*backend, error) {
 	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		return nil, fmt.Errorf("backend: listen: %w", err)
 	}
 	b := &backend{
-		ln:      ln,
-		hello:   hello,
-		opLimit: opLimit,
-		results: make(chan backendResult, 1),
-		conns:   map[net.Conn]struct{}{},
+		ln:       ln,
+		preamble: preamble,
+		opLimit:  opLimit,
+		results:  make(chan backendResult, 1),
+		conns:    map[net.Conn]struct{}{},
 	}
 	b.mode.Store(int32(mode))
 	b.wg.Add(1)
@@ -203,13 +216,13 @@ func (b *backend) serve(c *net.TCPConn, mode backendMode, want int64) {
 		b.report(mode, backendResult{err: fmt.Errorf("backend: set deadline: %w", err)})
 		return
 	}
-	got := make([]byte, len(b.hello))
+	got := make([]byte, len(b.preamble))
 	if _, err := io.ReadFull(c, got); err != nil {
-		b.report(mode, backendResult{err: fmt.Errorf("backend: read ClientHello: %w", err)})
+		b.report(mode, backendResult{err: fmt.Errorf("backend: read the first %d bytes: %w", len(got), err)})
 		return
 	}
-	if !bytes.Equal(got, b.hello) {
-		b.report(mode, backendResult{err: errors.New("backend: the proxy did not pass the ClientHello on unchanged")})
+	if !bytes.Equal(got, b.preamble) {
+		b.report(mode, backendResult{err: errors.New("backend: the proxy did not pass the client's first bytes on unchanged")})
 		return
 	}
 	switch mode {
@@ -244,6 +257,29 @@ func (b *backend) serve(c *net.TCPConn, mode backendMode, want int64) {
 			return
 		}
 		io.Copy(io.Discard, c)
+	case modeHTTPReply:
+		if _, err := io.WriteString(c, httpResponse); err != nil {
+			b.fail(fmt.Errorf("backend: HTTP response: %w", err))
+			return
+		}
+		io.Copy(io.Discard, c)
+	case modeEcho:
+		buf := make([]byte, 4096)
+		for {
+			m, err := c.Read(buf)
+			if m > 0 {
+				if _, werr := c.Write(buf[:m]); werr != nil {
+					b.fail(fmt.Errorf("backend: echo: %w", werr))
+					return
+				}
+			}
+			if err != nil {
+				if !errors.Is(err, io.EOF) {
+					b.fail(fmt.Errorf("backend: echo: %w", err))
+				}
+				return
+			}
+		}
 	}
 }
 
@@ -261,6 +297,8 @@ func (b *backend) report(mode backendMode, r backendResult) {
 	default:
 	}
 }
+
+func (b *backend) errorCount() int64 { return b.errs.Load() }
 
 // lastError returns the first error the backend recorded outside a sink
 // result, or "none".

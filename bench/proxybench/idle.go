@@ -91,7 +91,7 @@ func measureIdle(ctx context.Context, e *benchEnv, t, helloPath string) (idleRun
 		return res, err
 	}
 	defer be.close()
-	p, err := e.startPeer(ctx, t, be)
+	p, err := e.startPeer(ctx, t, be.addr(), protoTLS)
 	if err != nil {
 		return res, err
 	}

@@ -3,16 +3,26 @@
 // stream + ssl_preread, HAProxy in TCP mode, and Debian's sniproxy 0.6 by
 // dlundquist), all on loopback:
 //
+//   - rate, tls, http: short connections from -clients loops for
+//     -duration: connect, then a raw ClientHello and a 1-byte reply (rate),
+//     a full TLS handshake with a crypto/tls backend and 1 byte of
+//     application data (tls), or an HTTP/1.1 request routed by its Host
+//     header and a small response (http); then close. Connections per
+//     second, latency percentiles, and the proxy's CPU per connection.
+//   - pingpong: one connection; 1 byte out and its echo back, -pingpongs
+//     times; the round trip's p50 and p99 and what the proxy adds to them.
 //   - throughput: one connection streams -bytes through the proxy, client
-//     to backend (upload) and backend to client (download); MB/s.
+//     to backend (upload) and backend to client (download), then -streams
+//     connections download -bytes between them; MB/s and proxy CPU per GB.
 //   - idle: -conns connections sit idle through the proxy; memory (VmRSS of
 //     the proxy's process tree) and file descriptors added per connection.
-//   - rate: -clients loops of connect, ClientHello, one byte back, close,
-//     for -duration; connections per second and latency percentiles.
+//   - all: every mode, then one Markdown summary table with sniproxy's
+//     ratio to the best peer for each figure.
 //
-// Every client opens with a real TLS ClientHello for bench.test made by
-// crypto/tls; the backend is a plain TCP program that never speaks TLS, so
-// each proxy only peeks the hello and then copies raw bytes.
+// Except in tls and http, every client opens with a real TLS ClientHello
+// for bench.test made by crypto/tls and the backend is a plain TCP program
+// that never speaks TLS, so each proxy only peeks the hello and then
+// copies raw bytes.
 //
 // Every peer is started by this program with a generated config in a
 // temporary directory, on free loopback ports, in the foreground, and is
@@ -20,9 +30,10 @@
 //
 // Run from the module root:
 //
+//	go run ./bench/proxybench -mode all
 //	go run ./bench/proxybench -mode throughput -bytes 1GiB
 //	go run ./bench/proxybench -mode idle -conns 10000
-//	go run ./bench/proxybench -mode rate -duration 10s
+//	go run ./bench/proxybench -mode rate,tls,http -duration 10s
 //
 // See bench/README.md.
 package main
@@ -58,6 +69,9 @@ type options struct {
 	duration  time.Duration
 	clients   int
 	maxCount  int64
+	workers   int
+	streams   int
+	pingpongs int
 	timeout   time.Duration
 	jsonPath  string
 	keep      bool
@@ -72,6 +86,9 @@ type options struct {
 }
 
 var allTargets = []string{"direct", "sniproxy", "nginx", "haproxy", "dlundquist"}
+
+// allModes is what -mode all runs, in this order.
+var allModes = []string{"rate", "tls", "http", "pingpong", "throughput", "idle"}
 
 func main() {
 	closeInheritedOnExec()
@@ -119,16 +136,19 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs := flag.NewFlagSet("proxybench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	opt := &options{}
-	mode := fs.String("mode", "throughput", "comma-separated modes: throughput, idle, rate, or all")
+	mode := fs.String("mode", "throughput", "comma-separated modes: throughput, idle, rate (raw ClientHello), tls (full handshake), http (HTTP Host), pingpong, or all (every one, then a summary table)")
 	targets := fs.String("targets", strings.Join(allTargets, ","), "comma-separated targets: "+strings.Join(allTargets, ", "))
-	size := fs.String("bytes", "1GiB", "throughput: bytes per run and direction (suffixes K, M, G, KiB, MiB, GiB)")
+	size := fs.String("bytes", "1GiB", "throughput: bytes per run and direction, and shared by the -streams connections (suffixes K, M, G, KiB, MiB, GiB)")
+	fs.IntVar(&opt.streams, "streams", 8, "throughput: concurrent download connections of the multi-stream measurement (1: none)")
+	fs.IntVar(&opt.pingpongs, "pingpongs", 20000, "pingpong: round trips per run (also ends after -duration)")
+	fs.IntVar(&opt.workers, "workers", 1, "worker processes (sniproxy workers, nginx worker_processes) or threads (HAProxy nbthread) of every peer; dlundquist has no such setting and always runs one event loop")
 	fs.IntVar(&opt.runs, "runs", 3, "repetitions of each measurement; the median is reported")
 	fs.IntVar(&opt.conns, "conns", 10000, "idle: connections to hold open (lowered, and said so, if the fd limit cannot fit them)")
 	fs.DurationVar(&opt.settle, "settle", 2*time.Second, "idle: wait after the listener is up and after all connections are accepted, before reading /proc")
 	fs.IntVar(&opt.fdReserve, "fd-reserve", 100, "idle: fds kept free in each process for its listeners, logs, epoll…")
-	fs.DurationVar(&opt.duration, "duration", 10*time.Second, "rate: length of each run")
-	fs.IntVar(&opt.clients, "clients", 32, "rate: concurrent client loops")
-	fs.Int64Var(&opt.maxCount, "max-count", 2_000_000, "rate: most connections per run, whatever the duration")
+	fs.DurationVar(&opt.duration, "duration", 5*time.Second, "rate, tls, http: length of each run; pingpong: longest run")
+	fs.IntVar(&opt.clients, "clients", 32, "rate, tls, http: concurrent client loops")
+	fs.Int64Var(&opt.maxCount, "max-count", 2_000_000, "rate, tls, http: most connections per run, whatever the duration")
 	fs.DurationVar(&opt.timeout, "timeout", 3*time.Minute, "limit for any single measurement")
 	fs.StringVar(&opt.jsonPath, "json", "", "also write machine-readable results to this file")
 	fs.BoolVar(&opt.keep, "keep", false, "keep the temporary directory with the generated configs and peer logs")
@@ -165,8 +185,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	for _, m := range splitList(*mode) {
 		switch m {
 		case "all":
-			opt.modes = append(opt.modes, "throughput", "idle", "rate")
-		case "throughput", "idle", "rate":
+			opt.modes = append(opt.modes, allModes...)
+		case "throughput", "idle", "rate", "tls", "http", "pingpong":
 			opt.modes = append(opt.modes, m)
 		default:
 			return nil, fmt.Errorf("-mode: unknown mode %q", m)
@@ -193,6 +213,12 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, errors.New("-clients must be at least 1")
 	case opt.bytes < 1:
 		return nil, errors.New("-bytes must be at least 1")
+	case opt.workers < 1:
+		return nil, errors.New("-workers must be at least 1")
+	case opt.streams < 1 || int64(opt.streams) > opt.bytes:
+		return nil, errors.New("-streams must be at least 1 and at most -bytes")
+	case opt.pingpongs < 1:
+		return nil, errors.New("-pingpongs must be at least 1")
 	}
 	return opt, nil
 }
@@ -262,10 +288,15 @@ func runModes(ctx context.Context, opt *options, stdout, stderr io.Writer) error
 		return err
 	}
 
+	pair, err := newTLSPair()
+	if err != nil {
+		return err
+	}
 	env := &benchEnv{
 		opt:    opt,
 		dir:    dir,
 		hello:  hello,
+		tls:    pair,
 		limit:  limit,
 		stderr: stderr,
 	}
@@ -292,10 +323,24 @@ func runModes(ctx context.Context, opt *options, stdout, stderr io.Writer) error
 			if rep.Idle != nil {
 				fmt.Fprint(stdout, rep.Idle.table())
 			}
-		case "rate":
-			rep.Rate, err = runRate(ctx, env)
-			if rep.Rate != nil {
-				fmt.Fprint(stdout, rep.Rate.table())
+		case "rate", "tls", "http":
+			var rr *rateReport
+			rr, err = runRate(ctx, env, env.workload(m))
+			if rr != nil {
+				fmt.Fprint(stdout, rr.table())
+			}
+			switch m {
+			case "rate":
+				rep.Rate = rr
+			case "tls":
+				rep.TLS = rr
+			default:
+				rep.HTTP = rr
+			}
+		case "pingpong":
+			rep.PingPong, err = runPingPong(ctx, env)
+			if rep.PingPong != nil {
+				fmt.Fprint(stdout, rep.PingPong.table())
 			}
 		}
 		if err != nil {
@@ -303,6 +348,10 @@ func runModes(ctx context.Context, opt *options, stdout, stderr io.Writer) error
 		}
 	}
 	rep.finish()
+	if len(opt.modes) > 1 {
+		rep.Summary = rep.buildSummary(opt.targets)
+		fmt.Fprint(stdout, rep.Summary.markdown())
+	}
 	if opt.jsonPath != "" {
 		if err := rep.writeJSON(opt.jsonPath); err != nil {
 			return err

@@ -12,12 +12,68 @@ import (
 	"time"
 )
 
-// runRate measures short connections: -clients loops of connect, send the
-// ClientHello, read the backend's one-byte reply, close; for -duration or
-// -max-count connections, whichever comes first. Targets are interleaved
-// within each round.
-func runRate(ctx context.Context, e *benchEnv) (*rateReport, error) {
-	be, err := startBackend(e.hello, modeReply, 30*time.Second)
+// shotFunc is one short connection of a workload, against addr.
+type shotFunc func(ctx context.Context, d *net.Dialer, addr string) error
+
+// shortBackend is the backend of a short-connection workload.
+type shortBackend interface {
+	addr() string
+	close() error
+	errorCount() int64
+	lastError() string
+}
+
+// workload is one short-connection workload of the rate modes.
+type workload struct {
+	// mode is the -mode name: rate, tls or http.
+	mode string
+	// title describes one connection for the report.
+	title string
+	// proto is the kind of listener the peers are configured with.
+	proto string
+	// start starts the backend.
+	start func() (shortBackend, error)
+	shot  shotFunc
+}
+
+// workload returns the short-connection workload of mode (rate, tls or
+// http).
+func (e *benchEnv) workload(mode string) workload {
+	switch mode {
+	case "tls":
+		return workload{
+			mode:  mode,
+			title: "connect → full TLS handshake (crypto/tls, ECDSA P-256, no resumption) → 1 byte of application data → close",
+			proto: protoTLS,
+			start: func() (shortBackend, error) { return startTLSBackend(e.tls.server, 30*time.Second) },
+			shot:  tlsShot(e.tls.client),
+		}
+	case "http":
+		return workload{
+			mode:  mode,
+			title: fmt.Sprintf("connect → %q → %d-byte HTTP response → close", httpRequest, len(httpResponse)),
+			proto: protoHTTP,
+			start: func() (shortBackend, error) { return startBackend([]byte(httpRequest), modeHTTPReply, 30*time.Second) },
+			shot:  httpShot,
+		}
+	}
+	hello := e.hello
+	return workload{
+		mode:  "rate",
+		title: "connect → raw ClientHello → 1-byte reply → close",
+		proto: protoTLS,
+		start: func() (shortBackend, error) { return startBackend(hello, modeReply, 30*time.Second) },
+		shot: func(ctx context.Context, d *net.Dialer, addr string) error {
+			return oneShot(ctx, d, addr, hello)
+		},
+	}
+}
+
+// runRate measures short connections of workload wl: -clients loops of
+// one connection after another, for -duration or -max-count connections,
+// whichever comes first. Targets are interleaved within each round.
+func runRate(ctx context.Context, e *benchEnv, wl workload) (*rateReport, error) {
+	be, err := wl.start()
 	if err != nil {
 		return nil, err
 	}
@@ -26,7 +82,7 @@ func runRate(ctx context.Context, e *benchEnv) (*rateReport, error) {
 
 	peers := map[string]*peer{}
 	for _, t := range e.opt.targets {
-		p, err := e.startPeer(ctx, t, be)
+		p, err := e.startPeer(ctx, t, be.addr(), wl.proto)
 		if err != nil {
 			return nil, err
 		}
@@ -36,7 +92,7 @@ func runRate(ctx context.Context, e *benchEnv) (*rateReport, error) {
 		return nil, err
 	}
 
-	rep := &rateReport{Clients: e.opt.clients, Duration: e.opt.duration.String(), MaxCount: e.opt.maxCount, Runs: e.opt.runs}
+	rep := &rateReport{Mode: wl.mode, Title: wl.title, Clients: e.opt.clients, Duration: e.opt.duration.String(), MaxCount: e.opt.maxCount, Runs: e.opt.runs}
 	runs := map[string][]rateRun{}
 	for r := 1; r <= e.opt.runs; r++ {
 		for _, t := range e.opt.targets {
@@ -45,9 +101,9 @@ func runRate(ctx context.Context, e *benchEnv) (*rateReport, error) {
 				u0, s0 = cpuTime(pid)
 			}
 			su0, ss0 := procCPU(os.Getpid())
-			res, err := measureRate(ctx, peers[t].addr, e.hello, e.opt.clients, e.opt.duration, e.opt.maxCount)
+			res, err := measureRate(ctx, peers[t].addr, wl.shot, e.opt.clients, e.opt.duration, e.opt.maxCount)
 			if err != nil {
-				return nil, fmt.Errorf("%s run %d: %w", t, r, err)
+				return nil, fmt.Errorf("%s run %d: %w (backend errors: %d, first: %s)", t, r, err, be.errorCount(), be.lastError())
 			}
 			// CPU per connection (10 ms ticks), of the proxy's tree and of
 			// this process (clients and backend).
@@ -57,8 +113,8 @@ func runRate(ctx context.Context, e *benchEnv) (*rateReport, error) {
 				u1, s1 := cpuTime(pid)
 				res.ProxyCPUPerConn = ((u1 - u0) + (s1 - s0)) / time.Duration(res.OK+res.Failed)
 			}
-			fmt.Fprintf(e.stderr, "rate run %d %-10s %8.0f conn/s  p50 %v  p99 %v  CPU/conn proxy %v client+backend %v  (%d ok, %d failed%s; load %s)\n",
-				r, t, res.PerSec, res.P50.Round(time.Microsecond), res.P99.Round(time.Microsecond),
+			fmt.Fprintf(e.stderr, "%s run %d %-10s %8.0f conn/s  p50 %v  p99 %v  CPU/conn proxy %v client+backend %v  (%d ok, %d failed%s; load %s)\n",
+				wl.mode, r, t, res.PerSec, res.P50.Round(time.Microsecond), res.P99.Round(time.Microsecond),
 				res.ProxyCPUPerConn, res.SelfCPUPerConn, res.OK, res.Failed, errSuffix(res.FirstErr), loadAvg())
 			runs[t] = append(runs[t], res)
 			// Let the last connections close before the next target.
@@ -91,7 +147,7 @@ func runRate(ctx context.Context, e *benchEnv) (*rateReport, error) {
 	setRatios(rep.PerSec)
 	setRatios(rep.P50)
 	setRatios(rep.P99)
-	if n := be.errs.Load(); n > 0 {
+	if n := be.errorCount(); n > 0 {
 		rep.BackendErrors = fmt.Sprintf("%d, first: %s", n, be.lastError())
 	}
 	return rep, nil
@@ -123,7 +179,7 @@ type rateRun struct {
 // measureRate runs the client loops against addr. Each loop stops when
 // the duration has passed or the shared count reaches maxCount; every
 // connection has a 5-second deadline.
-func measureRate(ctx context.Context, addr string, hello []byte, clients int, dur time.Duration, maxCount int64) (rateRun, error) {
+func measureRate(ctx context.Context, addr string, shot shotFunc, clients int, dur time.Duration, maxCount int64) (rateRun, error) {
 	var (
 		res     rateRun
 		issued  atomic.Int64
@@ -141,10 +197,9 @@ func measureRate(ctx context.Context, addr string, hello []byte, clients int, du
 		go func() {
 			defer wg.Done()
 			var d net.Dialer
-			one := make([]byte, 1)
 			for time.Now().Before(end) && issued.Add(1) <= maxCount && rctx.Err() == nil {
 				t0 := time.Now()
-				err := oneShot(rctx, &d, addr, hello, one)
+				err := shot(rctx, &d, addr)
 				if err != nil {
 					failed.Add(1)
 					errOnce.Do(func() { res.FirstErr = err.Error() })
@@ -174,7 +229,8 @@ func measureRate(ctx context.Context, addr string, hello []byte, clients int, du
 }
 
 // oneShot is one short connection: dial, hello, read one byte, close.
-func oneShot(ctx context.Context, d *net.Dialer, addr string, hello, one []byte) error {
+func oneShot(ctx context.Context, d *net.Dialer, addr string, hello []byte) error {
+	one := make([]byte, 1)
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	c, err := d.DialContext(cctx, "tcp", addr)
@@ -190,6 +246,32 @@ func oneShot(ctx context.Context, d *net.Dialer, addr string, hello, one []byte)
 	}
 	if _, err := io.ReadFull(c, one); err != nil {
 		return fmt.Errorf("read reply: %w", err)
+	}
+	return nil
+}
+
+// httpShot is one short connection of the HTTP Host workload: dial, send
+// the request, read the whole response, close.
+func httpShot(ctx context.Context, d *net.Dialer, addr string) error {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	c, err := d.DialContext(cctx, "tcp", addr)
+	if err != nil {
+		return fmt.Errorf("dial: %w", err)
+	}
+	defer c.Close()
+	if err := setConnDeadline(cctx, c); err != nil {
+		return err
+	}
+	if _, err := io.WriteString(c, httpRequest); err != nil {
+		return fmt.Errorf("write request: %w", err)
+	}
+	resp := make([]byte, len(httpResponse))
+	if _, err := io.ReadFull(c, resp); err != nil {
+		return fmt.Errorf("read response: %w", err)
+	}
+	if string(resp) != httpResponse {
+		return fmt.Errorf("unexpected response %q", resp)
 	}
 	return nil
 }

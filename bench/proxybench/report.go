@@ -23,6 +23,10 @@ type report struct {
 	Throughput *throughputReport `json:"throughput,omitempty"`
 	Idle       *idleReport       `json:"idle,omitempty"`
 	Rate       *rateReport       `json:"rate,omitempty"`
+	TLS        *rateReport       `json:"tls,omitempty"`
+	HTTP       *rateReport       `json:"http,omitempty"`
+	PingPong   *pingReport       `json:"pingpong,omitempty"`
+	Summary    *summary          `json:"summary,omitempty"`
 	runs       int
 }
 
@@ -42,6 +46,8 @@ type targetConfig struct {
 	Target  string `json:"target"`
 	Version string `json:"version"`
 	Config  string `json:"config"`
+	// HTTPConfig is the listener of the HTTP Host workload.
+	HTTPConfig string `json:"http_config"`
 }
 
 // row is one figure for one target over the runs.
@@ -81,6 +87,16 @@ func median(s []float64) float64 {
 	return (s[n/2-1] + s[n/2]) / 2
 }
 
+// rowMedian returns the median of target's row in rows.
+func rowMedian(rows []row, target string) (float64, bool) {
+	for _, r := range rows {
+		if r.Target == target && len(r.Runs) > 0 {
+			return r.Median, true
+		}
+	}
+	return 0, false
+}
+
 // setRatios fills Ratio of each row relative to the "direct" row.
 func setRatios(rows []row) {
 	var direct float64
@@ -114,11 +130,12 @@ func newReport(e *benchEnv) *report {
 		runs:       e.opt.runs,
 	}
 	for _, t := range e.opt.targets {
-		desc := "client connects straight to the backend"
+		desc, hdesc := "client connects straight to the backend", "client connects straight to the backend"
 		if t != "direct" {
-			_, _, desc = e.peerConfig(t, "DIR", "127.0.0.1:PORT", "127.0.0.1:BACKEND")
+			_, _, desc = e.peerConfig(t, "DIR", "127.0.0.1:PORT", "127.0.0.1:BACKEND", protoTLS)
+			_, _, hdesc = e.peerConfig(t, "DIR", "127.0.0.1:PORT", "127.0.0.1:BACKEND", protoHTTP)
 		}
-		r.Targets = append(r.Targets, targetConfig{Target: t, Version: e.versions[t], Config: desc})
+		r.Targets = append(r.Targets, targetConfig{Target: t, Version: e.versions[t], Config: desc, HTTPConfig: hdesc})
 	}
 	return r
 }
@@ -142,6 +159,10 @@ func (r *report) header() string {
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", t.Target, t.Version, t.Config)
 	}
 	tw.Flush()
+	fmt.Fprintln(&b, "\nHTTP Host workload (mode http), listener per target:")
+	for _, t := range r.Targets {
+		fmt.Fprintf(&b, "  %-10s %s\n", t.Target, t.HTTPConfig)
+	}
 	return b.String()
 }
 
@@ -169,8 +190,15 @@ func rowsTable(b *strings.Builder, title string, rows []row, format string) {
 type throughputReport struct {
 	Bytes    int64 `json:"bytes"`
 	Runs     int   `json:"runs"`
+	Streams  int   `json:"streams"`
 	Upload   []row `json:"upload"`
 	Download []row `json:"download"`
+	// Multi is the download over Streams concurrent connections sharing
+	// Bytes, with the same CPU figures as the single streams.
+	Multi        []row `json:"multi_download"`
+	MultiCPU     []row `json:"multi_download_proxy_cpu_s_per_gb"`
+	MultiSys     []row `json:"multi_download_proxy_sys_share"`
+	MultiSelfCPU []row `json:"multi_download_client_backend_cpu_s_per_gb"`
 	// UploadCPU and DownloadCPU are the CPU seconds (user + system) the
 	// proxy's process tree used per 10^9 bytes moved; the Sys rows the
 	// share of it spent in the kernel.
@@ -189,25 +217,33 @@ func (t *throughputReport) table() string {
 	fmt.Fprintf(&b, "\n== throughput: one connection, %s per run and direction, MB/s (10^6 bytes/s), clock from dial to the last byte ==\n", sizeString(t.Bytes))
 	rowsTable(&b, "upload (client → backend):", t.Upload, "%.0f")
 	rowsTable(&b, "download (backend → client):", t.Download, "%.0f")
+	if t.Streams > 1 {
+		rowsTable(&b, fmt.Sprintf("download over %d concurrent connections sharing %s (clock from the first dial to the last byte):",
+			t.Streams, sizeString(t.Bytes)), t.Multi, "%.0f")
+	}
 	fmt.Fprintln(&b, "\nCPU per GB moved, medians (user + system seconds, 10 ms ticks): the proxy's process tree (sys = kernel share),\n"+
 		"and this program's process, i.e. the client and the backend together:")
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "target\tproxy up s/GB\tsys\tproxy down s/GB\tsys\tclient+backend up s/GB\tdown s/GB\t")
+	fmt.Fprintf(tw, "target\tproxy up s/GB\tsys\tproxy down s/GB\tsys\tproxy down×%d s/GB\tsys\tclient+backend up s/GB\tdown s/GB\tdown×%d s/GB\t\n",
+		t.Streams, t.Streams)
 	for _, r := range t.UploadSelfCPU {
-		proxy := "—\t—\t—\t—"
+		proxy := "—\t—\t—\t—\t—\t—"
 		for i, c := range t.UploadCPU {
 			if c.Target == r.Target {
-				proxy = fmt.Sprintf("%.2f\t%.0f%%\t%.2f\t%.0f%%", c.Median, 100*t.UploadSys[i].Median,
-					t.DownloadCPU[i].Median, 100*t.DownloadSys[i].Median)
+				multi := "—\t—"
+				if t.Streams > 1 {
+					multi = fmt.Sprintf("%.2f\t%.0f%%", t.MultiCPU[i].Median, 100*t.MultiSys[i].Median)
+				}
+				proxy = fmt.Sprintf("%.2f\t%.0f%%\t%.2f\t%.0f%%\t%s", c.Median, 100*t.UploadSys[i].Median,
+					t.DownloadCPU[i].Median, 100*t.DownloadSys[i].Median, multi)
 			}
 		}
-		var down float64
-		for _, d := range t.DownloadSelfCPU {
-			if d.Target == r.Target {
-				down = d.Median
-			}
+		down, _ := rowMedian(t.DownloadSelfCPU, r.Target)
+		multi := "—"
+		if m, ok := rowMedian(t.MultiSelfCPU, r.Target); ok {
+			multi = fmt.Sprintf("%.2f", m)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t\n", r.Target, proxy, r.Median, down)
+		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%s\t\n", r.Target, proxy, r.Median, down, multi)
 	}
 	tw.Flush()
 	return b.String()
@@ -329,6 +365,10 @@ func (t *idleReport) table() string {
 
 // rateReport is the rate mode's result.
 type rateReport struct {
+	// Mode is rate (raw ClientHello), tls (full handshake) or http (HTTP
+	// Host); Title describes one connection.
+	Mode     string `json:"mode"`
+	Title    string `json:"workload"`
 	Clients  int    `json:"clients"`
 	Duration string `json:"duration"`
 	MaxCount int64  `json:"max_count"`
@@ -347,7 +387,7 @@ type rateReport struct {
 
 func (t *rateReport) table() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "\n== rate: %d client loops of connect → ClientHello → 1-byte reply → close, %s per run ==\n", t.Clients, t.Duration)
+	fmt.Fprintf(&b, "\n== %s: %d client loops of %s, %s per run ==\n", t.Mode, t.Clients, t.Title, t.Duration)
 	rowsTable(&b, "connections per second:", t.PerSec, "%.0f")
 	rowsTable(&b, "p50 latency, µs (connect to reply):", t.P50, "%.0f")
 	rowsTable(&b, "p99 latency, µs:", t.P99, "%.0f")
