@@ -138,6 +138,13 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 		log.Warn("idle connections will hold a goroutine each", "err", err)
 		poller = nil
 	}
+	dialKeepAlive := time.Duration(keepAlive)
+	if poller != nil {
+		// The poller turns keep-alive on once a backend socket has been
+		// quiet a moment: short connections never pay for it.
+		poller.SetBackendKeepAlive(net.KeepAliveConfig{Enable: true, Idle: keepAlive})
+		dialKeepAlive = -1
+	}
 	return &Server{
 		AccessLog: log,
 		poller:    poller,
@@ -151,7 +158,7 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 			AllowPrivate: cfg.Backend.AllowPrivate,
 			Family:       route.Family(cfg.Backend.DNSFamily),
 			Forbidden:    forbidden,
-			KeepAlive:    keepAlive,
+			KeepAlive:    dialKeepAlive,
 		},
 		conns:      map[*conn]struct{}{},
 		sniffLimit: int64(sniffLimitFor(cfg)),

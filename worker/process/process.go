@@ -81,6 +81,7 @@ func Run(o Options) error {
 	if err != nil {
 		return err
 	}
+	setProcs(cfg)
 	table, err := recvHealth(o.Conn)
 	if err != nil {
 		return err

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"sync"
 	"time"
@@ -39,6 +40,18 @@ type Poller struct {
 	// with this Poller: at most maxPipes at once, none kept long once the
 	// worker is quiet.
 	pipes *pipePool
+	// keepAlive is set on a backend socket when its direction first
+	// parks (see direction.keepAlive); set by SetBackendKeepAlive before
+	// any pair starts.
+	keepAlive net.KeepAliveConfig
+}
+
+// SetBackendKeepAlive makes the pairs started with p turn TCP keep-alive
+// on for their backend socket, with cfg, once that socket has been quiet
+// for a while (so that short connections never pay for it). Call it
+// before the first pair starts.
+func (p *Poller) SetBackendKeepAlive(cfg net.KeepAliveConfig) {
+	p.keepAlive = cfg
 }
 
 // NewPoller creates a Poller and starts its wait loop.

@@ -45,6 +45,10 @@ import (
 	"github.com/sniproxy/sniproxy/internal/dupfd"
 )
 
+// parkAfter is how long a direction with a Poller waits for its source on
+// a goroutine before it parks in the Poller (see wait).
+const parkAfter = 500 * time.Millisecond
+
 // holdPipe bounds how long a direction may wait for more bytes while it
 // holds a splice pipe (two fds) in the middle of a stream.
 const holdPipe = 20 * time.Millisecond
@@ -165,10 +169,7 @@ func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *
 		p.timer.Reset(max(time.Until(time.Unix(0, p.last.Load()).Add(idle)), 0))
 	}
 	for _, d := range live {
-		if d.rc == nil {
-			continue
-		}
-		if poller == nil || !poller.park(d) {
+		if d.rc != nil {
 			go wait(d)
 		}
 	}
@@ -472,6 +473,7 @@ type direction struct {
 	waitFn  func(fd uintptr) bool
 	eof     bool
 	peekErr error
+	kept    bool // keepAlive has run
 	one     [1]byte
 	err     error
 }
@@ -542,6 +544,26 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 			d.stopped = true
 			return nil, false
 		}
+		// What is queued first goes through a buffer: a short message
+		// (a handshake flight, a request, a reply) costs one read and
+		// one write and no pipe. Only a read that fills the buffer, the
+		// start of a stream, goes on with splice.
+		n, full, err := d.copySmall()
+		if n > 0 {
+			d.moved(n)
+		}
+		if err != nil {
+			return err, false
+		}
+		if d.eof {
+			return nil, false
+		}
+		if !full {
+			// The next bytes are waited for on a fresh goroutine (its
+			// first look at the socket finds them if they came already).
+			go wait(d)
+			return nil, true
+		}
 		// Splice what is queued and whatever follows, letting the splice
 		// loop wait for more while the stream flows; the read deadline
 		// ends that wait holdPipe after it began, so a pipe is held at most
@@ -549,7 +571,7 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 		// can only end a wait for src with the pipe empty, never a write
 		// of bytes already spliced in.
 		d.src.SetReadDeadline(time.Now().Add(holdPipe))
-		n, err := d.transfer()
+		n, err = d.transfer()
 		d.src.SetReadDeadline(time.Time{})
 		switch {
 		case err == nil:
@@ -559,15 +581,7 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 			err = nil
 		}
 		if n > 0 {
-			d.n += n
-			if d.count != nil {
-				if d.up {
-					d.count(n, 0)
-				} else {
-					d.count(0, n)
-				}
-			}
-			d.p.touch()
+			d.moved(n)
 		}
 		if err != nil {
 			return err, false
@@ -579,31 +593,119 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 		ready := false
 		err = d.rc.Control(func(fd uintptr) { ready = d.peek(fd) })
 		if err == nil && !ready {
-			if d.poller == nil || !d.poller.park(d) {
-				go wait(d)
-			}
+			go wait(d)
 			return nil, true
 		}
 	}
 }
 
-// wait is where every goroutine of a direction starts: it parks, with the
+// moved counts n bytes copied.
+func (d *direction) moved(n int64) {
+	d.n += n
+	if d.count != nil {
+		if d.up {
+			d.count(n, 0)
+		} else {
+			d.count(0, n)
+		}
+	}
+	d.p.touch()
+}
+
+// copySmall reads what src has queued into a buffer, without waiting, and
+// writes it all to dst. full reports a read that filled the buffer (more
+// is likely queued: a stream); EOF sets d.eof.
+func (d *direction) copySmall() (n int64, full bool, err error) {
+	b := d.pipes.buf()
+	defer d.pipes.putBuf(b)
+	var (
+		m    int
+		rerr error
+	)
+	if err := d.rc.Control(func(fd uintptr) {
+		for {
+			m, rerr = unix.Read(int(fd), *b)
+			if rerr != unix.EINTR {
+				return
+			}
+		}
+	}); err != nil {
+		return 0, false, err
+	}
+	switch {
+	case rerr == unix.EAGAIN:
+		return 0, false, nil // nothing after all: wait again
+	case rerr != nil:
+		return 0, false, os.NewSyscallError("read", rerr)
+	case m == 0:
+		d.eof = true
+		return 0, false, nil
+	}
+	w, err := d.dst.Write((*b)[:m])
+	return int64(w), m == len(*b), err
+}
+
+// wait is where every goroutine of a direction starts: it waits, with the
 // shallowest stack possible, until src is readable, then copies. Named for
 // stack dumps.
+//
+// With a Poller, it waits on its goroutine for parkAfter at most, then
+// parks the direction in the Poller and exits: a short connection, whose
+// next bytes come within milliseconds, never registers with the Poller
+// (two epoll_ctl calls and a goroutine hand-off per wait saved), and an
+// idle one holds no goroutine once parkAfter has passed.
 func wait(d *direction) {
-	if d.p.detach.Load() {
-		d.stopped = true
-		d.p.finish()
+	grace := d.poller != nil
+	for {
+		if grace {
+			// Set before the detach flag is read: a Detach that sets the
+			// flag after this line also moves the deadline to longAgo,
+			// one that set it before is seen below.
+			d.src.SetReadDeadline(time.Now().Add(parkAfter))
+		} else {
+			d.keepAlive()
+		}
+		if d.p.detach.Load() {
+			d.stopped = true
+			d.p.finish()
+			return
+		}
+		d.eof, d.peekErr = false, nil
+		err := d.rc.Read(d.waitFn)
+		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			if d.p.detach.Load() {
+				d.stopped = true
+				d.p.finish()
+				return
+			}
+			if grace {
+				// Quiet for parkAfter: park without a goroutine.
+				d.keepAlive()
+				if d.poller.park(d) {
+					return
+				}
+				d.src.SetReadDeadline(time.Time{})
+				grace = false
+				continue
+			}
+		}
+		if d.run(err) {
+			d.p.finish()
+		}
 		return
 	}
-	d.eof, d.peekErr = false, nil
-	err := d.rc.Read(d.waitFn)
-	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && d.p.detach.Load() {
-		d.stopped = true
-		d.p.finish()
+}
+
+// keepAlive turns TCP keep-alive on for the backend socket the first time
+// its direction waits long (parks): a connection that ends within
+// parkAfter never needs it, and the four setsockopt calls of a dial with
+// keep-alive are a tenth of a short connection's system calls. Only the
+// direction reading the backend sets it, once; the client socket has it
+// from its listener.
+func (d *direction) keepAlive() {
+	if d.up || d.kept || d.poller == nil || !d.poller.keepAlive.Enable {
 		return
 	}
-	if d.run(err) {
-		d.p.finish()
-	}
+	d.kept = true
+	d.src.SetKeepAliveConfig(d.poller.keepAlive)
 }
