@@ -572,7 +572,8 @@ func setProcs(cfg *config.Config) {
 // procsFor is a worker's share of cpus among workers, rounded up: at
 // least 1.
 func procsFor(cpus, workers int) int {
-	return max(1, (cpus+workers-1)/max(workers, 1))
+	w := max(workers, 1)
+	return max(1, (cpus+w-1)/w)
 }
 
 // workersOf is the number of workers cfg starts (workers: 0 is one per

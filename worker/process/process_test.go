@@ -495,3 +495,13 @@ func TestListenerAddress(t *testing.T) {
 		}
 	}
 }
+
+func TestProcsFor(t *testing.T) {
+	for _, tc := range []struct{ cpus, workers, want int }{
+		{2, 2, 1}, {8, 8, 1}, {8, 1, 8}, {2, 1, 2}, {8, 3, 3}, {2, 3, 1}, {1, 4, 1}, {4, 0, 4},
+	} {
+		if got := procsFor(tc.cpus, tc.workers); got != tc.want {
+			t.Errorf("procsFor(%d cpus, %d workers) = %d; want %d", tc.cpus, tc.workers, got, tc.want)
+		}
+	}
+}

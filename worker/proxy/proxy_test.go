@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // tcpPair returns the two ends of a loopback TCP connection.
@@ -400,5 +402,67 @@ func TestPollerParksIdlePairs(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatal("half-closed parked pair did not finish")
 		}
+	}
+}
+
+// sockOpt reads an integer socket option of c.
+func sockOpt(t *testing.T, c *net.TCPConn, level, opt int) int {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v int
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), level, opt) }); err != nil {
+		t.Fatal(err)
+	}
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return v
+}
+
+// TestBackendKeepAliveOnceQuiet: the backend socket of a pair gets TCP
+// keep-alive from its Poller when its direction parks, not before (a
+// short connection never pays the setsockopt calls).
+func TestBackendKeepAliveOnceQuiet(t *testing.T) {
+	poller, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer poller.Close()
+	poller.SetBackendKeepAlive(net.KeepAliveConfig{Enable: true, Idle: 47 * time.Second})
+	client, proxyC := tcpPair(t)
+	proxyB, backend := tcpPair(t)
+	defer client.Close()
+	defer backend.Close()
+	if err := proxyB.SetKeepAlive(false); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	done := make(chan error, 1)
+	h := Start(proxyC, proxyB, time.Minute, poller, nil, func(_ Result, err error) { done <- err })
+	defer h.Close()
+	on := sockOpt(t, proxyB, unix.SOL_SOCKET, unix.SO_KEEPALIVE)
+	if time.Since(start) < parkAfter/2 && on != 0 {
+		t.Fatalf("SO_KEEPALIVE %d right after Start; want it set only once the backend is quiet", on)
+	}
+	deadline := time.Now().Add(parkAfter + 10*time.Second)
+	for sockOpt(t, proxyB, unix.SOL_SOCKET, unix.SO_KEEPALIVE) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("SO_KEEPALIVE still off %v after Start of a quiet pair", time.Since(start))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if idle := sockOpt(t, proxyB, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE); idle != 47 {
+		t.Errorf("TCP_KEEPIDLE %d; want 47", idle)
+	}
+	// Still a working pair after parking.
+	backend.Write([]byte("late"))
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(client, buf); err != nil || string(buf) != "late" {
+		t.Fatalf("down after park: %q %v", buf, err)
 	}
 }
