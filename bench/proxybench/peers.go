@@ -346,8 +346,8 @@ log:
   access: false
 control_socket: %q
 `, listen, w, sniName, backendAddr, n+1000, metricsPort, filepath.Join(dir, "sniproxy.sock"))
-		desc = fmt.Sprintf("a master and workers: %d (-workers), GOMAXPROCS=%d (Go default), max_connections %d, metrics on, log warn, no access log, control socket in the temp dir",
-			w, runtime.NumCPU(), n+1000)
+		desc = fmt.Sprintf("a master and workers: %d (-workers), each worker's GOMAXPROCS its share of the %d CPUs (%d) unless set with -peer-env, max_connections %d, metrics on, log warn, no access log, control socket in the temp dir",
+			w, runtime.NumCPU(), max(1, (runtime.NumCPU()+w-1)/max(w, 1)), n+1000)
 		if proto == protoHTTP {
 			desc = "the same config and listener: sniproxy sniffs TLS or HTTP/1 per connection and routes the Host header bench.test"
 		}
