@@ -532,7 +532,10 @@ func soakKiller(p *proxyProc, chaos *soakChaos, seed uint64, stop <-chan struct{
 			return
 		case <-time.After(600*time.Millisecond + time.Duration(r.IntN(1200))*time.Millisecond):
 		}
-		kids := procChildren(p.pid())
+		// Workers only: during a reload the master's children include
+		// its successor (tableflip forks it), whose death fails the
+		// reload; that is not the fault this test injects.
+		kids := slices.DeleteFunc(procChildren(p.pid()), func(pid int) bool { return !isWorkerProc(pid) })
 		if len(kids) == 0 {
 			continue
 		}
@@ -577,6 +580,17 @@ func soakReloader(p *proxyProc, chaos *soakChaos, started *atomic.Int64, n int, 
 		chaos.reloads = append(chaos.reloads, strings.TrimSpace(string(out)))
 		chaos.mu.Unlock()
 	}
+}
+
+// isWorkerProc reports whether pid is a sniproxy worker (argv[1] is
+// "worker").
+func isWorkerProc(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil {
+		return false
+	}
+	args := strings.Split(string(b), "\x00")
+	return len(args) > 1 && args[1] == "worker"
 }
 
 // procChildren returns the live children of pid.
