@@ -118,9 +118,8 @@ type socketSet struct {
 func openSockets(upg fileGetter, inherited map[string]rawFD, cfg *config.Config, count int, suffix string, exclusive bool) (*socketSet, error) {
 	set := &socketSet{byAddr: map[string][]socket{}}
 	defer func() {
-		for _, fd := range inherited {
-			fd.Close()
-		}
+		closeAll(inherited)
+		clear(inherited)
 	}()
 	// take returns the socket called name from the predecessor, or
 	// closedFD when it had none.
