@@ -121,8 +121,11 @@ const maxFDsPerMsg = 250
 type rightsReader struct {
 	conn *net.UnixConn
 	oob  []byte
-	mu   sync.Mutex // guards fds (recv's goroutine, and close)
+	mu   sync.Mutex // guards fds and closed (recv's goroutine, and close)
 	fds  []rawFD
+	// closed is set by close: what a Read still under way receives
+	// then is closed at once.
+	closed bool
 }
 
 // Read implements io.Reader.
@@ -160,6 +163,10 @@ func (r *rightsReader) keep(oob []byte) error {
 			continue // not SCM_RIGHTS
 		}
 		for _, fd := range fds {
+			if r.closed {
+				unix.Close(fd)
+				continue
+			}
 			r.fds = append(r.fds, rawFD(fd))
 		}
 	}
@@ -184,6 +191,7 @@ func (r *rightsReader) close() {
 	defer r.mu.Unlock()
 	closeFDs(r.fds)
 	r.fds = nil
+	r.closed = true
 }
 
 // newStateSocket wraps f, which it takes ownership of.
