@@ -64,9 +64,11 @@ type workerLogs struct {
 	access *os.File // nil: access lines go to stderr
 }
 
-// startChild starts a worker process for slot with its sockets. The socket
-// descriptors go through ExtraFiles (fd 4 on; the IPC pair is fd 3) as
-// F_DUPFD_CLOEXEC duplicates the master owns.
+// startChild starts a worker process for slot with its sockets: names[i]
+// is socks[i]'s name. The socket descriptors go through ExtraFiles (fd 4
+// on; the IPC pair is fd 3); socks are F_DUPFD_CLOEXEC duplicates made
+// for this start (see socketSet.filesForSlot), which startChild closes
+// whatever happens.
 //
 // The worker runs exe, normally /proc/self/exe, so the kernel would name it
 // "exe": its argv[0] is "sniproxy" (ps, pgrep -f) and it sets its own comm
@@ -75,17 +77,14 @@ type workerLogs struct {
 // (--access-log-fd). With cred, the worker runs as that user and groups: a
 // root master's capabilities are not passed on (the kernel clears them when
 // a process changes from uid 0 at exec).
-func startChild(exe string, slot, generation, id int, socks []socket, log config.Log, lf workerLogs, cred *syscall.Credential) (*child, error) {
+func startChild(exe string, slot, generation, id int, names []string, socks []*os.File, log config.Log, lf workerLogs, cred *syscall.Credential) (*child, error) {
+	// Once the worker has its copies, these leave the runtime's epoll.
+	defer closeFiles(socks)
 	conn, wf, err := ipc.Pair()
 	if err != nil {
 		return nil, err
 	}
-	names := make([]string, len(socks))
-	files := []*os.File{wf}
-	for i, sk := range socks {
-		names[i] = sk.name
-		files = append(files, sk.file)
-	}
+	files := append([]*os.File{wf}, socks...)
 	args := []string{"worker",
 		"--slot", strconv.Itoa(slot),
 		"--generation", strconv.Itoa(generation),

@@ -1,5 +1,6 @@
 // Package master runs sniproxy's master process: it holds every listening
-// socket (through cloudflare/tableflip, so they outlive the process across
+// socket (as raw descriptors, outside the Go runtime's epoll, passed to the
+// successor over the state socket so that they outlive the process across
 // a reload), starts one worker process per slot and gives each its
 // sockets, restarts workers that die, grants connection permits from the
 // global limit (package lease), owns the cumulative counters the workers
@@ -15,9 +16,14 @@
 //     spares, returns, the reserve sent to the successor.
 //   - counters (counters.go): the cumulative counters and their Deltas to
 //     the successor.
+//   - sockets (sockets.go): the proxy's listening sockets, held as raw
+//     descriptors (one in the runtime's epoll would wake the master for
+//     every connection queued on it): inherited or bound, given to each
+//     worker slot, copied for the successor.
 //   - succession (succession.go, statesocket.go): inheriting from the
-//     predecessor over the state socket, and a reload: hurry, state and
-//     move sockets, tableflip Upgrade, successor ready.
+//     predecessor over the state socket (the listening sockets, then the
+//     succession state), and a reload: hurry, state and move sockets,
+//     tableflip Upgrade, successor ready.
 //   - relay (relay.go): moved connections, from the predecessor to this
 //     generation's workers and from them to the successor.
 //   - shutdown (shutdown.go): retire the workers, drain, stop now.
@@ -45,7 +51,7 @@
 // under health.mu: a worker slow to read cannot stall the master's
 // readers. perIP.pred.mu (the predecessor's client counts) is taken under
 // relay.mu or under none, never with perIP.mu held, and takes only
-// perip.Table's lock. The locks inside
-// lease.Pool, perip.Table, stateSocket (its writer) and ipc.Conn are leaves: taken
-// last, under any of these.
+// perip.Table's lock. The locks inside lease.Pool, perip.Table,
+// stateSocket (its writer, and the descriptors its reader received),
+// socketSet and ipc.Conn are leaves: taken last, under any of these.
 package master

@@ -94,11 +94,12 @@ func Run(opts Options) error {
 	// A successor shares its predecessor's ports by design; a first
 	// master must not join another instance's.
 	exclusive := !opts.SharePorts && m.succession.predecessor == nil
-	m.socks, err = openSockets(upg, m.cfg, m.sup.n, suffix, exclusive)
+	m.socks, err = openSockets(upg, m.succession.takeSockets(), m.cfg, m.sup.n, suffix, exclusive)
 	if err != nil {
 		return err
 	}
 	defer m.socks.close()
+	m.succession.socks = m.socks
 	defer m.endpoints.close()
 	ctlPath, err := m.serveEndpoints()
 	if err != nil {
@@ -282,7 +283,11 @@ func (m *Master) startWorker(slot, id int) (*child, error) {
 			lf.access = l.AccessOut.File()
 		}
 	}
-	return startChild(m.exe, slot, m.succession.generation, id, m.socks.forSlot(slot, m.sup.n), m.cfg.Log, lf, m.workerCred)
+	names, socks, err := m.socks.filesForSlot(slot, m.sup.n)
+	if err != nil {
+		return nil, err
+	}
+	return startChild(m.exe, slot, m.succession.generation, id, names, socks, m.cfg.Log, lf, m.workerCred)
 }
 
 // serveEndpoints starts the metrics server (if enabled) and the control
@@ -381,7 +386,7 @@ func (m *Master) reap(c *child) {
 	m.health.lost(c)
 	m.sup.remove(c)
 	if m.opts.ReplaceDeadSockets && !m.sup.isRetiring() {
-		if err := m.socks.rebind(m.upg, c.slot, m.sup.n); err != nil {
+		if err := m.socks.rebind(c.slot, m.sup.n); err != nil {
 			m.log.Error("negative control: rebinding sockets failed", "err", err)
 		}
 	}

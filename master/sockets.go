@@ -8,45 +8,150 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 
-	"github.com/cloudflare/tableflip"
 	"github.com/libp2p/go-reuseport"
+	"golang.org/x/sys/unix"
 
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/dupfd"
 )
 
+// rawFD is a listening socket's descriptor as the master holds it: a
+// plain number, never an *os.File. os.NewFile (and net.FileListener)
+// registers a non-blocking descriptor in the Go runtime's epoll, and a
+// listening socket in an epoll wakes that process for every connection
+// queued on it (EPOLLET or not): the master, which never accepts, would
+// be switched in once per proxied connection. O_NONBLOCK belongs to the
+// open file description the workers share (their accept needs it), so
+// the master cannot make its copy blocking instead; and the runtime
+// cannot unregister a live *os.File. -1 is a closed rawFD.
+type rawFD int
+
+// closedFD is a rawFD that was closed (or never opened).
+const closedFD rawFD = -1
+
+// Close closes the descriptor once; a second Close does nothing (a
+// descriptor number is reused by the next open: closing it twice could
+// close someone else's).
+func (fd *rawFD) Close() error {
+	if *fd < 0 {
+		return nil
+	}
+	err := unix.Close(int(*fd))
+	*fd = closedFD
+	return err
+}
+
+// dup returns a close-on-exec duplicate of fd, which the caller owns.
+func (fd rawFD) dup() (rawFD, error) {
+	if fd < 0 {
+		return closedFD, fmt.Errorf("dup: %w", os.ErrClosed)
+	}
+	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return closedFD, fmt.Errorf("dup: %w", err)
+	}
+	return rawFD(nfd), nil
+}
+
+// file returns a duplicate of fd as an *os.File named name, for one use
+// that needs a file (exec's ExtraFiles): it is in the runtime's epoll
+// until the caller closes it, which it must do at once after that use.
+func (fd rawFD) file(name string) (*os.File, error) {
+	d, err := fd.dup()
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(d), name), nil
+}
+
+// rawFDOf returns a close-on-exec duplicate of c's descriptor as a rawFD
+// (c is left as it was; the caller closes it).
+func rawFDOf(c syscall.Conn) (rawFD, error) {
+	fd, err := dupfd.Fd(c)
+	if err != nil {
+		return closedFD, err
+	}
+	return rawFD(fd), nil
+}
+
 // socket is one listening socket the master owns for its workers.
 type socket struct {
-	name string   // tableflip key: "reuseport/<addr>/<i>" or "shared/<addr>"
-	addr string   // the listener's config address
-	file *os.File // the master's descriptor; never accepted on here
+	name string // "reuseport/<addr>/<i>" or "shared/<addr>"
+	addr string // the listener's config address
+	fd   rawFD  // the master's descriptor; never accepted on here
 }
 
 // socketSet is every proxy listening socket, by listener address.
+//
+// mu guards the descriptors (rebind replaces them, close closes them,
+// while a reload sends them to the successor); byAddr's shape and order
+// are fixed once opened. mu is a leaf: nothing else is taken under it.
 type socketSet struct {
+	mu     sync.Mutex
 	byAddr map[string][]socket
 	order  []string // listener addresses in config order
 }
 
-// openSockets gets every proxy socket from the Upgrader, inherited from the
-// previous generation when it had it, else bound now. A reuseport listener
-// gets count sockets in one SO_REUSEPORT group; a shared one gets one.
-// suffix is appended to reuseport socket names: "" always, except in the
+// openSockets gets every proxy socket: from inherited (the predecessor's
+// sockets by name, received over the state socket; openSockets takes
+// ownership of the map's descriptors and closes those it does not use),
+// else from the Upgrader (a predecessor of an older build passed them
+// through tableflip's Fds), else bound now. A reuseport listener gets
+// count sockets in one SO_REUSEPORT group; a shared one gets one. suffix
+// is appended to reuseport socket names: "" always, except in the
 // FreshSockets negative control, where it keeps names from matching the
 // predecessor's.
 //
-// Every socket comes from tableflip's Fds so that it survives a reload: a
-// socket bound any other way would get EADDRINUSE in the next generation.
+// A socket must pass from generation to generation: one bound anew in a
+// successor would get EADDRINUSE (shared) or be a new socket of the
+// group, and the predecessor's would reset what is queued on it when it
+// closes.
 //
 // With exclusive (a first master, not told to share), a reuseport
 // listener's address is first checked to be free: another
 // process listening there with SO_REUSEPORT (another sniproxy instance,
 // say with another metrics port) would otherwise silently take part of the
 // traffic.
-func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int, suffix string, exclusive bool) (*socketSet, error) {
+func openSockets(upg fileGetter, inherited map[string]rawFD, cfg *config.Config, count int, suffix string, exclusive bool) (*socketSet, error) {
 	set := &socketSet{byAddr: map[string][]socket{}}
+	defer func() {
+		closeAll(inherited)
+		clear(inherited)
+	}()
+	// take returns the socket called name from the predecessor, or
+	// closedFD when it had none.
+	take := func(name string) (rawFD, error) {
+		if fd, ok := inherited[name]; ok {
+			delete(inherited, name)
+			return fd, nil
+		}
+		f, err := upg.File(name)
+		if err != nil {
+			return closedFD, fmt.Errorf("master: inherit %s: %w", name, err)
+		}
+		if f == nil {
+			return closedFD, nil
+		}
+		// Not in this master's epoll beyond this call. (tableflip keeps
+		// its own copy, in its epoll, for this generation's life: the
+		// price of a reload from an older build, paid once.)
+		defer f.Close()
+		fd, err := rawFDOf(f)
+		if err != nil {
+			return closedFD, fmt.Errorf("master: inherit %s: %w", name, err)
+		}
+		return fd, nil
+	}
+	open := func(name, addr string, reuse bool) (rawFD, error) {
+		fd, err := take(name)
+		if err != nil || fd >= 0 {
+			return fd, err
+		}
+		return bind(name, addr, reuse)
+	}
 	for _, l := range cfg.Listeners {
 		set.order = append(set.order, l.Address)
 		if exclusive && l.ReusePort() {
@@ -57,40 +162,46 @@ func openSockets(upg *tableflip.Upgrader, cfg *config.Config, count int, suffix 
 		}
 		if !l.ReusePort() {
 			name := "shared/" + l.Address
-			f, err := fileSocket(upg, name, l.Address, false)
+			fd, err := open(name, l.Address, false)
 			if err != nil {
 				set.close()
 				return nil, err
 			}
-			set.byAddr[l.Address] = []socket{{name: name, addr: l.Address, file: f}}
+			set.byAddr[l.Address] = []socket{{name: name, addr: l.Address, fd: fd}}
 			continue
 		}
 		for i := range count {
 			name := fmt.Sprintf("reuseport/%s/%d%s", l.Address, i, suffix)
-			f, err := fileSocket(upg, name, l.Address, true)
+			fd, err := open(name, l.Address, true)
 			if err != nil {
 				set.close()
 				return nil, err
 			}
-			set.byAddr[l.Address] = append(set.byAddr[l.Address], socket{name: name, addr: l.Address, file: f})
+			set.byAddr[l.Address] = append(set.byAddr[l.Address], socket{name: name, addr: l.Address, fd: fd})
 		}
 		// A previous generation with more workers had more sockets in the
 		// group. Closing one would reset the connections queued on it, so
 		// keep them all; forSlot spreads them over the workers.
 		for i := count; ; i++ {
 			name := fmt.Sprintf("reuseport/%s/%d%s", l.Address, i, suffix)
-			f, err := upg.File(name)
+			fd, err := take(name)
 			if err != nil {
 				set.close()
-				return nil, fmt.Errorf("master: inherit %s: %w", name, err)
+				return nil, err
 			}
-			if f == nil {
+			if fd < 0 {
 				break
 			}
-			set.byAddr[l.Address] = append(set.byAddr[l.Address], socket{name: name, addr: l.Address, file: f})
+			set.byAddr[l.Address] = append(set.byAddr[l.Address], socket{name: name, addr: l.Address, fd: fd})
 		}
 	}
 	return set, nil
+}
+
+// fileGetter gives the files a predecessor passed through tableflip
+// (tableflip's File).
+type fileGetter interface {
+	File(name string) (*os.File, error)
 }
 
 // ErrPortShared is the error of a first master whose listen address
@@ -123,35 +234,25 @@ func checkPortFree(addr string) error {
 	return nil
 }
 
-// fileSocket returns the inherited socket called name, or binds a new one
-// and registers it with the Upgrader under that name.
-func fileSocket(upg *tableflip.Upgrader, name, addr string, reuse bool) (*os.File, error) {
-	f, err := upg.File(name)
-	if err != nil {
-		return nil, fmt.Errorf("master: inherit %s: %w", name, err)
-	}
-	if f != nil {
-		return f, nil
-	}
+// bind binds a new listening socket for addr (in a SO_REUSEPORT group
+// with reuse) and returns its descriptor: the net.Listener, and with it
+// its place in the runtime's epoll, is closed before bind returns.
+func bind(name, addr string, reuse bool) (rawFD, error) {
 	lc := net.ListenConfig{}
 	if reuse {
 		lc.Control = reuseport.Control
 	}
 	ln, err := lc.Listen(context.Background(), "tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("master: listen %s: %w", addr, err)
+		return closedFD, fmt.Errorf("master: listen %s: %w", addr, err)
 	}
 	defer ln.Close()
 	// Not ln.File: see dupfd.
-	f, err = dupfd.File(ln.(*net.TCPListener), name)
+	fd, err := rawFDOf(ln.(*net.TCPListener))
 	if err != nil {
-		return nil, fmt.Errorf("master: %s: %w", name, err)
+		return closedFD, fmt.Errorf("master: %s: %w", name, err)
 	}
-	if err := upg.AddFile(name, f); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("master: register %s: %w", name, err)
-	}
-	return f, nil
+	return fd, nil
 }
 
 // forSlot returns the sockets worker slot serves out of n workers: every
@@ -175,12 +276,57 @@ func (s *socketSet) forSlot(slot, n int) []socket {
 	return out
 }
 
-// close closes the master's descriptors. Sockets stay open while workers or
-// the Upgrader hold copies.
+// filesForSlot returns the names of the sockets worker slot serves out
+// of n workers (forSlot) and a duplicate of each as an *os.File for its
+// exec: the caller closes the files as soon as the worker is started.
+func (s *socketSet) filesForSlot(slot, n int) ([]string, []*os.File, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	socks := s.forSlot(slot, n)
+	names := make([]string, len(socks))
+	files := make([]*os.File, 0, len(socks))
+	for i, sk := range socks {
+		names[i] = sk.name
+		f, err := sk.fd.file(sk.name)
+		if err != nil {
+			closeFiles(files)
+			return nil, nil, fmt.Errorf("master: %s: %w", sk.name, err)
+		}
+		files = append(files, f)
+	}
+	return names, files, nil
+}
+
+// dups returns every socket's name and a duplicate of its descriptor (for
+// the successor), which the caller closes.
+func (s *socketSet) dups() ([]string, []rawFD, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var names []string
+	var fds []rawFD
+	for _, addr := range s.order {
+		for _, sk := range s.byAddr[addr] {
+			d, err := sk.fd.dup()
+			if err != nil {
+				closeFDs(fds)
+				return nil, nil, fmt.Errorf("master: %s: %w", sk.name, err)
+			}
+			names = append(names, sk.name)
+			fds = append(fds, d)
+		}
+	}
+	return names, fds, nil
+}
+
+// close closes the master's descriptors. Sockets stay open while workers,
+// a successor or descriptors in flight to it hold copies. A second close
+// does nothing.
 func (s *socketSet) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	for _, socks := range s.byAddr {
-		for _, sk := range socks {
-			sk.file.Close()
+		for i := range socks {
+			socks[i].fd.Close()
 		}
 	}
 }
@@ -188,39 +334,43 @@ func (s *socketSet) close() {
 // rebind shuts down every reuseport socket served by slot and binds a fresh
 // socket in its place. It exists only for the negative control of the e2e
 // tests (Options.ReplaceDeadSockets): it does what closing the last copy of
-// the socket would do (tableflip holds a copy of its own, so a close alone
-// would not): the kernel resets every connection queued on it, which the
-// master must never do.
-func (s *socketSet) rebind(upg *tableflip.Upgrader, slot, n int) error {
+// the socket would do (a close alone would not while another process,
+// a draining predecessor say, holds a copy): the kernel resets every
+// connection queued on it, which the master must never do.
+func (s *socketSet) rebind(slot, n int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	for _, addr := range s.order {
 		socks := s.byAddr[addr]
 		for i := range socks {
 			sk := &socks[i]
-			if i%n != slot || sk.name == "shared/"+addr {
+			if i%n != slot || sk.name == "shared/"+addr || sk.fd < 0 {
 				continue
 			}
-			if rc, err := sk.file.SyscallConn(); err == nil {
-				rc.Control(func(fd uintptr) { syscall.Shutdown(int(fd), syscall.SHUT_RDWR) })
-			}
-			sk.file.Close()
-			lc := net.ListenConfig{Control: reuseport.Control}
-			ln, err := lc.Listen(context.Background(), "tcp", addr)
+			unix.Shutdown(int(sk.fd), unix.SHUT_RDWR)
+			sk.fd.Close()
+			fd, err := bind(sk.name, addr, true)
 			if err != nil {
 				return fmt.Errorf("master: rebind %s: %w", sk.name, err)
 			}
-			f, err := dupfd.File(ln.(*net.TCPListener), sk.name)
-			ln.Close()
-			if err != nil {
-				return fmt.Errorf("master: %s: %w", sk.name, err)
-			}
-			if err := upg.AddFile(sk.name, f); err != nil {
-				f.Close()
-				return fmt.Errorf("master: rebind %s: %w", sk.name, err)
-			}
-			sk.file = f
+			sk.fd = fd
 		}
 	}
 	return nil
+}
+
+// closeFiles closes every file of fs.
+func closeFiles(fs []*os.File) {
+	for _, f := range fs {
+		f.Close()
+	}
+}
+
+// closeFDs closes every descriptor of fds.
+func closeFDs(fds []rawFD) {
+	for i := range fds {
+		fds[i].Close()
+	}
 }
 
 // portListened reports whether some TCP socket of this host's network

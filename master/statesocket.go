@@ -6,12 +6,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sniproxy/sniproxy/internal/perip"
 	"github.com/sniproxy/sniproxy/internal/stats"
@@ -27,7 +30,9 @@ const stateSocketName = "handover"
 // stateMsg is one JSON line on the state socket between a master (the
 // predecessor, generation G) and its successor (G+1).
 //
-// Predecessor to successor: first a State (the succession state), then a
+// Predecessor to successor: first the proxy's listening sockets (Sockets,
+// the descriptors attached by SCM_RIGHTS, in as many messages as
+// maxFDsPerMsg needs), then a State (the succession state), then a
 // Delta for every stats push of the predecessor's draining workers (its
 // Active is the change in the predecessor's live connections) and a
 // Reserve whenever its permits held change (with Moved, and PerIP and
@@ -36,9 +41,12 @@ const stateSocketName = "handover"
 // before it signals readiness; Hurry when it must reload again while the
 // predecessor still drains.
 type stateMsg struct {
-	State *successionState `json:"state,omitempty"`
-	Delta *stats.Snapshot  `json:"delta,omitempty"`
-	Ready *readyInfo       `json:"ready,omitempty"`
+	// Sockets names the listening sockets whose descriptors come with
+	// this message, in order (see sendSockets).
+	Sockets []string         `json:"sockets,omitempty"`
+	State   *successionState `json:"state,omitempty"`
+	Delta   *stats.Snapshot  `json:"delta,omitempty"`
+	Ready   *readyInfo       `json:"ready,omitempty"`
 	// Reserve is the permits the predecessor's workers still hold: exact,
 	// from its lease pool, so the successor never grants them twice.
 	Reserve *int `json:"reserve,omitempty"`
@@ -96,8 +104,94 @@ type readyInfo struct {
 type stateSocket struct {
 	conn *net.UnixConn
 	r    *bufio.Reader
+	in   *rightsReader
 	wmu  sync.Mutex
 	enc  *json.Encoder
+}
+
+// maxFDsPerMsg bounds the descriptors sent with one message: the kernel
+// takes at most SCM_MAX_FD (253) in one sendmsg.
+const maxFDsPerMsg = 250
+
+// rightsReader reads a Unix stream socket with recvmsg and keeps the
+// descriptors that come with the bytes (SCM_RIGHTS), in order, as plain
+// numbers: none is put in the runtime's epoll. The kernel hands them over
+// with the first byte of the sendmsg that carried them, so they are here
+// by the time the message they came with is parsed.
+type rightsReader struct {
+	conn *net.UnixConn
+	oob  []byte
+	mu   sync.Mutex // guards fds and closed (recv's goroutine, and close)
+	fds  []rawFD
+	// closed is set by close: what a Read still under way receives
+	// then is closed at once.
+	closed bool
+}
+
+// Read implements io.Reader.
+func (r *rightsReader) Read(p []byte) (int, error) {
+	n, oobn, flags, _, err := r.conn.ReadMsgUnix(p, r.oob)
+	n = max(n, 0) // -1 with some errors (a deadline)
+	oobn = max(oobn, 0)
+	if oobn > 0 {
+		if perr := r.keep(r.oob[:oobn]); perr != nil && err == nil {
+			err = perr
+		}
+	}
+	if err == nil && flags&unix.MSG_CTRUNC != 0 {
+		// Descriptors were lost (this process has too many open?):
+		// the names that come with them would not match.
+		err = errors.New("master: state socket: descriptors truncated (MSG_CTRUNC)")
+	}
+	if err == nil && n == 0 && len(p) > 0 {
+		err = io.EOF
+	}
+	return n, err
+}
+
+// keep parses the control messages in oob and queues their descriptors.
+func (r *rightsReader) keep(oob []byte) error {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return fmt.Errorf("master: state socket: %w", err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, m := range msgs {
+		fds, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			continue // not SCM_RIGHTS
+		}
+		for _, fd := range fds {
+			if r.closed {
+				unix.Close(fd)
+				continue
+			}
+			r.fds = append(r.fds, rawFD(fd))
+		}
+	}
+	return nil
+}
+
+// take removes the first n descriptors received and returns them.
+func (r *rightsReader) take(n int) ([]rawFD, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.fds) < n {
+		return nil, fmt.Errorf("master: state socket: %d descriptors received; want %d", len(r.fds), n)
+	}
+	out := r.fds[:n:n]
+	r.fds = r.fds[n:]
+	return out, nil
+}
+
+// close closes the descriptors received and not taken.
+func (r *rightsReader) close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	closeFDs(r.fds)
+	r.fds = nil
+	r.closed = true
 }
 
 // newStateSocket wraps f, which it takes ownership of.
@@ -112,7 +206,8 @@ func newStateSocket(f *os.File) (*stateSocket, error) {
 		c.Close()
 		return nil, fmt.Errorf("master: state socket is a %T", c)
 	}
-	return &stateSocket{conn: uc, r: bufio.NewReaderSize(uc, 64<<10), enc: json.NewEncoder(uc)}, nil
+	in := &rightsReader{conn: uc, oob: make([]byte, unix.CmsgSpace(4*maxFDsPerMsg))}
+	return &stateSocket{conn: uc, r: bufio.NewReaderSize(in, 64<<10), in: in, enc: json.NewEncoder(uc)}, nil
 }
 
 // send writes one message; safe for concurrent use.
@@ -123,6 +218,76 @@ func (s *stateSocket) send(m stateMsg) error {
 		return fmt.Errorf("master: state socket: %w", err)
 	}
 	return nil
+}
+
+// sendSockets sends the listening sockets: names[i] is fds[i]'s name.
+// The descriptors go by SCM_RIGHTS with the bytes of a Sockets message
+// (several for more than maxFDsPerMsg); they stay the caller's.
+func (s *stateSocket) sendSockets(names []string, fds []rawFD) error {
+	if len(names) != len(fds) {
+		return fmt.Errorf("master: state socket: %d socket names for %d descriptors", len(names), len(fds))
+	}
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	for len(names) > 0 {
+		k := min(len(names), maxFDsPerMsg)
+		line, err := json.Marshal(stateMsg{Sockets: names[:k]})
+		if err != nil {
+			return fmt.Errorf("master: state socket: %w", err)
+		}
+		line = append(line, '\n')
+		ints := make([]int, k)
+		for i, fd := range fds[:k] {
+			ints[i] = int(fd)
+		}
+		n, _, err := s.conn.WriteMsgUnix(line, unix.UnixRights(ints...), nil)
+		if err == nil && n < len(line) {
+			// A stream socket may take part of the bytes; the
+			// descriptors went with the first of them.
+			_, err = s.conn.Write(line[n:])
+		}
+		if err != nil {
+			return fmt.Errorf("master: state socket: sending sockets: %w", err)
+		}
+		names, fds = names[k:], fds[k:]
+	}
+	return nil
+}
+
+// recvSockets reads the listening sockets a predecessor sends before its
+// succession state, and returns them by name with the message that
+// follows them (normally the State). A predecessor of an older build
+// sends none: the map is empty then.
+func (s *stateSocket) recvSockets() (map[string]rawFD, stateMsg, error) {
+	socks := map[string]rawFD{}
+	for {
+		msg, err := s.recv()
+		if err != nil || msg.Sockets == nil {
+			if err != nil {
+				closeAll(socks)
+				socks = nil
+			}
+			return socks, msg, err
+		}
+		fds, err := s.in.take(len(msg.Sockets))
+		if err != nil {
+			closeAll(socks)
+			return nil, msg, err
+		}
+		for i, name := range msg.Sockets {
+			if old, ok := socks[name]; ok {
+				old.Close()
+			}
+			socks[name] = fds[i]
+		}
+	}
+}
+
+// closeAll closes every descriptor of socks.
+func closeAll(socks map[string]rawFD) {
+	for _, fd := range socks {
+		fd.Close()
+	}
 }
 
 // maxStateLine bounds one message on the state socket. The succession
@@ -155,7 +320,12 @@ func (s *stateSocket) recv() (stateMsg, error) {
 	return m, nil
 }
 
-func (s *stateSocket) close() { s.conn.Close() }
+// close closes the socket and the descriptors received on it and not
+// taken.
+func (s *stateSocket) close() {
+	s.conn.Close()
+	s.in.close()
+}
 
 // fileAdder registers a file for the successor (tableflip's AddFile).
 type fileAdder interface {

@@ -85,6 +85,13 @@ type succession struct {
 	// inherited is the predecessor's succession state; nil for a first
 	// master.
 	inherited *successionState
+	// inheritedSockets are the predecessor's listening sockets by name,
+	// until openSockets takes them (takeSockets); empty for a first
+	// master or a predecessor of an older build.
+	inheritedSockets map[string]rawFD
+	// socks is this generation's listening sockets, sent to the
+	// successor at a reload (nil in tests that have none).
+	socks *socketSet
 	// health is the health part, for the counts the draining predecessor
 	// sends on (nil in tests that have none).
 	health *healthPart
@@ -96,8 +103,8 @@ func newSuccession(log *slog.Logger, upg flipper, c *counters, b *broker, r *rel
 		exitWait: predecessorExitWait, stateWait: predecessorStateWait, movesWait: predecessorMovesWait, readyWait: successorReadyWait}
 }
 
-// inherit takes the predecessor's succession state and move socket, when
-// this master is a successor, and starts reading them.
+// inherit takes the predecessor's listening sockets, succession state and
+// move socket, when this master is a successor, and starts reading them.
 func (s *succession) inherit() error {
 	f, err := s.upg.File(stateSocketName)
 	if err != nil {
@@ -110,11 +117,13 @@ func (s *succession) inherit() error {
 	if err != nil {
 		return err
 	}
-	msg, err := h.recv()
+	socks, msg, err := h.recvSockets()
 	if err != nil || msg.State == nil {
+		closeAll(socks)
 		h.close()
 		return fmt.Errorf("master: no succession state from the previous generation: %v", err)
 	}
+	s.inheritedSockets = socks
 	st := msg.State
 	s.inherited = st
 	s.predecessor = h
@@ -140,6 +149,17 @@ func (s *succession) inherit() error {
 	}
 	s.relay.receiveFrom(mc)
 	return nil
+}
+
+// takeSockets returns the listening sockets inherited from the
+// predecessor, by name, and leaves them to the caller (openSockets).
+func (s *succession) takeSockets() map[string]rawFD {
+	socks := s.inheritedSockets
+	s.inheritedSockets = nil
+	if socks == nil {
+		socks = map[string]rawFD{}
+	}
+	return socks
 }
 
 // readPredecessor counts the draining predecessor's Deltas and reserve
@@ -197,11 +217,14 @@ func (s *succession) announceReady() {
 	s.predecessor.send(stateMsg{Ready: &readyInfo{PID: os.Getpid(), Generation: s.generation}})
 }
 
-// close closes the state socket to the predecessor, if any.
+// close closes the state socket to the predecessor, if any, and the
+// inherited sockets openSockets did not take.
 func (s *succession) close() {
 	if s.predecessor != nil {
 		s.predecessor.close()
 	}
+	closeAll(s.inheritedSockets)
+	s.inheritedSockets = nil
 }
 
 // reloadOutcome is what a reload came to.
@@ -279,11 +302,18 @@ func (s *succession) hurryPredecessor() error {
 }
 
 // attachSuccessor makes the state and move sockets for the successor and
-// sends the succession state (with began, when the reload began): from then on every Delta and reserve change
+// sends the listening sockets and then the succession state (with began,
+// when the reload began): from then on every Delta and reserve change
 // goes to the successor too.
 func (s *succession) attachSuccessor(began time.Time) (*stateSocket, *ipc.Conn, error) {
 	h, err := newStateSocketPair(s.upg)
 	if err != nil {
+		return nil, nil, err
+	}
+	// First on the state socket, before anything else can be sent on
+	// it: the successor takes them before it opens its sockets.
+	if err := s.sendSockets(h); err != nil {
+		h.close()
 		return nil, nil, err
 	}
 	mc, err := newMoveSocketPair(s.upg)
@@ -306,6 +336,21 @@ func (s *succession) attachSuccessor(began time.Time) (*stateSocket, *ipc.Conn, 
 	}
 	s.relay.setSuccessor(mc)
 	return h, mc, nil
+}
+
+// sendSockets sends this generation's listening sockets to the successor
+// over h: the successor serves the same sockets, so that no connection
+// queued on one is lost.
+func (s *succession) sendSockets(h *stateSocket) error {
+	if s.socks == nil {
+		return nil
+	}
+	names, fds, err := s.socks.dups()
+	if err != nil {
+		return err
+	}
+	defer closeFDs(fds)
+	return h.sendSockets(names, fds)
 }
 
 // detachSuccessor undoes attachSuccessor after a failed Upgrade.
