@@ -118,7 +118,7 @@ func (p *Poller) park(d *direction) bool {
 	default:
 	}
 	var fd int
-	if err := d.rc.Control(func(s uintptr) { fd = int(s) }); err != nil {
+	if err := d.rc().Control(func(s uintptr) { fd = int(s) }); err != nil {
 		return false
 	}
 	p.mu.Lock()
@@ -155,7 +155,7 @@ func (p *Poller) park(d *direction) bool {
 // detach).
 func (p *Poller) unpark(d *direction) {
 	var fd int
-	if d.rc.Control(func(s uintptr) { fd = int(s) }) == nil {
+	if d.rc().Control(func(s uintptr) { fd = int(s) }) == nil {
 		p.unparkFD(d.parkID, fd)
 		return
 	}
@@ -204,7 +204,7 @@ func (p *Poller) loop() {
 		p.mu.Unlock()
 		for _, d := range ready {
 			var fd int
-			if d.rc.Control(func(s uintptr) { fd = int(s) }) == nil {
+			if d.rc().Control(func(s uintptr) { fd = int(s) }) == nil {
 				unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
 			}
 			d.resumeFrom(parked)
