@@ -190,8 +190,31 @@ func (h *Pair) Resume(client, backend *net.TCPConn, st State, idle time.Duration
 		p.timer.Reset(max(time.Until(time.Unix(0, p.last.Load()).Add(idle)), 0))
 	}
 	for _, d := range live {
+		if d.up && d.parkNow() {
+			continue
+		}
 		go wait(d)
 	}
+}
+
+// parkNow parks the client-to-backend direction of a starting pair at once
+// if the client has nothing queued, and reports whether it did. The client
+// has just sent what it had (the sniffed bytes, replayed) and waits for
+// the backend's answer: waiting for the client's next bytes on a goroutine
+// for parkAfter first would only make a burst of new connections hold
+// twice the goroutines, whose g structs the runtime keeps for good. The
+// backend-to-client direction, whose answer is usually near, waits on a
+// goroutine as usual.
+func (d *direction) parkNow() bool {
+	if d.p.poller == nil {
+		return false
+	}
+	d.eof, d.peekErr = false, nil
+	ready := false
+	if d.rc().Control(func(fd uintptr) { ready = d.peek(fd) }) != nil || ready {
+		return false
+	}
+	return d.p.poller.park(d)
 }
 
 // Close closes both connections at once; the pair then finishes as on any
