@@ -36,6 +36,8 @@ type Poller struct {
 	nextID uint64
 	closed chan struct{}
 	done   chan struct{}
+	// clock runs the idle checks of the pairs started with this Poller.
+	clock *idleClock
 	// pipes lends splice pipes to the directions of every pair started
 	// with this Poller: at most maxPipes at once, none kept long once the
 	// worker is quiet.
@@ -77,6 +79,7 @@ func newPollerPipes(max int, linger time.Duration) (*Poller, error) {
 		closed: make(chan struct{}),
 		done:   make(chan struct{}),
 		pipes:  newPipePool(max, linger),
+		clock:  newIdleClock(),
 	}
 	go p.loop()
 	return p, nil

@@ -32,7 +32,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"net"
 	"os"
 	"sync"
@@ -184,10 +183,14 @@ func (h *Pair) Resume(client, backend *net.TCPConn, st State, idle time.Duration
 	}
 	if idle > 0 {
 		// Armed once both directions are set up (a resumed pair may be
-		// idle already: the timer fires at once and aborts), and after
-		// the assignment, so checkIdle always sees p.timer.
-		p.timer = time.AfterFunc(math.MaxInt64, p.checkIdle)
-		p.timer.Reset(max(time.Until(time.Unix(0, p.last.Load()).Add(idle)), 0))
+		// idle already: the check is due at once and aborts).
+		if poller != nil {
+			p.clock = poller.clock
+		} else {
+			p.clock = newIdleClock()
+		}
+		p.clockIdx = notQueued
+		p.clock.add(p, p.last.Load()+int64(idle))
 	}
 	for _, d := range live {
 		if d.up && d.parkNow() {
@@ -329,8 +332,8 @@ func (p *pair) finish() {
 	if p.left.Add(-1) != 0 {
 		return
 	}
-	if p.timer != nil {
-		p.timer.Stop()
+	if p.clock != nil {
+		p.clock.remove(p)
 	}
 	res := Result{In: p.up.n, Out: p.down.n}
 	p.mu.Lock()
@@ -418,11 +421,12 @@ type pair struct {
 	poller   *Poller // nil: directions wait on goroutines only
 	owner    Owner
 	idle     time.Duration
-	// timer fires when the pair may have been idle for the timeout. One
-	// timer per pair, re-armed only when it fires, costs nothing per byte;
-	// socket deadlines would not do: a write deadline expiring mid-splice
-	// drops the bytes already in the pipe.
-	timer *time.Timer
+	// clock checks, when the pair may have been idle for the timeout,
+	// whether it was (nil without a timeout); clockIdx is the pair's
+	// place in it, under clock.mu. Socket deadlines would not do: a
+	// write deadline expiring mid-splice drops the bytes already in the
+	// pipe.
+	clock *idleClock
 	// last is the time of the last byte moved in either direction, in
 	// UnixNano. A direction blocked writing to a peer that does not read
 	// does not move it, so such a pair is idle too.
@@ -440,6 +444,7 @@ type pair struct {
 	end      *ending
 
 	left     atomic.Int32 // directions still running
+	clockIdx int32
 	up, down direction
 }
 
@@ -466,12 +471,12 @@ func (p *pair) ending() *ending {
 
 func (p *pair) touch() { p.last.Store(time.Now().UnixNano()) }
 
-// checkIdle runs on the timer: close the pair if it has been idle for the
-// timeout, else re-arm for the end of the new idle period.
+// checkIdle runs when the clock finds the pair's check due: close the
+// pair if it has been idle for the timeout, else queue the check again
+// for the end of the new idle period.
 func (p *pair) checkIdle() {
-	left := time.Until(time.Unix(0, p.last.Load()).Add(p.idle))
-	if left > 0 {
-		p.timer.Reset(left)
+	if due := p.last.Load() + int64(p.idle); time.Now().UnixNano() < due {
+		p.clock.add(p, due)
 		return
 	}
 	p.idled.Store(true)
