@@ -90,9 +90,7 @@ func waitParked(t *testing.T, p *Poller, n int) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		p.mu.Lock()
-		got := len(p.parked)
-		p.mu.Unlock()
+		got := p.parkedCount()
 		if got == n {
 			return
 		}
