@@ -114,12 +114,13 @@ type Pair struct{ p pair }
 // have ended and both connections are closed; owner.Count as bytes move.
 //
 // This is what a server holding many idle connections wants: the caller's
-// goroutine, whose stack grew while it sniffed and dialled, can exit, and an
-// idle pair costs two goroutines with small stacks, parked in the poller.
+// goroutine, whose stack grew while it sniffed and dialled, can exit.
 //
 // With a Poller, a direction that has nothing to read parks there instead of
-// on a goroutine of its own (see Poller); poller may be nil. The Pair may
-// be closed at any time once started (a drain deadline).
+// on a goroutine of its own (see Poller and wait), and the idle timeout is
+// checked by the Poller's clock; an idle pair then holds no goroutine and
+// no timer of its own. poller may be nil. The Pair may be closed at any
+// time once started (a drain deadline).
 func (h *Pair) Start(client, backend *net.TCPConn, idle time.Duration, poller *Poller, owner Owner) {
 	h.Resume(client, backend, State{}, idle, poller, owner)
 }
