@@ -72,9 +72,21 @@ func (c *idleClock) remove(p *pair) {
 	}
 	p.clockIdx = clockDone
 	if len(c.heap) == 0 {
-		// Let the slice go with the last pair: a quiet worker holds none.
+		// Let the slice and the timer go with the last pair: a quiet
+		// worker holds neither.
 		c.heap = nil
+		c.timer.Stop()
+		c.at = 0
 	}
+}
+
+// idleDue returns when a pair whose last byte moved at last (UnixNano)
+// may be idle for the timeout idle, saturated rather than wrapped.
+func idleDue(last int64, idle time.Duration) int64 {
+	if due := last + int64(idle); due >= last {
+		return due
+	}
+	return math.MaxInt64
 }
 
 // armLocked makes the timer fire when the first check is due.

@@ -147,4 +147,12 @@ func TestIdleClockHeap(t *testing.T) {
 		}
 		check(step)
 	}
+	for _, p := range in {
+		c.remove(p)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.heap != nil || c.at != 0 {
+		t.Errorf("empty clock keeps %d entries (cap %d), timer armed for %d", len(c.heap), cap(c.heap), c.at)
+	}
 }

@@ -191,7 +191,7 @@ func (h *Pair) Resume(client, backend *net.TCPConn, st State, idle time.Duration
 			p.clock = newIdleClock()
 		}
 		p.clockIdx = notQueued
-		p.clock.add(p, p.last.Load()+int64(idle))
+		p.clock.add(p, idleDue(p.last.Load(), idle))
 	}
 	for _, d := range live {
 		if d.up && d.parkNow() {
@@ -476,7 +476,7 @@ func (p *pair) touch() { p.last.Store(time.Now().UnixNano()) }
 // pair if it has been idle for the timeout, else queue the check again
 // for the end of the new idle period.
 func (p *pair) checkIdle() {
-	if due := p.last.Load() + int64(p.idle); time.Now().UnixNano() < due {
+	if due := idleDue(p.last.Load(), p.idle); time.Now().UnixNano() < due {
 		p.clock.add(p, due)
 		return
 	}
