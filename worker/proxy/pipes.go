@@ -233,8 +233,9 @@ func (d *direction) transfer() (int64, error) {
 // (only after a failed write to dst).
 func (d *direction) splice(p *pipe) (written int64, inPipe int, err error) {
 	p.inPipe, p.written, p.err = 0, 0, nil
+	rc, wc := d.rc(), d.wc()
 	for {
-		err = d.rc().Read(p.drainFn)
+		err = rc.Read(p.drainFn)
 		if err == nil && p.err != nil {
 			err = os.NewSyscallError("splice", p.err)
 		}
@@ -242,7 +243,7 @@ func (d *direction) splice(p *pipe) (written int64, inPipe int, err error) {
 			return p.written, 0, err // inPipe == 0: EOF
 		}
 		for p.inPipe > 0 {
-			err = d.wc().Write(p.pumpFn)
+			err = wc.Write(p.pumpFn)
 			if err == nil && p.err != nil {
 				err = os.NewSyscallError("splice", p.err)
 			}

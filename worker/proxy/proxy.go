@@ -168,11 +168,11 @@ func (h *Pair) Resume(client, backend *net.TCPConn, st State, idle time.Duration
 	p.left.Store(int32(len(live)))
 	// Every direction is set up before either starts: a started one may
 	// abort the pair at once, which looks at both.
-	var cerr, berr error
-	p.crc, cerr = client.SyscallConn()
-	p.brc, berr = backend.SyscallConn()
+	_, cerr := client.SyscallConn()
+	_, berr := backend.SyscallConn()
 	if err := cmp.Or(cerr, berr); err != nil {
-		// Only a closed conn has none: end both directions now.
+		// Only a conn without a socket has none (and it never gets one:
+		// rc and wc can count on it): end both directions now.
 		for _, d := range live {
 			d.err = fmt.Errorf("proxy: %s: %w", d.name(), err)
 		}
@@ -213,9 +213,12 @@ func (d *direction) parkNow() bool {
 	if d.p.poller == nil {
 		return false
 	}
-	d.eof, d.peekErr = false, nil
+	d.eof, d.err = false, nil
 	ready := false
-	if d.rc().Control(func(fd uintptr) { ready = d.peek(fd) }) != nil || ready {
+	err := d.rc().Control(func(fd uintptr) { ready = d.peek(fd) })
+	// What the peek found is looked at again by the goroutine that waits.
+	d.eof, d.err = false, nil
+	if err != nil || ready {
 		return false
 	}
 	return d.p.poller.park(d)
@@ -417,11 +420,9 @@ func (p *pair) takeFiles() (*Detached, error) {
 // then.
 type pair struct {
 	client, backend *net.TCPConn
-	// crc and brc are client's and backend's raw connections.
-	crc, brc syscall.RawConn
-	poller   *Poller // nil: directions wait on goroutines only
-	owner    Owner
-	idle     time.Duration
+	poller          *Poller // nil: directions wait on goroutines only
+	owner           Owner
+	idle            time.Duration
 	// clock checks, when the pair may have been idle for the timeout,
 	// whether it was (nil without a timeout); clockIdx is the pair's
 	// place in it, under clock.mu. Socket deadlines would not do: a
@@ -526,11 +527,12 @@ type direction struct {
 	n int64
 
 	// Copy state, used by one goroutine at a time.
-	parkID  uint64
-	peekErr error
-	err     error
-	state   atomic.Int32 // running or parked
-	up      bool
+	parkID uint64
+	// err is why the direction ended; while it runs, the error a peek
+	// found (see peek), which ends it.
+	err   error
+	state atomic.Int32 // running or parked
+	up    bool
 	// ended is set for a direction that had ended before a Resume.
 	ended bool
 	// stopped is set when the direction stopped for a detach rather
@@ -557,20 +559,18 @@ func (d *direction) dst() *net.TCPConn {
 	return d.p.client
 }
 
-// rc returns src's raw connection.
+// rc returns src's raw connection. It is made on each call (8 bytes)
+// rather than kept: an idle pair holds none. Resume checked that both
+// sockets have one.
 func (d *direction) rc() syscall.RawConn {
-	if d.up {
-		return d.p.crc
-	}
-	return d.p.brc
+	rc, _ := d.src().SyscallConn()
+	return rc
 }
 
-// wc returns dst's raw connection.
+// wc returns dst's raw connection, as rc.
 func (d *direction) wc() syscall.RawConn {
-	if d.up {
-		return d.p.brc
-	}
-	return d.p.crc
+	wc, _ := d.dst().SyscallConn()
+	return wc
 }
 
 // pipes returns the pool d borrows pipes and buffers from; nil (a pipe of
@@ -617,7 +617,7 @@ func (d *direction) run(woke error) (finished bool) {
 }
 
 // peek reports whether src has something to read, without consuming it:
-// bytes (ok), EOF (d.eof) or an error (d.peekErr); ok is false when nothing
+// bytes (ok), EOF (d.eof) or an error (d.err); ok is false when nothing
 // is there yet. It is the callback of syscall.RawConn.Read (false means
 // "wait for readability") and of RawConn.Control (no waiting).
 func (d *direction) peek(fd uintptr) (ok bool) {
@@ -626,7 +626,7 @@ func (d *direction) peek(fd uintptr) (ok bool) {
 	case err == unix.EAGAIN || err == unix.EINTR:
 		return false
 	case err != nil:
-		d.peekErr = err
+		d.err = err
 	case n == 0:
 		d.eof = true
 	}
@@ -642,8 +642,10 @@ func (d *direction) peek(fd uintptr) (ok bool) {
 func (d *direction) copy(woke error) (err error, handedOff bool) {
 	err = woke
 	for {
-		if err == nil && d.peekErr != nil {
-			err = os.NewSyscallError("recvfrom", d.peekErr)
+		if err == nil && d.err != nil {
+			// A peek's error; run records it wrapped (it is never
+			// net.ErrClosed).
+			err = os.NewSyscallError("recvfrom", d.err)
 		}
 		if err != nil {
 			return err, false
@@ -701,7 +703,7 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 		if d.eof {
 			return nil, false
 		}
-		d.eof, d.peekErr = false, nil
+		d.eof, d.err = false, nil
 		ready := false
 		err = d.rc().Control(func(fd uintptr) { ready = d.peek(fd) })
 		if err == nil && !ready {
@@ -780,7 +782,7 @@ func wait(d *direction) {
 			d.p.finish()
 			return
 		}
-		d.eof, d.peekErr = false, nil
+		d.eof, d.err = false, nil
 		err := d.rc().Read(d.peek)
 		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
 			if d.p.detach.Load() {
@@ -793,7 +795,7 @@ func wait(d *direction) {
 				// first look (a stalled machine): look once more, then
 				// park without a goroutine.
 				d.src().SetReadDeadline(time.Time{})
-				d.eof, d.peekErr = false, nil
+				d.eof, d.err = false, nil
 				ready := false
 				if d.rc().Control(func(fd uintptr) { ready = d.peek(fd) }) == nil && ready {
 					if d.run(nil) {
