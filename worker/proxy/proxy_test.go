@@ -50,7 +50,9 @@ func (f funcs) Done(r Result, err error) { f.done(r, err) }
 
 // start starts a new Pair with count and done as its Owner.
 func start(client, backend *net.TCPConn, idle time.Duration, poller *Poller, count func(in, out int64), done func(Result, error)) *Pair {
-	return resume(client, backend, State{}, idle, poller, count, done)
+	h := new(Pair)
+	h.Start(client, backend, idle, poller, funcs{count, done})
+	return h
 }
 
 // resume resumes a new Pair with count and done as its Owner.
