@@ -250,7 +250,7 @@ func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool, 
 	s.track(c)
 	c.mu.Lock()
 	if c.deadline != 0 {
-		// Armed first: pipeDone stops it, even if the pair ends at once.
+		// Armed first: Done stops it, even if the pair ends at once.
 		c.timer.Store(time.AfterFunc(time.Until(st.Deadline), c.close))
 	}
 	// Set before Resume returns, so a Move right after finds the pair.

@@ -63,7 +63,7 @@ var endNames = [...]string{
 
 // result is what a phase of the serve path returns: the zero value (go on
 // to the next phase), or how the connection ended, which the one cleanup
-// (path.end, or the pair's done callback) logs as the access log's
+// (path.end, or the pair's end, conn.Done) logs as the access log's
 // "result" and "err" and counts.
 type result struct {
 	end    end
@@ -165,7 +165,7 @@ type path struct {
 // turn until one ends the connection, then ends it (path.end). The copy
 // phase hands both sockets to a pair and returns, so that this goroutine
 // (whose stack grew while sniffing and dialling) does not stay parked for
-// the life of an idle connection; the pair's done callback ends the
+// the life of an idle connection; the pair's end (conn.Done) ends the
 // connection then.
 func (c *conn) serve() {
 	p := &path{c: c}
