@@ -22,54 +22,56 @@ import (
 // through the phases (serve), or moved here from another process and
 // resumed (Server.Resume). Its sockets are closed in one place, close,
 // until its pair runs; then the pair closes them.
+//
+// An idle connection is this one allocation (its pair is embedded) plus
+// its sockets: what is needed only before the copy phase lives in path,
+// on serve's goroutine, and is gone with it.
 type conn struct {
 	srv    *Server
-	id     uint64
 	client *net.TCPConn
-	lcfg   config.Listener
-	start  time.Time
-	// peer is the client's address and local the one it connected to:
-	// the socket's, or those a trusted PROXY header named (IPv4-mapped
-	// addresses as IPv4). Set only by setAddrs, before the route phase
-	// (or by Resume, from the moved state); whatever says who the client
-	// is (the access log's "client", per-IP limits, the PROXY header sent
-	// to the backend) reads them.
-	peer, local netip.AddrPort
+	// lcfg is the listener's config (one of srv.cfg.Listeners, or made by
+	// Resume for a listener this config lacks).
+	lcfg  *config.Listener
+	id    uint64
+	start time.Time
+	// peer is the client's address: the socket's, or the one a trusted
+	// PROXY header named (IPv4-mapped addresses as IPv4). Set only by
+	// path.setAddrs, before the route phase (or by Resume, from the moved
+	// state); whatever says who the client is (the access log's
+	// "client", per-IP limits, the PROXY header sent to the backend)
+	// reads it.
+	peer netip.AddrPort
 	// perIPKey is the client key whose client permit the connection
 	// holds (admitPerIP, or adopted by Resume), until finish gives it
-	// back; invalid if none.
+	// back; invalid if none. Once perIPMoved is set, sendMoved sends the
+	// connection with it and only then gives the client permit back.
 	perIPKey netip.Addr
-	// movedPerIPKey takes perIPKey's place when the pair was detached to
-	// be moved: sendMoved sends the connection with it and only then
-	// gives its client permit back. Written by the pair's done callback,
-	// which runs before the pair reports it stopped; read after.
-	movedPerIPKey netip.Addr
 
 	// o is what the access log will say besides the result; written by
 	// the phases before the pair starts, read when the connection ends
 	// and when it moves.
-	o *outcome
-	// moves counts the reloads this connection moved in.
-	moves int
-	// deadline, if set, is when an earlier generation's drain ends for
-	// this connection (it was moved here): it is closed then.
-	deadline time.Time
+	o outcome
+	// deadline, if not zero, is when an earlier generation's drain ends
+	// for this connection (it was moved here), in UnixNano: it is closed
+	// then.
+	deadline int64
 
 	// pool and poolBackend are the pool backend the connection reached,
 	// once dialled (pool nil otherwise): finish releases it. idle is the
 	// route's idle timeout (0: the global one).
-	pool        *route.Pool
-	poolBackend int
-	idle        time.Duration
+	pool *route.Pool
+	idle time.Duration
 
-	mu      sync.Mutex
-	backend *net.TCPConn
-	pipe    *proxy.Pair
-	// closed: close ran before the pair started; the sockets are closed.
-	closed bool
 	// timer closes the connection at deadline (not under mu: a pair may
 	// finish within Start, while serve holds mu).
 	timer atomic.Pointer[time.Timer]
+
+	mu      sync.Mutex
+	backend *net.TCPConn
+
+	poolBackend int32
+	// moves counts the reloads this connection moved in.
+	moves int32
 	// permit is the state of a permit taken after the pair started (a
 	// resumed connection): permitNone, permitHeld, or permitDone once the
 	// connection finished.
@@ -81,8 +83,21 @@ type conn struct {
 	// movedPermit is set when the pair was detached to be moved while
 	// holding a permit: sendMoved releases it after the send.
 	movedPermit atomic.Bool
+	// closed (under mu): close ran before the pair started; the sockets
+	// are closed.
+	closed bool
+	// paired (under mu): pair runs; it owns the sockets.
+	paired bool
+	// pairPermit: the pair started holding the connection's permit (set
+	// before it starts).
+	pairPermit bool
+	// perIPMoved is set by Done when the pair was detached to be moved
+	// (before the pair reports it stopped; read after): perIPKey is then
+	// given back by sendMoved, not by finish.
+	perIPMoved bool
 
-	in, out atomic.Int64
+	// pair copies both ways once the connection is proxied (paired).
+	pair proxy.Pair
 }
 
 // errDeadline closes a connection at a drain deadline.
@@ -100,8 +115,8 @@ func (c *conn) close() {
 
 // closeLocked is close with c.mu held.
 func (c *conn) closeLocked() {
-	if c.pipe != nil {
-		c.pipe.CloseWith(errDeadline)
+	if c.paired {
+		c.pair.CloseWith(errDeadline)
 		return
 	}
 	if c.closed {
@@ -129,23 +144,32 @@ func (c *conn) setBackend(b *net.TCPConn) bool {
 
 // startPair starts copying between the client and the backend set by
 // setBackend, handing both sockets to the pair; from then on the pair's
-// done callback ends the connection. c.mu is held until the pair is
-// recorded, so close (Drain, Move) sees it.
-func (c *conn) startPair(permit bool) {
-	s := c.srv
+// end (Done) ends the connection; permit says whether c holds a permit,
+// replayed how many bytes the replay phase sent the backend.
+// c.mu is held until the pair is recorded, so close (Drain, Move) sees
+// it.
+func (c *conn) startPair(permit bool, replayed int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	idle := s.cfg.Timeouts.Idle
+	c.pairPermit = permit
+	c.paired = true
+	// The pair counts from the bytes replayed: its counts are the
+	// connection's (the access log's, and what a move carries on).
+	c.pair.Resume(c.client, c.backend, proxy.State{In: replayed}, c.idleTimeout(), c.srv.poller, c)
+}
+
+// idleTimeout returns the connection's idle timeout: its route's, else
+// the global one.
+func (c *conn) idleTimeout() time.Duration {
 	if c.idle > 0 {
-		idle = c.idle
+		return c.idle
 	}
-	c.pipe = proxy.Start(c.client, c.backend, idle, s.poller, c.count, c.pipeDone(permit))
+	return c.srv.cfg.Timeouts.Idle
 }
 
 // outcome is what the access log says of a connection besides its result.
 type outcome struct {
 	res     sniff.Result
-	source  string // the client, or the one a PROXY header named
 	rule    string // the matching route's pattern, if one matched
 	backend netip.AddrPort
 }
@@ -157,30 +181,30 @@ const (
 	permitDone
 )
 
-// pipeDone returns the done callback of c's pair, which ends the
-// connection; permit says whether c holds a permit already.
-func (c *conn) pipeDone(permit bool) func(proxy.Result, error) {
-	return func(_ proxy.Result, err error) {
-		if t := c.timer.Load(); t != nil {
-			t.Stop()
-		}
-		if c.permit.Swap(permitDone) == permitHeld {
-			permit = true
-		}
-		if errors.Is(err, proxy.ErrDetached) {
-			// Moved: the permit and the client permit are given back
-			// only once the connection has been sent on
-			// (Server.sendMoved), so that the master hears of the move
-			// before it sees them come back and no moment passes in
-			// which the connection counts nowhere.
-			if permit {
-				c.movedPermit.Store(true)
-				permit = false
-			}
-			c.movedPerIPKey, c.perIPKey = c.perIPKey, netip.Addr{}
-		}
-		c.finish(copyResult(err), permit)
+// Done ends the connection when its pair has ended (proxy.Owner).
+func (c *conn) Done(counts proxy.Result, err error) {
+	if t := c.timer.Load(); t != nil {
+		t.Stop()
 	}
+	permit := c.pairPermit
+	if c.permit.Swap(permitDone) == permitHeld {
+		permit = true
+	}
+	if errors.Is(err, proxy.ErrDetached) {
+		// Moved: the permit and the client permit are given back
+		// only once the connection has been sent on
+		// (Server.sendMoved), so that the master hears of the move
+		// before it sees them come back and no moment passes in
+		// which the connection counts nowhere.
+		if permit {
+			c.movedPermit.Store(true)
+			permit = false
+		}
+		c.perIPMoved = true
+	}
+	r := copyResult(err)
+	r.counts = counts
+	c.finish(r, permit)
 }
 
 // finish ends the connection once, whatever phase it ended in: it writes
@@ -190,7 +214,7 @@ func (c *conn) finish(r result, permit bool) {
 		c.srv.rec.Rejected(r.reason)
 	}
 	if c.pool != nil {
-		c.pool.Release(c.poolBackend)
+		c.pool.Release(int(c.poolBackend))
 	}
 	c.logDone(r)
 	if permit {
@@ -202,18 +226,18 @@ func (c *conn) finish(r result, permit bool) {
 }
 
 // setAddrs makes peer the connection's client and local the address it
-// connected to (see conn.peer).
-func (c *conn) setAddrs(peer, local netip.AddrPort) {
-	c.peer, c.local = unmapAddrPort(peer), unmapAddrPort(local)
-	c.o.source = c.peer.String()
+// connected to (see conn.peer and path.local).
+func (p *path) setAddrs(peer, local netip.AddrPort) {
+	p.c.peer, p.local = unmapAddrPort(peer), unmapAddrPort(local)
 }
 
 // writeProxyHeader sends the backend a PROXY header (version "v1" or
 // "v2") naming the client (or, behind a PROXY-speaking balancer, the
 // client it named) and, in v2, the name the client asked for as the
 // authority TLV (see formatProxyHeader).
-func (c *conn) writeProxyHeader(backend *net.TCPConn, version string) error {
-	b, err := formatProxyHeader(version, c.peer, c.local, c.o.res.Name)
+func (p *path) writeProxyHeader(backend *net.TCPConn, version string) error {
+	c := p.c
+	b, err := formatProxyHeader(version, c.peer, p.local, c.o.res.Name)
 	if err != nil {
 		return err
 	}
@@ -223,10 +247,8 @@ func (c *conn) writeProxyHeader(backend *net.TCPConn, version string) error {
 	return nil
 }
 
-// count is the pair's progress callback.
-func (c *conn) count(in, out int64) {
-	c.in.Add(in)
-	c.out.Add(out)
+// Count counts the pair's progress (proxy.Owner).
+func (c *conn) Count(in, out int64) {
 	c.srv.rec.Bytes(in, out)
 }
 
@@ -238,10 +260,10 @@ func (c *conn) logDone(r result) {
 	if log == nil || !log.Enabled(context.Background(), level) {
 		return
 	}
-	o := c.o
+	o := &c.o
 	attrs := []slog.Attr{
 		slog.Uint64("conn", c.id),
-		slog.String("client", o.source),
+		slog.String("client", c.peer.String()),
 		slog.String("listener", c.lcfg.Address),
 		slog.String("protocol", o.res.Protocol.String()),
 	}
@@ -264,13 +286,13 @@ func (c *conn) logDone(r result) {
 		attrs = append(attrs, slog.String("backend", o.backend.String()))
 	}
 	attrs = append(attrs,
-		slog.Int64("bytes_in", c.in.Load()),
-		slog.Int64("bytes_out", c.out.Load()),
+		slog.Int64("bytes_in", r.counts.In),
+		slog.Int64("bytes_out", r.counts.Out),
 		slog.Duration("duration", time.Since(c.start)),
 		slog.String("result", r.String()),
 	)
 	if c.moves > 0 {
-		attrs = append(attrs, slog.Int("moves", c.moves))
+		attrs = append(attrs, slog.Int("moves", int(c.moves)))
 	}
 	if r.err != nil {
 		attrs = append(attrs, slog.String("err", r.err.Error()))

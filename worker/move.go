@@ -79,19 +79,19 @@ func (s *Server) Move(ctx context.Context, drainBy time.Time, send SendMoved) (m
 	var pending []*conn
 	for _, c := range cs {
 		c.mu.Lock()
-		pipe := c.pipe
-		if pipe == nil {
+		paired := c.paired
+		if !paired {
 			// Not proxied yet: nothing another process could go on
 			// with. Closed under the same lock, so serve cannot start a
 			// pair in between.
 			c.closeLocked()
 		}
 		c.mu.Unlock()
-		if pipe == nil {
+		if !paired {
 			closed++
 			continue
 		}
-		if pipe.BeginDetach(func() { stopped <- c }) {
+		if c.pair.BeginDetach(func() { stopped <- c }) {
 			pending = append(pending, c)
 		}
 	}
@@ -109,7 +109,7 @@ func (s *Server) Move(ctx context.Context, drainBy time.Time, send SendMoved) (m
 			// Those still running are blocked writing: close them; they
 			// report stopped as they end.
 			for _, c := range pending {
-				c.pipe.CloseWith(fmt.Errorf("worker: not moved in time: %w", ctx.Err()))
+				c.pair.CloseWith(fmt.Errorf("worker: not moved in time: %w", ctx.Err()))
 			}
 			done = nil
 		}
@@ -120,9 +120,9 @@ func (s *Server) Move(ctx context.Context, drainBy time.Time, send SendMoved) (m
 // sendMoved detaches a stopped pair and sends its connection; false if it
 // could not (it is closed then, or it had ended by itself).
 func (s *Server) sendMoved(ctx context.Context, c *conn, drainBy time.Time, send SendMoved) bool {
-	d, err := c.pipe.Detach(ctx) // stopped already: returns at once
+	d, err := c.pair.Detach(ctx) // stopped already: returns at once
 	// The permits go back after the send, whatever its outcome (see
-	// conn.pipeDone): the master must see the connection leave first.
+	// conn.Done): the master must see the connection leave first.
 	defer func() {
 		if c.movedPermit.Swap(false) {
 			s.limiter.Release()
@@ -150,20 +150,22 @@ func (s *Server) sendMoved(ctx context.Context, c *conn, drainBy time.Time, send
 // movedState returns what c carries to the next process.
 func (c *conn) movedState(ps proxy.State, drainBy time.Time) movedState {
 	deadline := drainBy
-	if !c.deadline.IsZero() && (deadline.IsZero() || c.deadline.Before(deadline)) {
-		deadline = c.deadline
+	if c.deadline != 0 {
+		if own := time.Unix(0, c.deadline); deadline.IsZero() || own.Before(deadline) {
+			deadline = own
+		}
 	}
-	// The log counts the sniffed bytes replayed to the backend too.
-	ps.In, ps.Out = c.in.Load(), c.out.Load()
+	// ps counts the sniffed bytes replayed to the backend too (the pair
+	// started from them: conn.startPair).
 	st := movedState{
 		Listener: c.lcfg.Address,
-		Client:   c.o.source,
+		Client:   c.peer.String(),
 		Start:    c.start,
 		Sniff:    c.o.res,
 		Rule:     c.o.rule,
 		Pair:     ps,
 		Deadline: deadline,
-		Moves:    c.moves + 1,
+		Moves:    int(c.moves) + 1,
 		Idle:     c.idle,
 	}
 	if c.o.backend.IsValid() {
@@ -226,37 +228,34 @@ func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool, 
 		cc.Close()
 		return err
 	}
-	lcfg := config.Listener{Address: st.Listener}
-	for _, l := range s.cfg.Listeners {
-		if l.Address == st.Listener {
+	lcfg := &config.Listener{Address: st.Listener}
+	for i := range s.cfg.Listeners {
+		if l := &s.cfg.Listeners[i]; l.Address == st.Listener {
 			lcfg = l
 		}
 	}
-	o := &outcome{res: st.Sniff, source: st.Client, rule: st.Rule}
-	o.backend, _ = netip.ParseAddrPort(st.Backend)
 	c := &conn{srv: s, id: s.nextID.Add(1), client: cc, backend: bc, lcfg: lcfg, start: st.Start,
-		o: o, moves: st.Moves, deadline: st.Deadline, idle: st.Idle, perIPKey: perIPKey}
+		o: outcome{res: st.Sniff, rule: st.Rule}, moves: int32(st.Moves), idle: st.Idle, perIPKey: perIPKey}
+	c.o.backend, _ = netip.ParseAddrPort(st.Backend)
 	if peer, err := netip.ParseAddrPort(st.Client); err == nil {
-		c.setAddrs(peer, addrPortOf(cc.LocalAddr())) // the client as it was where it was sniffed
+		c.peer = unmapAddrPort(peer) // the client as it was where it was sniffed
 	}
-	c.in.Store(st.Pair.In)
-	c.out.Store(st.Pair.Out)
+	if !st.Deadline.IsZero() {
+		c.deadline = st.Deadline.UnixNano()
+	}
 	if permitted && s.limiter != nil {
 		c.permit.Store(permitHeld)
 	}
 	s.rec.Opened()
 	s.track(c)
 	c.mu.Lock()
-	if !c.deadline.IsZero() {
-		// Armed first: pipeDone stops it, even if the pair ends at once.
-		c.timer.Store(time.AfterFunc(time.Until(c.deadline), c.close))
+	if c.deadline != 0 {
+		// Armed first: Done stops it, even if the pair ends at once.
+		c.timer.Store(time.AfterFunc(time.Until(st.Deadline), c.close))
 	}
 	// Set before Resume returns, so a Move right after finds the pair.
-	idle := s.cfg.Timeouts.Idle
-	if c.idle > 0 {
-		idle = c.idle
-	}
-	c.pipe = proxy.Resume(cc, bc, st.Pair, idle, s.poller, c.count, c.pipeDone(false))
+	c.paired = true
+	c.pair.Resume(cc, bc, st.Pair, c.idleTimeout(), s.poller, c)
 	c.mu.Unlock()
 	if s.limiter != nil && !permitted {
 		go c.acquireLate()

@@ -42,9 +42,10 @@ func (p *path) admitPerIP() result {
 	return result{}
 }
 
-// releasePerIP gives back the client's client permit, once (conn.finish).
+// releasePerIP gives back the client's client permit, once (conn.finish),
+// unless the connection moves with it.
 func (c *conn) releasePerIP() {
-	if c.perIPKey.IsValid() {
+	if c.perIPKey.IsValid() && !c.perIPMoved {
 		c.srv.PerIP.Release(c.perIPKey)
 		c.perIPKey = netip.Addr{}
 	}
@@ -55,8 +56,8 @@ func (c *conn) releasePerIP() {
 // the client's address (the next generation may limit per client where
 // this one does not).
 func (c *conn) movedKey() netip.Addr {
-	if c.movedPerIPKey.IsValid() {
-		return c.movedPerIPKey
+	if c.perIPMoved && c.perIPKey.IsValid() {
+		return c.perIPKey
 	}
 	return c.peer.Addr().Unmap().WithZone("")
 }
@@ -64,8 +65,8 @@ func (c *conn) movedKey() netip.Addr {
 // releaseMovedPerIP gives back the client permit of a connection moved
 // away, once it is sent (Server.sendMoved).
 func (c *conn) releaseMovedPerIP() {
-	if c.movedPerIPKey.IsValid() {
-		c.srv.PerIP.Release(c.movedPerIPKey)
-		c.movedPerIPKey = netip.Addr{}
+	if c.perIPMoved && c.perIPKey.IsValid() {
+		c.srv.PerIP.Release(c.perIPKey)
+		c.perIPKey = netip.Addr{}
 	}
 }

@@ -63,12 +63,16 @@ var endNames = [...]string{
 
 // result is what a phase of the serve path returns: the zero value (go on
 // to the next phase), or how the connection ended, which the one cleanup
-// (path.end, or the pair's done callback) logs as the access log's
+// (path.end, or the pair's end, conn.Done) logs as the access log's
 // "result" and "err" and counts.
 type result struct {
 	end    end
 	reason stats.Reason // why, for endRejected
 	err    error        // logged as "err"
+	// counts are the bytes moved each way (the pair's, which include the
+	// replayed ones): logged as "bytes_in" and "bytes_out". Zero for a
+	// connection that ended before its pair started.
+	counts proxy.Result
 }
 
 // rejected returns the result of a connection closed for reason.
@@ -141,25 +145,31 @@ type path struct {
 	// counted: the connection is in the protocol counter.
 	counted bool
 	buf     *sniff.Buffer // the sniffed bytes, until replayed
-	dec     route.Decision
+	// replayed counts the sniffed bytes the replay phase sent the
+	// backend: the pair counts on from there.
+	replayed int64
+	dec      route.Decision
 	// unknown is set by sniff when the bytes are no known protocol and a
 	// default backend takes them.
 	unknown error
 	// proxyHeader is the PROXY protocol version to send the backend ("",
 	// "v1", "v2"): the route's, else backend.proxy_protocol.
 	proxyHeader string
+	// local is the address the client connected to: the socket's, or the
+	// one a trusted PROXY header named (see setAddrs); for the PROXY
+	// header sent to the backend.
+	local netip.AddrPort
 }
 
 // serve runs the phases admit → sniff → route → dial → replay → copy in
 // turn until one ends the connection, then ends it (path.end). The copy
 // phase hands both sockets to a pair and returns, so that this goroutine
 // (whose stack grew while sniffing and dialling) does not stay parked for
-// the life of an idle connection; the pair's done callback ends the
+// the life of an idle connection; the pair's end (conn.Done) ends the
 // connection then.
 func (c *conn) serve() {
-	c.o = &outcome{}
-	c.setAddrs(addrPortOf(c.client.RemoteAddr()), addrPortOf(c.client.LocalAddr()))
 	p := &path{c: c}
+	p.setAddrs(addrPortOf(c.client.RemoteAddr()), addrPortOf(c.client.LocalAddr()))
 	p.end(p.run())
 }
 
@@ -293,7 +303,7 @@ func (p *path) sniff() result {
 // defaultBackend returns the default backend of the connection's
 // listener, "" for none.
 func (p *path) defaultBackend() string {
-	return p.c.srv.cfg.DefaultBackendFor(p.c.lcfg)
+	return p.c.srv.cfg.DefaultBackendFor(*p.c.lcfg)
 }
 
 // toDefault sends the connection to the default backend instead of
@@ -369,7 +379,7 @@ func (p *path) dial() result {
 		var i int
 		backend, i, addr, err = s.Dialer.DialPool(ctx, p.dec, p.clientAddr(), s.reportDial(pool))
 		if err == nil {
-			c.pool, c.poolBackend = pool, i
+			c.pool, c.poolBackend = pool, int32(i)
 		}
 	} else {
 		backend, addr, err = s.Dialer.Dial(ctx, p.dec)
@@ -398,13 +408,9 @@ func (p *path) dial() result {
 func (p *path) replay() result {
 	c, s := p.c, p.c.srv
 	backend := c.backend // set by dial; only serve's goroutine writes it
-	idle := s.cfg.Timeouts.Idle
-	if c.idle > 0 {
-		idle = c.idle // the route's
-	}
-	backend.SetWriteDeadline(time.Now().Add(idle))
+	backend.SetWriteDeadline(time.Now().Add(c.idleTimeout()))
 	if v := p.proxyHeader; v != "" {
-		if err := c.writeProxyHeader(backend, v); err != nil {
+		if err := p.writeProxyHeader(backend, v); err != nil {
 			return replayFailed(err)
 		}
 	}
@@ -414,8 +420,8 @@ func (p *path) replay() result {
 		return replayFailed(fmt.Errorf("worker: replay to backend: %w", err))
 	}
 	backend.SetWriteDeadline(time.Time{})
-	c.in.Add(int64(len(b)))
-	s.rec.Bytes(int64(len(b)), 0)
+	p.replayed = int64(len(b))
+	s.rec.Bytes(p.replayed, 0)
 	p.releaseBuffer()
 	return result{}
 }
@@ -432,6 +438,6 @@ func replayFailed(err error) result {
 // copy hands both sockets to a pair that copies both ways (package proxy)
 // and ends the connection when it ends.
 func (p *path) copy() result {
-	p.c.startPair(p.permit)
+	p.c.startPair(p.permit, p.replayed)
 	return result{end: endCopying}
 }

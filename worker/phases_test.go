@@ -263,7 +263,7 @@ func isClosed(c *net.TCPConn) bool {
 // (the proxy's side) is client, admitted with a permit of lim.
 func newPath(t *testing.T, srv *Server, lim *strictLimiter, client *net.TCPConn) *path {
 	t.Helper()
-	c := &conn{srv: srv, id: 1, client: client, start: time.Now(), o: &outcome{}}
+	c := &conn{srv: srv, id: 1, client: client, lcfg: &srv.cfg.Listeners[0], start: time.Now()}
 	srv.rec.Opened()
 	srv.track(c)
 	p := &path{c: c}

@@ -110,7 +110,7 @@ func readProxyHeader(conn net.Conn, deadline time.Time) (*proxyproto.Header, []b
 // trusted_proxies is refused before anything is read; a header that is
 // missing, malformed or not complete within proxyHeaderTimeout is refused
 // too, both counted proxy_header. A header naming a TCP client makes that
-// client the connection's (conn.setAddrs); LOCAL (a balancer's health
+// client the connection's (path.setAddrs); LOCAL (a balancer's health
 // check), v1 UNKNOWN and a Unix-socket client leave the socket's own peer.
 // It returns the bytes read after the header, the start of the client's
 // stream.
@@ -133,7 +133,7 @@ func (p *path) readProxy() ([]byte, result) {
 		return refuse(err)
 	}
 	if ok {
-		c.setAddrs(src, dst)
+		p.setAddrs(src, dst)
 	}
 	return rest, result{}
 }

@@ -286,6 +286,8 @@ func (s *Server) Drain(ctx context.Context) int {
 // acceptLoop accepts until the listener is closed, backing off on
 // temporary errors such as running out of file descriptors.
 func (s *Server) acceptLoop(l Listener) error {
+	// Every connection points to one copy of the listener's config.
+	lcfg := &l.Config
 	var delay time.Duration
 	for {
 		c, err := l.Ln.AcceptTCP()
@@ -303,7 +305,7 @@ func (s *Server) acceptLoop(l Listener) error {
 		}
 		delay = 0
 		s.rec.Opened()
-		cn := &conn{srv: s, id: s.nextID.Add(1), client: c, lcfg: l.Config, start: time.Now()}
+		cn := &conn{srv: s, id: s.nextID.Add(1), client: c, lcfg: lcfg, start: time.Now()}
 		s.track(cn)
 		go cn.serve()
 	}

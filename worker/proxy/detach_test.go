@@ -37,7 +37,7 @@ func (m *moving) count(in, out int64) {
 func (m *moving) start(client, backend *net.TCPConn, st State) {
 	m.ends = make(chan error, 1)
 	ends := m.ends
-	m.h = Resume(client, backend, st, m.idle, m.poller, m.count, func(r Result, err error) {
+	m.h = resume(client, backend, st, m.idle, m.poller, m.count, func(r Result, err error) {
 		if r.In < st.In || r.Out < st.Out {
 			m.t.Errorf("result %+v counts less than the resumed state %+v", r, st)
 		}
@@ -90,9 +90,7 @@ func waitParked(t *testing.T, p *Poller, n int) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		p.mu.Lock()
-		got := len(p.parked)
-		p.mu.Unlock()
+		got := p.parkedCount()
 		if got == n {
 			return
 		}
@@ -412,7 +410,7 @@ func TestResumeAlreadyIdle(t *testing.T) {
 		client, proxyC := tcpPair(t)
 		proxyB, backend := tcpPair(t)
 		done := make(chan error, 1)
-		Resume(proxyC, proxyB, State{Last: time.Now().Add(-time.Hour)}, time.Millisecond, p, nil, func(_ Result, err error) { done <- err })
+		resume(proxyC, proxyB, State{Last: time.Now().Add(-time.Hour)}, time.Millisecond, p, nil, func(_ Result, err error) { done <- err })
 		select {
 		case err := <-done:
 			if !errors.Is(err, ErrIdle) {
@@ -442,7 +440,7 @@ func TestBeginDetachMany(t *testing.T) {
 		defer backend.Close()
 		end := make(chan error, 1)
 		ends = append(ends, end)
-		pairs = append(pairs, Start(proxyC, proxyB, time.Minute, p, nil, func(_ Result, err error) { end <- err }))
+		pairs = append(pairs, start(proxyC, proxyB, time.Minute, p, nil, func(_ Result, err error) { end <- err }))
 		if i == idle {
 			// The last one's backend reads nothing: it blocks writing.
 			w := &countingWriter{w: client}

@@ -219,12 +219,12 @@ func newPipe() *pipe {
 // or, when none is to be had, through a user-space buffer. Either way it
 // only stops waiting for src when every byte read has been written.
 func (d *direction) transfer() (int64, error) {
-	p := d.pipes.get()
+	p := d.pipes().get()
 	if p == nil {
 		return d.copyBuffer()
 	}
 	n, inPipe, err := d.splice(p)
-	d.pipes.put(p, inPipe > 0)
+	d.pipes().put(p, inPipe > 0)
 	return n, err
 }
 
@@ -233,8 +233,9 @@ func (d *direction) transfer() (int64, error) {
 // (only after a failed write to dst).
 func (d *direction) splice(p *pipe) (written int64, inPipe int, err error) {
 	p.inPipe, p.written, p.err = 0, 0, nil
+	rc, wc := d.rc(), d.wc()
 	for {
-		err = d.rc.Read(p.drainFn)
+		err = rc.Read(p.drainFn)
 		if err == nil && p.err != nil {
 			err = os.NewSyscallError("splice", p.err)
 		}
@@ -242,7 +243,7 @@ func (d *direction) splice(p *pipe) (written int64, inPipe int, err error) {
 			return p.written, 0, err // inPipe == 0: EOF
 		}
 		for p.inPipe > 0 {
-			err = d.wc.Write(p.pumpFn)
+			err = wc.Write(p.pumpFn)
 			if err == nil && p.err != nil {
 				err = os.NewSyscallError("splice", p.err)
 			}
@@ -298,8 +299,8 @@ func (p *pipe) pump(fd uintptr) bool {
 // copyBuffer is splice through a user-space buffer, for a direction that
 // got no pipe. It hides ReadFrom and WriteTo, which would splice.
 func (d *direction) copyBuffer() (int64, error) {
-	b := d.pipes.buf()
-	defer d.pipes.putBuf(b)
-	n, err := io.CopyBuffer(struct{ io.Writer }{d.dst}, struct{ io.Reader }{d.src}, *b)
+	b := d.pipes().buf()
+	defer d.pipes().putBuf(b)
+	n, err := io.CopyBuffer(struct{ io.Writer }{d.dst()}, struct{ io.Reader }{d.src()}, *b)
 	return n, err
 }

@@ -58,7 +58,7 @@ func TestPipeBound(t *testing.T) {
 		client, proxyC := tcpPair(t)
 		proxyB, backend := tcpPair(t)
 		done := make(chan error, 1)
-		Start(proxyC, proxyB, time.Minute, poller, nil, func(_ Result, err error) { done <- err })
+		start(proxyC, proxyB, time.Minute, poller, nil, func(_ Result, err error) { done <- err })
 		defer client.Close()
 		defer backend.Close()
 		// Each byte says which pair and where in the stream it is, so a

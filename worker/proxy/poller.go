@@ -29,13 +29,21 @@ const (
 // left unused for pipeLinger. The zero value is not usable; create
 // one with NewPoller and Close it when no pair uses it any more.
 type Poller struct {
-	ep     *os.File
-	epfd   int
-	mu     sync.Mutex
-	parked map[uint64]*direction
-	nextID uint64
+	ep   *os.File
+	epfd int
+	mu   sync.Mutex
+	// parked holds the parked directions by slot (nil: free, and in
+	// free); a direction's parkID is its slot and, above it, the park's
+	// generation, so an event left over from an earlier park of a slot
+	// finds no direction. A slice and a free list cost 12 bytes a slot,
+	// a map three times that.
+	parked []*direction
+	free   []uint32
+	gen    uint32
 	closed chan struct{}
 	done   chan struct{}
+	// clock runs the idle checks of the pairs started with this Poller.
+	clock *idleClock
 	// pipes lends splice pipes to the directions of every pair started
 	// with this Poller: at most maxPipes at once, none kept long once the
 	// worker is quiet.
@@ -73,10 +81,10 @@ func newPollerPipes(max int, linger time.Duration) (*Poller, error) {
 	p := &Poller{
 		ep:     os.NewFile(uintptr(fd), "idle-epoll"),
 		epfd:   fd,
-		parked: map[uint64]*direction{},
 		closed: make(chan struct{}),
 		done:   make(chan struct{}),
 		pipes:  newPipePool(max, linger),
+		clock:  newIdleClock(),
 	}
 	go p.loop()
 	return p, nil
@@ -95,11 +103,13 @@ func (p *Poller) Close() error {
 	err := p.ep.Close() // ends the wait loop
 	<-p.done
 	p.mu.Lock()
-	ds := make([]*direction, 0, len(p.parked))
-	for id, d := range p.parked {
-		delete(p.parked, id)
-		ds = append(ds, d)
+	var ds []*direction
+	for _, d := range p.parked {
+		if d != nil {
+			ds = append(ds, d)
+		}
 	}
+	p.parked, p.free = nil, nil
 	p.mu.Unlock()
 	for _, d := range ds {
 		d.resumeFrom(parked)
@@ -118,21 +128,18 @@ func (p *Poller) park(d *direction) bool {
 	default:
 	}
 	var fd int
-	if err := d.rc.Control(func(s uintptr) { fd = int(s) }); err != nil {
+	if err := d.rc().Control(func(s uintptr) { fd = int(s) }); err != nil {
 		return false
 	}
 	p.mu.Lock()
-	p.nextID++
-	id := p.nextID
-	p.parked[id] = d
+	id := p.insertLocked(d)
 	p.mu.Unlock()
-	d.parkID = id
 	d.state.Store(parked)
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(id), Pad: int32(id >> 32)}
 	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		// Not parked after all: take it back if nobody else did.
 		p.mu.Lock()
-		delete(p.parked, id)
+		p.takeLocked(id)
 		p.mu.Unlock()
 		if d.state.CompareAndSwap(parked, running) {
 			return false
@@ -151,23 +158,63 @@ func (p *Poller) park(d *direction) bool {
 	return true
 }
 
+// insertLocked gives d a slot in parked and returns its new parkID;
+// p.mu must be held.
+func (p *Poller) insertLocked(d *direction) uint64 {
+	var slot uint32
+	if n := len(p.free); n > 0 {
+		slot = p.free[n-1]
+		p.free = p.free[:n-1]
+	} else {
+		slot = uint32(len(p.parked))
+		p.parked = append(p.parked, nil)
+	}
+	p.gen++
+	d.parkID = uint64(p.gen)<<32 | uint64(slot)
+	p.parked[slot] = d
+	return d.parkID
+}
+
+// takeLocked removes and returns the direction parked as id, or nil if
+// none is (any more); p.mu must be held.
+func (p *Poller) takeLocked(id uint64) *direction {
+	slot := uint32(id)
+	if int(slot) >= len(p.parked) {
+		return nil
+	}
+	d := p.parked[slot]
+	if d == nil || d.parkID != id {
+		return nil
+	}
+	p.parked[slot] = nil
+	p.free = append(p.free, slot)
+	return d
+}
+
+// parkedCount returns how many directions are parked.
+func (p *Poller) parkedCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.parked) - len(p.free)
+}
+
 // unpark removes d from the Poller (when it is resumed by an abort or a
 // detach).
 func (p *Poller) unpark(d *direction) {
 	var fd int
-	if d.rc.Control(func(s uintptr) { fd = int(s) }) == nil {
+	if d.rc().Control(func(s uintptr) { fd = int(s) }) == nil {
 		p.unparkFD(d.parkID, fd)
 		return
 	}
 	p.mu.Lock()
-	delete(p.parked, d.parkID)
+	p.takeLocked(d.parkID)
 	p.mu.Unlock()
 }
 
 // unparkFD removes the direction parked as id, whose socket is fd.
 func (p *Poller) unparkFD(id uint64, fd int) {
 	p.mu.Lock()
-	delete(p.parked, id)
+	p.takeLocked(id)
 	p.mu.Unlock()
 	unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
 }
@@ -196,15 +243,14 @@ func (p *Poller) loop() {
 		p.mu.Lock()
 		for _, ev := range events[:n] {
 			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
-			if d, ok := p.parked[id]; ok {
-				delete(p.parked, id)
+			if d := p.takeLocked(id); d != nil {
 				ready = append(ready, d)
 			}
 		}
 		p.mu.Unlock()
 		for _, d := range ready {
 			var fd int
-			if d.rc.Control(func(s uintptr) { fd = int(s) }) == nil {
+			if d.rc().Control(func(s uintptr) { fd = int(s) }) == nil {
 				unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, fd, nil)
 			}
 			d.resumeFrom(parked)

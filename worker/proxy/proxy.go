@@ -32,7 +32,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"net"
 	"os"
 	"sync"
@@ -62,10 +61,10 @@ const holdPipe = 20 * time.Millisecond
 
 // Sentinel errors.
 var (
-	// ErrIdle is passed to a pair's done callback when neither side sent a
+	// ErrIdle is passed to Owner.Done when neither side sent a
 	// byte for the idle timeout.
 	ErrIdle = errors.New("proxy: idle timeout")
-	// ErrDetached is passed to a pair's done callback when the pair was
+	// ErrDetached is passed to Owner.Done when the pair was
 	// detached (Pair.Detach): its sockets were handed out, not closed.
 	ErrDetached = errors.New("proxy: detached")
 	// ErrClosed is returned by Pair.Detach for a pair that had already
@@ -82,6 +81,28 @@ type Result struct {
 	In, Out int64
 }
 
+// Owner is told of a pair's progress and of its end: the connection the
+// pair serves. Being an interface on a struct the caller has anyway, it
+// costs a pair no closure.
+type Owner interface {
+	// Count is called from both directions as bytes move (in: client to
+	// backend, out: backend to client), so a caller can report progress
+	// of long connections; it must be cheap and safe for concurrent use.
+	Count(in, out int64)
+	// Done is called once, on one of the pair's goroutines, when both
+	// directions have ended and both connections are closed (or handed
+	// out: ErrDetached), with the byte counts and the first error other
+	// than a clean EOF: ErrIdle, or a read or write error wrapped with its
+	// direction.
+	Done(Result, error)
+}
+
+// Pair copies between a client and a backend connection. Its zero value
+// is ready for Start or Resume, once; it must not be copied after. It is a
+// value, not a handle, so that the caller can embed it in its own
+// per-connection struct: an idle connection is then one allocation.
+type Pair struct{ p pair }
+
 // Start copies client to backend and backend to client until both
 // directions have ended, then closes both connections. A direction ends on
 // EOF (passed on as CloseWrite) or on an error, which closes both
@@ -89,22 +110,19 @@ type Result struct {
 // for that long.
 //
 // Start returns at once: the two directions run on their own goroutines
-// (or park in poller), and done is called (on one of them) when both have
-// ended and both connections are closed, with the byte counts and the
-// first error other than a clean EOF: ErrIdle, or a read or write error
-// wrapped with its direction. If count is not nil it is called from both
-// directions as bytes move, so a caller can report progress of long
-// connections; it must be cheap and safe for concurrent use.
+// (or park in poller), and owner.Done is called (on one of them) when both
+// have ended and both connections are closed; owner.Count as bytes move.
 //
 // This is what a server holding many idle connections wants: the caller's
-// goroutine, whose stack grew while it sniffed and dialled, can exit, and an
-// idle pair costs two goroutines with small stacks, parked in the poller.
+// goroutine, whose stack grew while it sniffed and dialled, can exit.
 //
 // With a Poller, a direction that has nothing to read parks there instead of
-// on a goroutine of its own (see Poller); poller may be nil. The returned
-// Pair may be closed at any time (a drain deadline).
-func Start(client, backend *net.TCPConn, idle time.Duration, poller *Poller, count func(in, out int64), done func(Result, error)) *Pair {
-	return Resume(client, backend, State{}, idle, poller, count, done)
+// on a goroutine of its own (see Poller and wait), and the idle timeout is
+// checked by the Poller's clock; an idle pair then holds no goroutine and
+// no timer of its own. poller may be nil. The Pair may be closed at any
+// time once started (a drain deadline).
+func (h *Pair) Start(client, backend *net.TCPConn, idle time.Duration, poller *Poller, owner Owner) {
+	h.Resume(client, backend, State{}, idle, poller, owner)
 }
 
 // State is what a detached pair had done: enough for Resume to go on where
@@ -124,16 +142,17 @@ type State struct {
 
 // Resume is Start for a pair detached elsewhere (see Pair.Detach): client
 // and backend are its sockets, st what it had done. The Result passed to
-// done counts from st.In and st.Out.
-func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *Poller, count func(in, out int64), done func(Result, error)) *Pair {
-	p := &pair{client: client, backend: backend, idle: idle, done: done}
+// owner.Done counts from st.In and st.Out.
+func (h *Pair) Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *Poller, owner Owner) {
+	p := &h.p
+	p.client, p.backend, p.idle, p.poller, p.owner = client, backend, idle, poller, owner
 	if st.Last.IsZero() {
 		p.touch()
 	} else {
 		p.last.Store(st.Last.UnixNano())
 	}
-	p.up = direction{p: p, name: "client to backend", src: client, dst: backend, up: true, count: count, n: st.In, ended: st.UpDone}
-	p.down = direction{p: p, name: "backend to client", src: backend, dst: client, count: count, n: st.Out, ended: st.DownDone}
+	p.up.p, p.up.up, p.up.n, p.up.ended = p, true, st.In, st.UpDone
+	p.down.p, p.down.n, p.down.ended = p, st.Out, st.DownDone
 	var live []*direction
 	for _, d := range []*direction{&p.up, &p.down} {
 		if !d.ended {
@@ -144,58 +163,73 @@ func Resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *
 		// Both ways had ended: nothing to do but close.
 		p.left.Store(1)
 		p.finish()
-		return &Pair{p: p}
+		return
 	}
 	p.left.Store(int32(len(live)))
 	// Every direction is set up before either starts: a started one may
 	// abort the pair at once, which looks at both.
-	var failed []*direction
-	crc, cerr := client.SyscallConn()
-	brc, berr := backend.SyscallConn()
-	for _, d := range live {
-		rc, wc, err := crc, brc, cmp.Or(cerr, berr)
-		if !d.up {
-			rc, wc, err = brc, crc, cmp.Or(berr, cerr)
+	_, cerr := client.SyscallConn()
+	_, berr := backend.SyscallConn()
+	if err := cmp.Or(cerr, berr); err != nil {
+		// Only a conn without a socket has none (and it never gets one:
+		// rc and wc can count on it): end both directions now.
+		for _, d := range live {
+			d.err = fmt.Errorf("proxy: %s: %w", d.name(), err)
 		}
-		if err != nil {
-			// Only a closed conn has none: end that direction now.
-			d.err = fmt.Errorf("proxy: %s: %w", d.name, err)
-			failed = append(failed, d)
-			continue
+		for range live {
+			p.abort()
+			p.finish()
 		}
-		d.rc, d.wc, d.waitFn, d.poller = rc, wc, d.peek, poller
-		if poller != nil {
-			d.pipes = poller.pipes
-		}
+		return
 	}
 	if idle > 0 {
 		// Armed once both directions are set up (a resumed pair may be
-		// idle already: the timer fires at once and aborts), and after
-		// the assignment, so checkIdle always sees p.timer.
-		p.timer = time.AfterFunc(math.MaxInt64, p.checkIdle)
-		p.timer.Reset(max(time.Until(time.Unix(0, p.last.Load()).Add(idle)), 0))
+		// idle already: the check is due at once and aborts).
+		if poller != nil {
+			p.clock = poller.clock
+		} else {
+			p.clock = newIdleClock()
+		}
+		p.clockIdx = notQueued
+		p.clock.add(p, idleDue(p.last.Load(), idle))
 	}
 	for _, d := range live {
-		if d.rc != nil {
-			go wait(d)
+		if d.up && d.parkNow() {
+			continue
 		}
+		go wait(d)
 	}
-	for range failed {
-		p.abort()
-		p.finish()
-	}
-	return &Pair{p: p}
 }
 
-// Pair is a running pair started by Start or Resume.
-type Pair struct{ p *pair }
+// parkNow parks the client-to-backend direction of a starting pair at once
+// if the client has nothing queued, and reports whether it did. The client
+// has just sent what it had (the sniffed bytes, replayed) and waits for
+// the backend's answer: waiting for the client's next bytes on a goroutine
+// for parkAfter first would only make a burst of new connections hold
+// twice the goroutines, whose g structs the runtime keeps for good. The
+// backend-to-client direction, whose answer is usually near, waits on a
+// goroutine as usual.
+func (d *direction) parkNow() bool {
+	if d.p.poller == nil {
+		return false
+	}
+	d.eof, d.err = false, nil
+	ready := false
+	err := d.rc().Control(func(fd uintptr) { ready = d.peek(fd) })
+	// What the peek found is looked at again by the goroutine that waits.
+	d.eof, d.err = false, nil
+	if err != nil || ready {
+		return false
+	}
+	return d.p.poller.park(d)
+}
 
 // Close closes both connections at once; the pair then finishes as on any
-// error, and done is called. It is safe to call at any time, more than
-// once.
+// error, and Owner.Done is called. It is safe to call at any time after
+// Start or Resume, more than once.
 func (h *Pair) Close() { h.p.abort() }
 
-// CloseWith is Close, with err passed to done when the directions end
+// CloseWith is Close, with err passed to Owner.Done when the directions end
 // without an error of their own (a closed socket is not one).
 func (h *Pair) CloseWith(err error) { h.p.abortWith(err) }
 
@@ -219,14 +253,14 @@ func (d *Detached) Close() {
 // or already written to the other one. A direction that ended before (a FIN
 // passed on) stays ended and is reported in the State.
 //
-// Done is called with ErrDetached before Detach returns the sockets. If a
+// Owner.Done is called with ErrDetached before Detach returns the sockets. If a
 // direction cannot stop before ctx is done (it is blocked writing to a peer
 // that does not read), or the pair ends or is closed meanwhile, the pair is
 // closed as by Close and Detach returns an error (ctx's, ErrClosed, or why
 // the sockets could not be taken). After BeginDetach, Detach waits for that
 // detach; a pair that stopped already is returned even if ctx is done.
 func (h *Pair) Detach(ctx context.Context) (*Detached, error) {
-	p := h.p
+	p := &h.p
 	stopped, ok := p.beginDetach(nil)
 	if !ok {
 		return nil, ErrClosed
@@ -241,11 +275,10 @@ func (h *Pair) Detach(ctx context.Context) (*Detached, error) {
 			<-stopped
 		}
 	}
-	if p.detached != nil {
-		return p.detached, nil
-	}
-	if p.detachErr != nil {
-		return nil, p.detachErr
+	if e := p.end; e.detached != nil { // p.end was made by beginDetach
+		return e.detached, nil
+	} else if e.detachErr != nil {
+		return nil, e.detachErr
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -270,16 +303,17 @@ func (h *Pair) BeginDetach(stopped func()) bool {
 // pair ended before any detach began.
 func (p *pair) beginDetach(onStop func()) (<-chan struct{}, bool) {
 	p.mu.Lock()
-	if (p.stopped == nil && p.closed) || (onStop != nil && p.finished) {
+	if ((p.end == nil || p.end.stopped == nil) && p.closed) || (onStop != nil && p.finished) {
 		p.mu.Unlock()
 		return nil, false
 	}
-	if p.stopped == nil {
-		p.stopped = make(chan struct{})
+	e := p.ending()
+	if e.stopped == nil {
+		e.stopped = make(chan struct{})
 	}
-	stopped := p.stopped
+	stopped := e.stopped
 	if onStop != nil {
-		p.onStop = onStop
+		e.onStop = onStop
 	}
 	again := p.detach.Swap(true)
 	p.mu.Unlock()
@@ -302,8 +336,8 @@ func (p *pair) finish() {
 	if p.left.Add(-1) != 0 {
 		return
 	}
-	if p.timer != nil {
-		p.timer.Stop()
+	if p.clock != nil {
+		p.clock.remove(p)
 	}
 	res := Result{In: p.up.n, Out: p.down.n}
 	p.mu.Lock()
@@ -311,20 +345,27 @@ func (p *pair) finish() {
 		p.up.err == nil && p.down.err == nil
 	p.closed = true // no abort may close the sockets under us now
 	p.finished = true
-	stopped, onStop, abortErr := p.stopped, p.onStop, p.abortErr
+	var (
+		stopped  chan struct{}
+		onStop   func()
+		abortErr error
+	)
+	if e := p.end; e != nil {
+		stopped, onStop, abortErr = e.stopped, e.onStop, e.abortErr
+	}
 	p.mu.Unlock()
 	if detach {
 		d, err := p.takeFiles()
 		if err == nil {
-			p.detached = d
-			p.done(res, ErrDetached)
+			p.end.detached = d // p.end was made by beginDetach
+			p.owner.Done(res, ErrDetached)
 			close(stopped)
 			if onStop != nil {
 				onStop()
 			}
 			return
 		}
-		p.detachErr = err
+		p.end.detachErr = err
 		p.up.err = err
 	}
 	p.client.Close()
@@ -339,7 +380,7 @@ func (p *pair) finish() {
 	if p.idled.Load() {
 		err = ErrIdle
 	}
-	p.done(res, err)
+	p.owner.Done(res, err)
 	if stopped != nil {
 		close(stopped)
 	}
@@ -374,15 +415,20 @@ func (p *pair) takeFiles() (*Detached, error) {
 	}}, nil
 }
 
-// pair is the state both directions share.
+// pair is the state both directions share. Everything an idle pair does
+// not need (why it was closed, a detach under way) is in end, made only
+// then.
 type pair struct {
 	client, backend *net.TCPConn
+	poller          *Poller // nil: directions wait on goroutines only
+	owner           Owner
 	idle            time.Duration
-	// timer fires when the pair may have been idle for the timeout. One
-	// timer per pair, re-armed only when it fires, costs nothing per byte;
-	// socket deadlines would not do: a write deadline expiring mid-splice
-	// drops the bytes already in the pipe.
-	timer *time.Timer
+	// clock checks, when the pair may have been idle for the timeout,
+	// whether it was (nil without a timeout); clockIdx is the pair's
+	// place in it, under clock.mu. Socket deadlines would not do: a
+	// write deadline expiring mid-splice drops the bytes already in the
+	// pipe.
+	clock *idleClock
 	// last is the time of the last byte moved in either direction, in
 	// UnixNano. A direction blocked writing to a peer that does not read
 	// does not move it, so such a pair is idle too.
@@ -392,33 +438,47 @@ type pair struct {
 	// detach is set by Detach; a direction that sees it stops instead of
 	// waiting for its source again.
 	detach atomic.Bool
-	// mu guards closed (the sockets were closed, or are being handed out)
-	// and stopped (closed once the pair has finished either way; made by
-	// Detach). detached is set before stopped is closed.
+	// mu guards closed (the sockets were closed, or are being handed
+	// out), finished and end.
 	mu       sync.Mutex
 	closed   bool
 	finished bool // finish has run (or is running)
-	stopped  chan struct{}
-	onStop   func()
+	end      *ending
+
+	left     atomic.Int32 // directions still running
+	clockIdx int32
+	up, down direction
+}
+
+// ending is what a pair keeps once it is being closed or detached.
+type ending struct {
 	abortErr error // why the pair was closed, if not by Close
+	// stopped is closed once the pair has finished either way; made by
+	// Detach, with onStop (BeginDetach's callback).
+	stopped chan struct{}
+	onStop  func()
 	// detached, or detachErr when taking the sockets failed, is set
 	// before stopped is closed.
 	detached  *Detached
 	detachErr error
+}
 
-	up, down direction
-	left     atomic.Int32 // directions still running
-	done     func(Result, error)
+// ending returns p.end, made if need be; p.mu must be held.
+func (p *pair) ending() *ending {
+	if p.end == nil {
+		p.end = new(ending)
+	}
+	return p.end
 }
 
 func (p *pair) touch() { p.last.Store(time.Now().UnixNano()) }
 
-// checkIdle runs on the timer: close the pair if it has been idle for the
-// timeout, else re-arm for the end of the new idle period.
+// checkIdle runs when the clock finds the pair's check due: close the
+// pair if it has been idle for the timeout, else queue the check again
+// for the end of the new idle period.
 func (p *pair) checkIdle() {
-	left := time.Until(time.Unix(0, p.last.Load()).Add(p.idle))
-	if left > 0 {
-		p.timer.Reset(left)
+	if due := idleDue(p.last.Load(), p.idle); time.Now().UnixNano() < due {
+		p.clock.add(p, due)
 		return
 	}
 	p.idled.Store(true)
@@ -429,7 +489,7 @@ func (p *pair) checkIdle() {
 // parked in a Poller is resumed to find its socket closed.
 func (p *pair) abort() { p.abortWith(nil) }
 
-// abortWith is abort with the error done gets when the directions end
+// abortWith is abort with the error Owner.Done gets when the directions end
 // without one of their own (a closed socket is not one).
 func (p *pair) abortWith(err error) {
 	p.mu.Lock()
@@ -438,7 +498,9 @@ func (p *pair) abortWith(err error) {
 		return
 	}
 	p.closed = true
-	p.abortErr = err
+	if err != nil {
+		p.ending().abortErr = err
+	}
 	p.mu.Unlock()
 	p.client.Close()
 	p.backend.Close()
@@ -450,39 +512,82 @@ func (p *pair) resumeParked() {
 	for _, d := range []*direction{&p.up, &p.down} {
 		// Taken first: once it is ours, nobody parks it again (with a
 		// new parkID) while unpark reads it.
-		if d.poller != nil && d.state.CompareAndSwap(parked, running) {
-			d.poller.unpark(d)
+		if d.p.poller != nil && d.state.CompareAndSwap(parked, running) {
+			d.p.poller.unpark(d)
 			go wait(d)
 		}
 	}
 }
 
-// direction is one half of a pair.
+// direction is one half of a pair: client to backend (up) or backend to
+// client. Its sockets, raw connections and pipes are the pair's, chosen
+// by up (src, dst, rc, wc, pipes).
 type direction struct {
-	p        *pair
-	name     string
-	src, dst *net.TCPConn
-	up       bool
-	count    func(in, out int64)
-	n        int64
+	p *pair
+	n int64
+
+	// Copy state, used by one goroutine at a time.
+	parkID uint64
+	// err is why the direction ended; while it runs, the error a peek
+	// found (see peek), which ends it.
+	err   error
+	state atomic.Int32 // running or parked
+	up    bool
 	// ended is set for a direction that had ended before a Resume.
 	ended bool
 	// stopped is set when the direction stopped for a detach rather
 	// than ended.
 	stopped bool
-
-	// Copy state, used by one goroutine at a time.
-	poller  *Poller
-	state   atomic.Int32 // running or parked
-	parkID  uint64
-	rc, wc  syscall.RawConn // of src, of dst
-	pipes   *pipePool       // nil: a pipe of its own for each transfer
-	waitFn  func(fd uintptr) bool
 	eof     bool
-	peekErr error
 	kept    bool // keepAlive has run
 	one     [1]byte
-	err     error
+}
+
+// src returns the socket d reads.
+func (d *direction) src() *net.TCPConn {
+	if d.up {
+		return d.p.client
+	}
+	return d.p.backend
+}
+
+// dst returns the socket d writes.
+func (d *direction) dst() *net.TCPConn {
+	if d.up {
+		return d.p.backend
+	}
+	return d.p.client
+}
+
+// rc returns src's raw connection. It is made on each call (8 bytes)
+// rather than kept: an idle pair holds none. Resume checked that both
+// sockets have one.
+func (d *direction) rc() syscall.RawConn {
+	rc, _ := d.src().SyscallConn()
+	return rc
+}
+
+// wc returns dst's raw connection, as rc.
+func (d *direction) wc() syscall.RawConn {
+	wc, _ := d.dst().SyscallConn()
+	return wc
+}
+
+// pipes returns the pool d borrows pipes and buffers from; nil (a pipe of
+// its own for each transfer) without a Poller.
+func (d *direction) pipes() *pipePool {
+	if d.p.poller == nil {
+		return nil
+	}
+	return d.p.poller.pipes
+}
+
+// name names d in errors.
+func (d *direction) name() string {
+	if d.up {
+		return "client to backend"
+	}
+	return "backend to client"
 }
 
 // run copies, starting from the result of the wait that woke it, until
@@ -498,21 +603,21 @@ func (d *direction) run(woke error) (finished bool) {
 	}
 	if err != nil {
 		if !errors.Is(err, net.ErrClosed) {
-			d.err = fmt.Errorf("proxy: %s: %w", d.name, err)
+			d.err = fmt.Errorf("proxy: %s: %w", d.name(), err)
 		}
 		d.p.abort()
 		return true
 	}
 	// Clean EOF from src: pass the FIN on; the other direction goes on.
-	if err := d.dst.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
-		d.err = fmt.Errorf("proxy: %s: close write: %w", d.name, err)
+	if err := d.dst().CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
+		d.err = fmt.Errorf("proxy: %s: close write: %w", d.name(), err)
 		d.p.abort()
 	}
 	return true
 }
 
 // peek reports whether src has something to read, without consuming it:
-// bytes (ok), EOF (d.eof) or an error (d.peekErr); ok is false when nothing
+// bytes (ok), EOF (d.eof) or an error (d.err); ok is false when nothing
 // is there yet. It is the callback of syscall.RawConn.Read (false means
 // "wait for readability") and of RawConn.Control (no waiting).
 func (d *direction) peek(fd uintptr) (ok bool) {
@@ -521,7 +626,7 @@ func (d *direction) peek(fd uintptr) (ok bool) {
 	case err == unix.EAGAIN || err == unix.EINTR:
 		return false
 	case err != nil:
-		d.peekErr = err
+		d.err = err
 	case n == 0:
 		d.eof = true
 	}
@@ -537,8 +642,10 @@ func (d *direction) peek(fd uintptr) (ok bool) {
 func (d *direction) copy(woke error) (err error, handedOff bool) {
 	err = woke
 	for {
-		if err == nil && d.peekErr != nil {
-			err = os.NewSyscallError("recvfrom", d.peekErr)
+		if err == nil && d.err != nil {
+			// A peek's error; run records it wrapped (it is never
+			// net.ErrClosed).
+			err = os.NewSyscallError("recvfrom", d.err)
 		}
 		if err != nil {
 			return err, false
@@ -577,9 +684,9 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 		// that long past the last byte. A read deadline is safe here: it
 		// can only end a wait for src with the pipe empty, never a write
 		// of bytes already spliced in.
-		d.src.SetReadDeadline(time.Now().Add(holdPipe))
+		d.src().SetReadDeadline(time.Now().Add(holdPipe))
 		n, err = d.transfer()
-		d.src.SetReadDeadline(time.Time{})
+		d.src().SetReadDeadline(time.Time{})
 		switch {
 		case err == nil:
 			// transfer ends without error only at EOF.
@@ -596,9 +703,9 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 		if d.eof {
 			return nil, false
 		}
-		d.eof, d.peekErr = false, nil
+		d.eof, d.err = false, nil
 		ready := false
-		err = d.rc.Control(func(fd uintptr) { ready = d.peek(fd) })
+		err = d.rc().Control(func(fd uintptr) { ready = d.peek(fd) })
 		if err == nil && !ready {
 			go wait(d)
 			return nil, true
@@ -609,12 +716,10 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 // moved counts n bytes copied.
 func (d *direction) moved(n int64) {
 	d.n += n
-	if d.count != nil {
-		if d.up {
-			d.count(n, 0)
-		} else {
-			d.count(0, n)
-		}
+	if d.up {
+		d.p.owner.Count(n, 0)
+	} else {
+		d.p.owner.Count(0, n)
 	}
 	d.p.touch()
 }
@@ -623,13 +728,13 @@ func (d *direction) moved(n int64) {
 // writes it all to dst. full reports a read that filled the buffer (more
 // is likely queued: a stream); EOF sets d.eof.
 func (d *direction) copySmall() (n int64, full bool, err error) {
-	b := d.pipes.buf()
-	defer d.pipes.putBuf(b)
+	b := d.pipes().buf()
+	defer d.pipes().putBuf(b)
 	var (
 		m    int
 		rerr error
 	)
-	if err := d.rc.Control(func(fd uintptr) {
+	if err := d.rc().Control(func(fd uintptr) {
 		for {
 			m, rerr = unix.Read(int(fd), *b)
 			if rerr != unix.EINTR {
@@ -648,7 +753,7 @@ func (d *direction) copySmall() (n int64, full bool, err error) {
 		d.eof = true
 		return 0, false, nil
 	}
-	w, err := d.dst.Write((*b)[:m])
+	w, err := d.dst().Write((*b)[:m])
 	return int64(w), m == len(*b), err
 }
 
@@ -662,13 +767,13 @@ func (d *direction) copySmall() (n int64, full bool, err error) {
 // (two epoll_ctl calls and a goroutine hand-off per wait saved), and an
 // idle one holds no goroutine once parkAfter has passed.
 func wait(d *direction) {
-	grace := d.poller != nil
+	grace := d.p.poller != nil
 	for {
 		if grace {
 			// Set before the detach flag is read: a Detach that sets the
 			// flag after this line also moves the deadline to longAgo,
 			// one that set it before is seen below.
-			d.src.SetReadDeadline(time.Now().Add(parkAfter))
+			d.src().SetReadDeadline(time.Now().Add(parkAfter))
 		} else {
 			d.keepAlive()
 		}
@@ -677,8 +782,8 @@ func wait(d *direction) {
 			d.p.finish()
 			return
 		}
-		d.eof, d.peekErr = false, nil
-		err := d.rc.Read(d.waitFn)
+		d.eof, d.err = false, nil
+		err := d.rc().Read(d.peek)
 		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
 			if d.p.detach.Load() {
 				d.stopped = true
@@ -689,17 +794,17 @@ func wait(d *direction) {
 				// Quiet for parkAfter, or the deadline passed before the
 				// first look (a stalled machine): look once more, then
 				// park without a goroutine.
-				d.src.SetReadDeadline(time.Time{})
-				d.eof, d.peekErr = false, nil
+				d.src().SetReadDeadline(time.Time{})
+				d.eof, d.err = false, nil
 				ready := false
-				if d.rc.Control(func(fd uintptr) { ready = d.peek(fd) }) == nil && ready {
+				if d.rc().Control(func(fd uintptr) { ready = d.peek(fd) }) == nil && ready {
 					if d.run(nil) {
 						d.p.finish()
 					}
 					return
 				}
 				d.keepAlive()
-				if d.poller.park(d) {
+				if d.p.poller.park(d) {
 					return
 				}
 				grace = false
@@ -720,9 +825,9 @@ func wait(d *direction) {
 // direction reading the backend sets it, once; the client socket has it
 // from its listener.
 func (d *direction) keepAlive() {
-	if d.up || d.kept || d.poller == nil || !d.poller.keepAlive.Enable {
+	if d.up || d.kept || d.p.poller == nil || !d.p.poller.keepAlive.Enable {
 		return
 	}
 	d.kept = true
-	d.src.SetKeepAliveConfig(d.poller.keepAlive)
+	d.src().SetKeepAliveConfig(d.p.poller.keepAlive)
 }

@@ -34,6 +34,34 @@ func tcpPair(t testing.TB) (dialed, accepted *net.TCPConn) {
 	return c, a
 }
 
+// funcs is an Owner made of two functions; count may be nil.
+type funcs struct {
+	count func(in, out int64)
+	done  func(Result, error)
+}
+
+func (f funcs) Count(in, out int64) {
+	if f.count != nil {
+		f.count(in, out)
+	}
+}
+
+func (f funcs) Done(r Result, err error) { f.done(r, err) }
+
+// start starts a new Pair with count and done as its Owner.
+func start(client, backend *net.TCPConn, idle time.Duration, poller *Poller, count func(in, out int64), done func(Result, error)) *Pair {
+	h := new(Pair)
+	h.Start(client, backend, idle, poller, funcs{count, done})
+	return h
+}
+
+// resume resumes a new Pair with count and done as its Owner.
+func resume(client, backend *net.TCPConn, st State, idle time.Duration, poller *Poller, count func(in, out int64), done func(Result, error)) *Pair {
+	h := new(Pair)
+	h.Resume(client, backend, st, idle, poller, funcs{count, done})
+	return h
+}
+
 // rig is client <-> [proxyC | Start | proxyB] <-> backend.
 type rig struct {
 	client, backend *net.TCPConn
@@ -48,7 +76,7 @@ func newRig(t testing.TB, idle time.Duration) *rig {
 	client, proxyC := tcpPair(t)
 	proxyB, backend := tcpPair(t)
 	r := &rig{client: client, backend: backend, done: make(chan struct{})}
-	Start(proxyC, proxyB, idle, nil, func(in, out int64) { r.in.Add(in); r.out.Add(out) }, func(res Result, err error) {
+	start(proxyC, proxyB, idle, nil, func(in, out int64) { r.in.Add(in); r.out.Add(out) }, func(res Result, err error) {
 		r.res, r.err = res, err
 		close(r.done)
 	})
@@ -351,7 +379,7 @@ func TestPollerParksIdlePairs(t *testing.T) {
 		client, proxyC := tcpPair(t)
 		proxyB, backend := tcpPair(t)
 		l := live{client: client, backend: backend, done: make(chan error, 1)}
-		l.h = Start(proxyC, proxyB, time.Minute, poller, nil, func(_ Result, err error) { l.done <- err })
+		l.h = start(proxyC, proxyB, time.Minute, poller, nil, func(_ Result, err error) { l.done <- err })
 		ls = append(ls, l)
 		defer client.Close()
 		defer backend.Close()
@@ -440,18 +468,18 @@ func TestBackendKeepAliveOnceQuiet(t *testing.T) {
 	if err := proxyB.SetKeepAlive(false); err != nil {
 		t.Fatal(err)
 	}
-	start := time.Now()
+	t0 := time.Now()
 	done := make(chan error, 1)
-	h := Start(proxyC, proxyB, time.Minute, poller, nil, func(_ Result, err error) { done <- err })
+	h := start(proxyC, proxyB, time.Minute, poller, nil, func(_ Result, err error) { done <- err })
 	defer h.Close()
 	on := sockOpt(t, proxyB, unix.SOL_SOCKET, unix.SO_KEEPALIVE)
-	if time.Since(start) < parkAfter/2 && on != 0 {
+	if time.Since(t0) < parkAfter/2 && on != 0 {
 		t.Fatalf("SO_KEEPALIVE %d right after Start; want it set only once the backend is quiet", on)
 	}
 	deadline := time.Now().Add(parkAfter + 10*time.Second)
 	for sockOpt(t, proxyB, unix.SOL_SOCKET, unix.SO_KEEPALIVE) == 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("SO_KEEPALIVE still off %v after Start of a quiet pair", time.Since(start))
+			t.Fatalf("SO_KEEPALIVE still off %v after Start of a quiet pair", time.Since(t0))
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
