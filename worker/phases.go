@@ -417,7 +417,9 @@ func (p *path) replay() result {
 	b := p.buf.Bytes()
 	if n, err := backend.Write(b); err != nil {
 		s.rec.Bytes(int64(n), 0)
-		return replayFailed(fmt.Errorf("worker: replay to backend: %w", err))
+		r := replayFailed(fmt.Errorf("worker: replay to backend: %w", err))
+		r.counts.In = int64(n) // the log says what the counters counted
+		return r
 	}
 	backend.SetWriteDeadline(time.Time{})
 	p.replayed = int64(len(b))

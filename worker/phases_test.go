@@ -431,8 +431,14 @@ func TestReplayToBackendThatNeverReads(t *testing.T) {
 		t.Fatal("the connection to a backend that never reads was still open after 15s")
 	}
 	waitFor(t, "access log", func() bool { return len(logs.get()) == 1 })
-	if l := logs.get()[0]; l["result"] != "idle" {
+	l := logs.get()[0]
+	if l["result"] != "idle" {
 		t.Errorf("result %q (err %q); want idle", l["result"], l["err"])
+	}
+	// What the backend took before it stopped reading is in the log as in
+	// the counters.
+	if in := counters.Snapshot().BytesIn; in == 0 || fmt.Sprint(l["bytes_in"]) != fmt.Sprint(in) {
+		t.Errorf("log bytes_in %v, counters %d; want the same, not 0", l["bytes_in"], in)
 	}
 	if d := time.Since(start); d > 10*time.Second {
 		t.Errorf("closed after %v; want about the idle timeout (1s)", d)
