@@ -237,6 +237,7 @@ func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool, 
 	c := &conn{srv: s, id: s.nextID.Add(1), client: cc, backend: bc, lcfg: lcfg, start: st.Start,
 		o: outcome{res: st.Sniff, rule: st.Rule}, moves: int32(st.Moves), idle: st.Idle, perIPKey: perIPKey}
 	c.o.backend, _ = netip.ParseAddrPort(st.Backend)
+	s.adoptPoolBackend(c)
 	if peer, err := netip.ParseAddrPort(st.Client); err == nil {
 		c.peer = unmapAddrPort(peer) // the client as it was where it was sniffed
 	}
@@ -261,6 +262,28 @@ func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool, 
 		go c.acquireLate()
 	}
 	return nil
+}
+
+// adoptPoolBackend counts a resumed connection in its route's pool here,
+// when this generation's config has that route with a pool holding the
+// backend it reached: balancing (least_conn) and
+// sniproxy_backend_connections_active then see it as they see the
+// connections dialled here, and finish releases it.
+func (s *Server) adoptPoolBackend(c *conn) {
+	if !c.o.backend.IsValid() {
+		return
+	}
+	for i, r := range s.cfg.Routes {
+		if r.Match != c.o.rule || i >= len(s.pools) || s.pools[i] == nil {
+			continue
+		}
+		pool := s.pools[i]
+		if j := pool.Find(c.o.backend); j >= 0 {
+			pool.Adopt(j)
+			c.pool, c.poolBackend = pool, int32(j)
+		}
+		return
+	}
 }
 
 // acquireLate takes a permit for a resumed connection, which is served

@@ -266,3 +266,49 @@ func TestMoveStuckPairsDelayNoOther(t *testing.T) {
 		t.Errorf("a still has %d connections", a.srv.Active())
 	}
 }
+
+// TestResumeCountsPoolBackend: a connection moved to another process
+// counts there in its route's pool (least_conn and
+// sniproxy_backend_connections_active see it) until it ends.
+func TestResumeCountsPoolBackend(t *testing.T) {
+	b1, b2 := echoBackend(t), echoBackend(t)
+	routes := fmt.Sprintf("routes: [{match: echo.test, backends: [%q, %q], balance: least_conn}]\n", b1, b2)
+	a := startServer(t, routes, nil, "")
+	b := startServer(t, routes, nil, "")
+	conn := dialHTTP(t, a.addr, "echo.test")
+	defer conn.Close()
+	r := bufio.NewReader(conn)
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if hello, err := r.ReadString('\n'); err != nil || hello != "hello\n" {
+		t.Fatalf("first answer %q, %v", hello, err)
+	}
+	pa, pb := a.srv.pools[0], b.srv.pools[0]
+	used := -1
+	for i := range pa.Backends {
+		if pa.Active(i) == 1 {
+			used = i
+		}
+	}
+	if used < 0 {
+		t.Fatal("no backend of a's pool counts the connection")
+	}
+	a.stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	moved, _ := a.srv.Move(ctx, time.Time{}, func(_ netip.Addr, state []byte, cl, be *os.File) error {
+		return b.srv.Resume(state, dup(t, cl), dup(t, be), false, netip.Addr{})
+	})
+	if moved != 1 {
+		t.Fatalf("moved %d; want 1", moved)
+	}
+	echoLine(t, r, conn, "after the move")
+	if got := pb.Active(used); got != 1 {
+		t.Errorf("b's pool counts %d on backend %d after the move; want 1", got, used)
+	}
+	if got := pb.Active(1 - used); got != 0 {
+		t.Errorf("b's pool counts %d on the other backend; want 0", got)
+	}
+	waitFor(t, "a's pool to forget it", func() bool { return pa.Active(used) == 0 })
+	conn.Close()
+	waitFor(t, "b's pool to release it", func() bool { return pb.Active(used) == 0 && b.srv.Active() == 0 })
+}

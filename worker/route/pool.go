@@ -82,6 +82,27 @@ func (p *Pool) Active(i int) int64 { return p.bal.Active(i) }
 // Connections returns the connections this process made to backend i.
 func (p *Pool) Connections(i int) uint64 { return p.conns[i].Load() }
 
+// Adopt counts a connection to backend i that another process dialled and
+// moved here (a reload): it is active here from now on, and ends with
+// Release like the connections DialPool made.
+func (p *Pool) Adopt(i int) { p.bal.Acquire(i) }
+
+// Find returns the index of the backend a connection that reached addr
+// went to: the one whose configured address is addr, or whose host is the
+// IP address and port of addr; -1 if none is (a backend given by a name
+// that resolved to addr is not recognised).
+func (p *Pool) Find(addr netip.AddrPort) int {
+	for i, b := range p.Backends {
+		if b.Address == addr.String() {
+			return i
+		}
+		if ip, err := netip.ParseAddr(b.Host); err == nil && netip.AddrPortFrom(ip.Unmap(), uint16(b.Port)) == netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port()) {
+			return i
+		}
+	}
+	return -1
+}
+
 // Release counts the end of a connection DialPool made to backend i; call
 // it exactly once per such connection.
 func (p *Pool) Release(i int) { p.bal.Release(i) }

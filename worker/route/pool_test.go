@@ -243,3 +243,37 @@ func TestDialPoolCancelled(t *testing.T) {
 		t.Errorf("cancelled: err %v, %d reports; want an error and none", err, n)
 	}
 }
+
+func TestPoolFind(t *testing.T) {
+	p, err := NewPool("app.test", balance.RoundRobin, []PoolBackend{
+		{Address: "10.0.0.1:443", Host: "10.0.0.1", Port: 443, Weight: 1},
+		{Address: "[2001:db8::1]:443", Host: "2001:db8::1", Port: 443, Weight: 1},
+		{Address: "app.internal:443", Host: "app.internal", Port: 443, Weight: 1},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		addr string
+		want int
+	}{
+		{"10.0.0.1:443", 0},
+		{"[::ffff:10.0.0.1]:443", 0}, // IPv4-mapped, as a dual-stack socket reports it
+		{"[2001:db8::1]:443", 1},
+		{"10.0.0.1:444", -1},
+		{"10.0.0.2:443", -1},
+		{"192.0.2.7:443", -1}, // what app.internal resolved to: not known here
+	} {
+		if got := p.Find(netip.MustParseAddrPort(tc.addr)); got != tc.want {
+			t.Errorf("Find(%s) = %d; want %d", tc.addr, got, tc.want)
+		}
+	}
+	p.Adopt(1)
+	if p.Active(1) != 1 {
+		t.Errorf("Active after Adopt %d; want 1", p.Active(1))
+	}
+	p.Release(1)
+	if p.Active(1) != 0 {
+		t.Errorf("Active after Release %d; want 0", p.Active(1))
+	}
+}
