@@ -221,6 +221,10 @@ func (p *path) admit() result {
 		if r := p.admitPerIP(); r.end != endNext {
 			return r
 		}
+	} else if !p.c.lcfg.Trusts(p.c.peer.Addr()) {
+		// Before any permit: a source that may not send a PROXY header
+		// takes none, and is told apart from a full house.
+		return rejected(stats.ProxyHeader, fmt.Errorf("worker: %v is not in trusted_proxies: closed before reading a PROXY header", p.c.peer.Addr()))
 	}
 	if s.limiter != nil {
 		// At the limit, a connection that has sent no complete hello

@@ -120,9 +120,6 @@ func (p *path) readProxy() ([]byte, result) {
 		p.countProtocol()
 		return nil, rejected(stats.ProxyHeader, err)
 	}
-	if !c.lcfg.Trusts(c.peer.Addr()) {
-		return refuse(fmt.Errorf("worker: %v is not in trusted_proxies: closed before reading a PROXY header", c.peer.Addr()))
-	}
 	deadline := c.start.Add(min(c.srv.cfg.Timeouts.ClientHello, proxyHeaderTimeout))
 	h, rest, err := readProxyHeader(c.client, deadline)
 	if err != nil {
