@@ -58,7 +58,8 @@ type Listener struct {
 	Ln     *net.TCPListener
 }
 
-// keepAlive is the TCP keepalive idle time of backend connections (client
+// keepAlive is the TCP keepalive idle time of backend connections, set by
+// the Poller once a backend socket is quiet (client
 // connections get the listener default, 15s).
 const keepAlive = 60 * time.Second
 
@@ -138,7 +139,7 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 		log.Warn("idle connections will hold a goroutine each", "err", err)
 		poller = nil
 	}
-	dialKeepAlive := time.Duration(keepAlive)
+	dialKeepAlive := keepAlive
 	if poller != nil {
 		// The poller turns keep-alive on once a backend socket has been
 		// quiet a moment: short connections never pay for it.
