@@ -242,6 +242,37 @@ func loadAvg() string {
 	return strings.Join(f[:3], " ")
 }
 
+// timeWait returns the host's TCP sockets in TIME_WAIT (the "tw" of
+// /proc/net/sockstat), -1 if unknown. Every short connection a run makes
+// leaves two (client and proxy side of the backend), and with tens of
+// thousands of them every connect() searches longer for a free port, so
+// later targets pay for earlier ones: the rate progress lines show it.
+func timeWait() int {
+	b, err := os.ReadFile("/proc/net/sockstat")
+	if err != nil {
+		return -1
+	}
+	return parseTimeWait(string(b))
+}
+
+// parseTimeWait reads the "tw" count of the TCP line of a sockstat file.
+func parseTimeWait(s string) int {
+	for _, line := range strings.Split(s, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "TCP:" {
+			continue
+		}
+		for i := 1; i+1 < len(f); i += 2 {
+			if f[i] == "tw" {
+				if n, err := strconv.Atoi(f[i+1]); err == nil {
+					return n
+				}
+			}
+		}
+	}
+	return -1
+}
+
 // sortedKinds formats a fd-kind count map deterministically.
 func sortedKinds(m map[string]int) string {
 	keys := make([]string, 0, len(m))

@@ -113,9 +113,9 @@ func runRate(ctx context.Context, e *benchEnv, wl workload) (*rateReport, error)
 				u1, s1 := cpuTime(pid)
 				res.ProxyCPUPerConn = ((u1 - u0) + (s1 - s0)) / time.Duration(res.OK+res.Failed)
 			}
-			fmt.Fprintf(e.stderr, "%s run %d %-10s %8.0f conn/s  p50 %v  p99 %v  CPU/conn proxy %v client+backend %v  (%d ok, %d failed%s; load %s)\n",
+			fmt.Fprintf(e.stderr, "%s run %d %-10s %8.0f conn/s  p50 %v  p99 %v  CPU/conn proxy %v client+backend %v  (%d ok, %d failed%s; load %s; %d in TIME_WAIT)\n",
 				wl.mode, r, t, res.PerSec, res.P50.Round(time.Microsecond), res.P99.Round(time.Microsecond),
-				res.ProxyCPUPerConn, res.SelfCPUPerConn, res.OK, res.Failed, errSuffix(res.FirstErr), loadAvg())
+				res.ProxyCPUPerConn, res.SelfCPUPerConn, res.OK, res.Failed, errSuffix(res.FirstErr), loadAvg(), timeWait())
 			runs[t] = append(runs[t], res)
 			// Let the last connections close before the next target.
 			if err := sleepCtx(ctx, time.Second); err != nil {

@@ -82,3 +82,13 @@ func TestSummaryMarkdown(t *testing.T) {
 		}
 	}
 }
+
+func TestParseTimeWait(t *testing.T) {
+	const stat = "sockets: used 10\nTCP: inuse 2 orphan 0 tw 28232 alloc 2 mem 182\nUDP: inuse 0 mem 0\n"
+	if n := parseTimeWait(stat); n != 28232 {
+		t.Errorf("parseTimeWait = %d; want 28232", n)
+	}
+	if n := parseTimeWait("sockets: used 1\n"); n != -1 {
+		t.Errorf("parseTimeWait without a TCP line = %d; want -1", n)
+	}
+}
