@@ -194,34 +194,43 @@ func (h *Pair) Resume(client, backend *net.TCPConn, st State, idle time.Duration
 		p.clock.add(p, idleDue(p.last.Load(), idle))
 	}
 	for _, d := range live {
-		if d.up && d.parkNow() {
+		if d.up && poller != nil {
+			d.start()
 			continue
 		}
 		go wait(d)
 	}
 }
 
-// parkNow parks the client-to-backend direction of a starting pair at once
-// if the client has nothing queued, and reports whether it did. The client
+// start parks the client-to-backend direction of a starting pair at once
+// if the client has nothing queued. The client
 // has just sent what it had (the sniffed bytes, replayed) and waits for
 // the backend's answer: waiting for the client's next bytes on a goroutine
 // for parkAfter first would only make a burst of new connections hold
 // twice the goroutines, whose g structs the runtime keeps for good. The
 // backend-to-client direction, whose answer is usually near, waits on a
 // goroutine as usual.
-func (d *direction) parkNow() bool {
-	if d.p.poller == nil {
-		return false
+func (d *direction) start() {
+	ready, err := d.peekNow()
+	switch {
+	case err == nil && !ready && d.p.poller.park(d):
+	case err != nil || ready:
+		// Go on from what the look found: a reset is reported once
+		// (reading the socket's error clears it), so looking again
+		// would see an orderly EOF instead and half-close a pair the
+		// client has torn down.
+		go d.goOn(err)
+	default:
+		go wait(d)
 	}
-	d.eof, d.err = false, nil
-	ready := false
-	err := d.rc().Control(func(fd uintptr) { ready = d.peek(fd) })
-	// What the peek found is looked at again by the goroutine that waits.
-	d.eof, d.err = false, nil
-	if err != nil || ready {
-		return false
+}
+
+// goOn copies from what the last look at src found (d.eof, d.err, or
+// bytes), as a wait that woke does.
+func (d *direction) goOn(err error) {
+	if d.run(err) {
+		d.p.finish()
 	}
-	return d.p.poller.park(d)
 }
 
 // Close closes both connections at once; the pair then finishes as on any
@@ -633,6 +642,14 @@ func (d *direction) peek(fd uintptr) (ok bool) {
 	return true
 }
 
+// peekNow looks at src once, without waiting: ready reports bytes, EOF
+// (d.eof) or an error (d.err) there; err is the socket's (closed).
+func (d *direction) peekNow() (ready bool, err error) {
+	d.eof, d.err = false, nil
+	err = d.rc().Control(func(fd uintptr) { ready = d.peek(fd) })
+	return ready, err
+}
+
 // copy moves bytes until EOF (nil), an error, or until nothing is queued
 // after a transfer (handedOff): the goroutine's stack grew in the splice
 // path, so rather than park with it, copy starts a fresh goroutine (2 KiB
@@ -703,9 +720,8 @@ func (d *direction) copy(woke error) (err error, handedOff bool) {
 		if d.eof {
 			return nil, false
 		}
-		d.eof, d.err = false, nil
-		ready := false
-		err = d.rc().Control(func(fd uintptr) { ready = d.peek(fd) })
+		var ready bool
+		ready, err = d.peekNow()
 		if err == nil && !ready {
 			go wait(d)
 			return nil, true
@@ -795,12 +811,8 @@ func wait(d *direction) {
 				// first look (a stalled machine): look once more, then
 				// park without a goroutine.
 				d.src().SetReadDeadline(time.Time{})
-				d.eof, d.err = false, nil
-				ready := false
-				if d.rc().Control(func(fd uintptr) { ready = d.peek(fd) }) == nil && ready {
-					if d.run(nil) {
-						d.p.finish()
-					}
+				if ready, err := d.peekNow(); err == nil && ready {
+					d.goOn(nil)
 					return
 				}
 				d.keepAlive()

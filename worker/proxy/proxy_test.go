@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -492,5 +493,35 @@ func TestBackendKeepAliveOnceQuiet(t *testing.T) {
 	buf := make([]byte, 4)
 	if _, err := io.ReadFull(client, buf); err != nil || string(buf) != "late" {
 		t.Fatalf("down after park: %q %v", buf, err)
+	}
+}
+
+// TestClientResetBeforeStart: a client that resets its connection before
+// the pair starts ends the pair at once (the reset is reported by the
+// socket once: the first look at it must not throw it away, or the next
+// sees an orderly EOF and the pair is only half-closed, held open by a
+// quiet backend). Found as a flake of TestPerIPLimit.
+func TestClientResetBeforeStart(t *testing.T) {
+	poller, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer poller.Close()
+	for i := range 20 {
+		client, proxyC := tcpPair(t)
+		proxyB, backend := tcpPair(t)
+		client.SetLinger(0)
+		client.Close() // RST, delivered to proxyC before Close returns on loopback
+		done := make(chan error, 1)
+		start(proxyC, proxyB, time.Minute, poller, nil, func(_ Result, err error) { done <- err })
+		select {
+		case err := <-done:
+			if !errors.Is(err, syscall.ECONNRESET) {
+				t.Errorf("pair %d ended with %v; want the client's reset", i, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("pair %d of a client that reset is still open after 5s (the quiet backend holds it)", i)
+		}
+		backend.Close()
 	}
 }
