@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -67,9 +66,7 @@ type backend struct {
 	errs     atomic.Int64
 	firstErr atomic.Value // string
 
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
-	wg    sync.WaitGroup
+	connSet
 }
 
 // startBackend listens on a free loopback port and serves in mode; every
@@ -84,7 +81,6 @@ func startBackend(preamble []byte, mode backendMode, opLimit time.Duration) (*ba
 		preamble: preamble,
 		opLimit:  opLimit,
 		results:  make(chan backendResult, 1),
-		conns:    map[net.Conn]struct{}{},
 	}
 	b.mode.Store(int32(mode))
 	b.wg.Add(1)
@@ -148,25 +144,7 @@ func (b *backend) waitProgress(ctx context.Context, n int64, stall time.Duration
 
 // close stops accepting, closes every connection and waits for the
 // handlers (at most a few seconds).
-func (b *backend) close() error {
-	b.ln.Close()
-	b.mu.Lock()
-	for c := range b.conns {
-		c.Close()
-	}
-	b.mu.Unlock()
-	done := make(chan struct{})
-	go func() {
-		b.wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-		return nil
-	case <-time.After(5 * time.Second):
-		return errors.New("backend: handlers did not stop")
-	}
-}
+func (b *backend) close() error { return b.connSet.close(b.ln, "backend") }
 
 func (b *backend) acceptLoop() {
 	defer b.wg.Done()
@@ -185,9 +163,7 @@ func (b *backend) acceptLoop() {
 			return
 		}
 		b.accepted.Add(1)
-		b.mu.Lock()
-		b.conns[c] = struct{}{}
-		b.mu.Unlock()
+		b.add(c)
 		if backendMode(b.mode.Load()) == modeHold {
 			continue // held until close
 		}
@@ -200,13 +176,6 @@ func (b *backend) acceptLoop() {
 func (b *backend) fail(err error) {
 	b.errs.Add(1)
 	b.firstErr.CompareAndSwap(nil, err.Error())
-}
-
-func (b *backend) forget(c net.Conn) {
-	c.Close()
-	b.mu.Lock()
-	delete(b.conns, c)
-	b.mu.Unlock()
 }
 
 func (b *backend) serve(c *net.TCPConn, mode backendMode, want int64) {

@@ -13,7 +13,6 @@ import (
 	"io"
 	"math/big"
 	"net"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -79,9 +78,7 @@ type tlsBackend struct {
 	errs     atomic.Int64
 	firstErr atomic.Value // string
 
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
-	wg    sync.WaitGroup
+	connSet
 }
 
 // startTLSBackend listens on a free loopback port.
@@ -90,7 +87,7 @@ func startTLSBackend(cfg *tls.Config, opLimit time.Duration) (*tlsBackend, error
 	if err != nil {
 		return nil, fmt.Errorf("tls backend: listen: %w", err)
 	}
-	b := &tlsBackend{ln: ln, cfg: cfg, opLimit: opLimit, conns: map[net.Conn]struct{}{}}
+	b := &tlsBackend{ln: ln, cfg: cfg, opLimit: opLimit}
 	b.wg.Add(1)
 	go b.acceptLoop()
 	return b, nil
@@ -111,9 +108,7 @@ func (b *tlsBackend) acceptLoop() {
 			continue
 		}
 		b.accepted.Add(1)
-		b.mu.Lock()
-		b.conns[c] = struct{}{}
-		b.mu.Unlock()
+		b.add(c)
 		b.wg.Add(1)
 		go b.serve(c)
 	}
@@ -121,12 +116,7 @@ func (b *tlsBackend) acceptLoop() {
 
 func (b *tlsBackend) serve(c net.Conn) {
 	defer b.wg.Done()
-	defer func() {
-		c.Close()
-		b.mu.Lock()
-		delete(b.conns, c)
-		b.mu.Unlock()
-	}()
+	defer b.forget(c)
 	if err := c.SetDeadline(time.Now().Add(b.opLimit)); err != nil {
 		b.fail(fmt.Errorf("tls backend: set deadline: %w", err))
 		return
@@ -160,25 +150,7 @@ func (b *tlsBackend) lastError() string {
 
 // close stops accepting, closes every connection and waits for the
 // handlers (at most a few seconds).
-func (b *tlsBackend) close() error {
-	b.ln.Close()
-	b.mu.Lock()
-	for c := range b.conns {
-		c.Close()
-	}
-	b.mu.Unlock()
-	done := make(chan struct{})
-	go func() {
-		b.wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-		return nil
-	case <-time.After(5 * time.Second):
-		return errors.New("tls backend: handlers did not stop")
-	}
-}
+func (b *tlsBackend) close() error { return b.connSet.close(b.ln, "tls backend") }
 
 // tlsShot is one short connection of the full-handshake workload: dial, a
 // full TLS handshake through the proxy, read one byte of application data,
