@@ -12,6 +12,7 @@ import (
 
 	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/worker/proxy"
+	"github.com/sniproxy/sniproxy/worker/route"
 	"github.com/sniproxy/sniproxy/worker/sniff"
 )
 
@@ -270,20 +271,29 @@ func (s *Server) Resume(state []byte, client, backend *os.File, permitted bool, 
 // sniproxy_backend_connections_active then see it as they see the
 // connections dialled here, and finish releases it.
 func (s *Server) adoptPoolBackend(c *conn) {
-	if !c.o.backend.IsValid() {
+	pool := s.poolByMatch[c.o.rule]
+	if pool == nil || !c.o.backend.IsValid() {
 		return
 	}
-	for i, r := range s.cfg.Routes {
-		if r.Match != c.o.rule || i >= len(s.pools) || s.pools[i] == nil {
+	if j := pool.Find(c.o.backend); j >= 0 {
+		pool.Adopt(j)
+		c.pool, c.poolBackend = pool, int32(j)
+	}
+}
+
+// poolsByMatch maps the match of every route with a pool to its pool (the
+// first route of a match, as routing finds it).
+func poolsByMatch(cfg *config.Config, pools []*route.Pool) map[string]*route.Pool {
+	m := map[string]*route.Pool{}
+	for i, p := range pools {
+		if p == nil {
 			continue
 		}
-		pool := s.pools[i]
-		if j := pool.Find(c.o.backend); j >= 0 {
-			pool.Adopt(j)
-			c.pool, c.poolBackend = pool, int32(j)
+		if _, ok := m[cfg.Routes[i].Match]; !ok {
+			m[cfg.Routes[i].Match] = p
 		}
-		return
 	}
+	return m
 }
 
 // acquireLate takes a permit for a resumed connection, which is served

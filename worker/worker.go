@@ -73,6 +73,9 @@ type Server struct {
 	// pools are the routes' pools, by route index (nil for a route
 	// without one); SetHealth updates them.
 	pools []*route.Pool
+	// poolByMatch is the pool of each pooled route by its match, for the
+	// connections moved here (adoptPoolBackend); first match wins.
+	poolByMatch map[string]*route.Pool
 	// dials collects the outcomes of dials to pool backends for the
 	// master (TakeDialRuns).
 	dials dialRuns
@@ -147,14 +150,15 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 		dialKeepAlive = -1
 	}
 	return &Server{
-		AccessLog: log,
-		poller:    poller,
-		cfg:       cfg,
-		log:       log,
-		rec:       rec,
-		limiter:   limiter,
-		table:     t,
-		pools:     pools,
+		AccessLog:   log,
+		poller:      poller,
+		cfg:         cfg,
+		log:         log,
+		rec:         rec,
+		limiter:     limiter,
+		table:       t,
+		pools:       pools,
+		poolByMatch: poolsByMatch(cfg, pools),
 		Dialer: &route.Dialer{
 			AllowPrivate: cfg.Backend.AllowPrivate,
 			Family:       route.Family(cfg.Backend.DNSFamily),
