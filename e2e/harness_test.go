@@ -282,6 +282,22 @@ func (p *proxyProc) logLines(msg string) []map[string]any {
 	return out
 }
 
+// logsSoon reports whether a JSON log record with msg matching match
+// appears within 10 seconds: a connection's access-log line is written
+// when it ends, which can come after the metric or reply a test saw.
+func (p *proxyProc) logsSoon(msg string, match func(rec map[string]any) bool) bool {
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		for _, rec := range p.logLines(msg) {
+			if match(rec) {
+				return true
+			}
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+}
+
 // tlsBackend is a TLS server that greets each client with "id sni\n" and
 // then echoes until EOF.
 type tlsBackend struct {

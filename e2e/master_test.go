@@ -133,6 +133,9 @@ func TestTwoWorkersBothServe(t *testing.T) {
 		c.Close()
 	}
 	p.waitMetric(t, `sniproxy_connections_total{protocol="http"}`, 40)
+	// Each access-log line is written when its connection ends, which can
+	// come after the count.
+	waitFor(t, "40 access-log lines", func() bool { return len(p.logLines("connection")) >= 40 })
 	slots := map[float64]int{}
 	for _, rec := range p.logLines("connection") {
 		if w, ok := rec["worker"].(float64); ok {

@@ -65,12 +65,9 @@ routes:
 	if got := p.metric(t, `sniproxy_backend_connect_seconds_count`); got != 3 {
 		t.Errorf("backend_connect_seconds_count = %v; want 3", got)
 	}
-	var seen bool
-	for _, rec := range p.logLines("connection") {
-		if rec["name"] == "x.b.test" && rec["rule"] == "*.b.test" && rec["backend"] == b.addr && rec["protocol"] == "tls" {
-			seen = true
-		}
-	}
+	seen := p.logsSoon("connection", func(rec map[string]any) bool {
+		return rec["name"] == "x.b.test" && rec["rule"] == "*.b.test" && rec["backend"] == b.addr && rec["protocol"] == "tls"
+	})
 	if !seen {
 		t.Errorf("no access-log line for x.b.test naming rule and backend:\n%s", p.logs.String())
 	}
@@ -256,12 +253,9 @@ func TestGarbageAndSlowloris(t *testing.T) {
 			t.Errorf("garbage closed after %v; want at once", d)
 		}
 		p.waitMetric(t, `sniproxy_connections_rejected_total{reason="sniff_error"}`, 1)
-		var logged bool
-		for _, rec := range p.logLines("connection") {
-			if rec["result"] == "sniff_error" && strings.Contains(fmt.Sprint(rec["err"]), "000102") {
-				logged = true
-			}
-		}
+		logged := p.logsSoon("connection", func(rec map[string]any) bool {
+			return rec["result"] == "sniff_error" && strings.Contains(fmt.Sprint(rec["err"]), "000102")
+		})
 		if !logged {
 			t.Errorf("sniff_error not logged with the first bytes in hex:\n%s", p.logs.String())
 		}

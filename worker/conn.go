@@ -210,13 +210,14 @@ func (c *conn) Done(counts proxy.Result, err error) {
 // finish ends the connection once, whatever phase it ended in: it writes
 // the access log and gives back what the connection held.
 func (c *conn) finish(r result, permit bool) {
+	// The line first: whoever sees the count sees the line written.
+	c.logDone(r)
 	if r.end == endRejected {
 		c.srv.rec.Rejected(r.reason)
 	}
 	if c.pool != nil {
 		c.pool.Release(int(c.poolBackend))
 	}
-	c.logDone(r)
 	if permit {
 		c.srv.limiter.Release()
 	}
