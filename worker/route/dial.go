@@ -349,6 +349,15 @@ func (d *Dialer) controlSelf(network, address string, _ syscall.RawConn) error {
 	if err != nil {
 		return fmt.Errorf("cannot check address %q: %w", address, ErrDial)
 	}
+	return d.CheckExplicit(ap)
+}
+
+// CheckExplicit applies the address policy of an explicit route (one
+// whose backend is written in the config, not a DNS-routed name) to ap,
+// the address about to be connected: never this host's unspecified
+// address, never the proxy's own listeners ([ErrDial]). It is what Dial
+// checks on every such address, for a caller that connects by itself.
+func (d *Dialer) CheckExplicit(ap netip.AddrPort) error {
 	if ap.Addr().WithZone("").Unmap().IsUnspecified() {
 		return fmt.Errorf("%s is unspecified (this host): %w", ap.Addr(), ErrDial)
 	}

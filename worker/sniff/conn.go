@@ -134,6 +134,80 @@ func (b *Buffer) Release() {
 	b.p, b.b = nil, nil
 }
 
+// Sniffer is Read for a caller that reads the bytes itself, such as an
+// event loop on non-blocking sockets: read into Space, then Advance by
+// the count read, until Advance decides. It keeps the same bounds as
+// Read (the byte cap of the protocol) and the same linear work. Start it
+// with Init; Buffer holds every byte read, and the caller must Release
+// it.
+type Sniffer struct {
+	d   detector
+	buf Buffer
+}
+
+// Init starts s over with the bytes in start treated as already read.
+func (s *Sniffer) Init(start []byte) {
+	p := bufPool.Get().(*[]byte)
+	s.d = detector{}
+	s.buf = Buffer{p: p, b: append((*p)[:0], start...)}
+}
+
+// Buffer returns the bytes read so far; it stays valid until Release.
+func (s *Sniffer) Buffer() *Buffer { return &s.buf }
+
+// Decide returns the decision on the bytes read so far: ErrNeedMore while
+// none, ErrMalformed once the protocol's byte cap is reached undecided.
+func (s *Sniffer) Decide() (Result, error) {
+	b := s.buf.b
+	if len(b) == 0 {
+		return Result{}, ErrNeedMore
+	}
+	r, err := s.d.detect(b)
+	if !errors.Is(err, ErrNeedMore) {
+		return r, err
+	}
+	if limit := limitFor(b); len(b) >= limit {
+		return Result{}, fmt.Errorf("%w: no decision within %d bytes", ErrMalformed, limit)
+	}
+	return Result{}, ErrNeedMore
+}
+
+// Space returns where the next bytes go, growing the buffer (doubling,
+// up to the protocol's cap) when it is full. Call it only while Decide
+// says ErrNeedMore.
+func (s *Sniffer) Space() []byte {
+	b := &s.buf
+	if len(b.b) == cap(b.b) {
+		limit := MaxTLSBytes
+		if len(b.b) > 0 {
+			limit = limitFor(b.b)
+		}
+		nb := make([]byte, len(b.b), min(2*cap(b.b), limit))
+		copy(nb, b.b)
+		b.b = nb
+	}
+	return b.b[len(b.b):cap(b.b)]
+}
+
+// Advance records n bytes read into Space and returns Decide.
+func (s *Sniffer) Advance(n int) (Result, error) {
+	s.buf.b = s.buf.b[:len(s.buf.b)+n]
+	return s.Decide()
+}
+
+// Ended returns the error for a read that failed with err before a
+// decision: ErrTimeout for a deadline, ErrMalformed for EOF, else err.
+func (s *Sniffer) Ended(err error) error {
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("%w after %d bytes", ErrTimeout, len(s.buf.b))
+	case errors.Is(err, io.EOF):
+		return fmt.Errorf("%w: connection closed after %d bytes", ErrMalformed, len(s.buf.b))
+	default:
+		return fmt.Errorf("sniff: read: %w", err)
+	}
+}
+
 // Read reads from conn until Detect decides, the byte cap of the protocol
 // is reached (ErrMalformed), or deadline passes (ErrTimeout). It does not
 // run Detect over all the bytes after every read: a detector goes on where
@@ -144,50 +218,22 @@ func (b *Buffer) Release() {
 // read, whatever the outcome; the caller must Release it. Read sets conn's
 // read deadline and clears it before returning.
 func Read(conn net.Conn, start []byte, deadline time.Time) (Result, *Buffer, error) {
-	p := bufPool.Get().(*[]byte)
-	buf := &Buffer{p: p, b: append((*p)[:0], start...)}
+	s := new(Sniffer)
+	s.Init(start)
+	buf := s.Buffer()
 	if err := conn.SetReadDeadline(deadline); err != nil {
 		return Result{}, buf, fmt.Errorf("sniff: set deadline: %w", err)
 	}
 	defer conn.SetReadDeadline(time.Time{})
-	var d detector
-	for {
-		if len(buf.b) > 0 {
-			r, err := d.detect(buf.b)
-			if !errors.Is(err, ErrNeedMore) {
-				return r, buf, err
-			}
-			if limit := limitFor(buf.b); len(buf.b) >= limit {
-				return Result{}, buf, fmt.Errorf("%w: no decision within %d bytes", ErrMalformed, limit)
-			}
-		}
-		if len(buf.b) == cap(buf.b) {
-			limit := MaxTLSBytes
-			if len(buf.b) > 0 {
-				limit = limitFor(buf.b)
-			}
-			nb := make([]byte, len(buf.b), min(2*cap(buf.b), limit))
-			copy(nb, buf.b)
-			buf.b = nb
-		}
-		n, err := conn.Read(buf.b[len(buf.b):cap(buf.b)])
-		buf.b = buf.b[:len(buf.b)+n]
-		if err != nil {
-			if n > 0 {
-				if r, derr := d.detect(buf.b); !errors.Is(derr, ErrNeedMore) {
-					return r, buf, derr
-				}
-			}
-			switch {
-			case errors.Is(err, os.ErrDeadlineExceeded):
-				return Result{}, buf, fmt.Errorf("%w after %d bytes", ErrTimeout, len(buf.b))
-			case errors.Is(err, io.EOF):
-				return Result{}, buf, fmt.Errorf("%w: connection closed after %d bytes", ErrMalformed, len(buf.b))
-			default:
-				return Result{}, buf, fmt.Errorf("sniff: read: %w", err)
-			}
+	r, err := s.Decide()
+	for errors.Is(err, ErrNeedMore) {
+		n, rerr := conn.Read(s.Space())
+		r, err = s.Advance(n)
+		if rerr != nil && errors.Is(err, ErrNeedMore) {
+			return Result{}, buf, s.Ended(rerr)
 		}
 	}
+	return r, buf, err
 }
 
 // HexPrefix returns up to max bytes of b in hex, for logging what arrived.
