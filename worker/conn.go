@@ -68,6 +68,10 @@ type conn struct {
 
 	mu      sync.Mutex
 	backend *net.TCPConn
+	// lc (under mu) is set while the event loop serves the connection
+	// on raw descriptors (client and backend are nil then); the loop
+	// clears it when it hands the connection to a goroutine or a pair.
+	lc *lconn
 
 	poolBackend int32
 	// moves counts the reloads this connection moved in.
@@ -123,6 +127,12 @@ func (c *conn) closeLocked() {
 		return
 	}
 	c.closed = true
+	if c.lc != nil {
+		// The event loop has the sockets: it closes them and ends the
+		// connection.
+		c.srv.loop.requestClose(c.lc)
+		return
+	}
 	c.client.Close()
 	if c.backend != nil {
 		c.backend.Close()
@@ -151,11 +161,17 @@ func (c *conn) setBackend(b *net.TCPConn) bool {
 func (c *conn) startPair(permit bool, replayed int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.pairPermit = permit
-	c.paired = true
 	// The pair counts from the bytes replayed: its counts are the
 	// connection's (the access log's, and what a move carries on).
-	c.pair.Resume(c.client, c.backend, proxy.State{In: replayed}, c.idleTimeout(), c.srv.poller, c)
+	c.startPairLocked(permit, proxy.State{In: replayed})
+}
+
+// startPairLocked is startPair, with c.mu held, for a pair that goes on
+// from st (the event loop's hand-off).
+func (c *conn) startPairLocked(permit bool, st proxy.State) {
+	c.pairPermit = permit
+	c.paired = true
+	c.pair.Resume(c.client, c.backend, st, c.idleTimeout(), c.srv.poller, c)
 }
 
 // idleTimeout returns the connection's idle timeout: its route's, else

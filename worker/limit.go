@@ -21,5 +21,8 @@ func (l *LocalLimiter) Acquire() bool {
 	return true
 }
 
+// AcquireSpare is Acquire, which never waits (the event loop's call).
+func (l *LocalLimiter) AcquireSpare() bool { return l.Acquire() }
+
 // Release returns a permit.
 func (l *LocalLimiter) Release() { l.used.Add(-1) }

@@ -62,6 +62,13 @@ func (s *Server) Move(ctx context.Context, drainBy time.Time, send SendMoved) (m
 		return 0, 0
 	}
 	s.mu.Lock()
+	l := s.loop
+	s.mu.Unlock()
+	if l != nil {
+		// A pair can move; a connection in the loop cannot.
+		l.handOffAll()
+	}
+	s.mu.Lock()
 	if len(s.conns) == 0 {
 		s.mu.Unlock()
 		return 0, 0

@@ -284,6 +284,14 @@ func (p *path) sniff() result {
 	p.buf = buf
 	c.o.res = res
 	p.countProtocol()
+	return p.sniffResult(err)
+}
+
+// sniffResult is the sniff phase's result for the sniffer's err (nil, or
+// why no name was found).
+func (p *path) sniffResult(err error) result {
+	c := p.c
+	buf := p.buf
 	if err != nil && c.stolen.Load() {
 		return rejected(stats.SniffTimeout, fmt.Errorf("worker: evicted after %v with no complete hello, its permit needed by another connection: %w",
 			time.Since(c.start).Round(time.Millisecond), err))
@@ -302,6 +310,23 @@ func (p *path) sniff() result {
 		return rejected(stats.SniffError, err)
 	}
 	return result{}
+}
+
+// fromDial runs the phases from dial on (a connection the event loop
+// routed and hands on).
+func (p *path) fromDial() result {
+	if r := p.dial(); r.end != endNext {
+		return r
+	}
+	return p.fromReplay()
+}
+
+// fromReplay runs the phases from replay on.
+func (p *path) fromReplay() result {
+	if r := p.replay(); r.end != endNext {
+		return r
+	}
+	return p.copy()
 }
 
 // defaultBackend returns the default backend of the connection's
@@ -365,13 +390,7 @@ func (p *path) route() result {
 // to the default backend if there is one.
 func (p *path) dial() result {
 	c, s := p.c, p.c.srv
-	connect := s.cfg.Timeouts.Connect
-	p.proxyHeader = s.cfg.Backend.ProxyProtocol
-	if p.dec.Rule >= 0 {
-		r := s.cfg.Routes[p.dec.Rule]
-		connect, c.idle = r.EffectiveTimeouts(s.cfg.Timeouts)
-		p.proxyHeader = r.ProxyHeader(s.cfg.Backend.ProxyProtocol)
-	}
+	connect := p.dialSettings()
 	ctx, cancel := context.WithTimeout(context.Background(), connect)
 	t0 := time.Now()
 	var (
@@ -401,6 +420,21 @@ func (p *path) dial() result {
 		return result{end: endClosed, err: errors.New("worker: closed while dialling")}
 	}
 	return result{}
+}
+
+// dialSettings sets what the route decides besides the backend (the
+// PROXY header to send, the idle timeout) and returns its connect
+// timeout: the route's own, else timeouts.connect.
+func (p *path) dialSettings() time.Duration {
+	c, s := p.c, p.c.srv
+	connect := s.cfg.Timeouts.Connect
+	p.proxyHeader = s.cfg.Backend.ProxyProtocol
+	if p.dec.Rule >= 0 {
+		r := s.cfg.Routes[p.dec.Rule]
+		connect, c.idle = r.EffectiveTimeouts(s.cfg.Timeouts)
+		p.proxyHeader = r.ProxyHeader(s.cfg.Backend.ProxyProtocol)
+	}
+	return connect
 }
 
 // replay sends the backend a PROXY header if configured, then every

@@ -94,6 +94,13 @@ type Server struct {
 	// PerIP, if set, enforces the per-client limits (limits.per_ip_*).
 	// Set it before Serve.
 	PerIP PerIPLimiter
+	// EventLoop serves the short phases of connections in an event loop
+	// on a thread of its own (loop.go) on every listener that does not
+	// read a PROXY header, when there are no per-client limits. The loop
+	// holds a P of the Go scheduler while it waits for work: set it only
+	// with GOMAXPROCS 2 or more, and for one Server per process. Set it
+	// before Serve.
+	EventLoop bool
 
 	// sniffLimit bounds the connections of this server still in the sniff
 	// phase, so slow or silent clients cannot hold the whole connection
@@ -110,6 +117,8 @@ type Server struct {
 	poller *proxy.Poller
 	// moving is set by the first Move.
 	moving atomic.Bool
+	// loop is the event loop, if Serve started one (under mu).
+	loop *loop
 
 	nextID atomic.Uint64
 	wg     sync.WaitGroup // one per connection handler
@@ -199,6 +208,29 @@ func (s *Server) Serve(ctx context.Context, lns []Listener) error {
 	}
 	s.mu.Unlock()
 
+	var inLoop []Listener
+	if s.EventLoop && s.PerIP == nil {
+		var rest []Listener
+		for _, l := range lns {
+			if l.Config.AcceptProxyProtocol {
+				rest = append(rest, l)
+			} else {
+				inLoop = append(inLoop, l)
+			}
+		}
+		if len(inLoop) > 0 {
+			l, err := newLoop(s, inLoop)
+			if err != nil {
+				s.log.Warn("no event loop: connections are served on goroutines from the start", "err", err)
+			} else {
+				lns = rest
+				s.mu.Lock()
+				s.loop = l
+				s.mu.Unlock()
+				go l.run()
+			}
+		}
+	}
 	var loops sync.WaitGroup
 	errc := make(chan error, len(lns))
 	for _, l := range lns {
@@ -224,6 +256,13 @@ func (s *Server) Serve(ctx context.Context, lns []Listener) error {
 
 // stopAccepting closes the listeners; accept loops end. It is idempotent.
 func (s *Server) stopAccepting() {
+	s.mu.Lock()
+	l := s.loop
+	s.mu.Unlock()
+	if l != nil {
+		// Not under mu: the loop takes it to end connections.
+		l.stop(s.LingerOnStop)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true

@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"runtime"
 	"bufio"
 	"context"
 	"errors"
@@ -54,6 +55,9 @@ func startServerWith(t *testing.T, body string, lim Limiter, lopts string, prep 
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The event loop, as worker processes run it (tests of the
+	// goroutine path turn it off in prep).
+	srv.EventLoop = runtime.GOMAXPROCS(0) >= 2
 	if prep != nil {
 		prep(srv)
 	}

@@ -211,6 +211,25 @@ func (c *Client) Acquire() bool {
 	}
 }
 
+// AcquireSpare takes a permit only if one is spare here, without waiting
+// or asking the Pool: for a caller that must never block (the worker's
+// event loop), which hands the connection to Acquire otherwise. Like
+// Acquire, it starts a refill in the background when the spares run low.
+func (c *Client) AcquireSpare() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.spare == 0 {
+		return false
+	}
+	c.spare--
+	c.inUse++
+	if c.spare < c.block/2 && !c.fetching {
+		c.fetching = true
+		go c.refill()
+	}
+	return true
+}
+
 // TryAcquire takes a permit if one comes without making anybody wait: a
 // spare, or the answer to a request that is not urgent (see Transport).
 // It is for a connection served already, without a permit, that should

@@ -1,0 +1,1111 @@
+package worker
+
+import (
+	"container/heap"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/worker/proxy"
+	"github.com/sniproxy/sniproxy/worker/route"
+	"github.com/sniproxy/sniproxy/worker/sniff"
+)
+
+// The event loop serves the short phases of a connection on raw
+// non-blocking descriptors, on one goroutine locked to its thread: accept,
+// sniff, route, dial (a backend written as an address), replay, and the
+// first exchanges both ways. A connection that is still open after
+// loopRelayFor, that moves a full buffer (the start of a stream: splice
+// from then on), or whose peer does not take all it is sent, is handed to
+// its pair (package proxy: goroutines, splice, the Poller) with its
+// counts and half-closes; one that needs what the loop does not do
+// (a pool, DNS, a PROXY header to read, per-client limits, a permit that
+// is not spare) is handed to a goroutine at the phase it has reached, and
+// goes on as any other. Nothing changes for the operator: the same
+// phases, timeouts, results, counters and log lines.
+//
+// Why: a goroutine per connection costs the Go scheduler's work for each
+// (goroutine start, netpoll registration and wake-ups, system calls seen
+// by the scheduler, whose monitor thread then polls every 20 µs), which
+// measured 1.4× nginx's CPU per short connection at best; the same work
+// in a loop whose waits the scheduler does not see (epoll_pwait as a raw
+// system call while there is work) measured at the peers' level. See
+// ARCHITECTURE.md and bench/README.md.
+//
+// The loop holds its P while it waits raw, so it runs only with
+// GOMAXPROCS ≥ 2 (Server.EventLoop); after loopQuiet with no event it
+// waits through the scheduler instead, so an idle worker sleeps.
+
+const (
+	// loopRelayFor is how long the loop relays a connection itself
+	// before handing it to a pair: long enough for a request and its
+	// answer, short enough that a long-lived connection soon costs no
+	// more than any pair (no goroutine, no buffer while idle).
+	loopRelayFor = 50 * time.Millisecond
+	// loopBufSize is the loop's one copy buffer; a read that fills it
+	// hands the connection to its pair, which splices.
+	loopBufSize = 32 << 10
+	// loopAcceptBurst bounds the accepts per listener per wake-up, so
+	// that one busy listener does not starve the connections in flight.
+	loopAcceptBurst = 64
+	// loopQuiet is the longest raw wait: a wait that long with no event
+	// makes the loop wait through the scheduler until the next event.
+	loopQuiet = 10 * time.Millisecond
+)
+
+// Phases of a connection in the loop.
+const (
+	lphSniff uint8 = iota
+	lphConnect
+	lphRelay
+)
+
+// Sides of a connection, in the epoll data.
+const (
+	sideClient = 0
+	sideBackend = 1
+)
+
+// Special epoll data slots.
+const (
+	slotWake     = -1
+	slotListener = -2 // -2 - index
+)
+
+// lconn is a connection while the loop serves it.
+type lconn struct {
+	c *conn
+	p path
+	// sn reads the hello; p.buf is its buffer.
+	sn       sniff.Sniffer
+	cfd, bfd int
+	slot     int32
+	gen      uint32
+	phase    uint8
+	// cReady, bReady: the socket may have bytes the loop has not read
+	// (edge-triggered epoll: reading stops when a read comes back
+	// short).
+	cReady, bReady bool
+	// cHup, bHup: epoll reported the peer's FIN (or an error): a read
+	// that comes back short has not drained the socket, the end is
+	// still to be read.
+	cHup, bHup bool
+	// upDone, downDone: a direction's source sent FIN, which was passed
+	// on (shutdown of the other socket's write side).
+	upDone, downDone bool
+	done             bool
+	// when is the phase's deadline (UnixNano), hidx its index in the
+	// loop's timer heap (-1: none).
+	when int64
+	hidx int
+	// dialStart is when the dial began; addr the backend dialled.
+	dialStart time.Time
+	addr      netip.AddrPort
+	in, out   int64
+	last      int64 // UnixNano of the last byte moved
+}
+
+// loopListener is one listening socket the loop accepts on.
+type loopListener struct {
+	fd   int
+	lcfg *config.Listener
+	// retry, if not zero, is when accepting resumes after a temporary
+	// error (out of fds): the socket is out of the epoll set until then.
+	retry time.Time
+}
+
+// loop is a Server's event loop (see the comment at the top of this file).
+type loop struct {
+	s     *Server
+	ep    int
+	wake  int // eventfd: requests from other goroutines
+	lns   []loopListener
+	slots []*lconn
+	free  []int32
+	gen   uint32
+	live  int
+	timer lheap
+	buf   []byte
+	evs   [128]unix.EpollEvent
+	delay time.Duration // accept back-off
+
+	mu       sync.Mutex
+	closes   []*lconn
+	handoffs []chan struct{}
+	stopping bool
+	linger   time.Duration
+
+	acceptStopped chan struct{}
+	done          chan struct{}
+
+	// Counts, for tests: connections accepted here, ended here, handed
+	// to a goroutine, handed to a pair.
+	accepted, ended, toGoroutines, toPairs atomic.Int64
+}
+
+// newLoop makes the loop for the listeners lns: it takes a duplicate of
+// each socket and closes the *net.TCPListener (out of the Go runtime's
+// epoll, which would otherwise be woken for every connection too).
+func newLoop(s *Server, lns []Listener) (*loop, error) {
+	ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("worker: event loop: epoll_create1: %w", err)
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(ep)
+		return nil, fmt.Errorf("worker: event loop: eventfd: %w", err)
+	}
+	l := &loop{s: s, ep: ep, wake: wake, buf: make([]byte, loopBufSize),
+		acceptStopped: make(chan struct{}), done: make(chan struct{})}
+	fail := func(err error) (*loop, error) {
+		for _, ln := range l.lns {
+			unix.Close(ln.fd)
+		}
+		unix.Close(ep)
+		unix.Close(wake)
+		return nil, err
+	}
+	if err := l.ctl(unix.EPOLL_CTL_ADD, wake, unix.EPOLLIN, slotWake, 0); err != nil {
+		return fail(err)
+	}
+	for i, ln := range lns {
+		fd, err := dupListener(ln.Ln)
+		if err != nil {
+			return fail(err)
+		}
+		l.lns = append(l.lns, loopListener{fd: fd, lcfg: &lns[i].Config})
+		if err := l.ctl(unix.EPOLL_CTL_ADD, fd, unix.EPOLLIN, int32(slotListener-i), 0); err != nil {
+			return fail(err)
+		}
+	}
+	for _, ln := range lns {
+		ln.Ln.Close()
+	}
+	return l, nil
+}
+
+// dupListener returns a non-blocking close-on-exec duplicate of ln's
+// socket.
+func dupListener(ln *net.TCPListener) (int, error) {
+	rc, err := ln.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("worker: event loop: listener: %w", err)
+	}
+	fd := -1
+	var derr error
+	if err := rc.Control(func(s uintptr) {
+		fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return -1, fmt.Errorf("worker: event loop: listener: %w", err)
+	}
+	if derr != nil {
+		return -1, fmt.Errorf("worker: event loop: dup listener: %w", derr)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("worker: event loop: listener: %w", err)
+	}
+	return fd, nil
+}
+
+// ctl changes the epoll set: fd with events, tagged with slot and
+// gen<<1|side.
+func (l *loop) ctl(op, fd int, events uint32, slot int32, tag uint32) error {
+	ev := unix.EpollEvent{Events: events, Fd: slot, Pad: int32(tag)}
+	_, _, e := syscall.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(l.ep), uintptr(op), uintptr(fd), uintptr(unsafe.Pointer(&ev)), 0, 0)
+	if e != 0 {
+		return fmt.Errorf("worker: event loop: epoll_ctl: %w", e)
+	}
+	return nil
+}
+
+// run is the loop; it returns once stopped with no connection left.
+func (l *loop) run() {
+	runtime.LockOSThread()
+	defer close(l.done)
+	defer func() {
+		unix.Close(l.ep)
+		unix.Close(l.wake)
+	}()
+	raw := true
+	for {
+		if l.stopped() && l.live == 0 {
+			return
+		}
+		now := time.Now()
+		wait := l.nextWait(now)
+		var n int
+		var err error
+		if raw {
+			if wait < 0 {
+				wait = loopQuiet
+			}
+			ms := int(min(wait, loopQuiet) / time.Millisecond)
+			if wait > 0 && ms == 0 {
+				ms = 1
+			}
+			r, _, e := syscall.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), uintptr(ms), 0, 0)
+			n = int(r)
+			if e != 0 {
+				n, err = 0, e
+			}
+			if err == nil && n == 0 && ms >= int(loopQuiet/time.Millisecond) {
+				raw = false // quiet: sleep through the scheduler
+			}
+		} else {
+			ms := -1
+			if wait >= 0 {
+				ms = int((wait + time.Millisecond - 1) / time.Millisecond)
+			}
+			n, err = unix.EpollWait(l.ep, l.evs[:], ms)
+			if n > 0 {
+				raw = true
+			}
+		}
+		if err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			l.s.log.Error("event loop: epoll_pwait failed", "err", err)
+			n = 0
+		}
+		for i := range n {
+			l.event(&l.evs[i])
+		}
+		l.expire()
+		l.requests()
+	}
+}
+
+// nextWait returns how long the loop may wait: until the first deadline
+// or listener retry; -1 for no limit.
+func (l *loop) nextWait(now time.Time) time.Duration {
+	wait := time.Duration(-1)
+	if len(l.timer) > 0 {
+		wait = max(0, time.Duration(l.timer[0].when-now.UnixNano()))
+	}
+	for _, ln := range l.lns {
+		if !ln.retry.IsZero() {
+			d := max(0, ln.retry.Sub(now))
+			if wait < 0 || d < wait {
+				wait = d
+			}
+		}
+	}
+	return wait
+}
+
+// stopped reports whether stop was called and handled.
+func (l *loop) stopped() bool {
+	select {
+	case <-l.acceptStopped:
+		return true
+	default:
+		return false
+	}
+}
+
+// event handles one epoll event.
+func (l *loop) event(ev *unix.EpollEvent) {
+	switch slot := ev.Fd; {
+	case slot == slotWake:
+		var b [8]byte
+		syscall.RawSyscall(unix.SYS_READ, uintptr(l.wake), uintptr(unsafe.Pointer(&b[0])), 8)
+	case slot <= slotListener:
+		l.accept(int(slotListener - slot))
+	default:
+		if int(slot) >= len(l.slots) {
+			return
+		}
+		lc := l.slots[slot]
+		if lc == nil || lc.done || lc.gen != uint32(ev.Pad)>>1 {
+			return // an event of a connection that ended in this batch
+		}
+		side := uint32(ev.Pad) & 1
+		if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+			if side == sideClient {
+				lc.cHup = true
+			} else {
+				lc.bHup = true
+			}
+		}
+		if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+			l.setReady(lc, side, true)
+		}
+		l.step(lc, uint32(ev.Pad)&1, ev.Events)
+	}
+}
+
+// accept accepts what is queued on listener i, a burst at most.
+func (l *loop) accept(i int) {
+	ln := &l.lns[i]
+	if ln.fd < 0 || !ln.retry.IsZero() {
+		return
+	}
+	s := l.s
+	for range loopAcceptBurst {
+		var sa unix.RawSockaddrAny
+		salen := uint32(unsafe.Sizeof(sa))
+		r, _, e := syscall.RawSyscall6(unix.SYS_ACCEPT4, uintptr(ln.fd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&salen)), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+		if e != 0 {
+			if e == unix.EAGAIN || e == unix.EINTR || e == unix.ECONNABORTED {
+				if e == unix.EAGAIN {
+					l.delay = 0
+				}
+				if e == unix.EAGAIN {
+					return
+				}
+				continue
+			}
+			if isTemporary(e) {
+				l.delay = min(max(2*l.delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "listener", ln.lcfg.Address, "err", os.NewSyscallError("accept4", e), "retry_in", l.delay)
+				ln.retry = time.Now().Add(l.delay)
+				l.ctl(unix.EPOLL_CTL_DEL, ln.fd, 0, 0, 0)
+				return
+			}
+			s.log.Error("accept failed; this listener stops accepting in this worker", "listener", ln.lcfg.Address, "err", os.NewSyscallError("accept4", e))
+			l.ctl(unix.EPOLL_CTL_DEL, ln.fd, 0, 0, 0)
+			unix.Close(ln.fd)
+			ln.fd = -1
+			return
+		}
+		l.delay = 0
+		l.serve(int(r), rawAddrPort(&sa), ln.lcfg)
+	}
+}
+
+// rawAddrPort converts an accepted socket's address.
+func rawAddrPort(sa *unix.RawSockaddrAny) netip.AddrPort {
+	switch sa.Addr.Family {
+	case unix.AF_INET:
+		a := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		p := (*[2]byte)(unsafe.Pointer(&a.Port))
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(p[0])<<8|uint16(p[1]))
+	case unix.AF_INET6:
+		a := (*unix.RawSockaddrInet6)(unsafe.Pointer(sa))
+		p := (*[2]byte)(unsafe.Pointer(&a.Port))
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(p[0])<<8|uint16(p[1]))
+	}
+	return netip.AddrPort{}
+}
+
+// serve starts serving an accepted socket: admit, then sniff.
+func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
+	s := l.s
+	s.rec.Opened()
+	l.accepted.Add(1)
+	c := &conn{srv: s, id: s.nextID.Add(1), lcfg: lcfg, start: time.Now()}
+	c.peer = unmapAddrPort(peer)
+	lc := &lconn{c: c, cfd: fd, bfd: -1, hidx: -1}
+	lc.p.c = c
+	if !l.admit() {
+		// No spare permit here: Acquire may wait for the master, or
+		// evict a slow sniffer; a goroutine does that, from the start.
+		client, err := rawTCP(fd, "client")
+		if err == nil {
+			c.client = client
+			s.track(c)
+			go c.serve()
+			return
+		}
+		// Out of descriptors for the duplicate: refused as at the limit.
+		s.track(c)
+		c.o.res = sniff.Result{}
+		lc.p.countProtocol()
+		c.finish(rejected(stats.Limit, fmt.Errorf("worker: max_connections reached, and no descriptor to wait for a permit: %w", err)), false)
+		return
+	}
+	lc.p.permit = s.limiter != nil
+	c.lc = lc
+	s.track(c)
+	s.addSniffer(c)
+	lc.p.sniffing = true
+	l.add(lc)
+	if err := l.ctl(unix.EPOLL_CTL_ADD, fd, unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLET, lc.slot, lc.gen<<1|sideClient); err != nil {
+		l.end(lc, rejected(stats.SniffError, err))
+		return
+	}
+	lc.sn.Init(nil)
+	lc.p.buf = lc.sn.Buffer()
+	l.arm(lc, c.start.Add(s.cfg.Timeouts.ClientHello))
+	lc.cReady = true // the hello is often there already
+	l.sniff(lc)
+}
+
+// admit takes a permit if one is spare without waiting (true with no
+// limiter).
+func (l *loop) admit() bool {
+	lim := l.s.limiter
+	if lim == nil {
+		return true
+	}
+	if sa, ok := lim.(interface{ AcquireSpare() bool }); ok {
+		return sa.AcquireSpare()
+	}
+	return lim.Acquire()
+}
+
+// add gives lc a slot.
+func (l *loop) add(lc *lconn) {
+	l.gen++
+	lc.gen = l.gen & (1<<31 - 1)
+	if n := len(l.free); n > 0 {
+		lc.slot = l.free[n-1]
+		l.free = l.free[:n-1]
+		l.slots[lc.slot] = lc
+	} else {
+		lc.slot = int32(len(l.slots))
+		l.slots = append(l.slots, lc)
+	}
+	l.live++
+}
+
+// release gives lc's slot back and forgets it: the connection has ended
+// or left the loop.
+func (l *loop) release(lc *lconn) {
+	lc.done = true
+	l.disarm(lc)
+	l.slots[lc.slot] = nil
+	l.free = append(l.free, lc.slot)
+	l.live--
+}
+
+// step handles readiness of lc's side.
+func (l *loop) step(lc *lconn, side uint32, events uint32) {
+	switch lc.phase {
+	case lphSniff:
+		if side == sideClient {
+			l.sniff(lc)
+		}
+	case lphConnect:
+		if side == sideBackend && events&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			l.connected(lc, events)
+		}
+	case lphRelay:
+		l.relay(lc)
+	}
+}
+
+// sniff reads what the client sent until the sniffer decides.
+func (l *loop) sniff(lc *lconn) {
+	c := lc.c
+	for lc.cReady {
+		space := lc.sn.Space()
+		r, _, e := syscall.RawSyscall(unix.SYS_READ, uintptr(lc.cfd), uintptr(unsafe.Pointer(&space[0])), uintptr(len(space)))
+		if e == unix.EINTR {
+			continue
+		}
+		if e == unix.EAGAIN {
+			lc.cReady = false
+			return
+		}
+		var rerr error
+		n := int(r)
+		if e != 0 {
+			n, rerr = 0, os.NewSyscallError("read", e)
+		} else if n == 0 {
+			rerr = io.EOF
+		}
+		lc.cReady = rerr == nil && (n == len(space) || lc.cHup)
+		res, err := lc.sn.Advance(n)
+		if errors.Is(err, sniff.ErrNeedMore) {
+			if rerr == nil {
+				continue
+			}
+			err = lc.sn.Ended(rerr)
+		}
+		c.o.res = res
+		lc.p.countProtocol()
+		if rr := lc.p.sniffResult(err); rr.end != endNext {
+			l.end(lc, rr)
+			return
+		}
+		l.routed(lc)
+		return
+	}
+}
+
+// routed runs the route phase and starts the dial, or hands the
+// connection to a goroutine for a dial the loop does not do.
+func (l *loop) routed(lc *lconn) {
+	p := &lc.p
+	if r := p.route(); r.end != endNext {
+		l.end(lc, r)
+		return
+	}
+	connect := p.dialSettings()
+	addr, ok := loopAddr(p.dec)
+	if !ok {
+		l.toGoroutine(lc, (*path).fromDial)
+		return
+	}
+	if err := p.c.srv.Dialer.CheckExplicit(addr); err != nil {
+		l.end(lc, rejected(routeReason(err), fmt.Errorf("dial %q: 1 address refused: %w", p.dec.Host, err)))
+		return
+	}
+	l.dial(lc, addr, connect)
+}
+
+// loopAddr returns the address to dial for dec if the loop can dial it:
+// an explicit route (or default backend) whose host is an IP address.
+func loopAddr(dec route.Decision) (netip.AddrPort, bool) {
+	if dec.Pool != nil || dec.Rule == route.RuleDNS || dec.Port < 1 || dec.Port > 65535 {
+		return netip.AddrPort{}, false
+	}
+	a, err := netip.ParseAddr(dec.Host)
+	if err != nil || a.Zone() != "" {
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPortFrom(a.Unmap(), uint16(dec.Port)), true
+}
+
+// dial starts a non-blocking connect to addr.
+func (l *loop) dial(lc *lconn, addr netip.AddrPort, timeout time.Duration) {
+	lc.phase = lphConnect
+	lc.addr = addr
+	lc.dialStart = time.Now()
+	family := unix.AF_INET
+	if addr.Addr().Is6() {
+		family = unix.AF_INET6
+	}
+	r, _, e := syscall.RawSyscall(unix.SYS_SOCKET, uintptr(family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if e != 0 {
+		l.dialFailed(lc, os.NewSyscallError("socket", e))
+		return
+	}
+	lc.bfd = int(r)
+	one := int32(1)
+	syscall.RawSyscall6(unix.SYS_SETSOCKOPT, r, unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
+	var e2 syscall.Errno
+	if family == unix.AF_INET {
+		sa := unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: addr.Addr().As4()}
+		p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+		p[0], p[1] = byte(addr.Port()>>8), byte(addr.Port())
+		_, _, e2 = syscall.RawSyscall(unix.SYS_CONNECT, r, uintptr(unsafe.Pointer(&sa)), unsafe.Sizeof(sa))
+	} else {
+		sa := unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: addr.Addr().As16()}
+		p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+		p[0], p[1] = byte(addr.Port()>>8), byte(addr.Port())
+		_, _, e2 = syscall.RawSyscall(unix.SYS_CONNECT, r, uintptr(unsafe.Pointer(&sa)), unsafe.Sizeof(sa))
+	}
+	if e2 != 0 && e2 != unix.EINPROGRESS {
+		l.dialFailed(lc, os.NewSyscallError("connect", e2))
+		return
+	}
+	if err := l.ctl(unix.EPOLL_CTL_ADD, lc.bfd, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP|unix.EPOLLET, lc.slot, lc.gen<<1|sideBackend); err != nil {
+		l.dialFailed(lc, err)
+		return
+	}
+	l.arm(lc, lc.dialStart.Add(timeout))
+	if e2 == 0 {
+		l.connected(lc, unix.EPOLLOUT)
+	}
+}
+
+// dialFailed ends lc with a dial error, worded as Dialer.Dial words it.
+func (l *loop) dialFailed(lc *lconn, err error) {
+	lc.c.o.backend = lc.addr
+	l.end(lc, rejected(stats.DialError, fmt.Errorf("dial %q: 1 address failed, first: %w: dial tcp %s: %w", lc.p.dec.Host, route.ErrDial, lc.addr, err)))
+}
+
+// connected finishes the connect (or fails it), replays and starts
+// relaying.
+func (l *loop) connected(lc *lconn, events uint32) {
+	c, s := lc.c, lc.c.srv
+	lc.bReady = events&unix.EPOLLIN != 0
+	if events&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+		soerr, err := unix.GetsockoptInt(lc.bfd, unix.SOL_SOCKET, unix.SO_ERROR)
+		if err == nil && soerr != 0 {
+			err = syscall.Errno(soerr)
+		} else if err == nil {
+			err = unix.ECONNREFUSED
+		}
+		l.dialFailed(lc, os.NewSyscallError("connect", err))
+		return
+	}
+	l.disarm(lc)
+	c.o.backend = lc.addr
+	s.rec.BackendConnect(time.Since(lc.dialStart))
+	if lc.p.proxyHeader != "" {
+		// The header names the local address, which the loop does not
+		// look up: the replay phase does, on a goroutine.
+		l.toGoroutine(lc, (*path).fromReplay)
+		return
+	}
+	// Replay the sniffed bytes.
+	lc.phase = lphRelay
+	lc.last = time.Now().UnixNano()
+	l.armNano(lc, lc.last+int64(loopRelayFor))
+	if !l.write(lc, sideBackend, lc.p.buf.Bytes(), true) {
+		return
+	}
+	lc.p.releaseBuffer()
+	l.relay(lc)
+}
+
+// write writes b to lc's side (counted as moved, when count); what the
+// socket does not take at once goes to the pair with the rest of the
+// connection. It reports whether lc is still the loop's.
+func (l *loop) write(lc *lconn, side uint32, b []byte, count bool) bool {
+	fd := lc.bfd
+	if side == sideClient {
+		fd = lc.cfd
+	}
+	for len(b) > 0 {
+		r, _, e := syscall.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+		if e == unix.EINTR {
+			continue
+		}
+		if e == unix.EAGAIN {
+			break
+		}
+		if e != 0 {
+			err := os.NewSyscallError("write", e)
+			if lc.p.buf != nil { // replaying
+				l.end(lc, result{end: endBackendError, err: fmt.Errorf("worker: replay to backend: %w", err)})
+			} else {
+				l.end(lc, copyResult(err))
+			}
+			return false
+		}
+		if count {
+			l.count(lc, side, int64(r))
+		}
+		b = b[r:]
+	}
+	if len(b) == 0 {
+		return true
+	}
+	// The peer is slow to take it: the pair writes the rest (with its
+	// deadline) and goes on.
+	l.toPair(lc, append([]byte(nil), b...), side, count)
+	return false
+}
+
+// count counts n bytes written to side.
+func (l *loop) count(lc *lconn, side uint32, n int64) {
+	if side == sideBackend {
+		lc.in += n
+		lc.c.srv.rec.Bytes(n, 0)
+	} else {
+		lc.out += n
+		lc.c.srv.rec.Bytes(0, n)
+	}
+	lc.last = time.Now().UnixNano()
+}
+
+// relay copies what is ready either way.
+func (l *loop) relay(lc *lconn) {
+	for lc.cReady && !lc.upDone && !lc.done {
+		if !l.copyOnce(lc, sideClient) {
+			return
+		}
+	}
+	for lc.bReady && !lc.downDone && !lc.done {
+		if !l.copyOnce(lc, sideBackend) {
+			return
+		}
+	}
+}
+
+// copyOnce reads once from side from and writes it to the other side. It
+// reports whether lc is still the loop's.
+func (l *loop) copyOnce(lc *lconn, from uint32) bool {
+	src, to := lc.cfd, uint32(sideBackend)
+	if from == sideBackend {
+		src, to = lc.bfd, sideClient
+	}
+	r, _, e := syscall.RawSyscall(unix.SYS_READ, uintptr(src), uintptr(unsafe.Pointer(&l.buf[0])), uintptr(len(l.buf)))
+	if e == unix.EINTR {
+		return true
+	}
+	if e == unix.EAGAIN {
+		l.setReady(lc, from, false)
+		return true
+	}
+	if e != 0 {
+		l.end(lc, copyResult(os.NewSyscallError("read", e)))
+		return false
+	}
+	n := int(r)
+	if n == 0 {
+		// FIN: passed on; the direction has ended.
+		l.setReady(lc, from, false)
+		dst := lc.bfd
+		if to == sideClient {
+			dst = lc.cfd
+		}
+		unix.Shutdown(dst, unix.SHUT_WR)
+		if from == sideClient {
+			lc.upDone = true
+		} else {
+			lc.downDone = true
+		}
+		if lc.upDone && lc.downDone {
+			l.end(lc, result{end: endOK})
+			return false
+		}
+		return true
+	}
+	l.setReady(lc, from, n == len(l.buf) || (from == sideClient && lc.cHup) || (from == sideBackend && lc.bHup))
+	if !l.write(lc, to, l.buf[:n], true) {
+		return false
+	}
+	if n == len(l.buf) {
+		// A stream: the pair splices it.
+		l.toPair(lc, nil, 0, false)
+		return false
+	}
+	return true
+}
+
+// setReady records whether side may have bytes unread.
+func (l *loop) setReady(lc *lconn, side uint32, ready bool) {
+	if side == sideClient {
+		lc.cReady = ready
+	} else {
+		lc.bReady = ready
+	}
+}
+
+// end ends lc in the loop with r: both sockets closed, the permit and the
+// rest given back, the access-log line written (conn.finish).
+func (l *loop) end(lc *lconn, r result) {
+	c := lc.c
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	unix.Close(lc.cfd)
+	if lc.bfd >= 0 {
+		unix.Close(lc.bfd)
+	}
+	l.finish(lc, r)
+}
+
+// finish is end once the sockets are closed.
+func (l *loop) finish(lc *lconn, r result) {
+	l.ended.Add(1)
+	c := lc.c
+	l.release(lc)
+	p := &lc.p
+	p.endSniff()
+	p.releaseBuffer()
+	if !p.counted {
+		c.srv.rec.Protocol(stats.ProtoUnknown)
+	}
+	if lc.phase == lphRelay {
+		r.counts = proxy.Result{In: lc.in, Out: lc.out}
+	}
+	c.finish(r, p.permit && !c.stolen.Load())
+}
+
+// files turns lc's raw sockets into *net.TCPConn values (the backend's
+// only if dialled) for a goroutine or a pair.
+// The raw sockets are closed either way.
+func (l *loop) files(lc *lconn) (client, backend *net.TCPConn, err error) {
+	client, err = rawTCP(lc.cfd, "client")
+	if err == nil && lc.bfd >= 0 {
+		backend, err = rawTCP(lc.bfd, "backend")
+	} else if lc.bfd >= 0 {
+		unix.Close(lc.bfd)
+	}
+	if err != nil && client != nil {
+		client.Close()
+	}
+	return client, backend, err
+}
+
+// rawTCP makes a *net.TCPConn of a raw socket, which it closes (the conn
+// has its own duplicate).
+func rawTCP(fd int, name string) (*net.TCPConn, error) {
+	f := os.NewFile(uintptr(fd), name)
+	defer f.Close()
+	return fileTCP(f)
+}
+
+// leave takes lc out of the loop for a goroutine or a pair: its sockets
+// become *net.TCPConn values set on the conn under c.mu. If the
+// connection was closed meanwhile (a drain, a move, an eviction), or the
+// sockets cannot be converted, the loop ends it instead and leave returns
+// false.
+func (l *loop) leave(lc *lconn) bool {
+	c := lc.c
+	client, backend, err := l.files(lc)
+	c.mu.Lock()
+	if err != nil || c.closed {
+		c.closed = true
+		c.mu.Unlock()
+		if err == nil {
+			client.Close()
+			if backend != nil {
+				backend.Close()
+			}
+			err = errors.New("worker: closed by a drain or a move")
+		} else {
+			err = fmt.Errorf("worker: event loop: hand-off: %w", err)
+		}
+		l.finish(lc, l.closedResult(lc, err))
+		return false
+	}
+	c.client, c.backend, c.lc = client, backend, nil
+	c.mu.Unlock()
+	l.release(lc)
+	return true
+}
+
+// toGoroutine hands lc to a goroutine that goes on with run, the phases
+// from the one lc has reached.
+func (l *loop) toGoroutine(lc *lconn, run func(*path) result) {
+	if !l.leave(lc) {
+		return
+	}
+	l.toGoroutines.Add(1)
+	go func() {
+		p := &lc.p
+		p.local = addrPortOf(lc.c.client.LocalAddr())
+		p.end(run(p))
+	}()
+}
+
+// toPair hands a relaying lc to its pair. pending, if any, is what side
+// (to) has not taken yet: a goroutine writes it first, bounded by the
+// idle timeout.
+func (l *loop) toPair(lc *lconn, pending []byte, to uint32, count bool) {
+	if !l.leave(lc) {
+		return
+	}
+	lc.p.releaseBuffer()
+	l.toPairs.Add(1)
+	c := lc.c
+	st := proxy.State{In: lc.in, Out: lc.out, UpDone: lc.upDone, DownDone: lc.downDone, Last: time.Unix(0, lc.last)}
+	if len(pending) == 0 {
+		c.mu.Lock()
+		c.startPairLocked(lc.p.permit, st)
+		c.mu.Unlock()
+		return
+	}
+	go func() {
+		dst := c.backend
+		if to == sideClient {
+			dst = c.client
+		}
+		dst.SetWriteDeadline(time.Now().Add(c.idleTimeout()))
+		n, err := dst.Write(pending)
+		dst.SetWriteDeadline(time.Time{})
+		if count {
+			if to == sideBackend {
+				st.In += int64(n)
+				c.srv.rec.Bytes(int64(n), 0)
+			} else {
+				st.Out += int64(n)
+				c.srv.rec.Bytes(0, int64(n))
+			}
+		}
+		c.mu.Lock()
+		if err == nil && !c.closed {
+			st.Last = time.Now()
+			c.startPairLocked(lc.p.permit, st)
+			c.mu.Unlock()
+			return
+		}
+		c.closed = true
+		c.mu.Unlock()
+		c.client.Close()
+		c.backend.Close()
+		r := copyResult(err)
+		if err == nil {
+			r = result{end: endClosed, err: errors.New("worker: closed by a drain or a move")}
+		} else if errors.Is(err, os.ErrDeadlineExceeded) {
+			r = result{end: endIdle, err: err}
+		}
+		r.counts = proxy.Result{In: st.In, Out: st.Out}
+		c.finish(r, lc.p.permit && !c.stolen.Load())
+	}()
+}
+
+// closedResult is the result of lc closed from outside (requestClose).
+func (l *loop) closedResult(lc *lconn, err error) result {
+	c := lc.c
+	switch {
+	case lc.phase == lphSniff && c.stolen.Load():
+		return rejected(stats.SniffTimeout, fmt.Errorf("worker: evicted after %v with no complete hello, its permit needed by another connection",
+			time.Since(c.start).Round(time.Millisecond)))
+	case lc.phase == lphRelay:
+		return result{end: endDeadline, err: errDeadline}
+	}
+	return result{end: endClosed, err: err}
+}
+
+// arm sets lc's deadline.
+func (l *loop) arm(lc *lconn, when time.Time) {
+	l.armNano(lc, when.UnixNano())
+}
+
+func (l *loop) armNano(lc *lconn, when int64) {
+	lc.when = when
+	if lc.hidx >= 0 {
+		heap.Fix(&l.timer, lc.hidx)
+		return
+	}
+	heap.Push(&l.timer, lc)
+}
+
+// disarm clears lc's deadline.
+func (l *loop) disarm(lc *lconn) {
+	if lc.hidx >= 0 {
+		heap.Remove(&l.timer, lc.hidx)
+	}
+}
+
+// expire handles the deadlines that have passed.
+func (l *loop) expire() {
+	now := time.Now().UnixNano()
+	for len(l.timer) > 0 && l.timer[0].when <= now {
+		lc := l.timer[0]
+		l.disarm(lc)
+		switch lc.phase {
+		case lphSniff:
+			l.end(lc, rejected(stats.SniffTimeout, lc.sn.Ended(os.ErrDeadlineExceeded)))
+		case lphConnect:
+			l.dialFailed(lc, fmt.Errorf("i/o timeout: %w", os.ErrDeadlineExceeded))
+		case lphRelay:
+			l.toPair(lc, nil, 0, false)
+		}
+	}
+	for i := range l.lns {
+		ln := &l.lns[i]
+		if !ln.retry.IsZero() && !time.Unix(0, now).Before(ln.retry) {
+			ln.retry = time.Time{}
+			if ln.fd >= 0 {
+				l.ctl(unix.EPOLL_CTL_ADD, ln.fd, unix.EPOLLIN, int32(slotListener-i), 0)
+			}
+		}
+	}
+}
+
+// requestClose asks the loop to close lc (conn.close, with c.mu held).
+func (l *loop) requestClose(lc *lconn) {
+	l.mu.Lock()
+	l.closes = append(l.closes, lc)
+	l.mu.Unlock()
+	l.poke()
+}
+
+// handOffAll hands every relaying connection to its pair and returns
+// once done (for Move: a pair can move, a loop connection cannot).
+func (l *loop) handOffAll() {
+	ack := make(chan struct{})
+	l.mu.Lock()
+	l.handoffs = append(l.handoffs, ack)
+	l.mu.Unlock()
+	l.poke()
+	select {
+	case <-ack:
+	case <-l.done:
+	}
+}
+
+// stop makes the loop stop accepting (its listeners closed, after
+// linger) and exit once its connections have left; it returns once no
+// connection is accepted any more.
+func (l *loop) stop(linger time.Duration) {
+	l.mu.Lock()
+	l.stopping = true
+	l.linger = linger
+	l.mu.Unlock()
+	l.poke()
+	select {
+	case <-l.acceptStopped:
+	case <-l.done:
+	}
+}
+
+// poke wakes the loop.
+func (l *loop) poke() {
+	one := uint64(1)
+	unix.Write(l.wake, (*[8]byte)(unsafe.Pointer(&one))[:])
+}
+
+// requests handles what other goroutines asked for.
+func (l *loop) requests() {
+	l.mu.Lock()
+	closes, handoffs, stopping, linger := l.closes, l.handoffs, l.stopping, l.linger
+	l.closes, l.handoffs = nil, nil
+	l.mu.Unlock()
+	for _, lc := range closes {
+		if !lc.done {
+			l.end(lc, l.closedResult(lc, errors.New("worker: closed by a drain or a move")))
+		}
+	}
+	if len(handoffs) > 0 {
+		for _, lc := range l.slots {
+			if lc != nil && !lc.done && lc.phase == lphRelay {
+				l.toPair(lc, nil, 0, false)
+			}
+		}
+		for _, ack := range handoffs {
+			close(ack)
+		}
+	}
+	if stopping && !l.stopped() {
+		var fds []int
+		for i := range l.lns {
+			if fd := l.lns[i].fd; fd >= 0 {
+				l.ctl(unix.EPOLL_CTL_DEL, fd, 0, 0, 0)
+				fds = append(fds, fd)
+				l.lns[i].fd = -1
+			}
+		}
+		closeAll := func() {
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+		}
+		if linger > 0 {
+			time.AfterFunc(linger, closeAll)
+		} else {
+			closeAll()
+		}
+		close(l.acceptStopped)
+	}
+}
+
+// lheap is the loop's deadlines, earliest first.
+type lheap []*lconn
+
+func (h lheap) Len() int           { return len(h) }
+func (h lheap) Less(i, j int) bool { return h[i].when < h[j].when }
+func (h lheap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].hidx, h[j].hidx = i, j
+}
+
+func (h *lheap) Push(x any) {
+	lc := x.(*lconn)
+	lc.hidx = len(*h)
+	*h = append(*h, lc)
+}
+
+func (h *lheap) Pop() any {
+	old := *h
+	lc := old[len(old)-1]
+	old[len(old)-1] = nil
+	lc.hidx = -1
+	*h = old[:len(old)-1]
+	return lc
+}

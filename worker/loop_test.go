@@ -1,0 +1,243 @@
+package worker
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"net"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sniproxy/sniproxy/internal/backendtest"
+	"github.com/sniproxy/sniproxy/internal/stats"
+)
+
+// loopOf returns ts's event loop, skipping the test without one.
+func loopOf(t *testing.T, ts *testServer) *loop {
+	t.Helper()
+	if runtime.GOMAXPROCS(0) < 2 {
+		t.Skip("the event loop needs GOMAXPROCS 2 or more")
+	}
+	var l *loop
+	waitFor(t, "the event loop", func() bool { // Serve runs on its goroutine
+		ts.srv.mu.Lock()
+		defer ts.srv.mu.Unlock()
+		l = ts.srv.loop
+		return l != nil
+	})
+	return l
+}
+
+// upperBackend answers everything a client sends, upper-cased, once the
+// client has half-closed.
+func upperBackend(t *testing.T) string {
+	return backendtest.Serve(t, func(c net.Conn) {
+		b, _ := io.ReadAll(c)
+		c.Write(bytes.ToUpper(b))
+	})
+}
+
+// request sends req, half-closes, and returns all the answer.
+func request(t *testing.T, addr, req string) string {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte(req))
+	c.(*net.TCPConn).CloseWrite()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	return string(b)
+}
+
+// Short connections are served from accept to close in the loop, with the
+// counts and the half-closes of the goroutine path.
+func TestLoopServesShortConnections(t *testing.T) {
+	backend := upperBackend(t)
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), NewLocalLimiter(100), "")
+	l := loopOf(t, ts)
+	in, out := 0, 0
+	for i := range 20 {
+		req := fmt.Sprintf("GET /%d HTTP/1.1\r\nHost: a.test\r\n\r\n", i)
+		if got := request(t, ts.addr, req); got != strings.ToUpper(req) {
+			t.Fatalf("answer %q", got)
+		}
+		in += len(req)
+		out += len(req)
+	}
+	waitFor(t, "the connections to end", func() bool { return ts.counters.Snapshot().Active == 0 })
+	s := ts.counters.Snapshot()
+	if s.BytesIn != uint64(in) || s.BytesOut != uint64(out) || s.ConnectCount != 20 {
+		t.Errorf("bytes in %d out %d connects %d; want %d %d 20", s.BytesIn, s.BytesOut, s.ConnectCount, in, out)
+	}
+	if a, e := l.accepted.Load(), l.ended.Load(); a != 20 || e != 20 {
+		t.Errorf("loop accepted %d and ended %d; want 20 and 20", a, e)
+	}
+	if g, p := l.toGoroutines.Load(), l.toPairs.Load(); g != 0 || p != 0 {
+		t.Errorf("handed %d to goroutines and %d to pairs; want none", g, p)
+	}
+}
+
+// A connection still open after loopRelayFor goes to its pair and goes on
+// there; one that streams goes to its pair at the first full buffer.
+func TestLoopHandsLongAndBulkToPair(t *testing.T) {
+	backend := backendtest.Echo(t)
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), nil, "")
+	l := loopOf(t, ts)
+
+	c := dialHTTP(t, ts.addr, "a.test")
+	head := "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+	buf := make([]byte, len(head))
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != head {
+		t.Fatalf("echo of the head: %q, %v", buf, err)
+	}
+	waitFor(t, "the hand-off to the pair", func() bool { return l.toPairs.Load() == 1 })
+	for i := range 3 {
+		msg := fmt.Sprintf("after the hand-off %d\n", i)
+		c.Write([]byte(msg))
+		b := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, b); err != nil || string(b) != msg {
+			t.Fatalf("echo %d: %q, %v", i, b, err)
+		}
+	}
+
+	// Bulk: 4 MiB each way through the echo, checked by hash.
+	c2 := dialHTTP(t, ts.addr, "a.test")
+	c2.SetDeadline(time.Now().Add(20 * time.Second))
+	data := bytes.Repeat([]byte("0123456789abcdef"), 4<<20/16)
+	go func() {
+		c2.Write(data)
+		c2.(*net.TCPConn).CloseWrite()
+	}()
+	got, err := io.ReadAll(c2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := append([]byte(head), data...)
+	if sha256.Sum256(got) != sha256.Sum256(want) {
+		t.Fatalf("bulk echo: %d bytes, not what was sent (%d)", len(got), len(want))
+	}
+	if p := l.toPairs.Load(); p != 2 {
+		t.Errorf("%d connections handed to pairs; want 2", p)
+	}
+}
+
+// What the loop does not do goes to a goroutine at the phase reached: a
+// pool's dial (failover, balancing), a PROXY header to send.
+func TestLoopHandsPoolsAndProxyHeadersToGoroutines(t *testing.T) {
+	backend := upperBackend(t)
+	ts := startServer(t, fmt.Sprintf(`routes:
+  - {match: pool.test, backends: [{address: %q}]}
+  - {match: header.test, backend: %q, proxy_protocol: v1}
+`, backend, backend), nil, "")
+	l := loopOf(t, ts)
+	req := "GET / HTTP/1.1\r\nHost: pool.test\r\n\r\n"
+	if got := request(t, ts.addr, req); got != strings.ToUpper(req) {
+		t.Fatalf("pool: %q", got)
+	}
+	req = "GET / HTTP/1.1\r\nHost: header.test\r\n\r\n"
+	got := request(t, ts.addr, req)
+	if !strings.HasPrefix(got, "PROXY TCP4 127.0.0.1 127.0.0.1 ") || !strings.HasSuffix(got, strings.ToUpper(req)) {
+		t.Fatalf("proxy header route: %q", got)
+	}
+	if g := l.toGoroutines.Load(); g != 2 {
+		t.Errorf("%d handed to goroutines; want 2", g)
+	}
+}
+
+// Refusals and failures in the loop end as in the goroutine path: counted
+// by reason, the client closed.
+func TestLoopRejects(t *testing.T) {
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	ts := startServer(t, fmt.Sprintf("routes: [{match: dead.test, backend: %q}]\ndenylist: [denied.test]\n", deadAddr), nil, "")
+	l := loopOf(t, ts)
+	for _, host := range []string{"dead.test", "denied.test", "none.test"} {
+		if got := request(t, ts.addr, "GET / HTTP/1.1\r\nHost: "+host+"\r\n\r\n"); got != "" {
+			t.Errorf("%s: answered %q", host, got)
+		}
+	}
+	if got := request(t, ts.addr, "\x00\x01 not a protocol\r\n\r\n"); got != "" {
+		t.Errorf("garbage: answered %q", got)
+	}
+	waitFor(t, "the refusals", func() bool { return ts.counters.Snapshot().Active == 0 })
+	s := ts.counters.Snapshot()
+	for reason, want := range map[stats.Reason]uint64{stats.DialError: 1, stats.Denied: 1, stats.NoRoute: 1, stats.SniffError: 1} {
+		if s.Rejected[reason] != want {
+			t.Errorf("rejected %v = %d; want %d", reason, s.Rejected[reason], want)
+		}
+	}
+	// none.test goes to DNS routing, whose look-up is a goroutine's.
+	if e, g := l.ended.Load(), l.toGoroutines.Load(); e+g != 4 || e < 3 {
+		t.Errorf("the loop ended %d and handed %d on; want 4 in all, 3 ended", e, g)
+	}
+}
+
+// A silent client is closed at timeouts.client_hello, counted
+// sniff_timeout; a drain closes one still sniffing at its deadline.
+func TestLoopSniffTimeoutAndDrain(t *testing.T) {
+	ts := startServer(t, "", nil, "")
+	loopOf(t, ts)
+	c, err := net.Dial("tcp", ts.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("read %d bytes from a proxy that should close", n)
+	}
+	if d := time.Since(start); d < 1500*time.Millisecond || d > 6*time.Second {
+		t.Errorf("closed after %v; want timeouts.client_hello (2s)", d)
+	}
+	waitFor(t, "sniff_timeout", func() bool { return ts.counters.Snapshot().Rejected[stats.SniffTimeout] == 1 })
+
+	c2, err := net.Dial("tcp", ts.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	c2.Write([]byte("GET / HTTP/1.1\r\n")) // no end of head
+	waitFor(t, "the connection", func() bool { return ts.counters.Snapshot().Active == 1 })
+	ts.cancel()
+	<-ts.served
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if n := ts.srv.Drain(ctx); n != 1 {
+		t.Errorf("Drain closed %d; want 1", n)
+	}
+	c2.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c2.Read(make([]byte, 1)); err == nil {
+		t.Error("still open after the drain")
+	}
+}
+
+// The goroutine path still serves everything when there is no loop.
+func TestGoroutinePathWithoutLoop(t *testing.T) {
+	backend := upperBackend(t)
+	ts := startServerWith(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), nil, "", func(s *Server) { s.EventLoop = false })
+	req := "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+	if got := request(t, ts.addr, req); got != strings.ToUpper(req) {
+		t.Fatalf("answer %q", got)
+	}
+	ts.srv.mu.Lock()
+	defer ts.srv.mu.Unlock()
+	if ts.srv.loop != nil {
+		t.Error("a loop without EventLoop")
+	}
+}
