@@ -75,7 +75,7 @@ const (
 
 // Sides of a connection, in the epoll data.
 const (
-	sideClient = 0
+	sideClient  = 0
 	sideBackend = 1
 )
 

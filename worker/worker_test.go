@@ -1,7 +1,6 @@
 package worker
 
 import (
-	"runtime"
 	"bufio"
 	"context"
 	"errors"
@@ -9,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"

@@ -130,6 +130,9 @@ func newLoop(o Options, cfg *config.Config) (*loop, error) {
 		return nil, fmt.Errorf("process: %w", err)
 	}
 	srv.AccessLog = accessLog(o, cfg)
+	// The event loop holds a P while it waits: only with another for
+	// everything else (GOMAXPROCS=1 in the environment turns it off).
+	srv.EventLoop = runtime.GOMAXPROCS(0) >= 2
 	if lim := cfg.Limits; lim.On() {
 		l.perIPLeases = &perIPLeases{conn: o.Conn, log: o.Log}
 		l.perIP = perip.NewClient(l.perIPLeases, perip.Limits{Conns: lim.PerIPConnections, Rate: lim.PerIPRate},
@@ -557,11 +560,14 @@ func (l *loop) pushStats() {
 }
 
 // setProcs sets this worker's GOMAXPROCS to its share of the CPUs the
-// runtime found (procsFor), unless the operator set GOMAXPROCS in the
-// environment. With one worker per CPU (workers: 0) each runs on one
-// thread, like an nginx worker: a Go runtime free to use every CPU in
-// every worker spends the difference handing goroutines between threads
-// (measured: ~18% more CPU per short connection; see README, Performance).
+// runtime found, plus one for the event loop (procsFor), unless the
+// operator set GOMAXPROCS in the environment. With one worker per CPU
+// (workers: 0) each runs its goroutines on one thread, like an nginx
+// worker: a Go runtime free to use every CPU in every worker spends the
+// difference handing goroutines between threads (measured: ~18% more CPU
+// per short connection; see README, Performance). The event loop holds
+// the extra P while it waits for work (worker.Server.EventLoop), which
+// is why it runs only with 2 or more.
 func setProcs(cfg *config.Config) {
 	if os.Getenv("GOMAXPROCS") != "" {
 		return
@@ -569,11 +575,11 @@ func setProcs(cfg *config.Config) {
 	runtime.GOMAXPROCS(procsFor(runtime.GOMAXPROCS(0), workersOf(cfg)))
 }
 
-// procsFor is a worker's share of cpus among workers, rounded up: at
-// least 1.
+// procsFor is a worker's share of cpus among workers, rounded up (at
+// least 1), plus one for the event loop.
 func procsFor(cpus, workers int) int {
 	w := max(workers, 1)
-	return max(1, (cpus+w-1)/w)
+	return max(1, (cpus+w-1)/w) + 1
 }
 
 // workersOf is the number of workers cfg starts (workers: 0 is one per

@@ -498,7 +498,7 @@ func TestListenerAddress(t *testing.T) {
 
 func TestProcsFor(t *testing.T) {
 	for _, tc := range []struct{ cpus, workers, want int }{
-		{2, 2, 1}, {8, 8, 1}, {8, 1, 8}, {2, 1, 2}, {8, 3, 3}, {2, 3, 1}, {1, 4, 1}, {4, 0, 4},
+		{2, 2, 2}, {8, 8, 2}, {8, 1, 9}, {2, 1, 3}, {8, 3, 4}, {2, 3, 2}, {1, 4, 2}, {4, 0, 5},
 	} {
 		if got := procsFor(tc.cpus, tc.workers); got != tc.want {
 			t.Errorf("procsFor(%d cpus, %d workers) = %d; want %d", tc.cpus, tc.workers, got, tc.want)
