@@ -143,6 +143,7 @@ type loop struct {
 	delay time.Duration // accept back-off
 
 	mu       sync.Mutex
+	exited   bool // the loop has returned; its descriptors are closed
 	closes   []*lconn
 	handoffs []chan struct{}
 	stopping bool
@@ -238,8 +239,11 @@ func (l *loop) run() {
 	runtime.LockOSThread()
 	defer close(l.done)
 	defer func() {
+		l.mu.Lock()
+		l.exited = true
 		unix.Close(l.ep)
 		unix.Close(l.wake)
+		l.mu.Unlock()
 	}()
 	raw := true
 	for {
@@ -413,6 +417,9 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 	c.peer = unmapAddrPort(peer)
 	lc := &lconn{c: c, cfd: fd, bfd: -1, hidx: -1}
 	lc.p.c = c
+	// As Go sets on every TCP socket: small writes go out at once.
+	one := int32(1)
+	syscall.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
 	if !l.admit() {
 		// No spare permit here: Acquire may wait for the master, or
 		// evict a slow sniffer; a goroutine does that, from the start.
@@ -865,8 +872,14 @@ func (l *loop) leave(lc *lconn) bool {
 	c.client, c.backend, c.lc = client, backend, nil
 	c.mu.Unlock()
 	l.release(lc)
+	// What Go's listener sets on every accepted socket; the loop's
+	// short connections do without it.
+	client.SetKeepAliveConfig(clientKeepAlive)
 	return true
 }
+
+// clientKeepAlive is Go's default for accepted sockets (net.ListenConfig).
+var clientKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 15 * time.Second, Count: 9}
 
 // toGoroutine hands lc to a goroutine that goes on with run, the phases
 // from the one lc has reached.
@@ -1001,9 +1014,9 @@ func (l *loop) expire() {
 // requestClose asks the loop to close lc (conn.close, with c.mu held).
 func (l *loop) requestClose(lc *lconn) {
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	l.closes = append(l.closes, lc)
-	l.mu.Unlock()
-	l.poke()
+	l.pokeLocked()
 }
 
 // handOffAll hands every relaying connection to its pair and returns
@@ -1012,8 +1025,8 @@ func (l *loop) handOffAll() {
 	ack := make(chan struct{})
 	l.mu.Lock()
 	l.handoffs = append(l.handoffs, ack)
+	l.pokeLocked()
 	l.mu.Unlock()
-	l.poke()
 	select {
 	case <-ack:
 	case <-l.done:
@@ -1027,16 +1040,19 @@ func (l *loop) stop(linger time.Duration) {
 	l.mu.Lock()
 	l.stopping = true
 	l.linger = linger
+	l.pokeLocked()
 	l.mu.Unlock()
-	l.poke()
 	select {
 	case <-l.acceptStopped:
 	case <-l.done:
 	}
 }
 
-// poke wakes the loop.
-func (l *loop) poke() {
+// pokeLocked wakes the loop, unless it has returned; l.mu is held.
+func (l *loop) pokeLocked() {
+	if l.exited {
+		return
+	}
 	one := uint64(1)
 	unix.Write(l.wake, (*[8]byte)(unsafe.Pointer(&one))[:])
 }

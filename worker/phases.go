@@ -169,7 +169,12 @@ type path struct {
 // connection then.
 func (c *conn) serve() {
 	p := &path{c: c}
-	p.setAddrs(addrPortOf(c.client.RemoteAddr()), addrPortOf(c.client.LocalAddr()))
+	peer := c.peer // set by the event loop from accept, for one it hands on
+	if !peer.IsValid() {
+		// A client gone since, reset, has no address any more.
+		peer = addrPortOf(c.client.RemoteAddr())
+	}
+	p.setAddrs(peer, addrPortOf(c.client.LocalAddr()))
 	p.end(p.run())
 }
 
