@@ -153,8 +153,9 @@ type loop struct {
 	done          chan struct{}
 
 	// Counts, for tests: connections accepted here, ended here, handed
-	// to a goroutine, handed to a pair.
-	accepted, ended, toGoroutines, toPairs atomic.Int64
+	// to a goroutine, handed to a pair; events of connections no longer
+	// here.
+	accepted, ended, toGoroutines, toPairs, stale atomic.Int64
 }
 
 // newLoop makes the loop for the listeners lns: it takes a duplicate of
@@ -337,6 +338,7 @@ func (l *loop) event(ev *unix.EpollEvent) {
 		}
 		lc := l.slots[slot]
 		if lc == nil || lc.done || lc.gen != uint32(ev.Pad)>>1 {
+			l.stale.Add(1)
 			return // an event of a connection that ended in this batch
 		}
 		side := uint32(ev.Pad) & 1
@@ -852,6 +854,14 @@ func rawTCP(fd int, name string) (*net.TCPConn, error) {
 // false.
 func (l *loop) leave(lc *lconn) bool {
 	c := lc.c
+	// Out of the loop's epoll set first: a registration belongs to the
+	// socket, not the descriptor, and would outlive the close of the raw
+	// descriptor in files (the duplicates keep the socket), waking the
+	// loop for every byte of a stream it no longer serves.
+	l.ctl(unix.EPOLL_CTL_DEL, lc.cfd, 0, 0, 0)
+	if lc.bfd >= 0 {
+		l.ctl(unix.EPOLL_CTL_DEL, lc.bfd, 0, 0, 0)
+	}
 	client, backend, err := l.files(lc)
 	c.mu.Lock()
 	if err != nil || c.closed {

@@ -130,6 +130,12 @@ func TestLoopHandsLongAndBulkToPair(t *testing.T) {
 	if p := l.toPairs.Load(); p != 2 {
 		t.Errorf("%d connections handed to pairs; want 2", p)
 	}
+	// Once handed on, a connection no longer wakes the loop (its sockets
+	// left the loop's epoll set): a few events of the same batch at most,
+	// not one per chunk of the 8 MiB.
+	if n := l.stale.Load(); n > 8 {
+		t.Errorf("the loop was woken %d times for connections it had handed on", n)
+	}
 }
 
 // What the loop does not do goes to a goroutine at the phase reached: a
