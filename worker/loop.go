@@ -27,8 +27,8 @@ import (
 // The event loop serves the short phases of a connection on raw
 // non-blocking descriptors, on one goroutine locked to its thread: accept,
 // sniff, route, dial (a backend written as an address), replay, and the
-// first exchanges both ways. A connection that is still open after
-// loopRelayFor, that moves a full buffer (the start of a stream: splice
+// exchanges both ways. A connection quiet for loopRelayFor (no byte
+// either way), that moves a full buffer (the start of a stream: splice
 // from then on), or whose peer does not take all it is sent, is handed to
 // its pair (package proxy: goroutines, splice, the Poller) with its
 // counts and half-closes; one that needs what the loop does not do
@@ -50,10 +50,11 @@ import (
 // waits through the scheduler instead, so an idle worker sleeps.
 
 const (
-	// loopRelayFor is how long the loop relays a connection itself
-	// before handing it to a pair: long enough for a request and its
-	// answer, short enough that a long-lived connection soon costs no
-	// more than any pair (no goroutine, no buffer while idle).
+	// loopRelayFor is how long a connection the loop relays may be quiet
+	// (no byte either way) before it goes to its pair: longer than the
+	// gaps of a handshake or a request and its answer, short enough that
+	// an idle long-lived connection soon costs no more than any pair (no
+	// goroutine, no buffer while idle).
 	loopRelayFor = 50 * time.Millisecond
 	// loopBufSize is the loop's one copy buffer; a read that fills it
 	// hands the connection to its pair, which splices.
@@ -1007,6 +1008,11 @@ func (l *loop) expire() {
 		case lphConnect:
 			l.dialFailed(lc, fmt.Errorf("i/o timeout: %w", os.ErrDeadlineExceeded))
 		case lphRelay:
+			if quiet := lc.last + int64(loopRelayFor); quiet > now {
+				// Bytes moved since it was armed: not quiet yet.
+				l.armNano(lc, quiet)
+				continue
+			}
 			l.toPair(lc, nil, 0, false)
 		}
 	}
