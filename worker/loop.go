@@ -2,6 +2,7 @@ package worker
 
 import (
 	"container/heap"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -112,9 +113,19 @@ type lconn struct {
 	// loop's timer heap (-1: none).
 	when int64
 	hidx int
-	// dialStart is when the dial began; addr the backend dialled.
-	dialStart time.Time
-	addr      netip.AddrPort
+	// dialStart is when the dial phase began, attemptStart when the
+	// current connect did; addr the backend dialled.
+	dialStart, attemptStart time.Time
+	addr                    netip.AddrPort
+	// For a pool: the backends to try in order (DialPool's), the next
+	// one's index in it, the attempts made, the first failure and when the
+	// dial phase ends.
+	order    []int
+	orderBuf [4]int
+	next     int
+	tried    int
+	first    error
+	dialEnd  time.Time
 	in, out   int64
 	last      int64 // UnixNano of the last byte moved
 }
@@ -559,6 +570,15 @@ func (l *loop) routed(lc *lconn) {
 		return
 	}
 	connect := p.dialSettings()
+	lc.dialStart = time.Now()
+	if pool := p.dec.Pool; pool != nil && pool.Addresses() != nil {
+		// DialPool's plan: the balancer's order, then the rest; each
+		// attempt a share of the time left; every outcome reported.
+		lc.order = pool.Order(lc.orderBuf[:0], p.clientAddr())
+		lc.dialEnd = lc.dialStart.Add(connect)
+		l.dialNext(lc)
+		return
+	}
 	addr, ok := loopAddr(p.dec)
 	if !ok {
 		l.toGoroutine(lc, (*path).fromDial)
@@ -569,6 +589,44 @@ func (l *loop) routed(lc *lconn) {
 		return
 	}
 	l.dial(lc, addr, connect)
+}
+
+// dialNext dials the pool's next backend in lc's order, or ends lc once
+// every one failed or the dial phase is over.
+func (l *loop) dialNext(lc *lconn) {
+	pool := lc.p.dec.Pool
+	for lc.next < len(lc.order) {
+		left := time.Until(lc.dialEnd)
+		if left <= 0 {
+			if lc.first == nil {
+				lc.first = fmt.Errorf("%w: %w", route.ErrDial, context.DeadlineExceeded)
+			}
+			break
+		}
+		k := lc.next
+		i := lc.order[k]
+		lc.next++
+		addr := pool.Addresses()[i]
+		if err := lc.c.srv.Dialer.CheckExplicit(addr); err != nil {
+			l.attemptFailed(lc, i, addr, err)
+			continue
+		}
+		l.dial(lc, addr, route.AttemptTime(left, len(lc.order)-k))
+		return
+	}
+	lc.c.o.backend = lc.addr
+	l.end(lc, rejected(stats.DialError, pool.Failed(lc.tried, len(lc.order), lc.first)))
+}
+
+// attemptFailed records the failure of the attempt on pool backend i at
+// addr: reported to the master as DialPool reports it.
+func (l *loop) attemptFailed(lc *lconn, i int, addr netip.AddrPort, err error) {
+	err = fmt.Errorf("dial %q: 1 address failed, first: %w: dial tcp %s: %w", lc.p.dec.Pool.Backends[i].Host, route.ErrDial, addr, err)
+	lc.c.srv.reportDial(lc.p.dec.Pool)(i, err)
+	lc.tried++
+	if lc.first == nil {
+		lc.first = err
+	}
 }
 
 // loopAddr returns the address to dial for dec if the loop can dial it:
@@ -588,7 +646,7 @@ func loopAddr(dec route.Decision) (netip.AddrPort, bool) {
 func (l *loop) dial(lc *lconn, addr netip.AddrPort, timeout time.Duration) {
 	lc.phase = lphConnect
 	lc.addr = addr
-	lc.dialStart = time.Now()
+	lc.attemptStart = time.Now()
 	family := unix.AF_INET
 	if addr.Addr().Is6() {
 		family = unix.AF_INET6
@@ -621,7 +679,7 @@ func (l *loop) dial(lc *lconn, addr netip.AddrPort, timeout time.Duration) {
 		l.dialFailed(lc, err)
 		return
 	}
-	l.arm(lc, lc.dialStart.Add(timeout))
+	l.arm(lc, lc.attemptStart.Add(timeout))
 	if e2 == 0 {
 		l.connected(lc, unix.EPOLLOUT)
 	}
@@ -629,6 +687,17 @@ func (l *loop) dial(lc *lconn, addr netip.AddrPort, timeout time.Duration) {
 
 // dialFailed ends lc with a dial error, worded as Dialer.Dial words it.
 func (l *loop) dialFailed(lc *lconn, err error) {
+	if lc.order != nil {
+		// A pool: the next backend, if any.
+		l.disarm(lc)
+		if lc.bfd >= 0 {
+			unix.Close(lc.bfd) // out of the epoll set with it
+			lc.bfd = -1
+		}
+		l.attemptFailed(lc, lc.order[lc.next-1], lc.addr, err)
+		l.dialNext(lc)
+		return
+	}
 	lc.c.o.backend = lc.addr
 	l.end(lc, rejected(stats.DialError, fmt.Errorf("dial %q: 1 address failed, first: %w: dial tcp %s: %w", lc.p.dec.Host, route.ErrDial, lc.addr, err)))
 }
@@ -651,6 +720,12 @@ func (l *loop) connected(lc *lconn, events uint32) {
 	l.disarm(lc)
 	c.o.backend = lc.addr
 	s.rec.BackendConnect(time.Since(lc.dialStart))
+	if pool := lc.p.dec.Pool; lc.order != nil {
+		i := lc.order[lc.next-1]
+		pool.Connected(i)
+		s.reportDial(pool)(i, nil)
+		c.pool, c.poolBackend = pool, int32(i)
+	}
 	if lc.p.proxyHeader != "" {
 		// The header names the local address, which the loop does not
 		// look up: the replay phase does, on a goroutine.

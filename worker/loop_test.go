@@ -139,7 +139,7 @@ func TestLoopHandsLongAndBulkToPair(t *testing.T) {
 }
 
 // What the loop does not do goes to a goroutine at the phase reached: a
-// pool's dial (failover, balancing), a PROXY header to send.
+// PROXY header to send. A pool of addresses is the loop's.
 func TestLoopHandsPoolsAndProxyHeadersToGoroutines(t *testing.T) {
 	backend := upperBackend(t)
 	ts := startServer(t, fmt.Sprintf(`routes:
@@ -156,8 +156,10 @@ func TestLoopHandsPoolsAndProxyHeadersToGoroutines(t *testing.T) {
 	if !strings.HasPrefix(got, "PROXY TCP4 127.0.0.1 127.0.0.1 ") || !strings.HasSuffix(got, strings.ToUpper(req)) {
 		t.Fatalf("proxy header route: %q", got)
 	}
-	if g := l.toGoroutines.Load(); g != 2 {
-		t.Errorf("%d handed to goroutines; want 2", g)
+	// The pool of addresses is dialled in the loop; the header's route
+	// goes on in a goroutine.
+	if g := l.toGoroutines.Load(); g != 1 {
+		t.Errorf("%d handed to goroutines; want 1", g)
 	}
 }
 
@@ -245,5 +247,79 @@ func TestGoroutinePathWithoutLoop(t *testing.T) {
 	defer ts.srv.mu.Unlock()
 	if ts.srv.loop != nil {
 		t.Error("a loop without EventLoop")
+	}
+}
+
+// A pool of addresses is dialled in the loop as DialPool dials it: a dead
+// backend is passed over for the next (the client sees nothing), every
+// attempt is reported for passive health, and the backend reached counts
+// the connection until it ends. With every backend dead: dial_error.
+func TestLoopPoolFailover(t *testing.T) {
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	dead2, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead2Addr := dead2.Addr().String()
+	dead2.Close()
+	live := upperBackend(t)
+	ts := startServer(t, fmt.Sprintf(`routes:
+  - {match: a.test, balance: round_robin, backends: [%q, %q]}
+  - {match: b.test, backends: [%q, %q]}
+`, deadAddr, live, deadAddr, dead2Addr), nil, "")
+	l := loopOf(t, ts)
+	for i := range 6 {
+		req := fmt.Sprintf("GET /%d HTTP/1.1\r\nHost: a.test\r\n\r\n", i)
+		if got := request(t, ts.addr, req); got != strings.ToUpper(req) {
+			t.Fatalf("request %d: %q", i, got)
+		}
+	}
+	if got := request(t, ts.addr, "GET / HTTP/1.1\r\nHost: b.test\r\n\r\n"); got != "" {
+		t.Fatalf("b.test (every backend dead) answered %q", got)
+	}
+	waitFor(t, "the connections to end", func() bool { return ts.counters.Snapshot().Active == 0 })
+	if g := l.toGoroutines.Load(); g != 0 {
+		t.Errorf("%d handed to goroutines; want none", g)
+	}
+	if r := ts.counters.Snapshot().Rejected[stats.DialError]; r != 1 {
+		t.Errorf("dial_error %d; want 1", r)
+	}
+	ok, failed := map[string]uint64{}, map[string]uint64{}
+	for _, run := range ts.srv.TakeDialRuns() {
+		if run.OK {
+			ok[run.Key] += uint64(run.Count)
+		} else {
+			failed[run.Key] += uint64(run.Count)
+			if run.Reason != "connection refused" {
+				t.Errorf("failure reason %q; want connection refused", run.Reason)
+			}
+		}
+	}
+	var okSum, failedSum uint64
+	for _, n := range ok {
+		okSum += n
+	}
+	for _, n := range failed {
+		failedSum += n
+	}
+	// round_robin starts on the dead one every other time: 3 failovers,
+	// then b.test's 2 failures.
+	if okSum != 6 || failedSum != 5 {
+		t.Errorf("reported %d successes and %d failures (%v, %v); want 6 and 5", okSum, failedSum, ok, failed)
+	}
+	counts := ts.srv.BackendCounts()
+	for _, c := range counts {
+		want := uint64(0)
+		if c.Route == "a.test" && c.Backend == live {
+			want = 6
+		}
+		if c.Connections != want || c.Active != 0 {
+			t.Errorf("backend %s of %s: %d connections, %d active; want %d, 0", c.Backend, c.Route, c.Connections, c.Active, want)
+		}
 	}
 }

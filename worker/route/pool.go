@@ -45,6 +45,9 @@ type Pool struct {
 	bal   *balance.Balancer
 	down  []atomic.Bool   // by backend: the last health table said down
 	conns []atomic.Uint64 // by backend: connections made (dials that succeeded)
+	// addrs are the backends' addresses when every host is an IP
+	// address (nil otherwise): see Addresses.
+	addrs []netip.AddrPort
 }
 
 // NewPool returns the pool of route's backends under policy. It fails as
@@ -62,11 +65,26 @@ func NewPool(route string, policy balance.Policy, backends []PoolBackend) (*Pool
 	if err != nil {
 		return nil, fmt.Errorf("route: pool of %s: %w", route, err)
 	}
+	addrs := make([]netip.AddrPort, len(backends))
+	for i, b := range backends {
+		a, err := netip.ParseAddr(b.Host)
+		if err != nil || a.Zone() != "" {
+			addrs = nil
+			break
+		}
+		addrs[i] = netip.AddrPortFrom(a.Unmap(), uint16(b.Port))
+	}
 	return &Pool{
 		Route: route, Backends: append([]PoolBackend(nil), backends...), bal: bal,
 		down: make([]atomic.Bool, len(backends)), conns: make([]atomic.Uint64, len(backends)),
+		addrs: addrs,
 	}, nil
 }
+
+// Addresses returns the backends' addresses, by index, when every backend
+// is written as an IP address (no look-up needed to dial any); nil
+// otherwise. Read only.
+func (p *Pool) Addresses() []netip.AddrPort { return p.addrs }
 
 // SetUp records whether backend i is up. Until the first call every
 // backend is.
@@ -150,19 +168,7 @@ func (d *Dialer) DialPool(ctx context.Context, dec Decision, client netip.Addr, 
 		return nil, -1, netip.AddrPort{}, fmt.Errorf("dial: no pool: %w", ErrNoRoute)
 	}
 	var buf [16]int
-	order := p.bal.Pick(buf[:0], client, p.Up)
-	if n := len(order); n < len(p.Backends) {
-		// The last resort, when every candidate failed: the others,
-		// primaries (down) first, then backups — the health verdict is
-		// older than this dial's.
-		for pass := range 2 {
-			for i, b := range p.Backends {
-				if b.Backup == (pass == 1) && !slices.Contains(order[:n], i) {
-					order = append(order, i)
-				}
-			}
-		}
-	}
+	order := p.Order(buf[:0], client)
 	var first error
 	tried := 0
 	for k, i := range order {
@@ -175,15 +181,13 @@ func (d *Dialer) DialPool(ctx context.Context, dec Decision, client netip.Addr, 
 		b := &p.Backends[i]
 		actx, cancel := ctx, context.CancelFunc(func() {})
 		if dl, ok := ctx.Deadline(); ok && len(order)-k > 1 {
-			share := max(time.Until(dl)/time.Duration(len(order)-k), minAttempt)
-			actx, cancel = context.WithTimeout(ctx, share) // never later than dl
+			actx, cancel = context.WithTimeout(ctx, AttemptTime(time.Until(dl), len(order)-k)) // never later than dl
 		}
 		c, ap, err := d.Dial(actx, Decision{Rule: dec.Rule, Host: b.Host, Port: b.Port, Name: dec.Name})
 		cancel()
 		tried++
 		if err == nil {
-			p.bal.Acquire(i)
-			p.conns[i].Add(1)
+			p.Connected(i)
 			if report != nil {
 				report(i, nil)
 			}
@@ -203,10 +207,52 @@ func (d *Dialer) DialPool(ctx context.Context, dec Decision, client netip.Addr, 
 			first = err
 		}
 	}
+	return nil, -1, netip.AddrPort{}, p.Failed(tried, len(order), first)
+}
+
+// Order returns, appended to buf, the backends to try for a client at
+// client, in DialPool's order: the balancer's pick (the up primaries, else
+// the up backups, else all), then the rest as a last resort, primaries
+// (down) first, then backups — the health verdict is older than the dial.
+func (p *Pool) Order(buf []int, client netip.Addr) []int {
+	order := p.bal.Pick(buf, client, p.Up)
+	if n := len(order); n < len(p.Backends) {
+		for pass := range 2 {
+			for i, b := range p.Backends {
+				if b.Backup == (pass == 1) && !slices.Contains(order[:n], i) {
+					order = append(order, i)
+				}
+			}
+		}
+	}
+	return order
+}
+
+// AttemptTime is the time one attempt of a dial phase gets: an equal share
+// of left among the attempts still to make, but at least 2s (or all that
+// is left, when the caller's deadline comes first).
+func AttemptTime(left time.Duration, attempts int) time.Duration {
+	if attempts <= 1 {
+		return left
+	}
+	return max(left/time.Duration(attempts), minAttempt)
+}
+
+// Connected counts a connection made to backend i (by DialPool, or by a
+// caller that dials Order itself): the balancer's count, which Release
+// gives back, and the backend's total.
+func (p *Pool) Connected(i int) {
+	p.bal.Acquire(i)
+	p.conns[i].Add(1)
+}
+
+// Failed is DialPool's error when tried of the ordered backends failed,
+// the first with first.
+func (p *Pool) Failed(tried, ordered int, first error) error {
 	if !errors.Is(first, ErrDial) {
 		first = fmt.Errorf("%w: %w", ErrDial, first)
 	}
-	return nil, -1, netip.AddrPort{}, fmt.Errorf("pool %s: %d of %d backends tried, first: %w", p.Route, tried, len(order), first)
+	return fmt.Errorf("pool %s: %d of %d backends tried, first: %w", p.Route, tried, ordered, first)
 }
 
 // FallbackOK reports whether a connection that dec and err refused may go
