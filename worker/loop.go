@@ -126,8 +126,8 @@ type lconn struct {
 	tried    int
 	first    error
 	dialEnd  time.Time
-	in, out   int64
-	last      int64 // UnixNano of the last byte moved
+	in, out  int64
+	last     int64 // UnixNano of the last byte moved
 }
 
 // loopListener is one listening socket the loop accepts on.
