@@ -726,27 +726,42 @@ func (l *loop) connected(lc *lconn, events uint32) {
 		s.reportDial(pool)(i, nil)
 		c.pool, c.poolBackend = pool, int32(i)
 	}
-	if lc.p.proxyHeader != "" {
-		// The header names the local address, which the loop does not
-		// look up: the replay phase does, on a goroutine.
-		l.toGoroutine(lc, (*path).fromReplay)
-		return
+	// Replay: the PROXY header, if the route sends one, then the sniffed
+	// bytes (only those are counted, as the replay phase counts them).
+	out, header := lc.p.buf.Bytes(), 0
+	if v := lc.p.proxyHeader; v != "" {
+		var sa unix.RawSockaddrAny
+		salen := uint32(unsafe.Sizeof(sa))
+		if _, _, e := syscall.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(lc.cfd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&salen))); e == 0 {
+			lc.p.local = unmapAddrPort(rawAddrPort(&sa))
+		}
+		h, err := formatProxyHeader(v, c.peer, lc.p.local, c.o.res.Name)
+		if err != nil {
+			l.end(lc, result{end: endBackendError, err: err})
+			return
+		}
+		if len(h)+len(out) > len(l.buf) {
+			l.toGoroutine(lc, (*path).fromReplay) // a hello too big to join
+			return
+		}
+		out = append(append(l.buf[:0], h...), out...)
+		header = len(h)
 	}
-	// Replay the sniffed bytes.
 	lc.phase = lphRelay
 	lc.last = time.Now().UnixNano()
 	l.armNano(lc, lc.last+int64(loopRelayFor))
-	if !l.write(lc, sideBackend, lc.p.buf.Bytes(), true) {
+	if !l.write(lc, sideBackend, out, header) {
 		return
 	}
 	lc.p.releaseBuffer()
 	l.relay(lc)
 }
 
-// write writes b to lc's side (counted as moved, when count); what the
-// socket does not take at once goes to the pair with the rest of the
-// connection. It reports whether lc is still the loop's.
-func (l *loop) write(lc *lconn, side uint32, b []byte, count bool) bool {
+// write writes b to lc's side, counting as moved all but its first skip
+// bytes (a PROXY header); what the socket does not take at once goes to
+// the pair with the rest of the connection. It reports whether lc is
+// still the loop's.
+func (l *loop) write(lc *lconn, side uint32, b []byte, skip int) bool {
 	fd := lc.bfd
 	if side == sideClient {
 		fd = lc.cfd
@@ -768,8 +783,13 @@ func (l *loop) write(lc *lconn, side uint32, b []byte, count bool) bool {
 			}
 			return false
 		}
-		if count {
-			l.count(lc, side, int64(r))
+		n := int(r)
+		if d := min(skip, n); d > 0 {
+			skip -= d
+			n -= d
+		}
+		if n > 0 {
+			l.count(lc, side, int64(n))
 		}
 		b = b[r:]
 	}
@@ -778,7 +798,7 @@ func (l *loop) write(lc *lconn, side uint32, b []byte, count bool) bool {
 	}
 	// The peer is slow to take it: the pair writes the rest (with its
 	// deadline) and goes on.
-	l.toPair(lc, append([]byte(nil), b...), side, count)
+	l.toPair(lc, append([]byte(nil), b...), side, skip)
 	return false
 }
 
@@ -848,12 +868,12 @@ func (l *loop) copyOnce(lc *lconn, from uint32) bool {
 		return true
 	}
 	l.setReady(lc, from, n == len(l.buf) || (from == sideClient && lc.cHup) || (from == sideBackend && lc.bHup))
-	if !l.write(lc, to, l.buf[:n], true) {
+	if !l.write(lc, to, l.buf[:n], 0) {
 		return false
 	}
 	if n == len(l.buf) {
 		// A stream: the pair splices it.
-		l.toPair(lc, nil, 0, false)
+		l.toPair(lc, nil, 0, 0)
 		return false
 	}
 	return true
@@ -982,9 +1002,9 @@ func (l *loop) toGoroutine(lc *lconn, run func(*path) result) {
 }
 
 // toPair hands a relaying lc to its pair. pending, if any, is what side
-// (to) has not taken yet: a goroutine writes it first, bounded by the
-// idle timeout.
-func (l *loop) toPair(lc *lconn, pending []byte, to uint32, count bool) {
+// (to) has not taken yet, the first skip bytes of it not counted (a PROXY
+// header): a goroutine writes it first, bounded by the idle timeout.
+func (l *loop) toPair(lc *lconn, pending []byte, to uint32, skip int) {
 	if !l.leave(lc) {
 		return
 	}
@@ -1006,7 +1026,7 @@ func (l *loop) toPair(lc *lconn, pending []byte, to uint32, count bool) {
 		dst.SetWriteDeadline(time.Now().Add(c.idleTimeout()))
 		n, err := dst.Write(pending)
 		dst.SetWriteDeadline(time.Time{})
-		if count {
+		if n -= min(n, skip); n > 0 {
 			if to == sideBackend {
 				st.In += int64(n)
 				c.srv.rec.Bytes(int64(n), 0)
@@ -1088,7 +1108,7 @@ func (l *loop) expire() {
 				l.armNano(lc, quiet)
 				continue
 			}
-			l.toPair(lc, nil, 0, false)
+			l.toPair(lc, nil, 0, 0)
 		}
 	}
 	for i := range l.lns {
@@ -1162,7 +1182,7 @@ func (l *loop) requests() {
 	if len(handoffs) > 0 {
 		for _, lc := range l.slots {
 			if lc != nil && !lc.done && lc.phase == lphRelay {
-				l.toPair(lc, nil, 0, false)
+				l.toPair(lc, nil, 0, 0)
 			}
 		}
 		for _, ack := range handoffs {

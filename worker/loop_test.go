@@ -138,9 +138,10 @@ func TestLoopHandsLongAndBulkToPair(t *testing.T) {
 	}
 }
 
-// What the loop does not do goes to a goroutine at the phase reached: a
-// PROXY header to send. A pool of addresses is the loop's.
-func TestLoopHandsPoolsAndProxyHeadersToGoroutines(t *testing.T) {
+// A pool of addresses and a route that sends a PROXY header are served in
+// the loop: the header names the client and the address it connected to,
+// and only the client's bytes are counted, as in the goroutine path.
+func TestLoopPoolsAndProxyHeaders(t *testing.T) {
 	backend := upperBackend(t)
 	ts := startServer(t, fmt.Sprintf(`routes:
   - {match: pool.test, backends: [{address: %q}]}
@@ -151,15 +152,31 @@ func TestLoopHandsPoolsAndProxyHeadersToGoroutines(t *testing.T) {
 	if got := request(t, ts.addr, req); got != strings.ToUpper(req) {
 		t.Fatalf("pool: %q", got)
 	}
-	req = "GET / HTTP/1.1\r\nHost: header.test\r\n\r\n"
-	got := request(t, ts.addr, req)
-	if !strings.HasPrefix(got, "PROXY TCP4 127.0.0.1 127.0.0.1 ") || !strings.HasSuffix(got, strings.ToUpper(req)) {
-		t.Fatalf("proxy header route: %q", got)
+	c, err := net.Dial("tcp", ts.addr)
+	if err != nil {
+		t.Fatal(err)
 	}
-	// The pool of addresses is dialled in the loop; the header's route
-	// goes on in a goroutine.
-	if g := l.toGoroutines.Load(); g != 1 {
-		t.Errorf("%d handed to goroutines; want 1", g)
+	defer c.Close()
+	req2 := "GET / HTTP/1.1\r\nHost: header.test\r\n\r\n"
+	c.Write([]byte(req2))
+	c.(*net.TCPConn).CloseWrite()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	la, ra := c.LocalAddr().(*net.TCPAddr), c.RemoteAddr().(*net.TCPAddr)
+	header := fmt.Sprintf("PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n", la.Port, ra.Port)
+	if got := string(b); got != strings.ToUpper(header+req2) {
+		t.Fatalf("proxy header route: %q; want %q", got, strings.ToUpper(header+req2))
+	}
+	waitFor(t, "the connections to end", func() bool { return ts.counters.Snapshot().Active == 0 })
+	st := ts.counters.Snapshot()
+	if want := uint64(len(req) + len(req2)); st.BytesIn != want {
+		t.Errorf("bytes in %d; want %d (the header not counted)", st.BytesIn, want)
+	}
+	if g, e := l.toGoroutines.Load(), l.ended.Load(); g != 0 || e != 2 {
+		t.Errorf("handed %d to goroutines, ended %d in the loop; want 0 and 2", g, e)
 	}
 }
 
