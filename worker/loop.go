@@ -27,16 +27,19 @@ import (
 
 // The event loop serves the short phases of a connection on raw
 // non-blocking descriptors, on one goroutine locked to its thread: accept,
-// sniff, route, dial (a backend written as an address), replay, and the
+// admission (a spare permit, the client's lease), sniff, route, dial of
+// backends written as addresses (a pool's in its balancer's order, with
+// failover), replay (with a PROXY header if the route sends one), and the
 // exchanges both ways. A connection quiet for loopRelayFor (no byte
 // either way), that moves a full buffer (the start of a stream: splice
 // from then on), or whose peer does not take all it is sent, is handed to
 // its pair (package proxy: goroutines, splice, the Poller) with its
-// counts and half-closes; one that needs what the loop does not do
-// (a pool, DNS, a PROXY header to read, per-client limits, a permit that
-// is not spare) is handed to a goroutine at the phase it has reached, and
-// goes on as any other. Nothing changes for the operator: the same
-// phases, timeouts, results, counters and log lines.
+// counts and half-closes; one that needs what the loop does not do (a
+// look-up: DNS routing or a backend host name; a permit or client permit
+// only the master can grant now) is handed to a goroutine at the phase it
+// has reached, and goes on as any other. Listeners that read a PROXY
+// header stay with goroutines. Nothing changes for the operator: the
+// same phases, timeouts, results, counters and log lines.
 //
 // Why: a goroutine per connection costs the Go scheduler's work for each
 // (goroutine start, netpoll registration and wake-ups, system calls seen
@@ -434,9 +437,22 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 	// As Go sets on every TCP socket: small writes go out at once.
 	one := int32(1)
 	syscall.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
-	if !l.admit() {
-		// No spare permit here: Acquire may wait for the master, or
-		// evict a slow sniffer; a goroutine does that, from the start.
+	perIP := l.admitPerIP(lc)
+	if perIP == perIPRefused {
+		c.lc = lc
+		s.track(c)
+		l.add(lc)
+		l.end(lc, rejected(stats.PerIPLimit, errPerIP))
+		return
+	}
+	if perIP == perIPAsk || !l.admit() {
+		// A client permit only the master can grant, or no spare
+		// permit here (Acquire may wait for the master, or evict a
+		// slow sniffer): a goroutine does that, from the start.
+		if c.perIPKey.IsValid() {
+			s.PerIP.Release(c.perIPKey) // serve takes it again
+			c.perIPKey = netip.Addr{}
+		}
 		client, err := rawTCP(fd, "client")
 		if err == nil {
 			c.client = client
@@ -466,6 +482,40 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 	l.arm(lc, c.start.Add(s.cfg.Timeouts.ClientHello))
 	lc.cReady = true // the hello is often there already
 	l.sniff(lc)
+}
+
+// Outcomes of admitPerIP.
+const (
+	perIPOK = iota
+	perIPRefused
+	perIPAsk
+)
+
+// admitPerIP takes lc's client permit under limits.per_ip_* if its lease
+// has one (setting conn.perIPKey), refuses it if the master refused its
+// client a moment ago, or says the master must be asked (a goroutine's
+// Acquire).
+func (l *loop) admitPerIP(lc *lconn) int {
+	lim := l.s.PerIP
+	if lim == nil {
+		return perIPOK
+	}
+	local, ok := lim.(interface {
+		AcquireLocal(netip.Addr) (bool, bool)
+	})
+	if !ok {
+		return perIPAsk
+	}
+	key := lim.Key(lc.c.peer.Addr())
+	granted, decided := local.AcquireLocal(key)
+	switch {
+	case !decided:
+		return perIPAsk
+	case !granted:
+		return perIPRefused
+	}
+	lc.c.perIPKey = key
+	return perIPOK
 }
 
 // admit takes a permit if one is spare without waiting (true with no

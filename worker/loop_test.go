@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sniproxy/sniproxy/internal/backendtest"
+	"github.com/sniproxy/sniproxy/internal/perip"
 	"github.com/sniproxy/sniproxy/internal/stats"
 )
 
@@ -338,5 +339,54 @@ func TestLoopPoolFailover(t *testing.T) {
 		if c.Connections != want || c.Active != 0 {
 			t.Errorf("backend %s of %s: %d connections, %d active; want %d, 0", c.Backend, c.Route, c.Connections, c.Active, want)
 		}
+	}
+}
+
+// Per-client limits in the loop: a client permit its lease holds is taken
+// there; a client the master has to be asked about goes to a goroutine
+// (Acquire); a client the master refused a moment ago is refused in the
+// loop, counted per_ip_limit, closed at once.
+func TestLoopPerIPLimits(t *testing.T) {
+	backend := upperBackend(t)
+	lim := perip.Limits{Conns: 64}
+	table := perip.NewTable(lim, 100, nil)
+	ts := startServerWith(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), nil, "",
+		func(s *Server) { s.PerIP = perip.NewClient(tableTransport{table}, lim, 64, 1, nil) })
+	l := loopOf(t, ts)
+	req := "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+	for i := range 10 {
+		if got := request(t, ts.addr, req); got != strings.ToUpper(req) {
+			t.Fatalf("request %d: %q", i, got)
+		}
+	}
+	waitFor(t, "the connections to end", func() bool { return ts.counters.Snapshot().Active == 0 })
+	// The first asks the master (a lease of 32); the others are the loop's.
+	if g, e := l.toGoroutines.Load(), l.ended.Load(); g != 0 || e != 9 {
+		t.Errorf("handed %d to goroutines and ended %d in the loop; want 0 and 9 (and 1 served from the start by a goroutine)", g, e)
+	}
+
+	// A client refused by the master: the first refusal is a goroutine's
+	// (Acquire asks), the next are the loop's own.
+	lim1 := perip.Limits{Conns: 1}
+	table1 := perip.NewTable(lim1, 100, nil)
+	backend2, got := holdBackend(t)
+	ts1 := startServerWith(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend2), nil, "",
+		func(s *Server) { s.PerIP = perip.NewClient(tableTransport{table1}, lim1, 64, 1, nil) })
+	l1 := loopOf(t, ts1)
+	dialHTTP(t, ts1.addr, "a.test")
+	select {
+	case <-got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first connection did not reach the backend")
+	}
+	for i := range 3 {
+		c := dialHTTP(t, ts1.addr, "a.test")
+		if err := closedAtOnce(c); err != nil {
+			t.Fatalf("connection %d over the limit: %v", i+2, err)
+		}
+	}
+	waitFor(t, "3 refusals", func() bool { return ts1.counters.Snapshot().Rejected[stats.PerIPLimit] == 3 })
+	if e := l1.ended.Load(); e < 2 {
+		t.Errorf("the loop ended %d refusals itself; want at least 2", e)
 	}
 }

@@ -96,7 +96,7 @@ type Server struct {
 	PerIP PerIPLimiter
 	// EventLoop serves the short phases of connections in an event loop
 	// on a thread of its own (loop.go) on every listener that does not
-	// read a PROXY header, when there are no per-client limits. The loop
+	// read a PROXY header. The loop
 	// holds a P of the Go scheduler while it waits for work: set it only
 	// with GOMAXPROCS 2 or more, and for one Server per process. Set it
 	// before Serve.
@@ -209,7 +209,7 @@ func (s *Server) Serve(ctx context.Context, lns []Listener) error {
 	s.mu.Unlock()
 
 	var inLoop []Listener
-	if s.EventLoop && s.PerIP == nil {
+	if s.EventLoop {
 		var rest []Listener
 		for _, l := range lns {
 			if l.Config.AcceptProxyProtocol {

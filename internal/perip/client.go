@@ -148,6 +148,37 @@ func (c *Client) Acquire(key netip.Addr) bool {
 	}
 }
 
+// AcquireLocal is Acquire without asking the master, for a caller that
+// must not wait (the worker's event loop): decided is false when only the
+// master can tell (no lease for key, or one spent), and the caller then
+// calls Acquire, which may wait for it; otherwise ok is Acquire's answer
+// (a refusal the master gave, for its Retry, is decided here).
+func (c *Client) AcquireLocal(key netip.Addr) (ok, decided bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	l := c.m[key]
+	if l == nil || l.fetching {
+		return false, false
+	}
+	needC := c.lim.Conns > 0 && l.spare == 0
+	needT := c.lim.Rate > 0 && l.tokens == 0
+	if !needC && !needT {
+		if c.lim.Conns > 0 {
+			l.spare--
+			l.inUse++
+		}
+		if c.lim.Rate > 0 {
+			l.tokens--
+		}
+		l.used = c.sweeps
+		return true, true
+	}
+	if !l.denyUntil.IsZero() && c.now().Before(l.denyUntil) {
+		return false, true
+	}
+	return false, false
+}
+
 // Release gives back the client permit of a connection of key that ended. The
 // client permit stays with the worker as a spare for the client's next connection
 // (up to a lease's worth, for at most SpareTTL).
