@@ -37,8 +37,9 @@ import (
 // counts and half-closes; one that needs what the loop does not do (a
 // look-up: DNS routing or a backend host name; a permit or client permit
 // only the master can grant now) is handed to a goroutine at the phase it
-// has reached, and goes on as any other. Listeners that read a PROXY
-// header stay with goroutines. Nothing changes for the operator: the
+// has reached, and goes on as any other. On a listener with
+// accept_proxy_protocol the loop reads the header first (trusted sources
+// only, within its own timeout). Nothing changes for the operator: the
 // same phases, timeouts, results, counters and log lines.
 //
 // Why: a goroutine per connection costs the Go scheduler's work for each
@@ -76,6 +77,7 @@ const (
 	lphSniff uint8 = iota
 	lphConnect
 	lphRelay
+	lphProxy // the PROXY header of a listener with accept_proxy_protocol
 )
 
 // Sides of a connection, in the epoll data.
@@ -437,7 +439,21 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 	// As Go sets on every TCP socket: small writes go out at once.
 	one := int32(1)
 	syscall.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0)
-	perIP := l.admitPerIP(lc)
+	perIP := perIPOK
+	if lcfg.AcceptProxyProtocol {
+		// The client is the one the header names: its limits apply
+		// once it is read. A source that may not send one takes no
+		// permit.
+		if !lcfg.Trusts(c.peer.Addr()) {
+			c.lc = lc
+			s.track(c)
+			l.add(lc)
+			l.end(lc, rejected(stats.ProxyHeader, fmt.Errorf("worker: %v is not in trusted_proxies: closed before reading a PROXY header", c.peer.Addr())))
+			return
+		}
+	} else {
+		perIP = l.admitPerIP(lc)
+	}
 	if perIP == perIPRefused {
 		c.lc = lc
 		s.track(c)
@@ -479,7 +495,12 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 	}
 	lc.sn.Init(nil)
 	lc.p.buf = lc.sn.Buffer()
-	l.arm(lc, c.start.Add(s.cfg.Timeouts.ClientHello))
+	if lcfg.AcceptProxyProtocol {
+		lc.phase = lphProxy
+		l.arm(lc, c.start.Add(min(s.cfg.Timeouts.ClientHello, proxyHeaderTimeout)))
+	} else {
+		l.arm(lc, c.start.Add(s.cfg.Timeouts.ClientHello))
+	}
 	lc.cReady = true // the hello is often there already
 	l.sniff(lc)
 }
@@ -559,7 +580,7 @@ func (l *loop) release(lc *lconn) {
 // step handles readiness of lc's side.
 func (l *loop) step(lc *lconn, side uint32, events uint32) {
 	switch lc.phase {
-	case lphSniff:
+	case lphSniff, lphProxy:
 		if side == sideClient {
 			l.sniff(lc)
 		}
@@ -574,7 +595,6 @@ func (l *loop) step(lc *lconn, side uint32, events uint32) {
 
 // sniff reads what the client sent until the sniffer decides.
 func (l *loop) sniff(lc *lconn) {
-	c := lc.c
 	for lc.cReady {
 		space := lc.sn.Space()
 		r, _, e := syscall.RawSyscall(unix.SYS_READ, uintptr(lc.cfd), uintptr(unsafe.Pointer(&space[0])), uintptr(len(space)))
@@ -593,6 +613,12 @@ func (l *loop) sniff(lc *lconn) {
 			rerr = io.EOF
 		}
 		lc.cReady = rerr == nil && (n == len(space) || lc.cHup)
+		if lc.phase == lphProxy {
+			if !l.proxyHeader(lc, n, rerr) {
+				return
+			}
+			continue
+		}
 		res, err := lc.sn.Advance(n)
 		if errors.Is(err, sniff.ErrNeedMore) {
 			if rerr == nil {
@@ -600,15 +626,68 @@ func (l *loop) sniff(lc *lconn) {
 			}
 			err = lc.sn.Ended(rerr)
 		}
-		c.o.res = res
-		lc.p.countProtocol()
-		if rr := lc.p.sniffResult(err); rr.end != endNext {
-			l.end(lc, rr)
-			return
-		}
-		l.routed(lc)
+		l.sniffed(lc, res, err)
 		return
 	}
+}
+
+// sniffed ends the sniff phase with the sniffer's decision.
+func (l *loop) sniffed(lc *lconn, res sniff.Result, err error) {
+	lc.c.o.res = res
+	lc.p.countProtocol()
+	if rr := lc.p.sniffResult(err); rr.end != endNext {
+		l.end(lc, rr)
+		return
+	}
+	l.routed(lc)
+}
+
+// proxyHeader takes n more bytes read (rerr: the read's error) while
+// waiting for the PROXY header of a listener with accept_proxy_protocol.
+// Once the header is complete it names the client (path.useProxyHeader),
+// the client's limits admit it, and the sniff phase goes on from the bytes
+// after the header. It reports whether lc is still reading it.
+func (l *loop) proxyHeader(lc *lconn, n int, rerr error) bool {
+	p := &lc.p
+	lc.sn.Grow(n)
+	b := lc.sn.Buffer().Bytes()
+	h, hlen, err := parseProxyHeader(b)
+	if err == nil && hlen == 0 {
+		if rerr == nil {
+			return true
+		}
+		err = proxyReadError(rerr, len(b))
+	}
+	if err == nil {
+		if r := p.useProxyHeader(h); r.end != endNext {
+			l.end(lc, r)
+			return false
+		}
+	}
+	if err != nil {
+		p.countProtocol()
+		l.end(lc, rejected(stats.ProxyHeader, err))
+		return false
+	}
+	rest := append([]byte(nil), b[hlen:]...)
+	p.releaseBuffer()
+	switch l.admitPerIP(lc) {
+	case perIPRefused:
+		l.end(lc, rejected(stats.PerIPLimit, errPerIP))
+		return false
+	case perIPAsk:
+		l.toGoroutine(lc, func(p *path) result { return p.fromPerIP(rest) })
+		return false
+	}
+	lc.phase = lphSniff
+	lc.sn.Init(rest)
+	p.buf = lc.sn.Buffer()
+	l.arm(lc, lc.c.start.Add(lc.c.srv.cfg.Timeouts.ClientHello))
+	if res, err := lc.sn.Decide(); !errors.Is(err, sniff.ErrNeedMore) {
+		l.sniffed(lc, res, err)
+		return false
+	}
+	return true
 }
 
 // routed runs the route phase and starts the dial, or hands the
@@ -1111,7 +1190,7 @@ func (l *loop) toPair(lc *lconn, pending []byte, to uint32, skip int) {
 func (l *loop) closedResult(lc *lconn, err error) result {
 	c := lc.c
 	switch {
-	case lc.phase == lphSniff && c.stolen.Load():
+	case (lc.phase == lphSniff || lc.phase == lphProxy) && c.stolen.Load():
 		return rejected(stats.SniffTimeout, fmt.Errorf("worker: evicted after %v with no complete hello, its permit needed by another connection",
 			time.Since(c.start).Round(time.Millisecond)))
 	case lc.phase == lphRelay:
@@ -1150,6 +1229,9 @@ func (l *loop) expire() {
 		switch lc.phase {
 		case lphSniff:
 			l.end(lc, rejected(stats.SniffTimeout, lc.sn.Ended(os.ErrDeadlineExceeded)))
+		case lphProxy:
+			lc.p.countProtocol()
+			l.end(lc, rejected(stats.ProxyHeader, proxyReadError(os.ErrDeadlineExceeded, len(lc.sn.Buffer().Bytes()))))
 		case lphConnect:
 			l.dialFailed(lc, fmt.Errorf("i/o timeout: %w", os.ErrDeadlineExceeded))
 		case lphRelay:

@@ -390,3 +390,58 @@ func TestLoopPerIPLimits(t *testing.T) {
 		t.Errorf("the loop ended %d refusals itself; want at least 2", e)
 	}
 }
+
+// A listener with accept_proxy_protocol is the loop's too: the header
+// (whole, or split from the hello) names the client, the bytes after it
+// are the hello; an untrusted source, a missing header are refused at once,
+// counted proxy_header.
+func TestLoopProxyProtocolIn(t *testing.T) {
+	backend := upperBackend(t)
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), nil, `, accept_proxy_protocol: true, trusted_proxies: ["127.0.0.1"]`)
+	l := loopOf(t, ts)
+	header := "PROXY TCP4 192.0.2.9 127.0.0.1 1234 443\r\n"
+	req := "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+	if got := request(t, ts.addr, header+req); got != strings.ToUpper(req) {
+		t.Fatalf("header and hello in one write: %q", got)
+	}
+	c, err := net.Dial("tcp", ts.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte(header[:10]))
+	time.Sleep(20 * time.Millisecond)
+	c.Write([]byte(header[10:]))
+	time.Sleep(20 * time.Millisecond)
+	c.Write([]byte(req))
+	c.(*net.TCPConn).CloseWrite()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(c); err != nil || string(b) != strings.ToUpper(req) {
+		t.Fatalf("header and hello apart: %q, %v", b, err)
+	}
+	refused := func(addr, what string) {
+		t.Helper()
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte(what))
+		if err := closedAtOnce(c); err != nil {
+			t.Fatalf("%q: %v", what, err)
+		}
+	}
+	refused(ts.addr, req) // no header
+	waitFor(t, "the connections to end", func() bool { return ts.counters.Snapshot().Active == 0 })
+	if r := ts.counters.Snapshot().Rejected[stats.ProxyHeader]; r != 1 {
+		t.Errorf("proxy_header %d; want 1", r)
+	}
+	if e, g := l.ended.Load(), l.toGoroutines.Load(); e != 3 || g != 0 {
+		t.Errorf("ended %d in the loop, %d to goroutines; want 3 and 0", e, g)
+	}
+
+	untrusted := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), NewLocalLimiter(10), `, accept_proxy_protocol: true, trusted_proxies: ["127.0.0.2"]`)
+	loopOf(t, untrusted)
+	refused(untrusted.addr, header+req)
+	waitFor(t, "the refusal", func() bool { return untrusted.counters.Snapshot().Rejected[stats.ProxyHeader] == 1 })
+}

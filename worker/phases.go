@@ -272,10 +272,8 @@ func (p *path) releaseBuffer() {
 // for the protocol and name, all within timeouts.client_hello of the
 // accept. It counts the connection under the protocol it found.
 func (p *path) sniff() result {
-	c, s := p.c, p.c.srv
-	deadline := c.start.Add(s.cfg.Timeouts.ClientHello)
 	var start []byte
-	if c.lcfg.AcceptProxyProtocol {
+	if p.c.lcfg.AcceptProxyProtocol {
 		var r result
 		if start, r = p.readProxy(); r.end != endNext {
 			return r
@@ -284,7 +282,14 @@ func (p *path) sniff() result {
 			return r
 		}
 	}
+	return p.sniffFrom(start)
+}
 
+// sniffFrom reads the client's first bytes, start being those read
+// already, until the sniffer decides.
+func (p *path) sniffFrom(start []byte) result {
+	c, s := p.c, p.c.srv
+	deadline := c.start.Add(s.cfg.Timeouts.ClientHello)
 	res, buf, err := sniff.Read(c.client, start, deadline)
 	p.buf = buf
 	c.o.res = res
@@ -315,6 +320,23 @@ func (p *path) sniffResult(err error) result {
 		return rejected(stats.SniffError, err)
 	}
 	return result{}
+}
+
+// fromPerIP runs the phases from the client's admission under its limits
+// on, start being the client's bytes read after the PROXY header (a
+// connection the event loop hands on for a client permit the master must
+// grant).
+func (p *path) fromPerIP(start []byte) result {
+	if r := p.admitPerIP(); r.end != endNext {
+		return r
+	}
+	if r := p.sniffFrom(start); r.end != endNext {
+		return r
+	}
+	if r := p.route(); r.end != endNext {
+		return r
+	}
+	return p.fromDial()
 }
 
 // fromDial runs the phases from dial on (a connection the event loop

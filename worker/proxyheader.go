@@ -77,15 +77,11 @@ func readProxyHeader(conn net.Conn, deadline time.Time) (*proxyproto.Header, []b
 	defer conn.SetReadDeadline(time.Time{})
 	buf := make([]byte, 0, 256)
 	for {
-		n, err := proxyHeaderLen(buf)
+		h, n, err := parseProxyHeader(buf)
 		if err != nil {
 			return nil, nil, err
 		}
 		if n > 0 {
-			h, err := proxyproto.Read(bufio.NewReaderSize(bytes.NewReader(buf[:n]), n))
-			if err != nil {
-				return nil, nil, fmt.Errorf("%w: %w", errProxyHeader, err)
-			}
 			return h, buf[n:], nil
 		}
 		if len(buf) == cap(buf) {
@@ -94,15 +90,35 @@ func readProxyHeader(conn net.Conn, deadline time.Time) (*proxyproto.Header, []b
 		m, err := conn.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+m]
 		if err != nil && m == 0 {
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				return nil, nil, fmt.Errorf("worker: no complete PROXY header in time (%d bytes read): %w", len(buf), err)
-			}
-			if errors.Is(err, io.EOF) {
-				return nil, nil, fmt.Errorf("%w: connection closed", errProxyHeader)
-			}
-			return nil, nil, fmt.Errorf("worker: read PROXY header: %w", err)
+			return nil, nil, proxyReadError(err, len(buf))
 		}
 	}
+}
+
+// parseProxyHeader parses the PROXY header at the start of b: n is its
+// length, 0 while more bytes are needed; err for a bad or missing one.
+func parseProxyHeader(b []byte) (h *proxyproto.Header, n int, err error) {
+	n, err = proxyHeaderLen(b)
+	if err != nil || n == 0 {
+		return nil, 0, err
+	}
+	h, err = proxyproto.Read(bufio.NewReaderSize(bytes.NewReader(b[:n]), n))
+	if err != nil {
+		return nil, 0, fmt.Errorf("%w: %w", errProxyHeader, err)
+	}
+	return h, n, nil
+}
+
+// proxyReadError is the error of a read that failed with err, n bytes
+// into a PROXY header.
+func proxyReadError(err error, n int) error {
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("worker: no complete PROXY header in time (%d bytes read): %w", n, err)
+	case errors.Is(err, io.EOF):
+		return fmt.Errorf("%w: connection closed", errProxyHeader)
+	}
+	return fmt.Errorf("worker: read PROXY header: %w", err)
 }
 
 // readProxy runs the PROXY protocol part of the sniff phase on a listener
@@ -125,14 +141,25 @@ func (p *path) readProxy() ([]byte, result) {
 	if err != nil {
 		return refuse(err)
 	}
+	if r := p.useProxyHeader(h); r.end != endNext {
+		return nil, r
+	}
+	return rest, result{}
+}
+
+// useProxyHeader makes the client h names the connection's (see
+// headerAddrs); a header naming none that way is refused, counted
+// proxy_header.
+func (p *path) useProxyHeader(h *proxyproto.Header) result {
 	src, dst, ok, err := headerAddrs(h)
 	if err != nil {
-		return refuse(err)
+		p.countProtocol()
+		return rejected(stats.ProxyHeader, err)
 	}
 	if ok {
 		p.setAddrs(src, dst)
 	}
-	return rest, result{}
+	return result{}
 }
 
 // headerAddrs returns the client and the address it connected to that h

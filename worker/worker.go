@@ -95,8 +95,7 @@ type Server struct {
 	// Set it before Serve.
 	PerIP PerIPLimiter
 	// EventLoop serves the short phases of connections in an event loop
-	// on a thread of its own (loop.go) on every listener that does not
-	// read a PROXY header. The loop
+	// on a thread of its own (loop.go). The loop
 	// holds a P of the Go scheduler while it waits for work: set it only
 	// with GOMAXPROCS 2 or more, and for one Server per process. Set it
 	// before Serve.
@@ -208,27 +207,16 @@ func (s *Server) Serve(ctx context.Context, lns []Listener) error {
 	}
 	s.mu.Unlock()
 
-	var inLoop []Listener
-	if s.EventLoop {
-		var rest []Listener
-		for _, l := range lns {
-			if l.Config.AcceptProxyProtocol {
-				rest = append(rest, l)
-			} else {
-				inLoop = append(inLoop, l)
-			}
-		}
-		if len(inLoop) > 0 {
-			l, err := newLoop(s, inLoop)
-			if err != nil {
-				s.log.Warn("no event loop: connections are served on goroutines from the start", "err", err)
-			} else {
-				lns = rest
-				s.mu.Lock()
-				s.loop = l
-				s.mu.Unlock()
-				go l.run()
-			}
+	if s.EventLoop && len(lns) > 0 {
+		l, err := newLoop(s, lns)
+		if err != nil {
+			s.log.Warn("no event loop: connections are served on goroutines from the start", "err", err)
+		} else {
+			lns = nil
+			s.mu.Lock()
+			s.loop = l
+			s.mu.Unlock()
+			go l.run()
 		}
 	}
 	var loops sync.WaitGroup

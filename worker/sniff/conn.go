@@ -189,6 +189,10 @@ func (s *Sniffer) Space() []byte {
 	return b.b[len(b.b):cap(b.b)]
 }
 
+// Grow records n bytes read into Space without deciding (bytes that come
+// before the hello, such as a PROXY header, read into the same buffer).
+func (s *Sniffer) Grow(n int) { s.buf.b = s.buf.b[:len(s.buf.b)+n] }
+
 // Advance records n bytes read into Space and returns Decide.
 func (s *Sniffer) Advance(n int) (Result, error) {
 	s.buf.b = s.buf.b[:len(s.buf.b)+n]
