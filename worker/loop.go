@@ -114,7 +114,7 @@ type lconn struct {
 	// on (shutdown of the other socket's write side).
 	upDone, downDone bool
 	done             bool
-	// when is the phase's deadline (UnixNano), hidx its index in the
+	// when is the phase's deadline (loop.mono), hidx its index in the
 	// loop's timer heap (-1: none).
 	when int64
 	hidx int
@@ -132,7 +132,7 @@ type lconn struct {
 	first    error
 	dialEnd  time.Time
 	in, out  int64
-	last     int64 // UnixNano of the last byte moved
+	last     int64 // when the last byte moved (loop.mono)
 }
 
 // loopListener is one listening socket the loop accepts on.
@@ -154,6 +154,9 @@ type loop struct {
 	free  []int32
 	gen   uint32
 	live  int
+	// base is the origin of the loop's clock (mono): monotonic, so that
+	// a step of the wall clock fires or delays no deadline.
+	base time.Time
 	timer lheap
 	buf   []byte
 	evs   [128]unix.EpollEvent
@@ -188,7 +191,7 @@ func newLoop(s *Server, lns []Listener) (*loop, error) {
 		unix.Close(ep)
 		return nil, fmt.Errorf("worker: event loop: eventfd: %w", err)
 	}
-	l := &loop{s: s, ep: ep, wake: wake, buf: make([]byte, loopBufSize),
+	l := &loop{s: s, ep: ep, wake: wake, buf: make([]byte, loopBufSize), base: time.Now(),
 		acceptStopped: make(chan struct{}), done: make(chan struct{})}
 	fail := func(err error) (*loop, error) {
 		for _, ln := range l.lns {
@@ -318,7 +321,7 @@ func (l *loop) run() {
 func (l *loop) nextWait(now time.Time) time.Duration {
 	wait := time.Duration(-1)
 	if len(l.timer) > 0 {
-		wait = max(0, time.Duration(l.timer[0].when-now.UnixNano()))
+		wait = max(0, time.Duration(l.timer[0].when-l.mono(now)))
 	}
 	for _, ln := range l.lns {
 		if !ln.retry.IsZero() {
@@ -465,10 +468,8 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 		// A client permit only the master can grant, or no spare
 		// permit here (Acquire may wait for the master, or evict a
 		// slow sniffer): a goroutine does that, from the start.
-		if c.perIPKey.IsValid() {
-			s.PerIP.Release(c.perIPKey) // serve takes it again
-			c.perIPKey = netip.Addr{}
-		}
+		// A client permit taken here stays the connection's
+		// (path.admit sees conn.perIPKey).
 		client, err := rawTCP(fd, "client")
 		if err == nil {
 			c.client = client
@@ -740,7 +741,7 @@ func (l *loop) dialNext(lc *lconn) {
 			l.attemptFailed(lc, i, addr, err)
 			continue
 		}
-		l.dial(lc, addr, route.AttemptTime(left, len(lc.order)-k))
+		l.dial(lc, addr, min(route.AttemptTime(left, len(lc.order)-k), left))
 		return
 	}
 	lc.c.o.backend = lc.addr
@@ -776,6 +777,7 @@ func (l *loop) dial(lc *lconn, addr netip.AddrPort, timeout time.Duration) {
 	lc.phase = lphConnect
 	lc.addr = addr
 	lc.attemptStart = time.Now()
+	lc.bReady, lc.bHup = false, false // of an earlier attempt's socket
 	family := unix.AF_INET
 	if addr.Addr().Is6() {
 		family = unix.AF_INET6
@@ -861,7 +863,10 @@ func (l *loop) connected(lc *lconn, events uint32) {
 	if v := lc.p.proxyHeader; v != "" {
 		var sa unix.RawSockaddrAny
 		salen := uint32(unsafe.Sizeof(sa))
-		if _, _, e := syscall.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(lc.cfd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&salen))); e == 0 {
+		// The address the client connected to: the one a trusted PROXY
+		// header named, else the socket's.
+		if lc.p.local.IsValid() {
+		} else if _, _, e := syscall.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(lc.cfd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&salen))); e == 0 {
 			lc.p.local = unmapAddrPort(rawAddrPort(&sa))
 		}
 		h, err := formatProxyHeader(v, c.peer, lc.p.local, c.o.res.Name)
@@ -877,7 +882,7 @@ func (l *loop) connected(lc *lconn, events uint32) {
 		header = len(h)
 	}
 	lc.phase = lphRelay
-	lc.last = time.Now().UnixNano()
+	lc.last = l.mono(time.Now())
 	l.armNano(lc, lc.last+int64(loopRelayFor))
 	if !l.write(lc, sideBackend, out, header) {
 		return
@@ -940,7 +945,7 @@ func (l *loop) count(lc *lconn, side uint32, n int64) {
 		lc.out += n
 		lc.c.srv.rec.Bytes(0, n)
 	}
-	lc.last = time.Now().UnixNano()
+	lc.last = l.mono(time.Now())
 }
 
 // relay copies what is ready either way.
@@ -1092,16 +1097,20 @@ func (l *loop) leave(lc *lconn) bool {
 	if err != nil || c.closed {
 		c.closed = true
 		c.mu.Unlock()
-		if err == nil {
-			client.Close()
-			if backend != nil {
-				backend.Close()
+		if err != nil {
+			// Out of descriptors for the duplicates, most likely.
+			r := result{end: endError, err: fmt.Errorf("worker: event loop: hand-off: %w", err)}
+			if lc.phase != lphRelay {
+				r = rejected(stats.Limit, r.err)
 			}
-			err = errors.New("worker: closed by a drain or a move")
-		} else {
-			err = fmt.Errorf("worker: event loop: hand-off: %w", err)
+			l.finish(lc, r)
+			return false
 		}
-		l.finish(lc, l.closedResult(lc, err))
+		client.Close()
+		if backend != nil {
+			backend.Close()
+		}
+		l.finish(lc, l.closedResult(lc, errors.New("worker: closed by a drain or a move")))
 		return false
 	}
 	c.client, c.backend, c.lc = client, backend, nil
@@ -1125,7 +1134,9 @@ func (l *loop) toGoroutine(lc *lconn, run func(*path) result) {
 	l.toGoroutines.Add(1)
 	go func() {
 		p := &lc.p
-		p.local = addrPortOf(lc.c.client.LocalAddr())
+		if !p.local.IsValid() { // else named by a trusted PROXY header
+			p.local = addrPortOf(lc.c.client.LocalAddr())
+		}
 		p.end(run(p))
 	}()
 }
@@ -1140,9 +1151,17 @@ func (l *loop) toPair(lc *lconn, pending []byte, to uint32, skip int) {
 	lc.p.releaseBuffer()
 	l.toPairs.Add(1)
 	c := lc.c
-	st := proxy.State{In: lc.in, Out: lc.out, UpDone: lc.upDone, DownDone: lc.downDone, Last: time.Unix(0, lc.last)}
+	st := proxy.State{In: lc.in, Out: lc.out, UpDone: lc.upDone, DownDone: lc.downDone, Last: l.base.Add(time.Duration(lc.last))}
 	if len(pending) == 0 {
 		c.mu.Lock()
+		if c.closed {
+			// Closed (a drain deadline, a move) since leave: its
+			// sockets are closed; it ends here.
+			c.mu.Unlock()
+			r := result{end: endDeadline, err: errDeadline, counts: proxy.Result{In: st.In, Out: st.Out}}
+			c.finish(r, lc.p.permit && !c.stolen.Load())
+			return
+		}
 		c.startPairLocked(lc.p.permit, st)
 		c.mu.Unlock()
 		return
@@ -1199,9 +1218,12 @@ func (l *loop) closedResult(lc *lconn, err error) result {
 	return result{end: endClosed, err: err}
 }
 
+// mono returns t on the loop's monotonic clock, in nanoseconds.
+func (l *loop) mono(t time.Time) int64 { return int64(t.Sub(l.base)) }
+
 // arm sets lc's deadline.
 func (l *loop) arm(lc *lconn, when time.Time) {
-	l.armNano(lc, when.UnixNano())
+	l.armNano(lc, l.mono(when))
 }
 
 func (l *loop) armNano(lc *lconn, when int64) {
@@ -1222,7 +1244,8 @@ func (l *loop) disarm(lc *lconn) {
 
 // expire handles the deadlines that have passed.
 func (l *loop) expire() {
-	now := time.Now().UnixNano()
+	nowT := time.Now()
+	now := l.mono(nowT)
 	for len(l.timer) > 0 && l.timer[0].when <= now {
 		lc := l.timer[0]
 		l.disarm(lc)
@@ -1245,7 +1268,7 @@ func (l *loop) expire() {
 	}
 	for i := range l.lns {
 		ln := &l.lns[i]
-		if !ln.retry.IsZero() && !time.Unix(0, now).Before(ln.retry) {
+		if !ln.retry.IsZero() && !nowT.Before(ln.retry) {
 			ln.retry = time.Time{}
 			if ln.fd >= 0 {
 				l.ctl(unix.EPOLL_CTL_ADD, ln.fd, unix.EPOLLIN, int32(slotListener-i), 0)

@@ -397,12 +397,18 @@ func TestLoopPerIPLimits(t *testing.T) {
 // counted proxy_header.
 func TestLoopProxyProtocolIn(t *testing.T) {
 	backend := upperBackend(t)
-	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), nil, `, accept_proxy_protocol: true, trusted_proxies: ["127.0.0.1"]`)
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}, {match: h.test, backend: %q, proxy_protocol: v1}]\n", backend, backend), nil, `, accept_proxy_protocol: true, trusted_proxies: ["127.0.0.1"]`)
 	l := loopOf(t, ts)
 	header := "PROXY TCP4 192.0.2.9 127.0.0.1 1234 443\r\n"
 	req := "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
 	if got := request(t, ts.addr, header+req); got != strings.ToUpper(req) {
 		t.Fatalf("header and hello in one write: %q", got)
+	}
+	// The header sent on names the client and the address the balancer
+	// said it connected to, not this socket's.
+	hreq := "GET / HTTP/1.1\r\nHost: h.test\r\n\r\n"
+	if got := request(t, ts.addr, header+hreq); got != strings.ToUpper(header+hreq) {
+		t.Fatalf("PROXY header on: %q; want %q", got, strings.ToUpper(header+hreq))
 	}
 	c, err := net.Dial("tcp", ts.addr)
 	if err != nil {
@@ -436,12 +442,46 @@ func TestLoopProxyProtocolIn(t *testing.T) {
 	if r := ts.counters.Snapshot().Rejected[stats.ProxyHeader]; r != 1 {
 		t.Errorf("proxy_header %d; want 1", r)
 	}
-	if e, g := l.ended.Load(), l.toGoroutines.Load(); e != 3 || g != 0 {
-		t.Errorf("ended %d in the loop, %d to goroutines; want 3 and 0", e, g)
+	if e, g := l.ended.Load(), l.toGoroutines.Load(); e != 4 || g != 0 {
+		t.Errorf("ended %d in the loop, %d to goroutines; want 4 and 0", e, g)
 	}
 
 	untrusted := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), NewLocalLimiter(10), `, accept_proxy_protocol: true, trusted_proxies: ["127.0.0.2"]`)
 	loopOf(t, untrusted)
 	refused(untrusted.addr, header+req)
 	waitFor(t, "the refusal", func() bool { return untrusted.counters.Snapshot().Rejected[stats.ProxyHeader] == 1 })
+}
+
+// spareless is a limiter that never has a permit spare for the loop, so
+// that every connection goes on to a goroutine's Acquire.
+type spareless struct{ *LocalLimiter }
+
+func (spareless) AcquireSpare() bool { return false }
+
+// A client admitted under its limits by the loop keeps that admission when
+// the global permit sends it on to a goroutine: one rate token per
+// connection, not two.
+func TestLoopPerIPKeptAcrossHandOff(t *testing.T) {
+	backend := upperBackend(t)
+	lim := perip.Limits{Rate: 4} // a burst of 4
+	table := perip.NewTable(lim, 100, nil)
+	client := perip.NewClient(tableTransport{table}, lim, 64, 1, nil)
+	ts := startServerWith(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), spareless{NewLocalLimiter(100)}, "",
+		func(s *Server) { s.PerIP = client })
+	loopOf(t, ts)
+	req := "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+	for i := range 4 {
+		c, err := net.Dial("tcp", ts.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte(req))
+		c.(*net.TCPConn).CloseWrite()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, _ := io.ReadAll(c)
+		c.Close()
+		if string(b) != strings.ToUpper(req) {
+			t.Fatalf("connection %d of a burst of 4: %q (refused: %d per_ip_limit)", i+1, b, ts.counters.Snapshot().Rejected[stats.PerIPLimit])
+		}
+	}
 }

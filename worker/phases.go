@@ -223,7 +223,9 @@ func (p *path) end(r result) {
 func (p *path) admit() result {
 	s := p.c.srv
 	if !p.c.lcfg.AcceptProxyProtocol {
-		if r := p.admitPerIP(); r.end != endNext {
+		if p.c.perIPKey.IsValid() {
+			// Admitted already, by the event loop that hands it on.
+		} else if r := p.admitPerIP(); r.end != endNext {
 			return r
 		}
 	} else if !p.c.lcfg.Trusts(p.c.peer.Addr()) {
