@@ -156,7 +156,7 @@ type loop struct {
 	live  int
 	// base is the origin of the loop's clock (mono): monotonic, so that
 	// a step of the wall clock fires or delays no deadline.
-	base time.Time
+	base  time.Time
 	timer lheap
 	buf   []byte
 	evs   [128]unix.EpollEvent
