@@ -865,9 +865,10 @@ func (l *loop) connected(lc *lconn, events uint32) {
 		salen := uint32(unsafe.Sizeof(sa))
 		// The address the client connected to: the one a trusted PROXY
 		// header named, else the socket's.
-		if lc.p.local.IsValid() {
-		} else if _, _, e := syscall.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(lc.cfd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&salen))); e == 0 {
-			lc.p.local = unmapAddrPort(rawAddrPort(&sa))
+		if !lc.p.local.IsValid() {
+			if _, _, e := syscall.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(lc.cfd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&salen))); e == 0 {
+				lc.p.local = unmapAddrPort(rawAddrPort(&sa))
+			}
 		}
 		h, err := formatProxyHeader(v, c.peer, lc.p.local, c.o.res.Name)
 		if err != nil {

@@ -223,10 +223,11 @@ func (p *path) end(r result) {
 func (p *path) admit() result {
 	s := p.c.srv
 	if !p.c.lcfg.AcceptProxyProtocol {
-		if p.c.perIPKey.IsValid() {
-			// Admitted already, by the event loop that hands it on.
-		} else if r := p.admitPerIP(); r.end != endNext {
-			return r
+		// One the event loop hands on may be admitted already.
+		if !p.c.perIPKey.IsValid() {
+			if r := p.admitPerIP(); r.end != endNext {
+				return r
+			}
 		}
 	} else if !p.c.lcfg.Trusts(p.c.peer.Addr()) {
 		// Before any permit: a source that may not send a PROXY header
