@@ -9,6 +9,7 @@ import (
 	"net"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -484,4 +485,62 @@ func TestLoopPerIPKeptAcrossHandOff(t *testing.T) {
 			t.Fatalf("connection %d of a burst of 4: %q (refused: %d per_ip_limit)", i+1, b, ts.counters.Snapshot().Rejected[stats.PerIPLimit])
 		}
 	}
+}
+
+// BenchmarkShortConnection: one short connection through a worker's
+// Server (connect, an HTTP request, the backend's 2-byte answer, close), as
+// the event loop serves it and as goroutines do. Client and backend run in
+// the same process: the difference between the two in cpu-ns/op (user +
+// system time of the whole process) and in allocations is the proxy's.
+// Run it with more Ps than the default on a small machine: the loop holds
+// one while it waits, which client and backend would otherwise lack (a
+// worker process has its own); the proxy as a whole is measured by
+// bench/proxybench.
+//
+//	go test -run XXX -bench ShortConnection -benchmem -cpu 4 ./worker/
+func BenchmarkShortConnection(b *testing.B) {
+	for _, mode := range []string{"loop", "goroutines"} {
+		b.Run(mode, func(b *testing.B) {
+			if mode == "loop" && runtime.GOMAXPROCS(0) < 2 {
+				b.Skip("the event loop needs GOMAXPROCS 2 or more")
+			}
+			backend := backendtest.Serve(b, func(c net.Conn) {
+				buf := make([]byte, 512)
+				if _, err := c.Read(buf); err == nil {
+					c.Write([]byte("ok"))
+				}
+			})
+			ts := startServerWith(b, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), nil, "",
+				func(s *Server) { s.EventLoop = mode == "loop" })
+			req := []byte("GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+			buf := make([]byte, 16)
+			b.ReportAllocs()
+			// CPU time of the whole process per connection: wall time
+			// says little here, where the loop holds one of the
+			// process's Ps that client and backend would use.
+			cpu0 := processCPU(b)
+			defer func() { b.ReportMetric(float64(processCPU(b)-cpu0)/float64(b.N), "cpu-ns/op") }()
+			for b.Loop() {
+				c, err := net.Dial("tcp", ts.addr)
+				if err != nil {
+					b.Fatal(err)
+				}
+				c.Write(req)
+				c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				if n, err := io.ReadFull(c, buf[:2]); err != nil || string(buf[:n]) != "ok" {
+					b.Fatalf("answer %q, %v", buf[:n], err)
+				}
+				c.Close()
+			}
+		})
+	}
+}
+
+// processCPU returns the user and system time this process has used.
+func processCPU(tb testing.TB) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		tb.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

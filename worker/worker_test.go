@@ -38,7 +38,7 @@ func startServer(t *testing.T, body string, lim Limiter, lopts string) *testServ
 
 // startServerWith is startServer with prep run on the Server before it
 // serves.
-func startServerWith(t *testing.T, body string, lim Limiter, lopts string, prep func(*Server)) *testServer {
+func startServerWith(t testing.TB, body string, lim Limiter, lopts string, prep func(*Server)) *testServer {
 	t.Helper()
 	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
