@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"runtime"
 	"strings"
 	"syscall"
@@ -18,12 +19,19 @@ import (
 	"github.com/sniproxy/sniproxy/internal/stats"
 )
 
-// loopOf returns ts's event loop, skipping the test without one.
+// TestMain runs the package's tests with at least 2 Ps, as worker
+// processes run (procsFor): the event loop holds one while it waits, and
+// every test server runs one, so on a 1-CPU machine too.
+func TestMain(m *testing.M) {
+	if runtime.GOMAXPROCS(0) < 2 {
+		runtime.GOMAXPROCS(2)
+	}
+	os.Exit(m.Run())
+}
+
+// loopOf returns ts's event loop.
 func loopOf(t *testing.T, ts *testServer) *loop {
 	t.Helper()
-	if runtime.GOMAXPROCS(0) < 2 {
-		t.Skip("the event loop needs GOMAXPROCS 2 or more")
-	}
 	var l *loop
 	waitFor(t, "the event loop", func() bool { // Serve runs on its goroutine
 		ts.srv.mu.Lock()
@@ -501,9 +509,6 @@ func TestLoopPerIPKeptAcrossHandOff(t *testing.T) {
 func BenchmarkShortConnection(b *testing.B) {
 	for _, mode := range []string{"loop", "goroutines"} {
 		b.Run(mode, func(b *testing.B) {
-			if mode == "loop" && runtime.GOMAXPROCS(0) < 2 {
-				b.Skip("the event loop needs GOMAXPROCS 2 or more")
-			}
 			backend := backendtest.Serve(b, func(c net.Conn) {
 				buf := make([]byte, 512)
 				if _, err := c.Read(buf); err == nil {

@@ -8,7 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -56,8 +55,8 @@ func startServerWith(t testing.TB, body string, lim Limiter, lopts string, prep 
 		t.Fatal(err)
 	}
 	// The event loop, as worker processes run it (tests of the
-	// goroutine path turn it off in prep).
-	srv.EventLoop = runtime.GOMAXPROCS(0) >= 2
+	// goroutine path turn it off in prep; TestMain gives it its P).
+	srv.EventLoop = true
 	if prep != nil {
 		prep(srv)
 	}
