@@ -479,9 +479,7 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 		}
 		// Out of descriptors for the duplicate: refused as at the limit.
 		s.track(c)
-		c.o.res = sniff.Result{}
-		lc.p.countProtocol()
-		c.finish(rejected(stats.Limit, fmt.Errorf("worker: max_connections reached, and no descriptor to wait for a permit: %w", err)), false)
+		lc.p.finish(rejected(stats.Limit, fmt.Errorf("worker: max_connections reached, and no descriptor to wait for a permit: %w", err)))
 		return
 	}
 	lc.p.permit = s.limiter != nil
@@ -1040,18 +1038,11 @@ func (l *loop) end(lc *lconn, r result) {
 // finish is end once the sockets are closed.
 func (l *loop) finish(lc *lconn, r result) {
 	l.ended.Add(1)
-	c := lc.c
 	l.release(lc)
-	p := &lc.p
-	p.endSniff()
-	p.releaseBuffer()
-	if !p.counted {
-		c.srv.rec.Protocol(stats.ProtoUnknown)
-	}
 	if lc.phase == lphRelay {
 		r.counts = proxy.Result{In: lc.in, Out: lc.out}
 	}
-	c.finish(r, p.permit && !c.stolen.Load())
+	lc.p.finish(r)
 }
 
 // files turns lc's raw sockets into *net.TCPConn values (the backend's
@@ -1160,7 +1151,7 @@ func (l *loop) toPair(lc *lconn, pending []byte, to uint32, skip int) {
 			// sockets are closed; it ends here.
 			c.mu.Unlock()
 			r := result{end: endDeadline, err: errDeadline, counts: proxy.Result{In: st.In, Out: st.Out}}
-			c.finish(r, lc.p.permit && !c.stolen.Load())
+			lc.p.finish(r)
 			return
 		}
 		c.startPairLocked(lc.p.permit, st)
@@ -1202,7 +1193,7 @@ func (l *loop) toPair(lc *lconn, pending []byte, to uint32, skip int) {
 			r = result{end: endIdle, err: err}
 		}
 		r.counts = proxy.Result{In: st.In, Out: st.Out}
-		c.finish(r, lc.p.permit && !c.stolen.Load())
+		lc.p.finish(r)
 	}()
 }
 

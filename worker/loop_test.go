@@ -480,17 +480,8 @@ func TestLoopPerIPKeptAcrossHandOff(t *testing.T) {
 	loopOf(t, ts)
 	req := "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
 	for i := range 4 {
-		c, err := net.Dial("tcp", ts.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.Write([]byte(req))
-		c.(*net.TCPConn).CloseWrite()
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		b, _ := io.ReadAll(c)
-		c.Close()
-		if string(b) != strings.ToUpper(req) {
-			t.Fatalf("connection %d of a burst of 4: %q (refused: %d per_ip_limit)", i+1, b, ts.counters.Snapshot().Rejected[stats.PerIPLimit])
+		if got := request(t, ts.addr, req); got != strings.ToUpper(req) {
+			t.Fatalf("connection %d of a burst of 4: %q (refused: %d per_ip_limit)", i+1, got, ts.counters.Snapshot().Rejected[stats.PerIPLimit])
 		}
 	}
 }

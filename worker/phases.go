@@ -206,8 +206,15 @@ func (p *path) end(r result) {
 	if r.end == endCopying {
 		return
 	}
+	p.c.close()
+	p.finish(r)
+}
+
+// finish is end once the sockets are closed (the event loop closes its
+// own): the sniff slot and buffer given back, the connection counted
+// under a protocol if it was not yet, then conn.finish.
+func (p *path) finish(r result) {
 	c := p.c
-	c.close()
 	p.endSniff()
 	p.releaseBuffer()
 	if !p.counted {

@@ -181,13 +181,7 @@ func (c *Client) Acquire() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
-		if c.spare > 0 {
-			c.spare--
-			c.inUse++
-			if c.spare < c.block/2 && !c.fetching {
-				c.fetching = true
-				go c.refill()
-			}
+		if c.takeSpareLocked() {
 			return true
 		}
 		if c.fetching {
@@ -218,6 +212,12 @@ func (c *Client) Acquire() bool {
 func (c *Client) AcquireSpare() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.takeSpareLocked()
+}
+
+// takeSpareLocked takes a spare permit if there is one, starting a refill
+// in the background when the spares run low; c.mu is held.
+func (c *Client) takeSpareLocked() bool {
 	if c.spare == 0 {
 		return false
 	}

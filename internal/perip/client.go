@@ -98,17 +98,8 @@ func (c *Client) Acquire(key netip.Addr) bool {
 			l = &lease{}
 			c.m[key] = l
 		}
-		needC := c.lim.Conns > 0 && l.spare == 0
-		needT := c.lim.Rate > 0 && l.tokens == 0
+		needC, needT := c.takeLocked(l)
 		if !needC && !needT {
-			if c.lim.Conns > 0 {
-				l.spare--
-				l.inUse++
-			}
-			if c.lim.Rate > 0 {
-				l.tokens--
-			}
-			l.used = c.sweeps
 			return true
 		}
 		if !l.denyUntil.IsZero() && c.now().Before(l.denyUntil) {
@@ -148,6 +139,26 @@ func (c *Client) Acquire(key netip.Addr) bool {
 	}
 }
 
+// takeLocked takes a client permit and a token from l, as the limits
+// need, if l has both; otherwise it takes nothing and says which l lacks.
+// c.mu is held.
+func (c *Client) takeLocked(l *lease) (needC, needT bool) {
+	needC = c.lim.Conns > 0 && l.spare == 0
+	needT = c.lim.Rate > 0 && l.tokens == 0
+	if needC || needT {
+		return needC, needT
+	}
+	if c.lim.Conns > 0 {
+		l.spare--
+		l.inUse++
+	}
+	if c.lim.Rate > 0 {
+		l.tokens--
+	}
+	l.used = c.sweeps
+	return false, false
+}
+
 // AcquireLocal is Acquire without asking the master, for a caller that
 // must not wait (the worker's event loop): decided is false when only the
 // master can tell (no lease for key, or one spent), and the caller then
@@ -160,17 +171,7 @@ func (c *Client) AcquireLocal(key netip.Addr) (ok, decided bool) {
 	if l == nil || l.fetching {
 		return false, false
 	}
-	needC := c.lim.Conns > 0 && l.spare == 0
-	needT := c.lim.Rate > 0 && l.tokens == 0
-	if !needC && !needT {
-		if c.lim.Conns > 0 {
-			l.spare--
-			l.inUse++
-		}
-		if c.lim.Rate > 0 {
-			l.tokens--
-		}
-		l.used = c.sweeps
+	if needC, needT := c.takeLocked(l); !needC && !needT {
 		return true, true
 	}
 	if !l.denyUntil.IsZero() && c.now().Before(l.denyUntil) {
