@@ -140,8 +140,11 @@ type loopListener struct {
 	fd   int
 	lcfg *config.Listener
 	// retry, if not zero, is when accepting resumes after a temporary
-	// error (out of fds): the socket is out of the epoll set until then.
+	// error (out of fds): the socket is out of the epoll set until then;
+	// delay is the back-off that set it, doubled by each failure in a
+	// row.
 	retry time.Time
+	delay time.Duration
 }
 
 // loop is a Server's event loop (see the comment at the top of this file).
@@ -160,7 +163,11 @@ type loop struct {
 	timer lheap
 	buf   []byte
 	evs   [128]unix.EpollEvent
-	delay time.Duration // accept back-off
+	// reserve holds descriptors (eventfds) kept for hand-offs: turning a
+	// raw socket into a *net.TCPConn takes a duplicate for a moment, and
+	// a worker out of fds would otherwise lose the established
+	// connections it hands on. See rawTCP.
+	reserve []int
 
 	mu       sync.Mutex
 	exited   bool // the loop has returned; its descriptors are closed
@@ -217,6 +224,7 @@ func newLoop(s *Server, lns []Listener) (*loop, error) {
 	for _, ln := range lns {
 		ln.Ln.Close()
 	}
+	l.refill()
 	return l, nil
 }
 
@@ -264,6 +272,9 @@ func (l *loop) run() {
 		l.exited = true
 		unix.Close(l.ep)
 		unix.Close(l.wake)
+		for _, r := range l.reserve {
+			unix.Close(r)
+		}
 		l.mu.Unlock()
 	}()
 	raw := true
@@ -388,19 +399,17 @@ func (l *loop) accept(i int) {
 		salen := uint32(unsafe.Sizeof(sa))
 		r, _, e := syscall.RawSyscall6(unix.SYS_ACCEPT4, uintptr(ln.fd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&salen)), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
 		if e != 0 {
-			if e == unix.EAGAIN || e == unix.EINTR || e == unix.ECONNABORTED {
-				if e == unix.EAGAIN {
-					l.delay = 0
-				}
-				if e == unix.EAGAIN {
-					return
-				}
+			if e == unix.EAGAIN {
+				ln.delay = 0
+				return
+			}
+			if e == unix.EINTR || e == unix.ECONNABORTED {
 				continue
 			}
 			if isTemporary(e) {
-				l.delay = min(max(2*l.delay, 5*time.Millisecond), time.Second)
-				s.log.Warn("accept failed; retrying", "listener", ln.lcfg.Address, "err", os.NewSyscallError("accept4", e), "retry_in", l.delay)
-				ln.retry = time.Now().Add(l.delay)
+				ln.delay = min(max(2*ln.delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "listener", ln.lcfg.Address, "err", os.NewSyscallError("accept4", e), "retry_in", ln.delay)
+				ln.retry = time.Now().Add(ln.delay)
 				l.ctl(unix.EPOLL_CTL_DEL, ln.fd, 0, 0, 0)
 				return
 			}
@@ -410,7 +419,7 @@ func (l *loop) accept(i int) {
 			ln.fd = -1
 			return
 		}
-		l.delay = 0
+		ln.delay = 0
 		l.serve(int(r), rawAddrPort(&sa), ln.lcfg)
 	}
 }
@@ -470,7 +479,8 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 		// slow sniffer): a goroutine does that, from the start.
 		// A client permit taken here stays the connection's
 		// (path.admit sees conn.perIPKey).
-		client, err := rawTCP(fd, "client")
+		client, err := l.rawTCP(fd, "client")
+		l.refill()
 		if err == nil {
 			c.client = client
 			s.track(c)
@@ -1049,9 +1059,10 @@ func (l *loop) finish(lc *lconn, r result) {
 // only if dialled) for a goroutine or a pair.
 // The raw sockets are closed either way.
 func (l *loop) files(lc *lconn) (client, backend *net.TCPConn, err error) {
-	client, err = rawTCP(lc.cfd, "client")
+	defer l.refill()
+	client, err = l.rawTCP(lc.cfd, "client")
 	if err == nil && lc.bfd >= 0 {
-		backend, err = rawTCP(lc.bfd, "backend")
+		backend, err = l.rawTCP(lc.bfd, "backend")
 	} else if lc.bfd >= 0 {
 		unix.Close(lc.bfd)
 	}
@@ -1061,12 +1072,43 @@ func (l *loop) files(lc *lconn) (client, backend *net.TCPConn, err error) {
 	return client, backend, err
 }
 
+// loopReserve is how many descriptors the loop keeps for hand-offs: one
+// is enough for each conversion (its duplicate is made before the raw
+// socket is closed), one more in case another goroutine of the worker
+// takes a freed slot first.
+const loopReserve = 2
+
 // rawTCP makes a *net.TCPConn of a raw socket, which it closes (the conn
-// has its own duplicate).
-func rawTCP(fd int, name string) (*net.TCPConn, error) {
+// has its own duplicate). Out of descriptors for the duplicate, it spends
+// the loop's reserve and tries again: a worker at its fd limit (which
+// only refuses new connections) hands its established ones on all the
+// same. refill makes the reserve whole again afterwards.
+func (l *loop) rawTCP(fd int, name string) (*net.TCPConn, error) {
 	f := os.NewFile(uintptr(fd), name)
 	defer f.Close()
-	return fileTCP(f)
+	c, err := fileTCP(f)
+	if err != nil && (errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE)) && len(l.reserve) > 0 {
+		for _, r := range l.reserve {
+			unix.Close(r)
+		}
+		l.reserve = l.reserve[:0]
+		c, err = fileTCP(f)
+	}
+	return c, err
+}
+
+// refill opens the loop's reserve descriptors that are missing (all of
+// them at start, those a hand-off spent after): a hand-off gives back
+// what it took, so they are there again unless another goroutine took
+// them, and the next hand-off tries again.
+func (l *loop) refill() {
+	for len(l.reserve) < loopReserve {
+		fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+		if err != nil {
+			return
+		}
+		l.reserve = append(l.reserve, fd)
+	}
 }
 
 // leave takes lc out of the loop for a goroutine or a pair: its sockets

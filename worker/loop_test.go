@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -484,6 +485,131 @@ func TestLoopPerIPKeptAcrossHandOff(t *testing.T) {
 			t.Fatalf("connection %d of a burst of 4: %q (refused: %d per_ip_limit)", i+1, got, ts.counters.Snapshot().Rejected[stats.PerIPLimit])
 		}
 	}
+}
+
+// An established connection the loop hands to its pair while the worker
+// is out of descriptors goes on: the hand-off's duplicates come from the
+// loop's reserve (it was ended, "hand-off: too many open files", before).
+func TestLoopHandOffOutOfFds(t *testing.T) {
+	backend := backendtest.Echo(t)
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), nil, "")
+	l := loopOf(t, ts)
+	c := dialHTTP(t, ts.addr, "a.test")
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	head := "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+	if _, err := io.ReadFull(c, make([]byte, len(head))); err != nil {
+		t.Fatal(err)
+	}
+	if p := l.toPairs.Load(); p != 0 {
+		t.Fatalf("handed to its pair before the squeeze (%d)", p)
+	}
+
+	// Within loopRelayFor of the echo: every descriptor the soft limit
+	// allows taken, the hand-off due meanwhile.
+	var old syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lim := old
+	lim.Cur = uint64(len(ents) + 64)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	var held []*os.File
+	release := func() {
+		for _, f := range held {
+			f.Close()
+		}
+		held = nil
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old)
+	}
+	defer release()
+	for range 1000 {
+		f, err := os.Open(os.DevNull)
+		if err != nil {
+			break
+		}
+		held = append(held, f)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for l.toPairs.Load() == 0 && l.ended.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond)
+	release()
+	if p, e := l.toPairs.Load(), l.ended.Load(); p != 1 || e != 0 {
+		t.Fatalf("out of fds: %d handed to a pair, %d ended in the loop; want 1 and 0", p, e)
+	}
+	if _, err := c.Write([]byte("after\n")); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 6)
+	if _, err := io.ReadFull(c, b); err != nil || string(b) != "after\n" {
+		t.Fatalf("echo after the squeeze: %q, %v", b, err)
+	}
+	if n := len(l.reserve); n != loopReserve {
+		t.Errorf("reserve %d after the hand-off; want %d", n, loopReserve)
+	}
+}
+
+// What a peer does not take at once is written by a goroutine bounded by
+// the idle timeout: a backend that never reads cannot hold a connection
+// the loop handed on with bytes pending.
+func TestLoopPendingWriteHasDeadline(t *testing.T) {
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		// A small window and MSS (see TestReplayToBackendThatNeverReads).
+		rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024)
+			if serr == nil {
+				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 536)
+			}
+		})
+		return serr
+	}}
+	bln, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bln.Close()
+	go func() {
+		for {
+			c, err := bln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // held, never read
+		}
+	}()
+	ts := startServerWith(t, fmt.Sprintf("routes: [{match: stuck.test, backend: %q}]\n", bln.Addr()), nil, "",
+		func(s *Server) { s.cfg.Timeouts.Idle = time.Second })
+	l := loopOf(t, ts)
+	c := dialHTTP(t, ts.addr, "stuck.test")
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	go func() {
+		// Chunks smaller than the loop's buffer, so that it relays them
+		// itself until the backend's socket stops taking them.
+		chunk := bytes.Repeat([]byte("x"), 8000)
+		for {
+			if _, err := c.Write(chunk); err != nil {
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	start := time.Now()
+	_, err = io.Copy(io.Discard, c)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the connection to a backend that never reads was still open after %v", time.Since(start).Round(time.Millisecond))
+	}
+	if p := l.toPairs.Load(); p != 1 {
+		t.Errorf("handed %d connections to a pair; want 1", p)
+	}
+	waitFor(t, "the connection to end", func() bool { return ts.counters.Snapshot().Active == 0 })
 }
 
 // BenchmarkShortConnection: one short connection through a worker's
