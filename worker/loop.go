@@ -502,7 +502,7 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 		l.end(lc, rejected(stats.SniffError, err))
 		return
 	}
-	lc.sn.Init(nil)
+	lc.sn.Init(nil, s.sniffBudget)
 	lc.p.buf = lc.sn.Buffer()
 	if lcfg.AcceptProxyProtocol {
 		lc.phase = lphProxy
@@ -605,7 +605,16 @@ func (l *loop) step(lc *lconn, side uint32, events uint32) {
 // sniff reads what the client sent until the sniffer decides.
 func (l *loop) sniff(lc *lconn) {
 	for lc.cReady {
-		space := lc.sn.Space()
+		space, err := lc.sn.Space()
+		if err != nil {
+			if lc.phase == lphProxy {
+				lc.p.countProtocol()
+				l.end(lc, rejected(stats.ProxyHeader, err))
+				return
+			}
+			l.sniffed(lc, sniff.Result{}, err)
+			return
+		}
 		r, _, e := syscall.RawSyscall(unix.SYS_READ, uintptr(lc.cfd), uintptr(unsafe.Pointer(&space[0])), uintptr(len(space)))
 		if e == unix.EINTR {
 			continue
@@ -689,7 +698,7 @@ func (l *loop) proxyHeader(lc *lconn, n int, rerr error) bool {
 		return false
 	}
 	lc.phase = lphSniff
-	lc.sn.Init(rest)
+	lc.sn.Init(rest, lc.c.srv.sniffBudget)
 	p.buf = lc.sn.Buffer()
 	l.arm(lc, lc.c.start.Add(lc.c.srv.cfg.Timeouts.ClientHello))
 	if res, err := lc.sn.Decide(); !errors.Is(err, sniff.ErrNeedMore) {

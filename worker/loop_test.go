@@ -18,6 +18,7 @@ import (
 	"github.com/sniproxy/sniproxy/internal/backendtest"
 	"github.com/sniproxy/sniproxy/internal/perip"
 	"github.com/sniproxy/sniproxy/internal/stats"
+	"github.com/sniproxy/sniproxy/worker/sniff"
 )
 
 // TestMain runs the package's tests with at least 2 Ps, as worker
@@ -610,6 +611,81 @@ func TestLoopPendingWriteHasDeadline(t *testing.T) {
 		t.Errorf("handed %d connections to a pair; want 1", p)
 	}
 	waitFor(t, "the connection to end", func() bool { return ts.counters.Snapshot().Active == 0 })
+}
+
+// bigHelloPrefix returns the first n bytes of a ClientHello of about 60
+// KB (a padding extension), in records of 16 KiB.
+func bigHelloPrefix(n int) []byte {
+	const size = 60000
+	body := []byte{3, 3}
+	body = append(body, make([]byte, 32)...)
+	body = append(body, 0, 0, 2, 0x13, 0x01, 1, 0)
+	extLen := size - len(body) - 2
+	padLen := extLen - 4
+	body = append(body, byte(extLen>>8), byte(extLen), 0, 21, byte(padLen>>8), byte(padLen))
+	body = append(body, make([]byte, padLen)...)
+	msg := append([]byte{1, byte(len(body) >> 16), byte(len(body) >> 8), byte(len(body))}, body...)
+	var out []byte
+	for len(msg) > 0 {
+		k := min(len(msg), 16384)
+		out = append(out, 0x16, 3, 1, byte(k>>8), byte(k))
+		out = append(out, msg[:k]...)
+		msg = msg[k:]
+	}
+	return out[:n]
+}
+
+// The buffers of connections still sniffing hold at most 16 KiB each
+// beyond the worker's budget: clients that stall half-way through large
+// hellos are refused (sniff_error) once it is spent, in the loop and on
+// the goroutine path, and it is whole again once they are gone.
+func TestSniffBudgetBoundsMemory(t *testing.T) {
+	for _, loopOn := range []bool{true, false} {
+		t.Run(fmt.Sprint("loop=", loopOn), func(t *testing.T) {
+			budget := sniff.NewBudget(100 << 10)
+			ts := startServerWith(t, "routes: [{match: big.test, backend: \"127.0.0.1:1\"}]\n", NewLocalLimiter(100), "", func(s *Server) {
+				s.EventLoop = loopOn
+				s.sniffBudget = budget
+				s.cfg.Timeouts.ClientHello = 30 * time.Second
+			})
+			if loopOn {
+				loopOf(t, ts)
+			}
+			// 40,000 bytes of the hello each: a 64 KiB buffer, 48 KiB of
+			// it from the budget; two fit in 100 KiB.
+			hello := bigHelloPrefix(40000)
+			var cs []net.Conn
+			for i := range 4 {
+				c, err := net.Dial("tcp", ts.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				if _, err := c.Write(hello); err != nil {
+					t.Fatal(err)
+				}
+				cs = append(cs, c)
+				if i < 2 {
+					waitFor(t, fmt.Sprintf("client %d's buffer", i+1), func() bool { return budget.Used() == int64(i+1)*48<<10 })
+				} else {
+					waitFor(t, fmt.Sprintf("client %d refused", i+1), func() bool { return ts.counters.Snapshot().Rejected[stats.SniffError] == uint64(i-1) })
+					if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+						t.Errorf("client %d over the budget: read %v; want closed", i+1, err)
+					}
+				}
+			}
+			if u := budget.Used(); u != 96<<10 {
+				t.Errorf("budget used %d with two large hellos held; want %d", u, 96<<10)
+			}
+			if a := ts.counters.Snapshot().Active; a != 2 {
+				t.Errorf("%d connections active; want the 2 within the budget", a)
+			}
+			cs[0].Close()
+			cs[1].Close()
+			waitFor(t, "the budget back", func() bool { return budget.Used() == 0 && ts.counters.Snapshot().Active == 0 })
+		})
+	}
 }
 
 // BenchmarkShortConnection: one short connection through a worker's

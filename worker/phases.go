@@ -300,7 +300,7 @@ func (p *path) sniff() result {
 func (p *path) sniffFrom(start []byte) result {
 	c, s := p.c, p.c.srv
 	deadline := c.start.Add(s.cfg.Timeouts.ClientHello)
-	res, buf, err := sniff.Read(c.client, start, deadline)
+	res, buf, err := sniff.Read(c.client, start, deadline, c.srv.sniffBudget)
 	p.buf = buf
 	c.o.res = res
 	p.countProtocol()

@@ -31,6 +31,7 @@ import (
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/worker/proxy"
 	"github.com/sniproxy/sniproxy/worker/route"
+	"github.com/sniproxy/sniproxy/worker/sniff"
 )
 
 // Recorder receives a Server's counts. *stats.Counters implements it; every
@@ -62,6 +63,14 @@ type Listener struct {
 // the Poller once a backend socket is quiet (client
 // connections get the listener default, 15s).
 const keepAlive = 60 * time.Second
+
+// sniffBudgetBytes is how much a worker's sniffing connections may buffer
+// beyond sniff.SmallBytes each, together: about 70 of the largest hellos
+// (128 KiB) at once. So the memory of connections still sniffing stays under
+// max_connections × 16 KiB (what HAProxy's and nginx's buffers hold) plus
+// 8 MiB per worker, whatever clients send; a client whose hello needs more
+// than 16 KiB while the budget is spent is refused (sniff_error).
+const sniffBudgetBytes = 8 << 20
 
 // Server serves connections. Create it with New.
 type Server struct {
@@ -110,6 +119,9 @@ type Server struct {
 	// sniffers.go).
 	sniffMu  sync.Mutex
 	sniffers map[*conn]struct{}
+	// sniffBudget lends the buffers of sniffing connections what they
+	// need beyond sniff.SmallBytes each (sniffBudgetBytes).
+	sniffBudget *sniff.Budget
 
 	// poller parks idle pairs without goroutines; nil if it could not be
 	// made (pairs then park on goroutines).
@@ -167,6 +179,7 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 		table:       t,
 		pools:       pools,
 		poolByMatch: poolsByMatch(cfg, pools),
+		sniffBudget: sniff.NewBudget(sniffBudgetBytes),
 		Dialer: &route.Dialer{
 			AllowPrivate: cfg.Backend.AllowPrivate,
 			Family:       route.Family(cfg.Backend.DNSFamily),

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -112,11 +113,68 @@ const startSize = 4096
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, startSize); return &b }}
 
+// SmallBytes is what one sniffing connection may buffer on its own: every
+// real ClientHello and request head fits (a browser's hello with
+// post-quantum key shares is 1.5–2 KB; nginx's preread buffer and
+// HAProxy's are 16 KiB). A buffer grows past it only with room in its
+// Budget.
+const SmallBytes = 16 << 10
+
+// ErrBudget is the error of a hello or request head that needs more than
+// SmallBytes while its Budget is spent: the connection is refused rather
+// than let many such clients hold MaxTLSBytes each.
+var ErrBudget = errors.New("sniff: over 16 KiB unfinished while the budget for large hellos is spent")
+
+// Budget bounds the bytes that sniffing connections buffer beyond
+// SmallBytes each, all of them together: the memory of N connections
+// still sniffing is at most N × SmallBytes plus the budget, whatever they
+// send, instead of N × MaxTLSBytes. A nil *Budget has no limit. It is
+// safe for concurrent use.
+type Budget struct {
+	max  int64
+	used atomic.Int64
+}
+
+// NewBudget returns a budget of max bytes.
+func NewBudget(max int64) *Budget { return &Budget{max: max} }
+
+// Used returns the bytes taken now.
+func (b *Budget) Used() int64 {
+	if b == nil {
+		return 0
+	}
+	return b.used.Load()
+}
+
+// take takes n bytes if there is room (always with a nil b).
+func (b *Budget) take(n int64) bool {
+	if b == nil {
+		return true
+	}
+	if b.used.Add(n) > b.max {
+		b.used.Add(-n)
+		return false
+	}
+	return true
+}
+
+// give gives n bytes back.
+func (b *Budget) give(n int64) {
+	if b != nil && n > 0 {
+		b.used.Add(-n)
+	}
+}
+
 // Buffer holds the bytes read while sniffing. Release returns its memory to
-// a pool; the bytes must not be used after.
+// a pool (and what it took of its Budget); the bytes must not be used
+// after.
 type Buffer struct {
 	p *[]byte
 	b []byte
+	// budget is what lends the capacity beyond SmallBytes; taken is how
+	// much of it this buffer holds.
+	budget *Budget
+	taken  int64
 }
 
 // Bytes returns every byte read from the connection, in order.
@@ -127,6 +185,8 @@ func (b *Buffer) Release() {
 	if b.p == nil {
 		return
 	}
+	b.budget.give(b.taken)
+	b.budget, b.taken = nil, 0
 	if cap(b.b) <= 4*startSize {
 		*b.p = b.b[:0]
 		bufPool.Put(b.p)
@@ -145,11 +205,18 @@ type Sniffer struct {
 	buf Buffer
 }
 
-// Init starts s over with the bytes in start treated as already read.
-func (s *Sniffer) Init(start []byte) {
+// Init starts s over with the bytes in start treated as already read;
+// budget (nil: none) lends the capacity beyond SmallBytes. The bytes of
+// start are taken from it whether it has room or not: they were read
+// under a budget already (those after a PROXY header).
+func (s *Sniffer) Init(start []byte, budget *Budget) {
 	p := bufPool.Get().(*[]byte)
 	s.d = detector{}
-	s.buf = Buffer{p: p, b: append((*p)[:0], start...)}
+	s.buf = Buffer{p: p, b: append((*p)[:0], start...), budget: budget}
+	if over := int64(cap(s.buf.b) - SmallBytes); over > 0 && budget != nil {
+		budget.used.Add(over)
+		s.buf.taken = over
+	}
 }
 
 // Buffer returns the bytes read so far; it stays valid until Release.
@@ -173,20 +240,28 @@ func (s *Sniffer) Decide() (Result, error) {
 }
 
 // Space returns where the next bytes go, growing the buffer (doubling,
-// up to the protocol's cap) when it is full. Call it only while Decide
-// says ErrNeedMore.
-func (s *Sniffer) Space() []byte {
+// up to the protocol's cap) when it is full: past SmallBytes only with
+// room in the budget, else ErrBudget. Call it only while Decide says
+// ErrNeedMore.
+func (s *Sniffer) Space() ([]byte, error) {
 	b := &s.buf
 	if len(b.b) == cap(b.b) {
 		limit := MaxTLSBytes
 		if len(b.b) > 0 {
 			limit = limitFor(b.b)
 		}
-		nb := make([]byte, len(b.b), min(2*cap(b.b), limit))
+		size := min(2*cap(b.b), limit)
+		if over := int64(size - max(cap(b.b), SmallBytes)); over > 0 {
+			if !b.budget.take(over) {
+				return nil, fmt.Errorf("%w (%d bytes read, %d of the budget in use)", ErrBudget, len(b.b), b.budget.Used())
+			}
+			b.taken += over
+		}
+		nb := make([]byte, len(b.b), size)
 		copy(nb, b.b)
 		b.b = nb
 	}
-	return b.b[len(b.b):cap(b.b)]
+	return b.b[len(b.b):cap(b.b)], nil
 }
 
 // Grow records n bytes read into Space without deciding (bytes that come
@@ -218,12 +293,13 @@ func (s *Sniffer) Ended(err error) error {
 // the last read left each parser and waits for the bytes that can change
 // its answer, so a client sending its hello a byte at a time costs work
 // linear in the hello's bytes. The bytes in
-// start are treated as already read. The returned Buffer holds every byte
+// start are treated as already read; budget (nil: none) lends the buffer
+// what it needs beyond SmallBytes (ErrBudget when it has no room). The returned Buffer holds every byte
 // read, whatever the outcome; the caller must Release it. Read sets conn's
 // read deadline and clears it before returning.
-func Read(conn net.Conn, start []byte, deadline time.Time) (Result, *Buffer, error) {
+func Read(conn net.Conn, start []byte, deadline time.Time, budget *Budget) (Result, *Buffer, error) {
 	s := new(Sniffer)
-	s.Init(start)
+	s.Init(start, budget)
 	buf := s.Buffer()
 	if err := conn.SetReadDeadline(deadline); err != nil {
 		return Result{}, buf, fmt.Errorf("sniff: set deadline: %w", err)
@@ -231,7 +307,11 @@ func Read(conn net.Conn, start []byte, deadline time.Time) (Result, *Buffer, err
 	defer conn.SetReadDeadline(time.Time{})
 	r, err := s.Decide()
 	for errors.Is(err, ErrNeedMore) {
-		n, rerr := conn.Read(s.Space())
+		space, serr := s.Space()
+		if serr != nil {
+			return Result{}, buf, serr
+		}
+		n, rerr := conn.Read(space)
 		r, err = s.Advance(n)
 		if rerr != nil && errors.Is(err, ErrNeedMore) {
 			return Result{}, buf, s.Ended(rerr)

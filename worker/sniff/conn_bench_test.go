@@ -99,7 +99,7 @@ func BenchmarkReadDripFed(b *testing.B) {
 		b.Run(in.name, func(b *testing.B) {
 			b.SetBytes(int64(len(in.b)))
 			for b.Loop() {
-				_, buf, err := Read(&dripConn{r: bytes.NewReader(in.b), chunk: 1}, nil, time.Time{})
+				_, buf, err := Read(&dripConn{r: bytes.NewReader(in.b), chunk: 1}, nil, time.Time{}, nil)
 				buf.Release()
 				if err != nil && !errors.Is(err, ErrNoName) {
 					b.Fatal(err)

@@ -150,3 +150,75 @@ func FuzzDetector(f *testing.F) {
 		detectorCheck(t, b, 1+int(chunk%16))
 	})
 }
+
+// feed reads b into s in chunks of 1000 bytes until Decide decides or b
+// is spent, as a loop reading a socket does; it returns the last error.
+func feed(s *Sniffer, b []byte) error {
+	for len(b) > 0 {
+		space, err := s.Space()
+		if err != nil {
+			return err
+		}
+		n := copy(space, b[:min(len(b), 1000)])
+		b = b[n:]
+		if _, err := s.Advance(n); !errors.Is(err, ErrNeedMore) {
+			return err
+		}
+	}
+	return ErrNeedMore
+}
+
+// Buffers grow past SmallBytes only with room in their Budget, and give it
+// back on Release; a hello the budget cannot hold is refused (ErrBudget),
+// one it can is read whole.
+func TestSnifferBudget(t *testing.T) {
+	// A 60 KB hello (a padding extension), in records of 16 KiB.
+	hello := tlsTestHello{exts: []tlsTestExt{tlsSNI("big.test"), {typ: 21, data: make([]byte, 60000)}}}.bytes()
+	b := NewBudget(64 << 10)
+	var s1, s2 Sniffer
+	s1.Init(nil, b)
+	// 40,000 bytes: a 64 KiB buffer, 48 KiB of it beyond SmallBytes.
+	if err := feed(&s1, hello[:40000]); !errors.Is(err, ErrNeedMore) {
+		t.Fatalf("first hello: %v", err)
+	}
+	if u := b.Used(); u != 48<<10 {
+		t.Fatalf("budget used %d; want %d", u, 48<<10)
+	}
+	s2.Init(nil, b)
+	if err := feed(&s2, hello[:40000]); !errors.Is(err, ErrBudget) {
+		t.Fatalf("second hello with 16 KiB of the budget left: %v; want ErrBudget", err)
+	}
+	if n := len(s2.Buffer().Bytes()); n != 32<<10 {
+		t.Errorf("second hello refused after %d bytes; want %d (its buffer full at 32 KiB)", n, 32<<10)
+	}
+	s2.Buffer().Release()
+	s1.Buffer().Release()
+	if u := b.Used(); u != 0 {
+		t.Fatalf("budget used %d after both released; want 0", u)
+	}
+	// With room, the whole hello is read and decided.
+	var s3 Sniffer
+	s3.Init(nil, b)
+	if err := feed(&s3, hello); err != nil {
+		t.Fatalf("whole hello: %v", err)
+	}
+	if u := b.Used(); u != 48<<10 {
+		t.Errorf("budget used %d by a 64 KiB buffer; want %d", u, 48<<10)
+	}
+	s3.Buffer().Release()
+	// Bytes given at the start (after a PROXY header) are taken as they
+	// are, room or not, and given back too.
+	var s4 Sniffer
+	s4.Init(hello[:20000], NewBudget(0))
+	if u := s4.Buffer().budget.Used(); u != int64(cap(s4.Buffer().Bytes())-SmallBytes) {
+		t.Errorf("start bytes took %d; want %d", u, cap(s4.Buffer().Bytes())-SmallBytes)
+	}
+	s4.Buffer().Release()
+	// A nil budget has no limit.
+	var s5 Sniffer
+	s5.Init(nil, nil)
+	if err := feed(&s5, hello); err != nil {
+		t.Fatalf("whole hello without a budget: %v", err)
+	}
+	s5.Buffer().Release()
+}
