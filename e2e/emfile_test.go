@@ -69,6 +69,11 @@ func TestOutOfFileDescriptors(t *testing.T) {
 	if !strings.Contains(p.logs.String(), "too many open files") {
 		t.Errorf("no EMFILE in the log; the limit did not bite:\n%s", p.logs)
 	}
+	// Workers accept in their event loop (raw accept4); Go's listener
+	// would say "accept tcp ADDR: accept4: …".
+	if strings.Contains(p.logs.String(), "accept tcp") {
+		t.Errorf("EMFILE met by Go's listener, not by the event loop: the loop is off?\n%s", p.logs)
+	}
 	// Free the fds: new connections are served again.
 	for _, c := range waiting {
 		c.Close()
