@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sniproxy/sniproxy/internal/backendtest"
 	"github.com/sniproxy/sniproxy/internal/perip"
 	"github.com/sniproxy/sniproxy/internal/stats"
@@ -611,6 +613,37 @@ func TestLoopPendingWriteHasDeadline(t *testing.T) {
 		t.Errorf("handed %d connections to a pair; want 1", p)
 	}
 	waitFor(t, "the connection to end", func() bool { return ts.counters.Snapshot().Active == 0 })
+}
+
+// Sockets the loop accepts have TCP_NODELAY, as Go's accepted sockets
+// do, though the loop no longer sets it on each: they inherit it from the
+// listener.
+func TestLoopClientNoDelay(t *testing.T) {
+	ts := startServer(t, "routes: [{match: a.test, backend: \"127.0.0.1:1\"}]\n", nil, "")
+	loopOf(t, ts)
+	c, err := net.Dial("tcp", ts.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("GET / HTTP/1.1\r\n")) // half a request: it stays in the sniff phase
+	fd := -1
+	waitFor(t, "the connection in the loop", func() bool {
+		ts.srv.mu.Lock()
+		defer ts.srv.mu.Unlock()
+		for c := range ts.srv.conns {
+			c.mu.Lock()
+			if c.lc != nil {
+				fd = c.lc.cfd
+			}
+			c.mu.Unlock()
+		}
+		return fd >= 0
+	})
+	v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY)
+	if err != nil || v == 0 {
+		t.Errorf("client socket TCP_NODELAY %d, %v; want set", v, err)
+	}
 }
 
 // bigHelloPrefix returns the first n bytes of a ClientHello of about 60
