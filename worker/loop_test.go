@@ -563,31 +563,7 @@ func TestLoopHandOffOutOfFds(t *testing.T) {
 // the idle timeout: a backend that never reads cannot hold a connection
 // the loop handed on with bytes pending.
 func TestLoopPendingWriteHasDeadline(t *testing.T) {
-	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		// A small window and MSS (see TestReplayToBackendThatNeverReads).
-		rc.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024)
-			if serr == nil {
-				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 536)
-			}
-		})
-		return serr
-	}}
-	bln, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bln.Close()
-	go func() {
-		for {
-			c, err := bln.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close() // held, never read
-		}
-	}()
+	bln := neverReads(t)
 	ts := startServerWith(t, fmt.Sprintf("routes: [{match: stuck.test, backend: %q}]\n", bln.Addr()), nil, "",
 		func(s *Server) { s.cfg.Timeouts.Idle = time.Second })
 	l := loopOf(t, ts)
@@ -605,7 +581,7 @@ func TestLoopPendingWriteHasDeadline(t *testing.T) {
 		}
 	}()
 	start := time.Now()
-	_, err = io.Copy(io.Discard, c)
+	_, err := io.Copy(io.Discard, c)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("the connection to a backend that never reads was still open after %v", time.Since(start).Round(time.Millisecond))
 	}

@@ -381,15 +381,14 @@ func TestCopyResult(t *testing.T) {
 	}
 }
 
-// A backend that accepts and never reads cannot hold a connection: the
-// replay of a large ClientHello blocks once the socket buffers are full,
-// and the idle timeout ends it (it held the connection for ever before).
-func TestReplayToBackendThatNeverReads(t *testing.T) {
+// neverReads returns a backend listener whose connections are held and
+// never read, with a small window and a small MSS: the proxy's socket to
+// it then starts with a small send buffer too (Linux sizes it from the
+// MSS; loopback's 64 KiB MSS would buffer a whole hello).
+func neverReads(t *testing.T) net.Listener {
+	t.Helper()
 	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
 		var serr error
-		// A small window and a small MSS: the proxy's socket to it then
-		// starts with a small send buffer too (Linux sizes it from the
-		// MSS; loopback's 64 KiB MSS would buffer the whole hello).
 		rc.Control(func(fd uintptr) {
 			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024)
 			if serr == nil {
@@ -402,16 +401,30 @@ func TestReplayToBackendThatNeverReads(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer bln.Close()
+	t.Cleanup(func() { bln.Close() })
 	go func() {
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
 		for {
 			c, err := bln.Accept()
 			if err != nil {
 				return
 			}
-			defer c.Close() // held, never read
+			held = append(held, c) // never read
 		}
 	}()
+	return bln
+}
+
+// A backend that accepts and never reads cannot hold a connection: the
+// replay of a large ClientHello blocks once the socket buffers are full,
+// and the idle timeout ends it (it held the connection for ever before).
+func TestReplayToBackendThatNeverReads(t *testing.T) {
+	bln := neverReads(t)
 	// Idle is 30s in phaseServer's config; a shorter one for this test.
 	_, addr, counters, lim, logs := phaseServer(t, fmt.Sprintf("routes: [{match: stuck.test, backend: %q}]\n", bln.Addr()), "", 10,
 		func(s *Server) { s.cfg.Timeouts.Idle = time.Second })
