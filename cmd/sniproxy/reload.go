@@ -68,7 +68,7 @@ func cmdReload(path, pidFile string, stdout, stderr io.Writer) int {
 	if pidFile == "" {
 		pidFile = cfg.PIDFile
 	}
-	sock := master.ControlSocketPath(cfg)
+	sock := master.FindControlSocket(cfg)
 	if path != "" {
 		if err := sameConfig(sock, path); err != nil {
 			fmt.Fprintf(stderr, "sniproxy: not reloading: %v\n", err)
