@@ -183,7 +183,13 @@ func TestControlSocketGroup(t *testing.T) {
 				t.Errorf("%s: status: %v; want the master's answer\n%s", name, err, out)
 			}
 		}
-		out, err := runAs(t, bin, notMember, env, "status")
+		// The master's config (in the test's 0700 directory) is root's:
+		// status says it cannot read it, not that it is invalid.
+		out, err := runAs(t, bin, bySupp, env, "status", "-c", p.cfgPath)
+		if err != nil || !strings.Contains(out, "permission denied; looking for the master without it") || strings.Contains(out, "invalid") {
+			t.Errorf("member: status -c (a config it may not read): %v\n%s", err, out)
+		}
+		out, err = runAs(t, bin, notMember, env, "status")
 		if err == nil || !strings.Contains(out, "permission denied") {
 			t.Errorf("another user: status: %v; want permission denied\n%s", err, out)
 		}

@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"strings"
@@ -69,14 +71,20 @@ func cmdStatus(path string, asJSON bool, stdout, stderr io.Writer) int {
 // findMaster returns the control socket and PID file of the master the
 // config at path (resolved as run resolves it) runs. A config that does
 // not validate is reported on stderr, and the two keys read from it
-// leniently (config.Peek).
+// leniently (config.Peek). One this user may not read (a member of a root
+// master's group, say) is reported as such: its keys come from the
+// environment, or are the defaults.
 func findMaster(path string, stderr io.Writer) (sock, pidFile string) {
 	cfg, err := loadConfig(path)
 	if err == nil {
 		return master.FindControlSocket(cfg), cfg.PIDFile
 	}
-	fmt.Fprintf(stderr, "sniproxy: warning: the config on disk is invalid (the master runs the one it loaded; a reload would fail):\n%s\n",
-		indentErrors(err))
+	if errors.Is(err, fs.ErrPermission) {
+		fmt.Fprintf(stderr, "sniproxy: warning: %v; looking for the master without it\n", err)
+	} else {
+		fmt.Fprintf(stderr, "sniproxy: warning: the config on disk is invalid (the master runs the one it loaded; a reload would fail):\n%s\n",
+			indentErrors(err))
+	}
 	ctl, pidFile := config.Peek(config.Resolve(path, nil, nil), nil)
 	cfg = &config.Config{ControlSocket: ctl}
 	return master.FindControlSocket(cfg), pidFile
