@@ -189,6 +189,10 @@ func TestControlSocketGroup(t *testing.T) {
 		if err != nil || !strings.Contains(out, "permission denied; looking for the master without it") || strings.Contains(out, "invalid") {
 			t.Errorf("member: status -c (a config it may not read): %v\n%s", err, out)
 		}
+		out, err = runAs(t, bin, bySupp, env, "reload", "-c", p.cfgPath)
+		if err == nil || !strings.Contains(out, "cannot read the config, not reloading") {
+			t.Errorf("member: reload -c (a config it may not read): %v; want a refusal that says why\n%s", err, out)
+		}
 		out, err = runAs(t, bin, notMember, env, "status")
 		if err == nil || !strings.Contains(out, "permission denied") {
 			t.Errorf("another user: status: %v; want permission denied\n%s", err, out)
