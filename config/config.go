@@ -73,7 +73,10 @@ type Config struct {
 	PIDFile         string        `mapstructure:"pid_file" yaml:"pid_file"`
 	// User and Group, when the master runs as root, are who the workers
 	// run as (with no capabilities); the master keeps root to bind
-	// sockets on a reload. Group "" means the user's primary group.
+	// sockets on a reload. Group "" means the user's primary group. A
+	// Group set explicitly also opens the control socket to that group's
+	// members (0660; never to the workers' user): see master's
+	// controlAccess.
 	User          string `mapstructure:"user" yaml:"user"`
 	Group         string `mapstructure:"group" yaml:"group"`
 	ControlSocket string `mapstructure:"control_socket" yaml:"control_socket"`

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -16,6 +17,7 @@ import (
 
 	"golang.org/x/net/netutil"
 
+	"github.com/sniproxy/sniproxy/config"
 	"github.com/sniproxy/sniproxy/internal/peercred"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/internal/status"
@@ -212,7 +214,8 @@ func (e *endpoints) close() {
 }
 
 // listenControl binds the control socket, mode 0600 whatever the umask
-// (and the master serves only root and its own user: see peercred). In
+// (controlAccess may then open it to a group; the master serves only the
+// peers its policy allows: see peercred). In
 // this user's private temp directory (the last default) it makes the
 // directory first. A socket file left by a master that died (kill -9)
 // would block the bind: when nothing answers on it, it is removed first. A
@@ -261,4 +264,67 @@ func listenPrivate(network, path string) (net.Listener, error) {
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	return ln, nil
+}
+
+// controlGroup is the group whose members the control socket serves
+// besides root and the master's own user: the configured `group`, when
+// the master runs as root (euid) and so runs its workers with it (cred);
+// nil otherwise. Only an explicit `group` counts, not the user's primary
+// group: a user's own group would open the socket to whoever shares it.
+// The workers' user is never served (Except): a worker runs with the
+// group too, and must not drive its master.
+func controlGroup(cfg *config.Config, cred *syscall.Credential, euid int) *peercred.Group {
+	if euid != 0 || cfg.Group == "" || cred == nil {
+		return nil
+	}
+	return &peercred.Group{GID: int(cred.Gid), Except: int(cred.Uid)}
+}
+
+// controlAccess gives the control socket at path its group and mode and
+// returns the policy its listener enforces. Without a group (g nil): 0600,
+// serving root and the master's user. With one: 0660 owned by the group,
+// whose members are served too, when they can reach the socket: the
+// master lets the group into a default directory ($RUNTIME_DIRECTORY,
+// /run/sniproxy; configured false) that keeps it out, when it may (see
+// peercred.OpenToGroup); the per-user temp directory stays private, and a
+// configured control_socket's directory is the operator's. When the group
+// cannot reach the socket it stays 0600, with a warning that says why.
+// It runs on every start, an inherited socket's included, so that a
+// reload that sets, changes or drops `group` applies it.
+func controlAccess(log *slog.Logger, path string, g *peercred.Group, groupName string, configured bool) peercred.Policy {
+	pol := peercred.OwnerOnly()
+	private := func() peercred.Policy {
+		if err := peercred.SetSocketMode(path, os.Getegid(), 0o600); err != nil {
+			log.Warn("control socket: making it 0600 failed", "control_socket", path, "err", err)
+		}
+		return pol
+	}
+	if g == nil {
+		return private()
+	}
+	dir := filepath.Dir(path)
+	var err error
+	if dir == peercred.UserTempDir() {
+		err = fmt.Errorf("%s is private to this user; set control_socket, or create %s", dir, RunDir)
+	} else {
+		var changed bool
+		changed, err = peercred.OpenToGroup(dir, g.GID, !configured)
+		if changed {
+			log.Info("control socket: let the group into its directory", "dir", dir, "group", groupName, "gid", g.GID)
+		}
+	}
+	if err != nil {
+		log.Warn("control socket: kept 0600 (root and this user only): the group cannot reach it",
+			"control_socket", path, "group", groupName, "gid", g.GID, "err", err)
+		return private()
+	}
+	if err := peercred.SetSocketMode(path, g.GID, 0o660); err != nil {
+		log.Warn("control socket: kept 0600 (root and this user only): opening it to the group failed",
+			"control_socket", path, "group", groupName, "gid", g.GID, "err", err)
+		return private()
+	}
+	pol.Group = g
+	log.Info("control socket: open to a group (0660); the workers' user is refused",
+		"control_socket", path, "group", groupName, "gid", g.GID, "workers_uid", g.Except)
+	return pol
 }

@@ -305,9 +305,12 @@ func (m *Master) serveEndpoints() (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("master: control socket %s: %w", ctlPath, err)
 	}
-	// Only root and this master's own user are served (SO_PEERCRED): the
-	// socket's mode alone would rest on the umask and the directory.
-	m.endpoints.serve(peercred.NewListener(ctl, m.log), m.controlHandler(), controlLimits)
+	// Only root, this master's own user and, with `group`, that group's
+	// members are served (SO_PEERCRED): the socket's mode alone would rest
+	// on the umask and the directory.
+	ln := peercred.NewListener(ctl, m.log)
+	ln.Policy = controlAccess(m.log, ctlPath, controlGroup(m.cfg, m.workerCred, os.Geteuid()), m.cfg.Group, m.cfg.ControlSocket != "")
+	m.endpoints.serve(ln, m.controlHandler(), controlLimits)
 	return ctlPath, nil
 }
 

@@ -109,3 +109,31 @@ func writableDir(dir string) bool {
 	st, err := os.Stat(dir)
 	return err == nil && st.IsDir() && unix.Access(dir, unix.W_OK) == nil
 }
+
+// FindControlSocket is the control socket of the master cfg configures, as
+// a client (`sniproxy status`, `reload`) finds it: ControlSocketPath, but
+// a caller that may not write in RunDir, and has no socket of its own in
+// its temp dir, uses the socket in RunDir when there is one: a master
+// started as root put it there, and serves its `group`'s members.
+func FindControlSocket(cfg *config.Config) string {
+	return DefaultControlSocket(cfg.ControlSocket, os.Getenv("RUNTIME_DIRECTORY"), func(dir string) bool {
+		return clientUsesDir(dir, writableDir, isSocket)
+	})
+}
+
+// clientUsesDir reports whether a client looks for the control socket in
+// the directory dir (RunDir): when it may create files there as a master
+// would, or when dir holds a socket and the client's own temp directory
+// (peercred.UserTempDir) does not.
+func clientUsesDir(dir string, writable, isSocket func(string) bool) bool {
+	if writable(dir) {
+		return true
+	}
+	return !isSocket(filepath.Join(peercred.UserTempDir(), "sniproxy.sock")) && isSocket(filepath.Join(dir, "sniproxy.sock"))
+}
+
+// isSocket reports whether path is a Unix socket (symlinks followed).
+func isSocket(path string) bool {
+	st, err := os.Stat(path)
+	return err == nil && st.Mode().Type() == os.ModeSocket
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -61,6 +62,10 @@ when FILE is not that file.
 // waits for the file to name a new master.
 func cmdReload(path, pidFile string, stdout, stderr io.Writer) int {
 	cfg, err := loadConfig(path)
+	if errors.Is(err, fs.ErrPermission) {
+		fmt.Fprintf(stderr, "sniproxy: cannot read the config, not reloading (a reload validates it first): %v\n", err)
+		return 1
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "sniproxy: config is invalid, not reloading:\n%s\n", indentErrors(err))
 		return 1
@@ -68,7 +73,7 @@ func cmdReload(path, pidFile string, stdout, stderr io.Writer) int {
 	if pidFile == "" {
 		pidFile = cfg.PIDFile
 	}
-	sock := master.ControlSocketPath(cfg)
+	sock := master.FindControlSocket(cfg)
 	if path != "" {
 		if err := sameConfig(sock, path); err != nil {
 			fmt.Fprintf(stderr, "sniproxy: not reloading: %v\n", err)

@@ -106,6 +106,13 @@ func fdsNeeded(maxConnections int) uint64 {
 // raiseFDLimit raises the soft RLIMIT_NOFILE to the hard limit (workers
 // inherit it) and logs both, with a warning when the hard limit cannot
 // hold max_connections.
+//
+// By now the Go runtime has raised this process's soft limit to hard-1
+// (package syscall's init) and would give each child the soft limit the
+// process started with; setting it here, through syscall.Setrlimit, is
+// what makes the workers inherit the hard limit. The limit the process
+// started with is not known here any more: the log gives the limits in
+// force.
 func raiseFDLimit(log *slog.Logger, maxConnections int) {
 	var lim unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {

@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"strings"
@@ -32,9 +34,11 @@ rejections). It exits 1 when no master answers.
 
 The control socket is the one the config names (` + "`control_socket`" + `), else
 ` + "`$RUNTIME_DIRECTORY/sniproxy.sock`" + `, else ` + "`/run/sniproxy/sniproxy.sock`" + ` when
-that directory exists and is writable, else ` + "`sniproxy.sock`" + ` in the temp
-dir. A config that no longer validates is reported, and the status shown
-all the same: only its ` + "`control_socket`" + ` is needed.
+that directory exists and is writable, or holds a socket and you have no
+master of your own (a root master's, which serves the members of its
+` + "`group`" + `), else ` + "`sniproxy.sock`" + ` in the temp dir. A config that no longer
+validates is reported, and the status shown all the same: only its
+` + "`control_socket`" + ` is needed.
 
 ` + configHelp,
 		Args: noArgs,
@@ -67,17 +71,23 @@ func cmdStatus(path string, asJSON bool, stdout, stderr io.Writer) int {
 // findMaster returns the control socket and PID file of the master the
 // config at path (resolved as run resolves it) runs. A config that does
 // not validate is reported on stderr, and the two keys read from it
-// leniently (config.Peek).
+// leniently (config.Peek). One this user may not read (a member of a root
+// master's group, say) is reported as such: its keys come from the
+// environment, or are the defaults.
 func findMaster(path string, stderr io.Writer) (sock, pidFile string) {
 	cfg, err := loadConfig(path)
 	if err == nil {
-		return master.ControlSocketPath(cfg), cfg.PIDFile
+		return master.FindControlSocket(cfg), cfg.PIDFile
 	}
-	fmt.Fprintf(stderr, "sniproxy: warning: the config on disk is invalid (the master runs the one it loaded; a reload would fail):\n%s\n",
-		indentErrors(err))
+	if errors.Is(err, fs.ErrPermission) {
+		fmt.Fprintf(stderr, "sniproxy: warning: %v; looking for the master without it\n", err)
+	} else {
+		fmt.Fprintf(stderr, "sniproxy: warning: the config on disk is invalid (the master runs the one it loaded; a reload would fail):\n%s\n",
+			indentErrors(err))
+	}
 	ctl, pidFile := config.Peek(config.Resolve(path, nil, nil), nil)
 	cfg = &config.Config{ControlSocket: ctl}
-	return master.ControlSocketPath(cfg), pidFile
+	return master.FindControlSocket(cfg), pidFile
 }
 
 // fetchStatus asks the master at the control socket for its Status.
