@@ -201,7 +201,12 @@ func cmdWorker(a workerArgs, stderr io.Writer) int {
 	if l, err := logging.ParseLevel(a.level); err == nil {
 		lv.Set(l)
 	}
-	log := logging.New(stderr, a.format, lv).With("worker", a.slot, "pid", os.Getpid())
+	// Lines are written from a goroutine of their own (logging.Async):
+	// the event loop logs every connection it ends on its one thread, and
+	// must not wait on a slow file or pipe (a stalled journal) meanwhile.
+	out := logging.NewAsync(stderr, logging.AsyncQueue)
+	defer out.Close()
+	log := logging.New(out, a.format, lv).With("worker", a.slot, "pid", os.Getpid())
 
 	f := os.NewFile(3, "ipc")
 	conn, err := ipc.FileConn(f)

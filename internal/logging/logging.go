@@ -139,6 +139,9 @@ func escapeControls(s string) string {
 
 // isTerminal reports whether w is a character device such as a terminal.
 func isTerminal(w io.Writer) bool {
+	if a, ok := w.(*Async); ok {
+		return isTerminal(a.w)
+	}
 	if o, ok := w.(*Output); ok {
 		return o.tty
 	}

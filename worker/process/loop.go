@@ -66,15 +66,18 @@ type inbound struct {
 // loop is a worker process's control loop. Its fields below the line are
 // owned by the goroutine in run; the rest is set up before and read only.
 type loop struct {
-	log      *slog.Logger
-	conn     *ipc.Conn
-	slot     int
-	switches testswitch.Switches
-	cfg      *config.Config
-	srv      *worker.Server
-	counters *stats.Counters
-	leases   *leases
-	client   *lease.Client
+	log *slog.Logger
+	// accessOut queues the access log's lines for its file, if it has
+	// one of its own (accessLog).
+	accessOut *logging.Async
+	conn      *ipc.Conn
+	slot      int
+	switches  testswitch.Switches
+	cfg       *config.Config
+	srv       *worker.Server
+	counters  *stats.Counters
+	leases    *leases
+	client    *lease.Client
 	// perIP and perIPLeases enforce the per-client limits; nil when
 	// both are off.
 	perIP       *perip.Client
@@ -129,7 +132,7 @@ func newLoop(o Options, cfg *config.Config) (*loop, error) {
 	if err != nil {
 		return nil, fmt.Errorf("process: %w", err)
 	}
-	srv.AccessLog = accessLog(o, cfg)
+	srv.AccessLog, l.accessOut = accessLog(o, cfg)
 	// The event loop holds a P while it waits: only with another for
 	// everything else (GOMAXPROCS=1 in the environment turns it off).
 	srv.EventLoop = runtime.GOMAXPROCS(0) >= 2
@@ -149,21 +152,25 @@ func newLoop(o Options, cfg *config.Config) (*loop, error) {
 
 // accessLog returns the access logger of cfg's log section: nil when
 // log.access is off; else at info (debug if log.level is) whatever
-// log.level says otherwise, to o.Access or where o.Log writes.
-func accessLog(o Options, cfg *config.Config) *slog.Logger {
+// log.level says otherwise, to o.Access (through an Async, returned too,
+// for run to close: the event loop writes a line per connection, and
+// must not wait on the file) or where o.Log writes (asynchronous already:
+// cmdWorker).
+func accessLog(o Options, cfg *config.Config) (*slog.Logger, *logging.Async) {
 	if !cfg.Log.Access {
-		return nil
+		return nil, nil
 	}
 	level := slog.LevelInfo
 	if l, err := logging.ParseLevel(cfg.Log.Level); err == nil {
 		level = min(l, slog.LevelInfo)
 	}
 	if o.Access == nil {
-		return slog.New(logging.WithLevel(o.Log.Handler(), level))
+		return slog.New(logging.WithLevel(o.Log.Handler(), level)), nil
 	}
 	lv := new(slog.LevelVar)
 	lv.Set(level)
-	return logging.New(o.Access, cfg.Log.Format, lv).With("worker", o.Slot, "pid", os.Getpid())
+	out := logging.NewAsync(o.Access, logging.AsyncQueue)
+	return logging.New(out, cfg.Log.Format, lv).With("worker", o.Slot, "pid", os.Getpid()), out
 }
 
 // reopenLogs takes the log files the master reopened: the main one
@@ -195,6 +202,9 @@ func (l *loop) reopenLogs(b ipc.LogFiles, files []*os.File) {
 // run serves lns, says Ready and handles events until the drain is over.
 func (l *loop) run(lns []worker.Listener) error {
 	defer close(l.done)
+	if l.accessOut != nil {
+		defer l.accessOut.Close() // what is queued is written before the worker exits
+	}
 	// Whatever happens, no connection waits for a grant that will not
 	// come once the loop is gone.
 	defer l.leases.lose()
