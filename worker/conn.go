@@ -92,6 +92,10 @@ type conn struct {
 	closed bool
 	// paired (under mu): pair runs; it owns the sockets.
 	paired bool
+	// handing (under mu): the event loop handed the connection on with
+	// bytes its peer had not taken yet; a goroutine writes them, then
+	// starts the pair (loop.toPair). Move waits for it (waitHanding).
+	handing bool
 	// pairPermit: the pair started holding the connection's permit (set
 	// before it starts).
 	pairPermit bool

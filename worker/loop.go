@@ -1224,6 +1224,9 @@ func (l *loop) toPair(lc *lconn, pending []byte, to uint32, skip int) {
 		c.mu.Unlock()
 		return
 	}
+	c.mu.Lock()
+	c.handing = true
+	c.mu.Unlock()
 	go func() {
 		dst := c.backend
 		if to == sideClient {
@@ -1242,6 +1245,7 @@ func (l *loop) toPair(lc *lconn, pending []byte, to uint32, skip int) {
 			}
 		}
 		c.mu.Lock()
+		c.handing = false
 		if err == nil && !c.closed {
 			st.Last = time.Now()
 			c.startPairLocked(lc.p.permit, st)

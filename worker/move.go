@@ -67,6 +67,7 @@ func (s *Server) Move(ctx context.Context, drainBy time.Time, send SendMoved) (m
 	if l != nil {
 		// A pair can move; a connection in the loop cannot.
 		l.handOffAll()
+		s.waitHanding(ctx)
 	}
 	s.mu.Lock()
 	if len(s.conns) == 0 {
@@ -123,6 +124,47 @@ func (s *Server) Move(ctx context.Context, drainBy time.Time, send SendMoved) (m
 		}
 	}
 	return moved, closed
+}
+
+// handingWait bounds how long Move waits for connections the event loop
+// handed on with bytes pending (waitHanding).
+const handingWait = time.Second
+
+// waitHanding waits until no connection is being handed on by the event
+// loop with bytes its peer had not taken yet (conn.handing): once they
+// are written, the connection is a pair, and moves. It waits at most
+// handingWait, and a quarter of what ctx leaves, so that the other
+// connections still have the time to move; one whose peer takes nothing
+// meanwhile is closed, as one not yet proxied is.
+func (s *Server) waitHanding(ctx context.Context) {
+	wait := handingWait
+	if d, ok := ctx.Deadline(); ok {
+		wait = min(wait, time.Until(d)/4)
+	}
+	limit := time.Now().Add(wait)
+	for s.handing() && ctx.Err() == nil && time.Now().Before(limit) {
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// handing reports whether a connection is being handed on with bytes
+// pending (conn.handing).
+func (s *Server) handing() bool {
+	s.mu.Lock()
+	cs := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		cs = append(cs, c)
+	}
+	s.mu.Unlock()
+	for _, c := range cs {
+		c.mu.Lock()
+		h := c.handing
+		c.mu.Unlock()
+		if h {
+			return true
+		}
+	}
+	return false
 }
 
 // sendMoved detaches a stopped pair and sends its connection; false if it

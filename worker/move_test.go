@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -311,4 +312,86 @@ func TestResumeCountsPoolBackend(t *testing.T) {
 	waitFor(t, "a's pool to forget it", func() bool { return pa.Active(used) == 0 })
 	conn.Close()
 	waitFor(t, "b's pool to release it", func() bool { return pb.Active(used) == 0 && b.srv.Active() == 0 })
+}
+
+// A connection the event loop handed on with bytes its backend had not
+// taken yet moves once they are written, rather than being closed (a
+// move caught it between the loop and its pair).
+func TestMoveWaitsForPendingWrite(t *testing.T) {
+	release := make(chan struct{})
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		// A small window, as neverReads has: the loop's writes to it
+		// soon come back short.
+		rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024)
+			if serr == nil {
+				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 536)
+			}
+		})
+		return serr
+	}}
+	bln, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bln.Close() })
+	go func() {
+		c, err := bln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		select { // reads nothing until released
+		case <-release:
+		case <-t.Context().Done():
+			return
+		}
+		io.Copy(io.Discard, c)
+	}()
+	routes := fmt.Sprintf("routes: [{match: slow.test, backend: %q}]\n", bln.Addr())
+	a := startServer(t, routes, nil, "")
+	b := startServer(t, routes, nil, "")
+	loopOf(t, a)
+	c := dialHTTP(t, a.addr, "slow.test")
+	go func() {
+		// Chunks under the loop's buffer, apart: it relays them itself
+		// until the backend's socket stops taking them.
+		chunk := make([]byte, 8000)
+		for {
+			c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if _, err := c.Write(chunk); err != nil {
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	handing := func() bool {
+		a.srv.mu.Lock()
+		defer a.srv.mu.Unlock()
+		for c := range a.srv.conns {
+			c.mu.Lock()
+			h := c.handing
+			c.mu.Unlock()
+			if h {
+				return true
+			}
+		}
+		return false
+	}
+	waitFor(t, "the loop to hand the connection on with bytes pending", handing)
+	a.stop()
+	go func() {
+		time.Sleep(100 * time.Millisecond) // deliberate: Move is waiting by then
+		close(release)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	moved, closed := a.srv.Move(ctx, time.Time{}, func(_ netip.Addr, state []byte, cl, be *os.File) error {
+		return b.srv.Resume(state, dup(t, cl), dup(t, be), false, netip.Addr{})
+	})
+	if moved != 1 || closed != 0 {
+		t.Fatalf("moved %d, closed %d; want the connection moved", moved, closed)
+	}
+	waitFor(t, "the connection in b", func() bool { return b.srv.Active() == 1 })
 }
