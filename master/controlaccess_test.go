@@ -17,14 +17,7 @@ import (
 // Only a root master with an explicit `group` opens the control socket to
 // a group, and never to the workers' user.
 func TestControlGroup(t *testing.T) {
-	parse := func(y string) *config.Config {
-		t.Helper()
-		c, err := config.Parse([]byte("listen_addrs: [\"127.0.0.1:1\"]\n"+y), []string{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	parse := func(y string) *config.Config { return parseListening(t, y) }
 	cred := &syscall.Credential{Uid: 65534, Gid: 4}
 	if g := controlGroup(parse("user: \"65534\"\ngroup: \"4\"\n"), cred, 0); g == nil || g.GID != 4 || g.Except != 65534 {
 		t.Errorf("root, user and group: %+v; want gid 4 except uid 65534", g)

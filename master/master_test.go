@@ -194,15 +194,18 @@ func TestMasterLoop(t *testing.T) {
 	}
 }
 
-func TestWorkerCredential(t *testing.T) {
-	parse := func(y string) *config.Config {
-		t.Helper()
-		c, err := config.Parse([]byte("listen_addrs: [\"127.0.0.1:1\"]\n"+y), []string{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
+// parseListening parses y after a listen_addrs line, failing t on error.
+func parseListening(t *testing.T, y string) *config.Config {
+	t.Helper()
+	c, err := config.Parse([]byte("listen_addrs: [\"127.0.0.1:1\"]\n"+y), []string{})
+	if err != nil {
+		t.Fatal(err)
 	}
+	return c
+}
+
+func TestWorkerCredential(t *testing.T) {
+	parse := func(y string) *config.Config { return parseListening(t, y) }
 	if cr, err := workerCredential(parse(""), 0); cr != nil || err != nil {
 		t.Errorf("no user: %+v, %v; want workers as the master", cr, err)
 	}

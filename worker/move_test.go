@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -319,36 +318,14 @@ func TestResumeCountsPoolBackend(t *testing.T) {
 // move caught it between the loop and its pair).
 func TestMoveWaitsForPendingWrite(t *testing.T) {
 	release := make(chan struct{})
-	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		// A small window, as neverReads has: the loop's writes to it
-		// soon come back short.
-		rc.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024)
-			if serr == nil {
-				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 536)
-			}
-		})
-		return serr
-	}}
-	bln, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { bln.Close() })
-	go func() {
-		c, err := bln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
+	bln := smallWindow(t, func(c net.Conn) {
 		select { // reads nothing until released
 		case <-release:
 		case <-t.Context().Done():
 			return
 		}
 		io.Copy(io.Discard, c)
-	}()
+	})
 	routes := fmt.Sprintf("routes: [{match: slow.test, backend: %q}]\n", bln.Addr())
 	a := startServer(t, routes, nil, "")
 	b := startServer(t, routes, nil, "")
@@ -366,20 +343,7 @@ func TestMoveWaitsForPendingWrite(t *testing.T) {
 			time.Sleep(5 * time.Millisecond)
 		}
 	}()
-	handing := func() bool {
-		a.srv.mu.Lock()
-		defer a.srv.mu.Unlock()
-		for c := range a.srv.conns {
-			c.mu.Lock()
-			h := c.handing
-			c.mu.Unlock()
-			if h {
-				return true
-			}
-		}
-		return false
-	}
-	waitFor(t, "the loop to hand the connection on with bytes pending", handing)
+	waitFor(t, "the loop to hand the connection on with bytes pending", a.srv.handing)
 	a.stop()
 	go func() {
 		time.Sleep(100 * time.Millisecond) // deliberate: Move is waiting by then

@@ -381,11 +381,12 @@ func TestCopyResult(t *testing.T) {
 	}
 }
 
-// neverReads returns a backend listener whose connections are held and
-// never read, with a small window and a small MSS: the proxy's socket to
-// it then starts with a small send buffer too (Linux sizes it from the
-// MSS; loopback's 64 KiB MSS would buffer a whole hello).
-func neverReads(t *testing.T) net.Listener {
+// smallWindow returns a backend listener with a small window and a small
+// MSS, serving each connection with serve: the proxy's socket to it then
+// starts with a small send buffer too (Linux sizes it from the MSS;
+// loopback's 64 KiB MSS would buffer a whole hello), so its writes soon
+// come back short when serve does not read.
+func smallWindow(t *testing.T, serve func(net.Conn)) net.Listener {
 	t.Helper()
 	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
 		var serr error
@@ -403,21 +404,24 @@ func neverReads(t *testing.T) net.Listener {
 	}
 	t.Cleanup(func() { bln.Close() })
 	go func() {
-		var held []net.Conn
-		defer func() {
-			for _, c := range held {
-				c.Close()
-			}
-		}()
 		for {
 			c, err := bln.Accept()
 			if err != nil {
 				return
 			}
-			held = append(held, c) // never read
+			go func() {
+				defer c.Close()
+				serve(c)
+			}()
 		}
 	}()
 	return bln
+}
+
+// neverReads returns a smallWindow backend whose connections are held,
+// never read, until the test ends.
+func neverReads(t *testing.T) net.Listener {
+	return smallWindow(t, func(net.Conn) { <-t.Context().Done() })
 }
 
 // A backend that accepts and never reads cannot hold a connection: the

@@ -89,16 +89,7 @@ func TestListenerRefusesOtherUsers(t *testing.T) {
 	os.Chmod(sock, 0o666)
 	ln := NewListener(raw, nil)
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte("hello\n"))
-			c.Close()
-		}
-	}()
+	go serveHello(ln)
 	// Root (this process): served.
 	c, err := net.Dial("unix", sock)
 	if err != nil {
@@ -257,16 +248,7 @@ func TestListenerServesGroup(t *testing.T) {
 	ln := NewListener(raw, nil)
 	ln.Policy.Group = &Group{GID: gid, Except: workers}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte("hello\n"))
-			c.Close()
-		}
-	}()
+	go serveHello(ln)
 	for _, tc := range []struct {
 		name string
 		cred *syscall.Credential
@@ -396,5 +378,18 @@ func TestOpenToGroup(t *testing.T) {
 	}
 	if perm, _ := stat(closed); perm != 0o700 {
 		t.Errorf("the 0700 directory above became %v", perm)
+	}
+}
+
+// serveHello answers "hello" to every connection ln accepts, until it is
+// closed.
+func serveHello(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		c.Write([]byte("hello\n"))
+		c.Close()
 	}
 }
