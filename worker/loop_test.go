@@ -497,29 +497,8 @@ func TestLoopHandOffOutOfFds(t *testing.T) {
 	backend := backendtest.Echo(t)
 	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), nil, "")
 	l := loopOf(t, ts)
-	c := dialHTTP(t, ts.addr, "a.test")
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	head := "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
-	if _, err := io.ReadFull(c, make([]byte, len(head))); err != nil {
-		t.Fatal(err)
-	}
-	if p := l.toPairs.Load(); p != 0 {
-		t.Fatalf("handed to its pair before the squeeze (%d)", p)
-	}
-
-	// Within loopRelayFor of the echo: every descriptor the soft limit
-	// allows taken, the hand-off due meanwhile.
 	var old syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
-		t.Fatal(err)
-	}
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lim := old
-	lim.Cur = uint64(len(ents) + 64)
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
 		t.Fatal(err)
 	}
 	var held []*os.File
@@ -531,28 +510,62 @@ func TestLoopHandOffOutOfFds(t *testing.T) {
 		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old)
 	}
 	defer release()
-	for range 1000 {
-		f, err := os.Open(os.DevNull)
+	// squeeze takes every descriptor the soft limit allows.
+	squeeze := func() {
+		ents, err := os.ReadDir("/proc/self/fd")
 		if err != nil {
-			break
+			t.Fatal(err)
 		}
-		held = append(held, f)
+		lim := old
+		lim.Cur = uint64(len(ents) + 64)
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			t.Fatal(err)
+		}
+		for range 1000 {
+			f, err := os.Open(os.DevNull)
+			if err != nil {
+				break
+			}
+			held = append(held, f)
+		}
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for l.toPairs.Load() == 0 && l.ended.Load() == 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
-	time.Sleep(50 * time.Millisecond)
-	release()
-	if p, e := l.toPairs.Load(), l.ended.Load(); p != 1 || e != 0 {
-		t.Fatalf("out of fds: %d handed to a pair, %d ended in the loop; want 1 and 0", p, e)
-	}
-	if _, err := c.Write([]byte("after\n")); err != nil {
-		t.Fatal(err)
-	}
-	b := make([]byte, 6)
-	if _, err := io.ReadFull(c, b); err != nil || string(b) != "after\n" {
-		t.Fatalf("echo after the squeeze: %q, %v", b, err)
+	head := "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+	for attempt := 1; ; attempt++ {
+		pairs, ended := l.toPairs.Load(), l.ended.Load()
+		c := dialHTTP(t, ts.addr, "a.test")
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, len(head))); err != nil {
+			t.Fatal(err)
+		}
+		// Within loopRelayFor of the echo, the squeeze; the hand-off
+		// comes due while it lasts.
+		squeeze()
+		if l.toPairs.Load() != pairs {
+			// Handed on before the squeeze (a slow machine): again.
+			release()
+			c.Close()
+			if attempt == 5 {
+				t.Fatal("the loop handed the connection on before the squeeze, 5 times")
+			}
+			continue
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for l.toPairs.Load() == pairs && l.ended.Load() == ended && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		time.Sleep(50 * time.Millisecond)
+		release()
+		if p, e := l.toPairs.Load()-pairs, l.ended.Load()-ended; p != 1 || e != 0 {
+			t.Fatalf("out of fds: %d handed to a pair, %d ended in the loop; want 1 and 0", p, e)
+		}
+		if _, err := c.Write([]byte("after\n")); err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, 6)
+		if _, err := io.ReadFull(c, b); err != nil || string(b) != "after\n" {
+			t.Fatalf("echo after the squeeze: %q, %v", b, err)
+		}
+		break
 	}
 	if n := len(l.reserve); n != loopReserve {
 		t.Errorf("reserve %d after the hand-off; want %d", n, loopReserve)

@@ -9,16 +9,20 @@ import (
 	"time"
 )
 
-// gate is a writer that blocks while closed is not, and keeps what it is
-// given.
+// gate is a writer that blocks until open is closed, and keeps what it is
+// given; entered (if not nil) gets a value each time a Write begins.
 type gate struct {
-	open   chan struct{}
-	mu     sync.Mutex
-	b      bytes.Buffer
-	writes int
+	open    chan struct{}
+	entered chan struct{}
+	mu      sync.Mutex
+	b       bytes.Buffer
+	writes  int
 }
 
 func (g *gate) Write(p []byte) (int, error) {
+	if g.entered != nil {
+		g.entered <- struct{}{}
+	}
 	<-g.open
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -72,13 +76,17 @@ func TestAsyncOrderAndBatches(t *testing.T) {
 // A stalled file does not stall the writers until the queue is full; then
 // they wait for room (nothing dropped), and go on once the file takes it.
 func TestAsyncStalledWriter(t *testing.T) {
-	g := &gate{open: make(chan struct{})}
+	g := &gate{open: make(chan struct{}), entered: make(chan struct{}, 10)}
 	a := NewAsync(g, 100)
 	rec := bytes.Repeat([]byte("x"), 30)
 	// The goroutine takes the first record and blocks writing it; the
 	// queue then holds 3 of 30 bytes, and the next one waits.
 	a.Write(rec)
-	time.Sleep(20 * time.Millisecond) // deliberate: let the goroutine take it
+	select {
+	case <-g.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the first record was never written")
+	}
 	for i := range 3 {
 		done := make(chan struct{})
 		go func() { a.Write(rec); close(done) }()
