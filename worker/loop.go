@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sniproxy/sniproxy/config"
+	"github.com/sniproxy/sniproxy/internal/dupfd"
 	"github.com/sniproxy/sniproxy/internal/stats"
 	"github.com/sniproxy/sniproxy/worker/proxy"
 	"github.com/sniproxy/sniproxy/worker/route"
@@ -236,21 +237,12 @@ func newLoop(s *Server, lns []Listener) (*loop, error) {
 }
 
 // dupListener returns a non-blocking close-on-exec duplicate of ln's
-// socket.
+// socket (internal/dupfd, then O_NONBLOCK, which the socket has already:
+// Go's listeners are non-blocking).
 func dupListener(ln *net.TCPListener) (int, error) {
-	rc, err := ln.SyscallConn()
+	fd, err := dupfd.Fd(ln)
 	if err != nil {
 		return -1, fmt.Errorf("worker: event loop: listener: %w", err)
-	}
-	fd := -1
-	var derr error
-	if err := rc.Control(func(s uintptr) {
-		fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return -1, fmt.Errorf("worker: event loop: listener: %w", err)
-	}
-	if derr != nil {
-		return -1, fmt.Errorf("worker: event loop: dup listener: %w", derr)
 	}
 	if err := unix.SetNonblock(fd, true); err != nil {
 		unix.Close(fd)
