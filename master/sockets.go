@@ -220,7 +220,7 @@ var ErrPortShared = errors.New("another process listens on this address (another
 // refusal also needs a listening socket on that port (/proc/net/tcp,
 // tcp6).
 func checkPortFree(addr string) error {
-	ln, err := net.Listen("tcp", addr)
+	ln, err := listenConfig(false).Listen(context.Background(), "tcp", addr)
 	if errors.Is(err, syscall.EADDRINUSE) {
 		if ap, perr := netip.ParseAddrPort(addr); perr == nil && !portListened(ap.Port()) {
 			return nil
@@ -234,15 +234,28 @@ func checkPortFree(addr string) error {
 	return nil
 }
 
+// listenConfig is how the master binds: in a SO_REUSEPORT group with
+// reuse, and always plain TCP. Go's ListenConfig makes Multipath TCP
+// listeners by default where the kernel has it (since Go 1.24); the
+// proxy's clients are plain TCP, which such a listener serves through its
+// MPTCP fallback: a few per cent more CPU per short connection (measured
+// in bench/README.md), and socket options the kernel refuses on it
+// (SO_ATTACH_REUSEPORT_CBPF: EOPNOTSUPP). nginx and HAProxy listen on
+// plain TCP too.
+func listenConfig(reuse bool) *net.ListenConfig {
+	lc := &net.ListenConfig{}
+	lc.SetMultipathTCP(false)
+	if reuse {
+		lc.Control = reuseport.Control
+	}
+	return lc
+}
+
 // bind binds a new listening socket for addr (in a SO_REUSEPORT group
 // with reuse) and returns its descriptor: the net.Listener, and with it
 // its place in the runtime's epoll, is closed before bind returns.
 func bind(name, addr string, reuse bool) (rawFD, error) {
-	lc := net.ListenConfig{}
-	if reuse {
-		lc.Control = reuseport.Control
-	}
-	ln, err := lc.Listen(context.Background(), "tcp", addr)
+	ln, err := listenConfig(reuse).Listen(context.Background(), "tcp", addr)
 	if err != nil {
 		return closedFD, fmt.Errorf("master: listen %s: %w", addr, err)
 	}

@@ -83,8 +83,8 @@ type noFiles struct{}
 
 func (noFiles) File(string) (*os.File, error) { return nil, nil }
 
-// A first master binds its sockets and holds them outside the runtime's
-// poller (in it, every connection queued would wake the master); the
+// A first master binds its sockets as plain TCP and holds them outside
+// the runtime's poller (in it, every connection queued would wake the master); the
 // transient files made for a worker's exec are there only until closed,
 // and accept there as the worker would.
 func TestOpenSocketsBindsOutsideThePoller(t *testing.T) {
@@ -110,6 +110,11 @@ func TestOpenSocketsBindsOutsideThePoller(t *testing.T) {
 		}
 		if ok, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || ok != 1 {
 			t.Errorf("socket %d does not listen: %v", fd, err)
+		}
+		// Plain TCP, as nginx and HAProxy listen: not the Multipath TCP
+		// Go's ListenConfig picks by default where the kernel has it.
+		if p, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL); err != nil || p != unix.IPPROTO_TCP {
+			t.Errorf("socket %d: protocol %d (%v); want IPPROTO_TCP (%d)", fd, p, err, unix.IPPROTO_TCP)
 		}
 	}
 	names, files, err := set.filesForSlot(0, 1)
