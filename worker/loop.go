@@ -182,8 +182,11 @@ type loop struct {
 
 	// Counts, for tests: connections accepted here, ended here, handed
 	// to a goroutine, handed to a pair; events of connections no longer
-	// here.
-	accepted, ended, toGoroutines, toPairs, stale atomic.Int64
+	// here; listener events that found no connection to accept (another
+	// worker's loop took it).
+	accepted, ended, toGoroutines, toPairs, stale, emptyAccepts atomic.Int64
+	// tid is the thread the loop runs on, for tests.
+	tid atomic.Int32
 }
 
 // newLoop makes the loop for the listeners lns: it takes a duplicate of
@@ -225,7 +228,7 @@ func newLoop(s *Server, lns []Listener) (*loop, error) {
 			return fail(fmt.Errorf("worker: event loop: listener: TCP_NODELAY: %w", err))
 		}
 		l.lns = append(l.lns, loopListener{fd: fd, lcfg: &lns[i].Config})
-		if err := l.ctl(unix.EPOLL_CTL_ADD, fd, unix.EPOLLIN, int32(slotListener-i), 0); err != nil {
+		if err := l.addListener(i); err != nil {
 			return fail(err)
 		}
 	}
@@ -262,9 +265,20 @@ func (l *loop) ctl(op, fd int, events uint32, slot int32, tag uint32) error {
 	return nil
 }
 
+// addListener adds listener i to the loop's epoll. EPOLLEXCLUSIVE: a
+// socket shared by the workers (reuseport: false) wakes one waiting
+// loop per connection, not every worker's (the thundering herd that
+// nginx's accept_mutex and later its own EPOLLEXCLUSIVE avoid); a loop
+// busy when a connection comes gets its event too and finds it taken or
+// not. A SO_REUSEPORT socket has one loop anyway.
+func (l *loop) addListener(i int) error {
+	return l.ctl(unix.EPOLL_CTL_ADD, l.lns[i].fd, unix.EPOLLIN|unix.EPOLLEXCLUSIVE, int32(slotListener-i), 0)
+}
+
 // run is the loop; it returns once stopped with no connection left.
 func (l *loop) run() {
 	runtime.LockOSThread()
+	l.tid.Store(int32(unix.Gettid()))
 	defer close(l.done)
 	defer func() {
 		l.mu.Lock()
@@ -393,12 +407,15 @@ func (l *loop) accept(i int) {
 		return
 	}
 	s := l.s
-	for range loopAcceptBurst {
+	for k := range loopAcceptBurst {
 		var sa unix.RawSockaddrAny
 		salen := uint32(unsafe.Sizeof(sa))
 		r, _, e := syscall.RawSyscall6(unix.SYS_ACCEPT4, uintptr(ln.fd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&salen)), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
 		if e != 0 {
 			if e == unix.EAGAIN {
+				if k == 0 {
+					l.emptyAccepts.Add(1)
+				}
 				ln.delay = 0
 				return
 			}
@@ -1325,7 +1342,7 @@ func (l *loop) expire() {
 		if !ln.retry.IsZero() && !nowT.Before(ln.retry) {
 			ln.retry = time.Time{}
 			if ln.fd >= 0 {
-				l.ctl(unix.EPOLL_CTL_ADD, ln.fd, unix.EPOLLIN, int32(slotListener-i), 0)
+				l.addListener(i)
 			}
 		}
 	}

@@ -43,6 +43,13 @@ func startServerWith(t testing.TB, body string, lim Limiter, lopts string, prep 
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startServerOn(t, ln, body, lim, lopts, prep)
+}
+
+// startServerOn is startServerWith on the listener ln, which it takes
+// over.
+func startServerOn(t testing.TB, ln *net.TCPListener, body string, lim Limiter, lopts string, prep func(*Server)) *testServer {
+	t.Helper()
 	addr := ln.Addr().String()
 	yaml := fmt.Sprintf("listeners: [{address: %q%s}]\ntimeouts: {connect: 2, client_hello: 2, idle: 30}\n%s", addr, lopts, body)
 	cfg, err := config.Parse([]byte(yaml), []string{})

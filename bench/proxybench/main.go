@@ -76,7 +76,10 @@ type options struct {
 	jsonPath  string
 	keep      bool
 
-	sniproxy   string
+	sniproxy string
+	// shared makes sniproxy's listener one socket shared by its workers
+	// (reuseport: false) instead of one SO_REUSEPORT socket per worker.
+	shared     bool
 	nginx      string
 	haproxy    string
 	dlundquist string
@@ -153,6 +156,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&opt.jsonPath, "json", "", "also write machine-readable results to this file")
 	fs.BoolVar(&opt.keep, "keep", false, "keep the temporary directory with the generated configs and peer logs")
 	fs.StringVar(&opt.sniproxy, "sniproxy", "", "sniproxy binary under test (default: build ./cmd/sniproxy of this module into the temp dir)")
+	fs.BoolVar(&opt.shared, "sniproxy-shared", false, "sniproxy: listen on one socket shared by the workers (listeners: reuseport: false), as nginx's generated config does, instead of one SO_REUSEPORT socket per worker (the default)")
 	fs.StringVar(&opt.nginx, "nginx", "/usr/sbin/nginx", "nginx binary")
 	fs.StringVar(&opt.nginxMods, "nginx-modules", "/usr/lib/nginx/modules", "directory holding ngx_stream_module.so (load_module), if stream is not built in")
 	fs.StringVar(&opt.haproxy, "haproxy", "/usr/sbin/haproxy", "haproxy binary")
