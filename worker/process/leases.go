@@ -3,6 +3,7 @@ package process
 import (
 	"errors"
 	"log/slog"
+	"slices"
 	"sync"
 
 	"github.com/sniproxy/sniproxy/ipc"
@@ -12,16 +13,31 @@ import (
 var errNoRequest = errors.New("process: lease grant with no request outstanding")
 
 // leases is the lease client's transport (lease.Transport) over the ipc
-// connection. Connections' goroutines call Request and Return; the
-// control loop hands it the master's grants (grant) and tells it when the
-// master is gone (lose). It is safe for concurrent use.
+// connection. Connections' goroutines call Request; Return is called from
+// the event loop too, so it never waits for the connection: it adds to
+// what is to be given back, and sendReturns sends it. Whatever goes to the
+// master leaves in the order taken (send): a request carries the returns
+// made before it, so the master never counts a returned permit as held
+// when it answers a later request. The control loop hands it the
+// master's grants (grant) and tells it when the master is gone (lose). It
+// is safe for concurrent use; make it with newLeases.
 type leases struct {
 	conn *ipc.Conn
 	log  *slog.Logger
 
-	mu      sync.Mutex
-	waiters []chan int // requests awaiting a grant, in the order sent
-	lost    bool       // the master is gone: permits are local
+	send sync.Mutex // held while sending; taken before mu, never under it
+
+	mu        sync.Mutex
+	waiters   []chan int    // requests awaiting a grant, in the order sent
+	lost      bool          // the master is gone: permits are local
+	returning int           // given back, not sent yet
+	kick      chan struct{} // a return to send (capacity 1)
+}
+
+// newLeases returns the transport over conn; sendReturns must run for
+// returns to reach the master.
+func newLeases(conn *ipc.Conn, log *slog.Logger) *leases {
+	return &leases{conn: conn, log: log, kick: make(chan struct{}, 1)}
 }
 
 // Request implements lease.Transport: it asks the master for permits and
@@ -33,18 +49,24 @@ type leases struct {
 // consulted).
 func (l *leases) Request(want int, urgent bool) (int, error) {
 	ch := make(chan int, 1)
+	l.send.Lock()
 	l.mu.Lock()
 	if l.lost {
 		l.mu.Unlock()
+		l.send.Unlock()
 		return 1, nil
 	}
+	// Appended in the order of sends: send is held.
 	l.waiters = append(l.waiters, ch)
-	// Sent under the lock so the order of sends is the order of waiters.
+	l.mu.Unlock()
+	l.sendReturnsLocked()
 	err := l.conn.SendBody(ipc.LeaseRequest{Want: want, Urgent: urgent})
 	if err != nil {
-		l.waiters = l.waiters[:len(l.waiters)-1]
+		l.mu.Lock()
+		l.waiters = slices.DeleteFunc(l.waiters, func(w chan int) bool { return w == ch })
+		l.mu.Unlock()
 	}
-	l.mu.Unlock()
+	l.send.Unlock()
 	if err != nil {
 		return 0, err
 	}
@@ -55,14 +77,44 @@ func (l *leases) Request(want int, urgent bool) (int, error) {
 	return n, nil
 }
 
-// Return implements lease.Transport. Once the master is gone permits are
+// Return implements lease.Transport without waiting: sendReturns (or the
+// next Request) sends the permits. Once the master is gone permits are
 // local and nothing goes back: the master takes back what it granted when
 // this worker exits.
 func (l *leases) Return(n int) {
 	l.mu.Lock()
-	lost := l.lost
+	if !l.lost {
+		l.returning += n
+	}
 	l.mu.Unlock()
-	if lost {
+	select {
+	case l.kick <- struct{}{}:
+	default:
+	}
+}
+
+// sendReturns sends what Return gave back until done is closed.
+func (l *leases) sendReturns(done <-chan struct{}) {
+	for {
+		select {
+		case <-l.kick:
+		case <-done:
+			return
+		}
+		l.send.Lock()
+		l.sendReturnsLocked()
+		l.send.Unlock()
+	}
+}
+
+// sendReturnsLocked sends the permits given back so far, all in one
+// message; l.send is held.
+func (l *leases) sendReturnsLocked() {
+	l.mu.Lock()
+	n := l.returning
+	l.returning = 0
+	l.mu.Unlock()
+	if n == 0 {
 		return
 	}
 	if err := l.conn.SendBody(ipc.LeaseReturn{N: n}); err != nil {
@@ -89,6 +141,7 @@ func (l *leases) lose() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.lost = true
+	l.returning = 0
 	for _, ch := range l.waiters {
 		close(ch)
 	}

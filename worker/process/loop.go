@@ -120,7 +120,7 @@ func newLoop(o Options, cfg *config.Config) (*loop, error) {
 		switches: o.Switches,
 		cfg:      cfg,
 		counters: new(stats.Counters),
-		leases:   &leases{conn: o.Conn, log: o.Log},
+		leases:   newLeases(o.Conn, o.Log),
 		inbox:    make(chan inbound),
 		served:   make(chan error, 1),
 		moved:    make(chan struct{}, 1),
@@ -137,7 +137,7 @@ func newLoop(o Options, cfg *config.Config) (*loop, error) {
 	// everything else (GOMAXPROCS=1 in the environment turns it off).
 	srv.EventLoop = runtime.GOMAXPROCS(0) >= 2
 	if lim := cfg.Limits; lim.On() {
-		l.perIPLeases = &perIPLeases{conn: o.Conn, log: o.Log}
+		l.perIPLeases = newPerIPLeases(o.Conn, o.Log)
 		l.perIP = perip.NewClient(l.perIPLeases, perip.Limits{Conns: lim.PerIPConnections, Rate: lim.PerIPRate},
 			lim.IPv6Prefix, workersOf(cfg), nil)
 		srv.PerIP = l.perIP
@@ -208,8 +208,10 @@ func (l *loop) run(lns []worker.Listener) error {
 	// Whatever happens, no connection waits for a grant that will not
 	// come once the loop is gone.
 	defer l.leases.lose()
+	go l.leases.sendReturns(l.done)
 	if l.perIP != nil {
 		defer l.perIPLeases.lose()
+		go l.perIPLeases.sendReturns(l.done)
 		go l.perIP.Run(l.done)
 	}
 	ctx, stopAccepting := context.WithCancel(context.Background())

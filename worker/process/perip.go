@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 
 	"github.com/sniproxy/sniproxy/internal/perip"
@@ -22,16 +23,29 @@ type perIPWaiter struct {
 
 // perIPLeases is the per-client limit client's transport
 // (perip.Transport) over the ipc connection, like leases for the global
-// limit: connections' goroutines call Request and Return; the control loop
-// hands it the master's grants (grant) and tells it when the master is
-// gone (lose). It is safe for concurrent use.
+// limit: connections' goroutines call Request; Return, called from the
+// event loop too, never waits for the connection (sendReturns sends what
+// it gives back, and a request first sends the returns made before it);
+// the control loop hands it the master's grants (grant) and tells it when
+// the master is gone (lose). It is safe for concurrent use; make it with
+// newPerIPLeases.
 type perIPLeases struct {
 	conn *ipc.Conn
 	log  *slog.Logger
 
-	mu      sync.Mutex
-	waiters []perIPWaiter // in the order sent; the master answers in order
-	lost    bool          // the master is gone: everything asked is granted
+	send sync.Mutex // held while sending; taken before mu, never under it
+
+	mu        sync.Mutex
+	waiters   []perIPWaiter              // in the order sent; the master answers in order
+	lost      bool                       // the master is gone: everything asked is granted
+	returning map[netip.Addr]perip.Grant // given back per key, not sent yet
+	kick      chan struct{}              // a return to send (capacity 1)
+}
+
+// newPerIPLeases returns the transport over conn; sendReturns must run
+// for returns to reach the master.
+func newPerIPLeases(conn *ipc.Conn, log *slog.Logger) *perIPLeases {
+	return &perIPLeases{conn: conn, log: log, returning: map[netip.Addr]perip.Grant{}, kick: make(chan struct{}, 1)}
 }
 
 // Request implements perip.Transport. Once the master is gone the worker
@@ -39,18 +53,24 @@ type perIPLeases struct {
 // counts cannot be consulted), as with the global limit.
 func (l *perIPLeases) Request(key netip.Addr, conns, tokens int) (perip.Grant, error) {
 	ch := make(chan perip.Grant, 1)
+	l.send.Lock()
 	l.mu.Lock()
 	if l.lost {
 		l.mu.Unlock()
+		l.send.Unlock()
 		return perip.Grant{Conns: conns, Tokens: tokens}, nil
 	}
+	// Appended in the order of sends: send is held.
 	l.waiters = append(l.waiters, perIPWaiter{key, ch})
-	// Sent under the lock so the order of sends is the order of waiters.
+	l.mu.Unlock()
+	l.sendReturnsLocked()
 	err := l.conn.SendBody(ipc.PerIP{Key: key, Conns: conns, Tokens: tokens})
 	if err != nil {
-		l.waiters = l.waiters[:len(l.waiters)-1]
+		l.mu.Lock()
+		l.waiters = slices.DeleteFunc(l.waiters, func(w perIPWaiter) bool { return w.ch == ch })
+		l.mu.Unlock()
 	}
-	l.mu.Unlock()
+	l.send.Unlock()
 	if err != nil {
 		return perip.Grant{}, fmt.Errorf("process: per-client request: %w", err)
 	}
@@ -61,17 +81,53 @@ func (l *perIPLeases) Request(key netip.Addr, conns, tokens int) (perip.Grant, e
 	return g, nil
 }
 
-// Return implements perip.Transport; once the master is gone nothing goes
-// back (it drops this worker's client permits when it exits).
+// Return implements perip.Transport without waiting: sendReturns (or the
+// next Request) sends it. Once the master is gone nothing goes back (it
+// drops this worker's client permits when it exits).
 func (l *perIPLeases) Return(key netip.Addr, conns, tokens int) {
 	l.mu.Lock()
-	lost := l.lost
+	if !l.lost {
+		r := l.returning[key]
+		r.Conns += conns
+		r.Tokens += tokens
+		l.returning[key] = r
+	}
 	l.mu.Unlock()
-	if lost {
+	select {
+	case l.kick <- struct{}{}:
+	default:
+	}
+}
+
+// sendReturns sends what Return gave back until done is closed.
+func (l *perIPLeases) sendReturns(done <-chan struct{}) {
+	for {
+		select {
+		case <-l.kick:
+		case <-done:
+			return
+		}
+		l.send.Lock()
+		l.sendReturnsLocked()
+		l.send.Unlock()
+	}
+}
+
+// sendReturnsLocked sends the client permits given back so far, one
+// message per key; l.send is held.
+func (l *perIPLeases) sendReturnsLocked() {
+	l.mu.Lock()
+	if len(l.returning) == 0 {
+		l.mu.Unlock()
 		return
 	}
-	if err := l.conn.SendBody(ipc.PerIP{Key: key, Conns: conns, Tokens: tokens, Return: true}); err != nil {
-		l.log.Debug("returning client permits failed", "key", key, "err", err)
+	returning := l.returning
+	l.returning = make(map[netip.Addr]perip.Grant, len(returning))
+	l.mu.Unlock()
+	for key, r := range returning {
+		if err := l.conn.SendBody(ipc.PerIP{Key: key, Conns: r.Conns, Tokens: r.Tokens, Return: true}); err != nil {
+			l.log.Debug("returning client permits failed", "key", key, "err", err)
+		}
 	}
 }
 
@@ -98,6 +154,7 @@ func (l *perIPLeases) lose() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.lost = true
+	clear(l.returning)
 	for _, w := range l.waiters {
 		close(w.ch)
 	}
