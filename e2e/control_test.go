@@ -198,8 +198,12 @@ func TestControlSocketGroup(t *testing.T) {
 			t.Errorf("another user: status: %v; want permission denied\n%s", err, out)
 		}
 		out, err = runAs(t, bin, asWorkers, env, "status")
-		if err == nil || strings.Contains(out, "master pid") {
-			t.Errorf("the workers' user: status: %v; want a refusal\n%s", err, out)
+		if err == nil || strings.Contains(out, "master pid") || !strings.Contains(out, "403 Forbidden: control socket: uid "+strconv.Itoa(int(asWorkers.Uid))+" is the workers' user") {
+			t.Errorf("the workers' user: status: %v; want a refusal that says why\n%s", err, out)
+		}
+		out, err = runAs(t, bin, asWorkers, env, "reload")
+		if err == nil || strings.Contains(out, "reloaded") || !strings.Contains(out, "the workers' user, which may never drive the master") {
+			t.Errorf("the workers' user: reload: %v; want a refusal that says why\n%s", err, out)
 		}
 		if !p.logsSoon("control socket: refused a connection from the workers' user", func(rec map[string]any) bool {
 			return rec["peer_uid"] == float64(workers)

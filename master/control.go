@@ -328,3 +328,20 @@ func controlAccess(log *slog.Logger, path string, g *peercred.Group, groupName s
 		"control_socket", path, "group", groupName, "gid", g.GID, "workers_uid", g.Except)
 	return pol
 }
+
+// controlRefusal returns what the control socket tells a peer pol
+// refuses: an HTTP 403 whose JSON body says why ({"error": ...}, which
+// `sniproxy reload` and `status` print), instead of a dropped connection.
+func controlRefusal(pol peercred.Policy) func(peercred.Cred) []byte {
+	return func(cr peercred.Cred) []byte {
+		why := fmt.Sprintf("control socket: uid %d may not use it: the master serves root and uid %d", cr.UID, pol.Self)
+		switch g := pol.Group; {
+		case g != nil && cr.UID == g.Except:
+			why = fmt.Sprintf("control socket: uid %d is the workers' user, which may never drive the master", cr.UID)
+		case g != nil:
+			why += fmt.Sprintf(" and members of gid %d", g.GID)
+		}
+		body, _ := json.Marshal(map[string]string{"error": why})
+		return fmt.Appendf(nil, "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
+	}
+}

@@ -310,6 +310,7 @@ func (m *Master) serveEndpoints() (string, error) {
 	// on the umask and the directory.
 	ln := peercred.NewListener(ctl, m.log)
 	ln.Policy = controlAccess(m.log, ctlPath, controlGroup(m.cfg, m.workerCred, os.Geteuid()), m.cfg.Group, m.cfg.ControlSocket != "")
+	ln.Refusal = controlRefusal(ln.Policy)
 	m.endpoints.serve(ln, m.controlHandler(), controlLimits)
 	return ctlPath, nil
 }

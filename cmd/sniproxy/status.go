@@ -110,7 +110,14 @@ func fetchStatus(sock string) (status.Status, []byte, error) {
 		return st, nil, fmt.Errorf("reading %s: %w", sock, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return st, nil, fmt.Errorf("%s: %s: %s", sock, resp.Status, strings.TrimSpace(string(raw)))
+		msg := strings.TrimSpace(string(raw))
+		var e struct {
+			Error string `json:"error"`
+		}
+		if json.Unmarshal(raw, &e) == nil && e.Error != "" {
+			msg = e.Error // a refusal (403) says why
+		}
+		return st, nil, fmt.Errorf("%s: %s: %s", sock, resp.Status, msg)
 	}
 	if err := json.Unmarshal(raw, &st); err != nil {
 		return st, nil, fmt.Errorf("%s: bad answer: %w", sock, err)

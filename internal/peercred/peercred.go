@@ -11,12 +11,15 @@ package peercred
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -133,7 +136,22 @@ type Listener struct {
 	Log *slog.Logger
 	// Policy is set before the first Accept and not changed after.
 	Policy Policy
+	// Refusal, if set (before the first Accept), is what a refused peer
+	// of known credentials is told before its connection closes (the
+	// master answers HTTP 403), so that it learns why rather than
+	// seeing the connection drop. At most maxRefusing peers are told at
+	// once, each within refuseTime; any more are closed at once.
+	Refusal func(Cred) []byte
+
+	refusing atomic.Int32
 }
+
+const (
+	// maxRefusing bounds the refused connections being told why.
+	maxRefusing = 8
+	// refuseTime bounds how long telling one takes.
+	refuseTime = time.Second
+)
 
 // NewListener wraps ln, which must be a Unix socket listener, serving
 // root and this process's effective user (OwnerOnly).
@@ -157,7 +175,14 @@ func (l *Listener) Accept() (net.Conn, error) {
 		if err == nil && l.Policy.Allows(cr) {
 			return c, nil
 		}
-		c.Close()
+		if err == nil && l.Refusal != nil && l.refusing.Add(1) <= maxRefusing {
+			go l.refuse(uc, l.Refusal(cr))
+		} else {
+			if err == nil && l.Refusal != nil {
+				l.refusing.Add(-1)
+			}
+			c.Close()
+		}
 		if l.Log != nil {
 			switch {
 			case err != nil:
@@ -169,6 +194,20 @@ func (l *Listener) Accept() (net.Conn, error) {
 			}
 		}
 	}
+}
+
+// refuse tells a refused peer msg, reads what it sent until it closes
+// (a Unix socket closed with unread bytes resets the peer, which could
+// then miss msg), and closes c, within refuseTime.
+func (l *Listener) refuse(c *net.UnixConn, msg []byte) {
+	defer l.refusing.Add(-1)
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(refuseTime))
+	if _, err := c.Write(msg); err != nil {
+		return
+	}
+	c.CloseWrite()
+	io.Copy(io.Discard, io.LimitReader(c, 64<<10))
 }
 
 // ErrUntrusted is returned by Check for a peer of another user.

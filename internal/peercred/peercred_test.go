@@ -247,6 +247,7 @@ func TestListenerServesGroup(t *testing.T) {
 	os.Chmod(sock, 0o666) // the file mode is not what is tested here
 	ln := NewListener(raw, nil)
 	ln.Policy.Group = &Group{GID: gid, Except: workers}
+	ln.Refusal = func(cr Cred) []byte { return fmt.Appendf(nil, "refused uid %d\n", cr.UID) }
 	defer ln.Close()
 	go serveHello(ln)
 	for _, tc := range []struct {
@@ -256,8 +257,9 @@ func TestListenerServesGroup(t *testing.T) {
 	}{
 		{"member by gid", &syscall.Credential{Uid: 65533, Gid: gid}, `read "hello\n"`},
 		{"member by a supplementary group", &syscall.Credential{Uid: 65533, Gid: 65533, Groups: []uint32{gid}}, `read "hello\n"`},
-		{"another user", &syscall.Credential{Uid: 65533, Gid: 65533}, `read ""`},
-		{"the workers' user", &syscall.Credential{Uid: workers, Gid: gid, Groups: []uint32{gid}}, `read ""`},
+		// Refused peers are told why (Refusal), then closed.
+		{"another user", &syscall.Credential{Uid: 65533, Gid: 65533}, `read "refused uid 65533\n"`},
+		{"the workers' user", &syscall.Credential{Uid: workers, Gid: gid, Groups: []uint32{gid}}, `read "refused uid 65534\n"`},
 	} {
 		if out := asUser(t, tc.cred, "PEERCRED_DIAL="+sock); !strings.Contains(out, tc.want) {
 			t.Errorf("%s: %q; want %s", tc.name, out, tc.want)
