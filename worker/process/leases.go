@@ -25,19 +25,18 @@ type leases struct {
 	conn *ipc.Conn
 	log  *slog.Logger
 
-	send sync.Mutex // held while sending; taken before mu, never under it
+	send sender // orders the sends; taken before mu, never under it
 
 	mu        sync.Mutex
-	waiters   []chan int    // requests awaiting a grant, in the order sent
-	lost      bool          // the master is gone: permits are local
-	returning int           // given back, not sent yet
-	kick      chan struct{} // a return to send (capacity 1)
+	waiters   []chan int // requests awaiting a grant, in the order sent
+	lost      bool       // the master is gone: permits are local
+	returning int        // given back, not sent yet
 }
 
 // newLeases returns the transport over conn; sendReturns must run for
 // returns to reach the master.
 func newLeases(conn *ipc.Conn, log *slog.Logger) *leases {
-	return &leases{conn: conn, log: log, kick: make(chan struct{}, 1)}
+	return &leases{conn: conn, log: log, send: newSender()}
 }
 
 // Request implements lease.Transport: it asks the master for permits and
@@ -49,11 +48,11 @@ func newLeases(conn *ipc.Conn, log *slog.Logger) *leases {
 // consulted).
 func (l *leases) Request(want int, urgent bool) (int, error) {
 	ch := make(chan int, 1)
-	l.send.Lock()
+	l.send.mu.Lock()
 	l.mu.Lock()
 	if l.lost {
 		l.mu.Unlock()
-		l.send.Unlock()
+		l.send.mu.Unlock()
 		return 1, nil
 	}
 	// Appended in the order of sends: send is held.
@@ -66,7 +65,7 @@ func (l *leases) Request(want int, urgent bool) (int, error) {
 		l.waiters = slices.DeleteFunc(l.waiters, func(w chan int) bool { return w == ch })
 		l.mu.Unlock()
 	}
-	l.send.Unlock()
+	l.send.mu.Unlock()
 	if err != nil {
 		return 0, err
 	}
@@ -87,25 +86,11 @@ func (l *leases) Return(n int) {
 		l.returning += n
 	}
 	l.mu.Unlock()
-	select {
-	case l.kick <- struct{}{}:
-	default:
-	}
+	l.send.poke()
 }
 
 // sendReturns sends what Return gave back until done is closed.
-func (l *leases) sendReturns(done <-chan struct{}) {
-	for {
-		select {
-		case <-l.kick:
-		case <-done:
-			return
-		}
-		l.send.Lock()
-		l.sendReturnsLocked()
-		l.send.Unlock()
-	}
-}
+func (l *leases) sendReturns(done <-chan struct{}) { l.send.loop(done, l.sendReturnsLocked) }
 
 // sendReturnsLocked sends the permits given back so far, all in one
 // message; l.send is held.
@@ -119,6 +104,38 @@ func (l *leases) sendReturnsLocked() {
 	}
 	if err := l.conn.SendBody(ipc.LeaseReturn{N: n}); err != nil {
 		l.log.Debug("returning permits failed", "n", n, "err", err)
+	}
+}
+
+// sender orders what a transport sends to the master (mu is held while
+// sending) and wakes the goroutine that sends returns (poke, loop).
+type sender struct {
+	mu   sync.Mutex
+	kick chan struct{} // a return to send (capacity 1)
+}
+
+func newSender() sender { return sender{kick: make(chan struct{}, 1)} }
+
+// poke wakes loop, without waiting.
+func (s *sender) poke() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// loop calls flush, with mu held, each time it is poked, until done is
+// closed.
+func (s *sender) loop(done <-chan struct{}, flush func()) {
+	for {
+		select {
+		case <-s.kick:
+		case <-done:
+			return
+		}
+		s.mu.Lock()
+		flush()
+		s.mu.Unlock()
 	}
 }
 

@@ -33,19 +33,18 @@ type perIPLeases struct {
 	conn *ipc.Conn
 	log  *slog.Logger
 
-	send sync.Mutex // held while sending; taken before mu, never under it
+	send sender // orders the sends; taken before mu, never under it
 
 	mu        sync.Mutex
 	waiters   []perIPWaiter              // in the order sent; the master answers in order
 	lost      bool                       // the master is gone: everything asked is granted
 	returning map[netip.Addr]perip.Grant // given back per key, not sent yet
-	kick      chan struct{}              // a return to send (capacity 1)
 }
 
 // newPerIPLeases returns the transport over conn; sendReturns must run
 // for returns to reach the master.
 func newPerIPLeases(conn *ipc.Conn, log *slog.Logger) *perIPLeases {
-	return &perIPLeases{conn: conn, log: log, returning: map[netip.Addr]perip.Grant{}, kick: make(chan struct{}, 1)}
+	return &perIPLeases{conn: conn, log: log, returning: map[netip.Addr]perip.Grant{}, send: newSender()}
 }
 
 // Request implements perip.Transport. Once the master is gone the worker
@@ -53,11 +52,11 @@ func newPerIPLeases(conn *ipc.Conn, log *slog.Logger) *perIPLeases {
 // counts cannot be consulted), as with the global limit.
 func (l *perIPLeases) Request(key netip.Addr, conns, tokens int) (perip.Grant, error) {
 	ch := make(chan perip.Grant, 1)
-	l.send.Lock()
+	l.send.mu.Lock()
 	l.mu.Lock()
 	if l.lost {
 		l.mu.Unlock()
-		l.send.Unlock()
+		l.send.mu.Unlock()
 		return perip.Grant{Conns: conns, Tokens: tokens}, nil
 	}
 	// Appended in the order of sends: send is held.
@@ -70,7 +69,7 @@ func (l *perIPLeases) Request(key netip.Addr, conns, tokens int) (perip.Grant, e
 		l.waiters = slices.DeleteFunc(l.waiters, func(w perIPWaiter) bool { return w.ch == ch })
 		l.mu.Unlock()
 	}
-	l.send.Unlock()
+	l.send.mu.Unlock()
 	if err != nil {
 		return perip.Grant{}, fmt.Errorf("process: per-client request: %w", err)
 	}
@@ -93,25 +92,11 @@ func (l *perIPLeases) Return(key netip.Addr, conns, tokens int) {
 		l.returning[key] = r
 	}
 	l.mu.Unlock()
-	select {
-	case l.kick <- struct{}{}:
-	default:
-	}
+	l.send.poke()
 }
 
 // sendReturns sends what Return gave back until done is closed.
-func (l *perIPLeases) sendReturns(done <-chan struct{}) {
-	for {
-		select {
-		case <-l.kick:
-		case <-done:
-			return
-		}
-		l.send.Lock()
-		l.sendReturnsLocked()
-		l.send.Unlock()
-	}
-}
+func (l *perIPLeases) sendReturns(done <-chan struct{}) { l.send.loop(done, l.sendReturnsLocked) }
 
 // sendReturnsLocked sends the client permits given back so far, one
 // message per key; l.send is held.
