@@ -133,10 +133,16 @@ func (s *sender) loop(done <-chan struct{}, flush func()) {
 		case <-done:
 			return
 		}
-		s.mu.Lock()
-		flush()
-		s.mu.Unlock()
+		s.now(flush)
 	}
+}
+
+// now calls flush with mu held: what is owed leaves at once (a worker
+// about to exit sends its returns before it goes).
+func (s *sender) now(flush func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	flush()
 }
 
 // grant hands a grant of n permits to the oldest request.

@@ -209,9 +209,14 @@ func (l *loop) run(lns []worker.Listener) error {
 	// come once the loop is gone.
 	defer l.leases.lose()
 	go l.leases.sendReturns(l.done)
+	defer l.leases.send.now(l.leases.sendReturnsLocked)
 	if l.perIP != nil {
 		defer l.perIPLeases.lose()
 		go l.perIPLeases.sendReturns(l.done)
+		// Returns still owed leave before the worker does (and before
+		// lose drops them): the master counts a client's permits held
+		// until they come, across a reload too.
+		defer l.perIPLeases.send.now(l.perIPLeases.sendReturnsLocked)
 		go l.perIP.Run(l.done)
 	}
 	ctx, stopAccepting := context.WithCancel(context.Background())
