@@ -6,8 +6,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -182,6 +185,89 @@ func TestPerIPKeptAcrossReload(t *testing.T) {
 	}
 	held[0].Close()
 	waitAdmitted(t, p.addr, "127.0.0.2")
+}
+
+// TestPerIPFreedWhenDrainingWorkerDies: a worker of the draining
+// generation killed with a client's connections gives their client
+// permits back at once (its master reaps it as it exits), not when the
+// last worker of that generation has drained: with 3 of a client's
+// connections held across a reload and the other old worker still
+// draining, killing the old worker that holds some lets the client in.
+func TestPerIPFreedWhenDrainingWorkerDies(t *testing.T) {
+	cfg := strings.ReplaceAll(masterConfig, "ECHO", echoBackend(t)) + "limits: {per_ip_connections: 3}\n"
+	cfg = strings.Replace(cfg, "shutdown_timeout: 5", "shutdown_timeout: 60", 1)
+	p := startProxy(t, cfg)
+	old := p.workers(t, 2)
+	// Both old workers hold a connection of some client, so that the
+	// generation drains for as long as one of them lives.
+	var others []net.Conn
+	for i := 3; i < 40 && !(holdsFrom(t, old[0], "") > 0 && holdsFrom(t, old[1], "") > 0); i++ {
+		c, err := openEchoFrom(p.addr, fmt.Sprintf("127.0.0.%d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		others = append(others, c)
+	}
+	defer func() {
+		for _, c := range others {
+			c.Close()
+		}
+	}()
+	held, refused := openManyFrom(t, p.addr, "127.0.0.2", 3)
+	if len(held) != 3 || refused != 0 {
+		t.Fatalf("before the reload: %d served, %d refused; want 3 and 0", len(held), refused)
+	}
+	victim := old[0]
+	if holdsFrom(t, victim, "127.0.0.2") == 0 {
+		victim = old[1]
+	}
+	if _, gen := p.reload(t); gen != 2 {
+		t.Fatalf("reload made generation %d", gen)
+	}
+	if c, err := openEchoFrom(p.addr, "127.0.0.2"); err == nil {
+		c.Close()
+		t.Fatal("a 4th connection after the reload was served")
+	}
+	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitAdmitted(t, p.addr, "127.0.0.2")
+}
+
+// holdsFrom counts the established TCP sockets of process pid whose
+// peer address is src ("": any peer).
+func holdsFrom(t *testing.T, pid int, src string) int {
+	t.Helper()
+	inodes := map[string]bool{}
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name())); err == nil && strings.HasPrefix(l, "socket:[") {
+			inodes[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] = true
+		}
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/tcp", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 10 || f[3] != "01" || !inodes[f[9]] { // 01: ESTABLISHED
+			continue
+		}
+		if src == "" {
+			n++
+			continue
+		}
+		a := netip.MustParseAddr(src).As4()
+		if f[2][:8] == fmt.Sprintf("%02X%02X%02X%02X", a[3], a[2], a[1], a[0]) {
+			n++
+		}
+	}
+	return n
 }
 
 // TestPerIPKeptAcrossHurry: connections moved by a hurry keep counting

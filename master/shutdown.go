@@ -83,12 +83,19 @@ func (s *shutdown) drain(kids []*child, deadline time.Time) {
 	defer hard.Stop()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
+	reaped := make(map[*child]bool, len(kids))
 	for _, c := range kids {
 	wait:
 		for {
 			select {
 			case <-c.exited:
 				break wait
+			case e := <-s.sup.exits:
+				// Each as it exits: its permits and client permits go
+				// back now (to the successor's reserves too), not once
+				// the last worker of the generation has drained.
+				s.reap(e)
+				reaped[e] = true
 			case sig := <-s.signals:
 				if sig == syscall.SIGHUP {
 					continue
@@ -113,8 +120,15 @@ func (s *shutdown) drain(kids []*child, deadline time.Time) {
 			}
 		}
 	}
-	// Take the exit reports so the final counts are in the totals.
-	for range kids {
+	// Take the exit reports still to come, so that the final counts are
+	// in the totals.
+	left := 0
+	for _, c := range kids {
+		if !reaped[c] {
+			left++
+		}
+	}
+	for range left {
 		select {
 		case c := <-s.sup.exits:
 			s.reap(c)
