@@ -607,9 +607,6 @@ func TestDialTimeout(t *testing.T) {
 		}
 	})
 	t.Run("all addresses share the timeout", func(t *testing.T) {
-		if testing.Short() {
-			t.Skip("waits out two full backlogs and a 500ms dial: not a -short test")
-		}
 		needLoopback2(t)
 		a := fullListener(t, "127.0.0.1", 0)
 		fullListener(t, "127.0.0.2", a.Port())
@@ -627,9 +624,6 @@ func TestDialTimeout(t *testing.T) {
 		}
 	})
 	t.Run("slow address then working one", func(t *testing.T) {
-		if testing.Short() {
-			t.Skip("waits 2s for the first address by design: not a -short test")
-		}
 		needLoopback2(t)
 		l := listen(t, "127.0.0.1:0")
 		fullListener(t, "127.0.0.2", l.addr.Port())

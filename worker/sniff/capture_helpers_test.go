@@ -83,13 +83,10 @@ func (o captureOut) check(t *testing.T, want []string, check func(t *testing.T, 
 	}
 }
 
-// captureNeedTools skips t under -short (real clients are external tools)
-// and fails it unless every named program is in PATH.
+// captureNeedTools fails t unless every named program (a real client) is
+// in PATH: .ci/run installs them.
 func captureNeedTools(t *testing.T, names ...string) {
 	t.Helper()
-	if testing.Short() {
-		t.Skipf("runs %v: not a -short test", names)
-	}
 	for _, name := range names {
 		if _, err := exec.LookPath(name); err != nil {
 			t.Fatalf("%s is needed to capture from real clients: %v; install it; .ci/run does", name, err)
