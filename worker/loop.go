@@ -182,9 +182,8 @@ type loop struct {
 
 	// Counts, for tests: connections accepted here, ended here, handed
 	// to a goroutine, handed to a pair; events of connections no longer
-	// here; listener events that found no connection to accept (another
-	// worker's loop took it).
-	accepted, ended, toGoroutines, toPairs, stale, emptyAccepts atomic.Int64
+	// here.
+	accepted, ended, toGoroutines, toPairs, stale atomic.Int64
 	// tid is the thread the loop runs on, for tests.
 	tid atomic.Int32
 }
@@ -407,15 +406,12 @@ func (l *loop) accept(i int) {
 		return
 	}
 	s := l.s
-	for k := range loopAcceptBurst {
+	for range loopAcceptBurst {
 		var sa unix.RawSockaddrAny
 		salen := uint32(unsafe.Sizeof(sa))
 		r, _, e := syscall.RawSyscall6(unix.SYS_ACCEPT4, uintptr(ln.fd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&salen)), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
 		if e != 0 {
 			if e == unix.EAGAIN {
-				if k == 0 {
-					l.emptyAccepts.Add(1)
-				}
 				ln.delay = 0
 				return
 			}
