@@ -71,6 +71,11 @@ const (
 	// loopQuiet is the longest raw wait: a wait that long with no event
 	// makes the loop wait through the scheduler until the next event.
 	loopQuiet = 10 * time.Millisecond
+	// loopPermitWait bounds how long a connection waits in the loop for
+	// the permit block under way (an IPC round trip to the master, well
+	// under a millisecond); past it, it goes to a goroutine that waits
+	// for a permit as every connection did before the loop.
+	loopPermitWait = 100 * time.Millisecond
 )
 
 // Phases of a connection in the loop.
@@ -79,6 +84,9 @@ const (
 	lphConnect
 	lphRelay
 	lphProxy // the PROXY header of a listener with accept_proxy_protocol
+	// lphPermit: accepted, waiting in the loop's permitQ for a permit
+	// from a block the master is about to grant (not in the epoll set).
+	lphPermit
 )
 
 // Sides of a connection, in the epoll data.
@@ -162,8 +170,11 @@ type loop struct {
 	// a step of the wall clock fires or delays no deadline.
 	base  time.Time
 	timer lheap
-	buf   []byte
-	evs   [128]unix.EpollEvent
+	// permitQ holds the connections waiting for a permit (lphPermit),
+	// oldest first; see admitQueued.
+	permitQ []*lconn
+	buf     []byte
+	evs     [128]unix.EpollEvent
 	// reserve holds descriptors (eventfds) kept for hand-offs: turning a
 	// raw socket into a *net.TCPConn takes a duplicate for a moment, and
 	// a worker out of fds would otherwise lose the established
@@ -181,9 +192,9 @@ type loop struct {
 	done          chan struct{}
 
 	// Counts, for tests: connections accepted here, ended here, handed
-	// to a goroutine, handed to a pair; events of connections no longer
-	// here.
-	accepted, ended, toGoroutines, toPairs, stale atomic.Int64
+	// to a goroutine (after admission; before it: atAccept), handed to a
+	// pair; events of connections no longer here.
+	accepted, ended, toGoroutines, atAccept, toPairs, stale atomic.Int64
 	// tid is the thread the loop runs on, for tests.
 	tid atomic.Int32
 }
@@ -235,6 +246,9 @@ func newLoop(s *Server, lns []Listener) (*loop, error) {
 		ln.Ln.Close()
 	}
 	l.refill()
+	if sw, ok := s.limiter.(spareWaiter); ok {
+		sw.Watch(l.poke)
+	}
 	return l, nil
 }
 
@@ -336,6 +350,9 @@ func (l *loop) run() {
 		}
 		l.expire()
 		l.requests()
+		if len(l.permitQ) > 0 {
+			l.admitQueued()
+		}
 	}
 }
 
@@ -484,7 +501,23 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 		l.end(lc, rejected(stats.PerIPLimit, errPerIP))
 		return
 	}
-	if perIP == perIPAsk || !l.admit() {
+	ok, wait := perIP == perIPOK, false
+	if ok {
+		ok, wait = l.admit()
+	}
+	if !ok && wait {
+		// No spare permit, but a block is on its way from the master:
+		// the connection waits here for it (admitQueued), not on a
+		// goroutine of its own (a burst would start one each).
+		lc.phase = lphPermit
+		c.lc = lc
+		s.track(c)
+		l.add(lc)
+		l.arm(lc, c.start.Add(loopPermitWait))
+		l.permitQ = append(l.permitQ, lc)
+		return
+	}
+	if !ok {
 		// A client permit only the master can grant, or no spare
 		// permit here (Acquire may wait for the master, or evict a
 		// slow sniffer): a goroutine does that, from the start.
@@ -495,6 +528,7 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 		if err == nil {
 			c.client = client
 			s.track(c)
+			l.atAccept.Add(1)
 			go c.serve()
 			return
 		}
@@ -503,19 +537,27 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 		lc.p.finish(rejected(stats.Limit, fmt.Errorf("worker: max_connections reached, and no descriptor to wait for a permit: %w", err)))
 		return
 	}
-	lc.p.permit = s.limiter != nil
 	c.lc = lc
 	s.track(c)
+	l.add(lc)
+	l.admitted(lc)
+}
+
+// admitted starts the sniff phase of lc, which has its permits and a
+// slot.
+func (l *loop) admitted(lc *lconn) {
+	s, c, fd := l.s, lc.c, lc.cfd
+	lc.p.permit = s.limiter != nil
 	s.addSniffer(c)
 	lc.p.sniffing = true
-	l.add(lc)
 	if err := l.ctl(unix.EPOLL_CTL_ADD, fd, unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLET, lc.slot, lc.gen<<1|sideClient); err != nil {
 		l.end(lc, rejected(stats.SniffError, err))
 		return
 	}
 	lc.sn.Init(nil, s.sniffBudget)
 	lc.p.buf = lc.sn.Buffer()
-	if lcfg.AcceptProxyProtocol {
+	lc.phase = lphSniff
+	if c.lcfg.AcceptProxyProtocol {
 		lc.phase = lphProxy
 		l.arm(lc, c.start.Add(min(s.cfg.Timeouts.ClientHello, proxyHeaderTimeout)))
 	} else {
@@ -523,6 +565,34 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 	}
 	lc.cReady = true // the hello is often there already
 	l.sniff(lc)
+}
+
+// admitQueued admits the connections waiting for a permit (lphPermit),
+// oldest first, while permits are spare. Once no block is on its way any
+// more (the master had none to spare), the rest go to goroutines, whose
+// Acquire asks it urgently.
+func (l *loop) admitQueued() {
+	q := l.permitQ
+	i := 0
+	for ; i < len(q); i++ {
+		lc := q[i]
+		if lc.done || lc.phase != lphPermit {
+			continue // closed meanwhile, or handed on by its deadline
+		}
+		ok, wait := l.admit()
+		if !ok && wait {
+			break
+		}
+		l.disarm(lc)
+		if ok {
+			l.admitted(lc)
+		} else {
+			l.toGoroutine(lc, (*path).run)
+		}
+	}
+	n := copy(q, q[i:])
+	clear(q[n:])
+	l.permitQ = q[:n]
 }
 
 // Outcomes of admitPerIP.
@@ -559,17 +629,30 @@ func (l *loop) admitPerIP(lc *lconn) int {
 	return perIPOK
 }
 
-// admit takes a permit if one is spare without waiting (true with no
-// limiter).
-func (l *loop) admit() bool {
+// admit takes a permit if one is spare, without waiting (true with no
+// limiter). wait says none is, but the lease client has asked the master
+// for more and will wake the loop when the answer lands (Watch).
+func (l *loop) admit() (ok, wait bool) {
 	lim := l.s.limiter
 	if lim == nil {
-		return true
+		return true, false
 	}
-	if sa, ok := lim.(interface{ AcquireSpare() bool }); ok {
-		return sa.AcquireSpare()
+	switch sa := lim.(type) {
+	case spareWaiter:
+		return sa.AcquireSpareOrWait()
+	case interface{ AcquireSpare() bool }:
+		return sa.AcquireSpare(), false
 	}
-	return lim.Acquire()
+	return lim.Acquire(), false
+}
+
+// spareWaiter is a Limiter whose spare permits the loop can wait for
+// without blocking (lease.Client).
+type spareWaiter interface {
+	AcquireSpareOrWait() (ok, wait bool)
+	// Watch sets the function called when the answer the loop waits
+	// for lands.
+	Watch(func())
 }
 
 // add gives lc a slot.
@@ -1324,6 +1407,8 @@ func (l *loop) expire() {
 			l.end(lc, rejected(stats.ProxyHeader, proxyReadError(os.ErrDeadlineExceeded, len(lc.sn.Buffer().Bytes()))))
 		case lphConnect:
 			l.dialFailed(lc, fmt.Errorf("i/o timeout: %w", os.ErrDeadlineExceeded))
+		case lphPermit:
+			l.toGoroutine(lc, (*path).run) // out of permitQ: admitQueued skips it
 		case lphRelay:
 			if quiet := lc.last + int64(loopRelayFor); quiet > now {
 				// Bytes moved since it was armed: not quiet yet.
@@ -1379,6 +1464,13 @@ func (l *loop) stop(linger time.Duration) {
 	case <-l.acceptStopped:
 	case <-l.done:
 	}
+}
+
+// poke wakes the loop, unless it has returned.
+func (l *loop) poke() {
+	l.mu.Lock()
+	l.pokeLocked()
+	l.mu.Unlock()
 }
 
 // pokeLocked wakes the loop, unless it has returned; l.mu is held.

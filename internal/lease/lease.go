@@ -161,6 +161,10 @@ type Client struct {
 	fetches  uint64 // completed requests
 	empty    bool   // the last request got nothing
 	draining bool   // keep no spares (see Drain)
+	// landing is called when a request's answer lands while a caller of
+	// AcquireSpareOrWait waits for it (waiting); see Watch.
+	landing func()
+	waiting bool
 }
 
 // NewClient returns a Client that leases blocks of block permits through t.
@@ -215,6 +219,35 @@ func (c *Client) AcquireSpare() bool {
 	return c.takeSpareLocked()
 }
 
+// Watch sets f to be called when the answer to a request lands (with
+// permits or without) after AcquireSpareOrWait said to wait for it: for an
+// event loop that queues connections instead of blocking. f is called with
+// the Client's lock held, so it must not call the Client; it should only
+// wake its caller.
+func (c *Client) Watch(f func()) {
+	c.mu.Lock()
+	c.landing = f
+	c.mu.Unlock()
+}
+
+// AcquireSpareOrWait takes a permit if one is spare here, as AcquireSpare
+// does. When none is but a request to the Pool is under way, it reports
+// wait: the answer is near, and the function set with Watch is called
+// when it lands (then try again). With neither, only Acquire (which asks
+// the Pool urgently) can tell.
+func (c *Client) AcquireSpareOrWait() (ok, wait bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.takeSpareLocked() {
+		return true, false
+	}
+	if c.fetching && c.landing != nil {
+		c.waiting = true
+		return false, true
+	}
+	return false, false
+}
+
 // takeSpareLocked takes a spare permit if there is one, starting a refill
 // in the background when the spares run low; c.mu is held.
 func (c *Client) takeSpareLocked() bool {
@@ -262,6 +295,10 @@ func (c *Client) landed(n int, err error) {
 	c.fetching = false
 	c.fetches++
 	c.cond.Broadcast()
+	if c.waiting {
+		c.waiting = false
+		c.landing()
+	}
 }
 
 // refill asks for a block in the background.

@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"errors"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -214,5 +215,81 @@ func TestBurstDoesNotStarve(t *testing.T) {
 	wg.Wait()
 	if n := refused.Load(); n != 0 {
 		t.Errorf("%d of 3000 refused under a limit of 4020", n)
+	}
+}
+
+// gated answers a request only when told to.
+type gated struct {
+	direct
+	gate chan struct{}
+}
+
+func (g gated) Request(want int, urgent bool) (int, error) {
+	select {
+	case <-g.gate:
+	case <-time.After(10 * time.Second):
+		return 0, errors.New("gated: never answered")
+	}
+	return g.direct.Request(want, urgent)
+}
+
+// AcquireSpareOrWait says to wait only while a request is under way, and
+// the watcher hears once when its answer lands, permits or none.
+func TestAcquireSpareOrWait(t *testing.T) {
+	p := NewPool(6)
+	g := gated{direct{p, 1}, make(chan struct{}, 1)}
+	c := NewClient(g, 4)
+	landed := make(chan struct{}, 8)
+	c.Watch(func() { landed <- struct{}{} })
+	if ok, wait := c.AcquireSpareOrWait(); ok || wait {
+		t.Fatalf("no spares, nothing asked: got ok %v wait %v; want neither", ok, wait)
+	}
+	g.gate <- struct{}{}
+	if !c.Acquire() { // the first block: 4, 1 in use
+		t.Fatal("Acquire failed")
+	}
+	for range 2 { // spares 3 → 1: a refill starts, held at the gate
+		if ok, _ := c.AcquireSpareOrWait(); !ok {
+			t.Fatal("a spare was refused")
+		}
+	}
+	if ok, _ := c.AcquireSpareOrWait(); !ok {
+		t.Fatal("the last spare was refused")
+	}
+	if ok, wait := c.AcquireSpareOrWait(); ok || !wait {
+		t.Fatalf("no spare, a refill under way: got ok %v wait %v; want to wait", ok, wait)
+	}
+	select {
+	case <-landed:
+		t.Fatal("the watcher heard before the answer")
+	default:
+	}
+	g.gate <- struct{}{} // the refill lands: 2 (the pool's last)
+	select {
+	case <-landed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watcher never heard of the answer")
+	}
+	for range 2 {
+		if ok, _ := c.AcquireSpareOrWait(); !ok {
+			t.Fatal("a permit of the refill was refused")
+		}
+	}
+	// A refill started by the last take gets nothing: told once, then
+	// neither a permit nor a wait.
+	if ok, wait := c.AcquireSpareOrWait(); ok || !wait {
+		t.Fatalf("pool dry, a refill under way: got ok %v wait %v; want to wait", ok, wait)
+	}
+	g.gate <- struct{}{}
+	select {
+	case <-landed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watcher never heard of the empty answer")
+	}
+	if ok, wait := c.AcquireSpareOrWait(); ok || wait {
+		t.Fatalf("pool dry, nothing under way: got ok %v wait %v; want neither", ok, wait)
+	}
+	if len(landed) != 0 {
+		t.Errorf("the watcher heard %d more times", len(landed))
 	}
 }
