@@ -168,7 +168,11 @@ type loop struct {
 	live  int
 	// base is the origin of the loop's clock (mono): monotonic, so that
 	// a step of the wall clock fires or delays no deadline.
-	base  time.Time
+	base time.Time
+	// now is when the loop's wait last returned: the time of every
+	// event of that batch (one clock read per batch, not several per
+	// connection).
+	now   time.Time
 	timer lheap
 	// permitQ holds the connections waiting for a permit (lphPermit),
 	// oldest first; see admitQueued.
@@ -338,6 +342,7 @@ func (l *loop) run() {
 				raw = true
 			}
 		}
+		l.now = time.Now()
 		if err != nil {
 			if errors.Is(err, unix.EINTR) {
 				continue
@@ -473,7 +478,7 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 	s := l.s
 	s.rec.Opened()
 	l.accepted.Add(1)
-	c := &conn{srv: s, id: s.nextID.Add(1), lcfg: lcfg, start: time.Now()}
+	c := &conn{srv: s, id: s.nextID.Add(1), lcfg: lcfg, start: l.now}
 	c.peer = unmapAddrPort(peer)
 	lc := &lconn{c: c, cfd: fd, bfd: -1, hidx: -1}
 	lc.p.c = c
@@ -709,7 +714,7 @@ func (l *loop) sniff(lc *lconn) {
 			l.sniffed(lc, sniff.Result{}, err)
 			return
 		}
-		r, _, e := syscall.RawSyscall(unix.SYS_READ, uintptr(lc.cfd), uintptr(unsafe.Pointer(&space[0])), uintptr(len(space)))
+		r, e := recvRaw(lc.cfd, space)
 		if e == unix.EINTR {
 			continue
 		}
@@ -811,7 +816,7 @@ func (l *loop) routed(lc *lconn) {
 		return
 	}
 	connect := p.dialSettings()
-	lc.dialStart = time.Now()
+	lc.dialStart = l.now
 	if pool := p.dec.Pool; pool != nil && pool.Addresses() != nil {
 		// DialPool's plan: the balancer's order, then the rest; each
 		// attempt a share of the time left; every outcome reported.
@@ -837,7 +842,7 @@ func (l *loop) routed(lc *lconn) {
 func (l *loop) dialNext(lc *lconn) {
 	pool := lc.p.dec.Pool
 	for lc.next < len(lc.order) {
-		left := time.Until(lc.dialEnd)
+		left := lc.dialEnd.Sub(l.now)
 		if left <= 0 {
 			if lc.first == nil {
 				lc.first = fmt.Errorf("%w: %w", route.ErrDial, context.DeadlineExceeded)
@@ -887,7 +892,7 @@ func loopAddr(dec route.Decision) (netip.AddrPort, bool) {
 func (l *loop) dial(lc *lconn, addr netip.AddrPort, timeout time.Duration) {
 	lc.phase = lphConnect
 	lc.addr = addr
-	lc.attemptStart = time.Now()
+	lc.attemptStart = l.now
 	lc.bReady, lc.bHup = false, false // of an earlier attempt's socket
 	family := unix.AF_INET
 	if addr.Addr().Is6() {
@@ -961,7 +966,7 @@ func (l *loop) connected(lc *lconn, events uint32) {
 	}
 	l.disarm(lc)
 	c.o.backend = lc.addr
-	s.rec.BackendConnect(time.Since(lc.dialStart))
+	s.rec.BackendConnect(l.now.Sub(lc.dialStart))
 	if pool := lc.p.dec.Pool; lc.order != nil {
 		i := lc.order[lc.next-1]
 		pool.Connected(i)
@@ -994,13 +999,28 @@ func (l *loop) connected(lc *lconn, events uint32) {
 		header = len(h)
 	}
 	lc.phase = lphRelay
-	lc.last = l.mono(time.Now())
+	lc.last = l.mono(l.now)
 	l.armNano(lc, lc.last+int64(loopRelayFor))
 	if !l.write(lc, sideBackend, out, header) {
 		return
 	}
 	lc.p.releaseBuffer()
 	l.relay(lc)
+}
+
+// recvRaw reads from the socket fd into b (len(b) > 0): recvfrom(2),
+// which takes a shorter path through the kernel than read(2) (no VFS
+// layer).
+func recvRaw(fd int, b []byte) (uintptr, syscall.Errno) {
+	r, _, e := syscall.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), 0, 0, 0)
+	return r, e
+}
+
+// sendRaw writes b (len(b) > 0) to the socket fd: sendto(2), as recvRaw,
+// with MSG_NOSIGNAL (a peer gone is EPIPE, not a signal).
+func sendRaw(fd int, b []byte) (uintptr, syscall.Errno) {
+	r, _, e := syscall.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), unix.MSG_NOSIGNAL, 0, 0)
+	return r, e
 }
 
 // write writes b to lc's side, counting as moved all but its first skip
@@ -1013,7 +1033,7 @@ func (l *loop) write(lc *lconn, side uint32, b []byte, skip int) bool {
 		fd = lc.cfd
 	}
 	for len(b) > 0 {
-		r, _, e := syscall.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+		r, e := sendRaw(fd, b)
 		if e == unix.EINTR {
 			continue
 		}
@@ -1057,7 +1077,7 @@ func (l *loop) count(lc *lconn, side uint32, n int64) {
 		lc.out += n
 		lc.c.srv.rec.Bytes(0, n)
 	}
-	lc.last = l.mono(time.Now())
+	lc.last = l.mono(l.now)
 }
 
 // relay copies what is ready either way.
@@ -1081,7 +1101,7 @@ func (l *loop) copyOnce(lc *lconn, from uint32) bool {
 	if from == sideBackend {
 		src, to = lc.bfd, sideClient
 	}
-	r, _, e := syscall.RawSyscall(unix.SYS_READ, uintptr(src), uintptr(unsafe.Pointer(&l.buf[0])), uintptr(len(l.buf)))
+	r, e := recvRaw(src, l.buf)
 	if e == unix.EINTR {
 		return true
 	}
@@ -1394,7 +1414,7 @@ func (l *loop) disarm(lc *lconn) {
 
 // expire handles the deadlines that have passed.
 func (l *loop) expire() {
-	nowT := time.Now()
+	nowT := l.now
 	now := l.mono(nowT)
 	for len(l.timer) > 0 && l.timer[0].when <= now {
 		lc := l.timer[0]
