@@ -938,7 +938,7 @@ func (l *loop) dialFailed(lc *lconn, err error) {
 		// A pool: the next backend, if any.
 		l.disarm(lc)
 		if lc.bfd >= 0 {
-			unix.Close(lc.bfd) // out of the epoll set with it
+			closeRaw(lc.bfd) // out of the epoll set with it
 			lc.bfd = -1
 		}
 		l.attemptFailed(lc, lc.order[lc.next-1], lc.addr, err)
@@ -1006,6 +1006,15 @@ func (l *loop) connected(lc *lconn, events uint32) {
 	}
 	lc.p.releaseBuffer()
 	l.relay(lc)
+}
+
+// closeRaw closes the socket fd, a raw system call as the loop's others
+// (the scheduler does not see it: a close that the kernel preempts does
+// not leave the loop's P in a system call for the runtime's monitor to
+// take, with the thread hand-offs that follow). The loop's sockets never
+// linger, so close returns at once.
+func closeRaw(fd int) {
+	syscall.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)
 }
 
 // recvRaw reads from the socket fd into b (len(b) > 0): recvfrom(2),
@@ -1130,7 +1139,7 @@ func (l *loop) copyOnce(lc *lconn, from uint32) bool {
 		if to == sideClient {
 			dst = lc.cfd
 		}
-		unix.Shutdown(dst, unix.SHUT_WR)
+		syscall.RawSyscall(unix.SYS_SHUTDOWN, uintptr(dst), unix.SHUT_WR, 0)
 		if from == sideClient {
 			lc.upDone = true
 		} else {
@@ -1170,9 +1179,9 @@ func (l *loop) end(lc *lconn, r result) {
 	c.mu.Lock()
 	c.closed = true
 	c.mu.Unlock()
-	unix.Close(lc.cfd)
+	closeRaw(lc.cfd)
 	if lc.bfd >= 0 {
-		unix.Close(lc.bfd)
+		closeRaw(lc.bfd)
 	}
 	l.finish(lc, r)
 }
