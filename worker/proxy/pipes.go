@@ -5,6 +5,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -259,7 +260,7 @@ func (d *direction) splice(p *pipe) (written int64, inPipe int, err error) {
 // yet.
 func (p *pipe) drain(fd uintptr) bool {
 	for {
-		n, err := unix.Splice(int(fd), nil, p.w, nil, spliceSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		n, err := rawSplice(int(fd), p.w, spliceSize)
 		switch err {
 		case unix.EINTR:
 			continue
@@ -277,7 +278,7 @@ func (p *pipe) drain(fd uintptr) bool {
 // send buffer is full.
 func (p *pipe) pump(fd uintptr) bool {
 	for {
-		n, err := unix.Splice(p.r, nil, int(fd), nil, p.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		n, err := rawSplice(p.r, int(fd), p.inPipe)
 		switch err {
 		case unix.EINTR:
 			continue
@@ -303,4 +304,17 @@ func (d *direction) copyBuffer() (int64, error) {
 	defer d.pipes().putBuf(b)
 	n, err := io.CopyBuffer(struct{ io.Writer }{d.dst()}, struct{ io.Reader }{d.src()}, *b)
 	return n, err
+}
+
+// rawSplice is splice(2) without offsets, non-blocking, as a raw system
+// call: the goroutine keeps its P for the (bounded) time it takes, so
+// the runtime's monitor does not take the P of a long splice and hand it
+// to another thread (with the wake-ups that follow and another P to find
+// when it returns).
+func rawSplice(in, out, n int) (int64, error) {
+	r, _, e := syscall.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+	if e != 0 {
+		return -1, e
+	}
+	return int64(r), nil
 }
