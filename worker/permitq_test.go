@@ -1,11 +1,16 @@
 package worker
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sniproxy/sniproxy/internal/backendtest"
 	"github.com/sniproxy/sniproxy/internal/lease"
@@ -145,4 +150,153 @@ func TestLoopPermitWaitEnds(t *testing.T) {
 			t.Errorf("read %d bytes of a refused connection", n)
 		}
 	})
+}
+
+// bigHelloSNI returns a ClientHello of about size bytes (at most 65,000:
+// one extensions block) for name (an SNI extension and padding), in
+// records of 16 KiB.
+func bigHelloSNI(name string, size int) []byte {
+	body := []byte{3, 3}
+	body = append(body, make([]byte, 32)...)
+	body = append(body, 0, 0, 2, 0x13, 0x01, 1, 0)
+	sni := []byte{0, 0, 0, byte(len(name) + 5), 0, byte(len(name) + 3), 0, 0, byte(len(name))}
+	sni = append(sni, name...)
+	extLen := size - len(body) - 2
+	padLen := extLen - len(sni) - 4
+	body = append(body, byte(extLen>>8), byte(extLen))
+	body = append(body, sni...)
+	body = append(body, 0, 21, byte(padLen>>8), byte(padLen))
+	body = append(body, make([]byte, padLen)...)
+	msg := append([]byte{1, byte(len(body) >> 16), byte(len(body) >> 8), byte(len(body))}, body...)
+	var out []byte
+	for len(msg) > 0 {
+		k := min(len(msg), 16384)
+		out = append(out, 0x16, 3, 1, byte(k>>8), byte(k))
+		out = append(out, msg[:k]...)
+		msg = msg[k:]
+	}
+	return out
+}
+
+// A hello of any size the sniffer takes is replayed whole, in order and
+// counted once by the write right after connect (on loopback the socket
+// is connected by then and takes all of it).
+func TestLoopReplaysLargeHello(t *testing.T) {
+	for _, size := range []int{1500, 30000, 65000} { // the extensions' length is 16 bits
+		t.Run(fmt.Sprint(size), func(t *testing.T) {
+			hello := bigHelloSNI("a.test", size)
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			backend := hashBackend(t, ln, len(hello))
+			ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backend), NewLocalLimiter(10), "")
+			loopOf(t, ts)
+			checkHashed(t, ts, hello)
+		})
+	}
+}
+
+// A backend that does not complete the handshake at once (its accept
+// queue is full, so the SYN waits for a retransmission) takes nothing
+// from the write right after connect (EAGAIN): the loop waits for the
+// socket to become writable and replays then.
+func TestLoopReplaysAfterSlowConnect(t *testing.T) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		unix.Close(fd)
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 0); err != nil { // room for one connection
+		unix.Close(fd)
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "backend")
+	ln, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The queue's one place taken, not accepted yet.
+	filler, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer filler.Close()
+	t.Cleanup(func() { ln.Close() })
+	hello := bigHelloSNI("a.test", 3000)
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", ln.Addr()), NewLocalLimiter(10), "")
+	l := loopOf(t, ts)
+	done := make(chan struct{})
+	t.Cleanup(func() { ln.Close(); <-done })
+	go func() {
+		defer close(done)
+		time.Sleep(200 * time.Millisecond) // the proxy's SYN dropped by then
+		if c, err := ln.Accept(); err == nil {
+			c.Close() // the filler's
+		}
+		serveHash(ln, len(hello))
+	}()
+	checkHashed(t, ts, hello)
+	if g := l.toGoroutines.Load(); g != 0 {
+		t.Errorf("%d connections handed to goroutines; want the loop to wait for the connect", g)
+	}
+}
+
+// checkHashed sends hello through ts and checks the backend's answer (its
+// SHA-256, see hashBackend) and the counts.
+func checkHashed(t *testing.T, ts *testServer, hello []byte) {
+	t.Helper()
+	c, err := net.Dial("tcp", ts.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(c)
+	c.Close()
+	want := sha256.Sum256(hello)
+	if string(got) != hex.EncodeToString(want[:]) {
+		t.Fatalf("backend got a hello with SHA-256 %q (%v); want %x", got, err, want)
+	}
+	waitFor(t, "the connection to end", func() bool { return ts.counters.Snapshot().Active == 0 })
+	if s := ts.counters.Snapshot(); s.BytesIn != uint64(len(hello)) || s.BytesOut != 64 {
+		t.Errorf("bytes in %d out %d; want %d and 64", s.BytesIn, s.BytesOut, len(hello))
+	}
+}
+
+// hashBackend serves ln with serveHash until the test ends, and returns
+// ln's address.
+func hashBackend(t *testing.T, ln net.Listener, n int) string {
+	done := make(chan struct{})
+	t.Cleanup(func() { ln.Close(); <-done })
+	go func() {
+		defer close(done)
+		serveHash(ln, n)
+	}()
+	return ln.Addr().String()
+}
+
+// serveHash serves ln one connection at a time until it is closed: it
+// reads n bytes, answers their SHA-256 in hex and closes.
+func serveHash(ln net.Listener, n int) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		b := make([]byte, n)
+		if _, err := io.ReadFull(c, b); err == nil {
+			sum := sha256.Sum256(b)
+			c.Write([]byte(hex.EncodeToString(sum[:])))
+		}
+		c.Close()
+	}
 }
