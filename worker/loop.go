@@ -507,7 +507,12 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 		return
 	}
 	ok, wait := perIP == perIPOK, false
-	if ok {
+	switch {
+	case ok && len(l.permitQ) > 0:
+		// Behind those already waiting for a permit: admitQueued takes
+		// them in order, at the end of this turn of the loop.
+		ok, wait = false, true
+	case ok:
 		ok, wait = l.admit()
 	}
 	if !ok && wait {
@@ -518,7 +523,7 @@ func (l *loop) serve(fd int, peer netip.AddrPort, lcfg *config.Listener) {
 		c.lc = lc
 		s.track(c)
 		l.add(lc)
-		l.arm(lc, c.start.Add(loopPermitWait))
+		l.arm(lc, c.start.Add(s.permitWait))
 		l.permitQ = append(l.permitQ, lc)
 		return
 	}
@@ -816,7 +821,7 @@ func (l *loop) routed(lc *lconn) {
 		return
 	}
 	connect := p.dialSettings()
-	lc.dialStart = l.now
+	lc.dialStart = time.Now() // for the connect-time histogram: not the batch's time
 	if pool := p.dec.Pool; pool != nil && pool.Addresses() != nil {
 		// DialPool's plan: the balancer's order, then the rest; each
 		// attempt a share of the time left; every outcome reported.
@@ -981,7 +986,7 @@ func (l *loop) connected(lc *lconn, events uint32, sent int) {
 	}
 	l.disarm(lc)
 	c.o.backend = lc.addr
-	s.rec.BackendConnect(l.now.Sub(lc.dialStart))
+	s.rec.BackendConnect(time.Since(lc.dialStart))
 	if pool := lc.p.dec.Pool; lc.order != nil {
 		i := lc.order[lc.next-1]
 		pool.Connected(i)

@@ -46,8 +46,9 @@ func (g gatedPool) answer(t *testing.T) {
 }
 
 // permitQServer starts a server whose lease client (blocks of 4) holds 4
-// spare permits of a pool of limit, its next request waiting for a token.
-func permitQServer(t *testing.T, limit int) (*testServer, *loop, gatedPool) {
+// spare permits of a pool of limit, its next request waiting for a token;
+// a connection waits in the loop for a permit at most wait.
+func permitQServer(t *testing.T, limit int, wait time.Duration) (*testServer, *loop, gatedPool) {
 	t.Helper()
 	g := gatedPool{pool: lease.NewPool(limit), gate: make(chan struct{}, 1)}
 	client := lease.NewClient(g, 4)
@@ -56,7 +57,8 @@ func permitQServer(t *testing.T, limit int) (*testServer, *loop, gatedPool) {
 		t.Fatal("no first block")
 	}
 	client.Release() // 4 spare, no request under way
-	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backendtest.Echo(t)), client, "")
+	ts := startServerWith(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backendtest.Echo(t)), client, "",
+		func(s *Server) { s.permitWait = wait })
 	return ts, loopOf(t, ts), g
 }
 
@@ -93,17 +95,22 @@ func readEcho(t *testing.T, c net.Conn) {
 // Connections that find no spare permit while a block is on its way from
 // the master wait for it in the loop, not on a goroutine each (a burst
 // past the spares started one per connection, each with its stack), and
-// are served by the loop once it lands.
+// are served by the loop as soon as it lands: the lease client wakes the
+// loop, asleep by then (no deadline of its own is near: the wait is 30 s).
 func TestLoopQueuesForPermitBlock(t *testing.T) {
-	ts, l, g := permitQServer(t, 100)
+	ts, l, g := permitQServer(t, 100, 30*time.Second)
 	for range 4 {
 		holdEcho(t, ts.addr, true) // the 4 spares; a refill waits at the gate
 	}
+	// Past the held connections' relay timers (loopRelayFor) and the
+	// loop's raw waits (loopQuiet): nothing wakes it but an event.
+	time.Sleep(loopRelayFor + 3*loopQuiet)
 	var queued []net.Conn
 	for range 4 {
 		queued = append(queued, holdEcho(t, ts.addr, false))
 	}
 	waitFor(t, "8 accepts", func() bool { return l.accepted.Load() == 8 })
+	time.Sleep(3 * loopQuiet)
 	g.answer(t) // the block of 4 lands
 	for _, c := range queued {
 		readEcho(t, c)
@@ -116,24 +123,24 @@ func TestLoopQueuesForPermitBlock(t *testing.T) {
 	}
 }
 
-// A connection waits in the loop for loopPermitWait at most: a master
+// A connection waits in the loop for its permit wait at most: a master
 // that does not answer by then leaves it to a goroutine's Acquire, as
-// before the queue; an answer of no permits at all does so at once, and
-// the urgent request that follows refuses it at the limit.
+// before the queue; an answer of no permits at all does so at once (well
+// before a wait of 30 s), and the urgent request that follows refuses it
+// at the limit.
 func TestLoopPermitWaitEnds(t *testing.T) {
 	t.Run("deadline", func(t *testing.T) {
-		ts, l, g := permitQServer(t, 100)
+		ts, l, g := permitQServer(t, 100, 50*time.Millisecond)
 		for range 4 {
 			holdEcho(t, ts.addr, true)
 		}
 		c := holdEcho(t, ts.addr, false)
 		waitFor(t, "the hand-off to a goroutine", func() bool { return l.toGoroutines.Load() == 1 })
-		g.answer(t) // the refill
-		g.answer(t) // the goroutine's request, if the refill brought none first
+		g.answer(t) // the refill, which the goroutine's Acquire waits for
 		readEcho(t, c)
 	})
 	t.Run("pool empty", func(t *testing.T) {
-		ts, l, g := permitQServer(t, 4)
+		ts, l, g := permitQServer(t, 4, 30*time.Second)
 		for range 4 {
 			holdEcho(t, ts.addr, true)
 		}
@@ -150,6 +157,21 @@ func TestLoopPermitWaitEnds(t *testing.T) {
 			t.Errorf("read %d bytes of a refused connection", n)
 		}
 	})
+}
+
+// The backend's connect time is measured (sniproxy_backend_connect_seconds),
+// also when the replay is written right after connect, in the same turn
+// of the loop.
+func TestLoopMeasuresConnectTime(t *testing.T) {
+	ts := startServer(t, fmt.Sprintf("routes: [{match: a.test, backend: %q}]\n", backendtest.Echo(t)), nil, "")
+	loopOf(t, ts)
+	for range 20 {
+		holdEcho(t, ts.addr, true).Close()
+	}
+	waitFor(t, "20 connects", func() bool { return ts.counters.Snapshot().ConnectCount == 20 })
+	if s := ts.counters.Snapshot(); s.ConnectNanos == 0 {
+		t.Errorf("20 connects took 0 ns in all")
+	}
 }
 
 // bigHelloSNI returns a ClientHello of about size bytes (at most 65,000:

@@ -122,6 +122,9 @@ type Server struct {
 	// sniffBudget lends the buffers of sniffing connections what they
 	// need beyond sniff.SmallBytes each (sniffBudgetBytes).
 	sniffBudget *sniff.Budget
+	// permitWait is how long a connection may wait in the event loop for
+	// a permit block under way (loopPermitWait; tests change it).
+	permitWait time.Duration
 
 	// poller parks idle pairs without goroutines; nil if it could not be
 	// made (pairs then park on goroutines).
@@ -180,6 +183,7 @@ func New(cfg *config.Config, log *slog.Logger, rec Recorder, limiter Limiter) (*
 		pools:       pools,
 		poolByMatch: poolsByMatch(cfg, pools),
 		sniffBudget: sniff.NewBudget(sniffBudgetBytes),
+		permitWait:  loopPermitWait,
 		Dialer: &route.Dialer{
 			AllowPrivate: cfg.Backend.AllowPrivate,
 			Family:       route.Family(cfg.Backend.DNSFamily),

@@ -295,7 +295,7 @@ func (c *Client) landed(n int, err error) {
 	c.fetching = false
 	c.fetches++
 	c.cond.Broadcast()
-	if c.waiting {
+	if c.waiting && c.landing != nil {
 		c.waiting = false
 		c.landing()
 	}

@@ -233,6 +233,16 @@ func (g gated) Request(want int, urgent bool) (int, error) {
 	return g.direct.Request(want, urgent)
 }
 
+// answer lets one request through, or fails the test if none comes.
+func (g gated) answer(t *testing.T) {
+	t.Helper()
+	select {
+	case g.gate <- struct{}{}:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no request took the answer in 10s")
+	}
+}
+
 // AcquireSpareOrWait says to wait only while a request is under way, and
 // the watcher hears once when its answer lands, permits or none.
 func TestAcquireSpareOrWait(t *testing.T) {
@@ -244,7 +254,7 @@ func TestAcquireSpareOrWait(t *testing.T) {
 	if ok, wait := c.AcquireSpareOrWait(); ok || wait {
 		t.Fatalf("no spares, nothing asked: got ok %v wait %v; want neither", ok, wait)
 	}
-	g.gate <- struct{}{}
+	g.answer(t)
 	if !c.Acquire() { // the first block: 4, 1 in use
 		t.Fatal("Acquire failed")
 	}
@@ -264,7 +274,7 @@ func TestAcquireSpareOrWait(t *testing.T) {
 		t.Fatal("the watcher heard before the answer")
 	default:
 	}
-	g.gate <- struct{}{} // the refill lands: 2 (the pool's last)
+	g.answer(t) // the refill lands: 2 (the pool's last)
 	select {
 	case <-landed:
 	case <-time.After(10 * time.Second):
@@ -280,7 +290,7 @@ func TestAcquireSpareOrWait(t *testing.T) {
 	if ok, wait := c.AcquireSpareOrWait(); ok || !wait {
 		t.Fatalf("pool dry, a refill under way: got ok %v wait %v; want to wait", ok, wait)
 	}
-	g.gate <- struct{}{}
+	g.answer(t)
 	select {
 	case <-landed:
 	case <-time.After(10 * time.Second):
