@@ -129,9 +129,8 @@ func (pp *pipePool) put(p *pipe, dirty bool) {
 	}
 	pp.mu.Lock()
 	if dirty || pp.closed {
-		pp.open--
 		pp.mu.Unlock()
-		p.close()
+		pp.closeOpen(p)
 		return
 	}
 	p.free = time.Now()
@@ -158,16 +157,29 @@ func (pp *pipePool) trim() {
 	n := copy(pp.free, pp.free[i:])
 	clear(pp.free[n:])
 	pp.free = pp.free[:n]
-	pp.open -= len(stale)
 	if len(pp.free) > 0 {
 		pp.timer.Reset(pp.free[0].free.Add(pp.linger).Sub(now))
 	} else {
 		pp.armed = false
 	}
 	pp.mu.Unlock()
-	for _, p := range stale {
+	pp.closeOpen(stale...)
+}
+
+// closeOpen closes pipes taken out of the pool and only then counts them
+// out of open: until their descriptors are gone, get makes no pipe in
+// their place, so the pool never holds more than max pipes' fds, not even
+// for a moment.
+func (pp *pipePool) closeOpen(ps ...*pipe) {
+	if len(ps) == 0 {
+		return
+	}
+	for _, p := range ps {
 		p.close()
 	}
+	pp.mu.Lock()
+	pp.open -= len(ps)
+	pp.mu.Unlock()
 }
 
 // close closes every free pipe; pipes given back later are closed then.
@@ -178,11 +190,8 @@ func (pp *pipePool) close() {
 	pp.armed = false
 	free := pp.free
 	pp.free = nil
-	pp.open -= len(free)
 	pp.mu.Unlock()
-	for _, p := range free {
-		p.close()
-	}
+	pp.closeOpen(free...)
 }
 
 // buf lends a user-space copy buffer; give it back with putBuf.
