@@ -728,15 +728,28 @@ func TestLoopClientNoDelay(t *testing.T) {
 }
 
 // bigHelloPrefix returns the first n bytes of a ClientHello of about 60
-// KB (a padding extension), in records of 16 KiB.
+// KB (a padding extension, no name), in records of 16 KiB.
 func bigHelloPrefix(n int) []byte {
-	const size = 60000
+	return bigHelloSNI("", 60000)[:n]
+}
+
+// bigHelloSNI returns a ClientHello of about size bytes (at most 65,000:
+// one extensions block) for name (an SNI extension, none if name is
+// empty, and padding), in records of 16 KiB.
+func bigHelloSNI(name string, size int) []byte {
 	body := []byte{3, 3}
 	body = append(body, make([]byte, 32)...)
 	body = append(body, 0, 0, 2, 0x13, 0x01, 1, 0)
+	var sni []byte
+	if name != "" {
+		sni = []byte{0, 0, 0, byte(len(name) + 5), 0, byte(len(name) + 3), 0, 0, byte(len(name))}
+		sni = append(sni, name...)
+	}
 	extLen := size - len(body) - 2
-	padLen := extLen - 4
-	body = append(body, byte(extLen>>8), byte(extLen), 0, 21, byte(padLen>>8), byte(padLen))
+	padLen := extLen - len(sni) - 4
+	body = append(body, byte(extLen>>8), byte(extLen))
+	body = append(body, sni...)
+	body = append(body, 0, 21, byte(padLen>>8), byte(padLen))
 	body = append(body, make([]byte, padLen)...)
 	msg := append([]byte{1, byte(len(body) >> 16), byte(len(body) >> 8), byte(len(body))}, body...)
 	var out []byte
@@ -746,7 +759,7 @@ func bigHelloPrefix(n int) []byte {
 		out = append(out, msg[:k]...)
 		msg = msg[k:]
 	}
-	return out[:n]
+	return out
 }
 
 // The buffers of connections still sniffing hold at most 16 KiB each

@@ -174,32 +174,6 @@ func TestLoopMeasuresConnectTime(t *testing.T) {
 	}
 }
 
-// bigHelloSNI returns a ClientHello of about size bytes (at most 65,000:
-// one extensions block) for name (an SNI extension and padding), in
-// records of 16 KiB.
-func bigHelloSNI(name string, size int) []byte {
-	body := []byte{3, 3}
-	body = append(body, make([]byte, 32)...)
-	body = append(body, 0, 0, 2, 0x13, 0x01, 1, 0)
-	sni := []byte{0, 0, 0, byte(len(name) + 5), 0, byte(len(name) + 3), 0, 0, byte(len(name))}
-	sni = append(sni, name...)
-	extLen := size - len(body) - 2
-	padLen := extLen - len(sni) - 4
-	body = append(body, byte(extLen>>8), byte(extLen))
-	body = append(body, sni...)
-	body = append(body, 0, 21, byte(padLen>>8), byte(padLen))
-	body = append(body, make([]byte, padLen)...)
-	msg := append([]byte{1, byte(len(body) >> 16), byte(len(body) >> 8), byte(len(body))}, body...)
-	var out []byte
-	for len(msg) > 0 {
-		k := min(len(msg), 16384)
-		out = append(out, 0x16, 3, 1, byte(k>>8), byte(k))
-		out = append(out, msg[:k]...)
-		msg = msg[k:]
-	}
-	return out
-}
-
 // A hello of any size the sniffer takes is replayed whole, in order and
 // counted once by the write right after connect (on loopback the socket
 // is connected by then and takes all of it).
