@@ -177,8 +177,11 @@ type loop struct {
 	// permitQ holds the connections waiting for a permit (lphPermit),
 	// oldest first; see admitQueued.
 	permitQ []*lconn
-	buf     []byte
-	evs     [128]unix.EpollEvent
+	// spares is the server's limiter if the loop can wait for its
+	// permits (see admit), set once by newLoop.
+	spares spareWaiter
+	buf    []byte
+	evs    [128]unix.EpollEvent
 	// reserve holds descriptors (eventfds) kept for hand-offs: turning a
 	// raw socket into a *net.TCPConn takes a duplicate for a moment, and
 	// a worker out of fds would otherwise lose the established
@@ -251,6 +254,7 @@ func newLoop(s *Server, lns []Listener) (*loop, error) {
 	}
 	l.refill()
 	if sw, ok := s.limiter.(spareWaiter); ok {
+		l.spares = sw
 		sw.Watch(l.poke)
 	}
 	return l, nil
@@ -643,14 +647,14 @@ func (l *loop) admitPerIP(lc *lconn) int {
 // limiter). wait says none is, but the lease client has asked the master
 // for more and will wake the loop when the answer lands (Watch).
 func (l *loop) admit() (ok, wait bool) {
+	if l.spares != nil {
+		return l.spares.AcquireSpareOrWait()
+	}
 	lim := l.s.limiter
 	if lim == nil {
 		return true, false
 	}
-	switch sa := lim.(type) {
-	case spareWaiter:
-		return sa.AcquireSpareOrWait()
-	case interface{ AcquireSpare() bool }:
+	if sa, ok := lim.(interface{ AcquireSpare() bool }); ok {
 		return sa.AcquireSpare(), false
 	}
 	return lim.Acquire(), false
