@@ -727,6 +727,22 @@ func TestLoopClientNoDelay(t *testing.T) {
 	}
 }
 
+// dialWrite connects to addr, sends b and returns the connection, with a
+// 10 s deadline both ways; it is closed when the test ends.
+func dialWrite(t *testing.T, addr string, b []byte) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // bigHelloPrefix returns the first n bytes of a ClientHello of about 60
 // KB (a padding extension, no name), in records of 16 KiB.
 func bigHelloPrefix(n int) []byte {
@@ -783,15 +799,7 @@ func TestSniffBudgetBoundsMemory(t *testing.T) {
 			hello := bigHelloPrefix(40000)
 			var cs []net.Conn
 			for i := range 4 {
-				c, err := net.Dial("tcp", ts.addr)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				if _, err := c.Write(hello); err != nil {
-					t.Fatal(err)
-				}
+				c := dialWrite(t, ts.addr, hello)
 				cs = append(cs, c)
 				if i < 2 {
 					waitFor(t, fmt.Sprintf("client %d's buffer", i+1), func() bool { return budget.Used() == int64(i+1)*48<<10 })

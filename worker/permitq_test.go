@@ -67,14 +67,7 @@ func permitQServer(t *testing.T, limit int, wait time.Duration) (*testServer, *l
 // established, permit and all), or unanswered with answered false.
 func holdEcho(t *testing.T, addr string, wait bool) net.Conn {
 	t.Helper()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if _, err := c.Write([]byte(echoReq)); err != nil {
-		t.Fatal(err)
-	}
+	c := dialWrite(t, addr, []byte(echoReq))
 	if wait {
 		readEcho(t, c)
 	}
@@ -246,15 +239,7 @@ func TestLoopReplaysAfterSlowConnect(t *testing.T) {
 // SHA-256, see hashBackend) and the counts.
 func checkHashed(t *testing.T, ts *testServer, hello []byte) {
 	t.Helper()
-	c, err := net.Dial("tcp", ts.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := c.Write(hello); err != nil {
-		t.Fatal(err)
-	}
+	c := dialWrite(t, ts.addr, hello)
 	got, err := io.ReadAll(c)
 	c.Close()
 	want := sha256.Sum256(hello)
