@@ -143,6 +143,20 @@ func (c *conn) closeLocked() {
 	}
 }
 
+// wasClosed reports whether close ran before the pair started: a read
+// of the client that fails then failed because Drain or Move closed the
+// socket, not because of the client.
+func (c *conn) wasClosed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed
+}
+
+// errClosedSniffing ends a connection that a drain deadline or a move
+// closed before its first bytes were read: result "closed" (as the
+// event loop logs it), not a rejection the client caused.
+var errClosedSniffing = errors.New("worker: closed by a drain or a move before its first bytes were read")
+
 // setBackend hands the backend socket to c, which closes it with the
 // client's; false if c was closed meanwhile (b is closed then too).
 func (c *conn) setBackend(b *net.TCPConn) bool {

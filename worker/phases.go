@@ -27,7 +27,8 @@ const (
 	// endRejected: closed before it was proxied, for result.reason
 	// (counted in sniproxy_connections_rejected_total).
 	endRejected
-	// endClosed: closed by a drain or a move while it was dialling.
+	// endClosed: closed by a drain or a move before it was proxied
+	// (while it was sniffing, reading a PROXY header or dialling).
 	endClosed
 	// endBackendError: the backend failed while the sniffed bytes were
 	// replayed to it.
@@ -315,6 +316,9 @@ func (p *path) sniffResult(err error) result {
 	if err != nil && c.stolen.Load() {
 		return rejected(stats.SniffTimeout, fmt.Errorf("worker: evicted after %v with no complete hello, its permit needed by another connection: %w",
 			time.Since(c.start).Round(time.Millisecond), err))
+	}
+	if err != nil && c.wasClosed() {
+		return result{end: endClosed, err: fmt.Errorf("%w: %w", errClosedSniffing, err)}
 	}
 	if err != nil && !errors.Is(err, sniff.ErrNoName) {
 		if errors.Is(err, sniff.ErrTimeout) {

@@ -266,7 +266,8 @@ func isClosed(c *net.TCPConn) bool {
 // (the proxy's side) is client, admitted with a permit of lim.
 func newPath(t *testing.T, srv *Server, lim *strictLimiter, client *net.TCPConn) *path {
 	t.Helper()
-	c := &conn{srv: srv, id: 1, client: client, lcfg: &srv.cfg.Listeners[0], start: time.Now()}
+	c := &conn{srv: srv, id: 1, client: client, lcfg: &srv.cfg.Listeners[0], start: time.Now(),
+		peer: client.RemoteAddr().(*net.TCPAddr).AddrPort()}
 	srv.rec.Opened()
 	srv.track(c)
 	p := &path{c: c}
@@ -297,6 +298,36 @@ func TestPhaseEnds(t *testing.T) {
 		p.end(r)
 		if !isClosed(client) || p.c.backend != nil {
 			t.Error("client socket open, or the backend kept")
+		}
+		checkEnded(t, srv, counters, lim, logs, "closed")
+	})
+	// A drain deadline or a move closing a connection before its first
+	// bytes are read ends it "closed", as the event loop does: not a
+	// sniff_error or proxy_header rejection, which the client did not
+	// cause.
+	t.Run("closed while sniffing", func(t *testing.T) {
+		srv, _, counters, lim, logs := phaseServer(t, "", "", 1, nil)
+		peer, client := tcpConns(t)
+		p := newPath(t, srv, lim, client)
+		io.WriteString(peer, "GET / HTTP/1.1\r\nHost: ec") // not a whole request yet
+		time.AfterFunc(50*time.Millisecond, p.c.close)     // as Drain does at its deadline
+		r := p.sniff()
+		p.end(r) // first: the cleanup waits for every tracked connection to end
+		if r.String() != "closed" || !errors.Is(r.err, errClosedSniffing) {
+			t.Errorf("sniff closed meanwhile: %q (%v); want closed", r, r.err)
+		}
+		checkEnded(t, srv, counters, lim, logs, "closed")
+	})
+	t.Run("closed while reading a PROXY header", func(t *testing.T) {
+		srv, _, counters, lim, logs := phaseServer(t, "", ", accept_proxy_protocol: true, trusted_proxies: [127.0.0.0/8]", 1, nil)
+		peer, client := tcpConns(t)
+		p := newPath(t, srv, lim, client)
+		io.WriteString(peer, "PROXY TCP4 192.0.2.1 ") // not a whole header yet
+		time.AfterFunc(50*time.Millisecond, p.c.close)
+		_, r := p.readProxy()
+		p.end(r) // first: the cleanup waits for every tracked connection to end
+		if r.String() != "closed" || !errors.Is(r.err, errClosedSniffing) {
+			t.Errorf("PROXY header closed meanwhile: %q (%v); want closed", r, r.err)
 		}
 		checkEnded(t, srv, counters, lim, logs, "closed")
 	})
