@@ -278,8 +278,8 @@ func newPath(t *testing.T, srv *Server, lim *strictLimiter, client *net.TCPConn)
 }
 
 // TestPhaseEnds covers the ends the table above cannot reach from outside:
-// a drain closing a connection while it dials, and a backend failing the
-// replay. Each closes both sockets and gives back the permit once.
+// a drain closing a connection while it dials, sniffs or reads a PROXY
+// header, and a backend failing the replay. Each closes both sockets and gives back the permit once.
 func TestPhaseEnds(t *testing.T) {
 	echo := echoBackend(t)
 	t.Run("closed while dialling", func(t *testing.T) {
@@ -305,32 +305,29 @@ func TestPhaseEnds(t *testing.T) {
 	// bytes are read ends it "closed", as the event loop does: not a
 	// sniff_error or proxy_header rejection, which the client did not
 	// cause.
-	t.Run("closed while sniffing", func(t *testing.T) {
-		srv, _, counters, lim, logs := phaseServer(t, "", "", 1, nil)
-		peer, client := tcpConns(t)
-		p := newPath(t, srv, lim, client)
-		io.WriteString(peer, "GET / HTTP/1.1\r\nHost: ec") // not a whole request yet
-		time.AfterFunc(50*time.Millisecond, p.c.close)     // as Drain does at its deadline
-		r := p.sniff()
-		p.end(r) // first: the cleanup waits for every tracked connection to end
-		if r.String() != "closed" || !errors.Is(r.err, errClosedSniffing) {
-			t.Errorf("sniff closed meanwhile: %q (%v); want closed", r, r.err)
-		}
-		checkEnded(t, srv, counters, lim, logs, "closed")
-	})
-	t.Run("closed while reading a PROXY header", func(t *testing.T) {
-		srv, _, counters, lim, logs := phaseServer(t, "", ", accept_proxy_protocol: true, trusted_proxies: [127.0.0.0/8]", 1, nil)
-		peer, client := tcpConns(t)
-		p := newPath(t, srv, lim, client)
-		io.WriteString(peer, "PROXY TCP4 192.0.2.1 ") // not a whole header yet
-		time.AfterFunc(50*time.Millisecond, p.c.close)
-		_, r := p.readProxy()
-		p.end(r) // first: the cleanup waits for every tracked connection to end
-		if r.String() != "closed" || !errors.Is(r.err, errClosedSniffing) {
-			t.Errorf("PROXY header closed meanwhile: %q (%v); want closed", r, r.err)
-		}
-		checkEnded(t, srv, counters, lim, logs, "closed")
-	})
+	for _, tc := range []struct {
+		name, lopts, input string
+		step               func(*path) result
+	}{
+		{"closed while sniffing", "", "GET / HTTP/1.1\r\nHost: ec", // not a whole request yet
+			(*path).sniff},
+		{"closed while reading a PROXY header", ", accept_proxy_protocol: true, trusted_proxies: [127.0.0.0/8]", "PROXY TCP4 192.0.2.1 ",
+			func(p *path) result { _, r := p.readProxy(); return r }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, _, counters, lim, logs := phaseServer(t, "", tc.lopts, 1, nil)
+			peer, client := tcpConns(t)
+			p := newPath(t, srv, lim, client)
+			io.WriteString(peer, tc.input)
+			time.AfterFunc(50*time.Millisecond, p.c.close) // as Drain does at its deadline
+			r := tc.step(p)
+			p.end(r) // first: the cleanup waits for every tracked connection to end
+			if r.String() != "closed" || !errors.Is(r.err, errClosedSniffing) {
+				t.Errorf("closed meanwhile: %q (%v); want closed", r, r.err)
+			}
+			checkEnded(t, srv, counters, lim, logs, "closed")
+		})
+	}
 	t.Run("replay to a closed backend", func(t *testing.T) {
 		srv, _, counters, lim, logs := phaseServer(t, "", "", 1, nil)
 		peer, client := tcpConns(t)
