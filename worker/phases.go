@@ -318,7 +318,7 @@ func (p *path) sniffResult(err error) result {
 			time.Since(c.start).Round(time.Millisecond), err))
 	}
 	if err != nil && c.wasClosed() {
-		return result{end: endClosed, err: fmt.Errorf("%w: %w", errClosedSniffing, err)}
+		return closedSniffing(err)
 	}
 	if err != nil && !errors.Is(err, sniff.ErrNoName) {
 		if errors.Is(err, sniff.ErrTimeout) {
@@ -360,6 +360,13 @@ func (p *path) fromDial() result {
 		return r
 	}
 	return p.fromReplay()
+}
+
+// closedSniffing is the result of a read of the client that failed with
+// err because a drain or a move closed the connection before its first
+// bytes were read (conn.wasClosed).
+func closedSniffing(err error) result {
+	return result{end: endClosed, err: fmt.Errorf("%w: %w", errClosedSniffing, err)}
 }
 
 // fromReplay runs the phases from replay on.

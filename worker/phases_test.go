@@ -279,7 +279,8 @@ func newPath(t *testing.T, srv *Server, lim *strictLimiter, client *net.TCPConn)
 
 // TestPhaseEnds covers the ends the table above cannot reach from outside:
 // a drain closing a connection while it dials, sniffs or reads a PROXY
-// header, and a backend failing the replay. Each closes both sockets and gives back the permit once.
+// header, and a backend failing the replay. Each closes both sockets and
+// gives back the permit once.
 func TestPhaseEnds(t *testing.T) {
 	echo := echoBackend(t)
 	t.Run("closed while dialling", func(t *testing.T) {

@@ -139,7 +139,7 @@ func (p *path) readProxy() ([]byte, result) {
 	deadline := c.start.Add(min(c.srv.cfg.Timeouts.ClientHello, proxyHeaderTimeout))
 	h, rest, err := readProxyHeader(c.client, deadline)
 	if err != nil && c.wasClosed() {
-		return nil, result{end: endClosed, err: fmt.Errorf("%w: %w", errClosedSniffing, err)}
+		return nil, closedSniffing(err)
 	}
 	if err != nil {
 		return refuse(err)
